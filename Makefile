@@ -1,0 +1,36 @@
+# loracli developer tasks. `make install` builds .venv from scratch; `make test` runs the suite.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+# torch/torchvision are pinned to the CUDA build that lies on the build machines' disk;
+# pip takes it from there (about 5.5 GB in the venv). No uv/poetry: they would download it.
+TORCH   = torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install test test-fast lint bench quickstart clean
+
+install: $(BIN)/loracli
+
+$(BIN)/loracli: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(BIN)/loracli
+
+test: install
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+test-fast: install
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
+
+lint: install
+	$(BIN)/ruff check lora_cli tests bench
+
+bench: install
+	$(BIN)/python -m bench
+
+quickstart: install
+	$(BIN)/loracli train recipes/quickstart.yaml
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,274 @@
+"""Adapter configs: typed, validated, and (de)serialised in PEFT's ``adapter_config.json`` format.
+
+Every method config derives from :class:`AdapterConfig`, which owns the fields shared by
+all methods (what to target, what to train in full, per-module patterns) and the JSON
+round trip. Field names and defaults are PEFT's: they are a file format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from lora_cli.errors import AdapterConfigError, Problem, UserInputError
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+TASK_TYPES = (
+    "SEQ_CLS",
+    "SEQ_2_SEQ_LM",
+    "CAUSAL_LM",
+    "TOKEN_CLS",
+    "QUESTION_ANS",
+    "FEATURE_EXTRACTION",
+)
+
+# Keys PEFT writes that we do not model. They are dropped on load when they hold a
+# harmless value; when they switch on a feature we do not implement, loading fails
+# loudly instead of silently giving different outputs.
+_PEFT_FEATURES_WE_LACK = {
+    "layer_replication": "layer replication",
+    "loftq_config": "LoftQ initialisation",
+    "use_qalora": "QA-LoRA",
+    "trainable_token_indices": "trainable tokens",
+    "target_parameters": "targeting nn.Parameter objects",
+    "megatron_config": "Megatron parallel layers",
+    "alora_invocation_tokens": "activated LoRA",
+    "arrow_config": "Arrow routing",
+}
+
+
+def _is_truthy(value: Any) -> bool:
+    if value is None or value is False:
+        return False
+    return not (isinstance(value, (dict, list, str)) and not value)
+
+
+@dataclass
+class AdapterConfig:
+    """Fields every adapter method shares.
+
+    Subclasses set ``peft_type`` and ``method`` and add their own fields; they extend
+    :meth:`problems` to validate those fields.
+    """
+
+    peft_type: ClassVar[str] = ""
+    method: ClassVar[str] = ""
+
+    target_modules: list[str] | str | None = None
+    """Module names (exact or dotted suffix), a regex (full match), or "all-linear"."""
+    exclude_modules: list[str] | str | None = None
+    """Removed from the targets, matched by the same rules."""
+    layers_to_transform: list[int] | int | None = None
+    """Only adapt modules whose layer index is listed."""
+    layers_pattern: list[str] | str | None = None
+    """Name of the module list holding the layers (e.g. "layers", "h"), for layers_to_transform."""
+    rank_pattern: dict[str, Any] = field(default_factory=dict)
+    """Per-module rank: {regex over a dotted suffix: r}."""
+    alpha_pattern: dict[str, Any] = field(default_factory=dict)
+    """Per-module alpha: {regex over a dotted suffix: alpha}."""
+    modules_to_save: list[str] | None = None
+    """Modules trained in full (e.g. a new classifier head) and saved with the adapter."""
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    inference_mode: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+        if isinstance(self.layers_to_transform, int) and not isinstance(
+            self.layers_to_transform, bool
+        ):
+            self.layers_to_transform = [self.layers_to_transform]
+        if self.rank_pattern is None:
+            self.rank_pattern = {}
+        if self.alpha_pattern is None:
+            self.alpha_pattern = {}
+        problems = list(self.problems())
+        if problems:
+            raise AdapterConfigError(problems, method=self.method or "adapter")
+
+    # ----------------------------------------------------------------- validation
+    def problems(self) -> list[Problem]:
+        """Everything wrong with this config; empty when it is usable."""
+        out: list[Problem] = []
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, str):
+                out += _regex_problem(name, value)
+            elif not (isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value)):
+                out.append(Problem(name, "must be a list of module names or one regex string", value))
+        if self.layers_to_transform is not None and not (
+            isinstance(self.layers_to_transform, list)
+            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers_to_transform)
+        ):
+            out.append(
+                Problem("layers_to_transform", "must be a layer index or a list of indices >= 0", self.layers_to_transform)
+            )
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            out.append(
+                Problem(
+                    "layers_pattern",
+                    "only has an effect together with layers_to_transform",
+                    self.layers_pattern,
+                    hint="add layers_to_transform or remove layers_pattern",
+                )
+            )
+        for name in ("rank_pattern", "alpha_pattern"):
+            value = getattr(self, name)
+            if not isinstance(value, dict):
+                out.append(Problem(name, "must be a mapping {regex: value}", value))
+                continue
+            for key in value:
+                out += _regex_problem(f"{name}[{key!r}]", key)
+        if self.modules_to_save is not None and not (
+            isinstance(self.modules_to_save, list) and all(isinstance(v, str) for v in self.modules_to_save)
+        ):
+            out.append(Problem("modules_to_save", "must be a list of module names", self.modules_to_save))
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            out.append(
+                Problem("task_type", "is not a PEFT task type", self.task_type, hint=f"use one of {', '.join(TASK_TYPES)} or null")
+            )
+        return out
+
+    # ------------------------------------------------------------- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (set, tuple)):
+                value = sorted(value) if isinstance(value, set) else list(value)
+            data[f.name] = value
+        data["peft_type"] = self.peft_type
+        return data
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``adapter_config.json`` as PEFT does: sorted keys, indent 2, inference mode."""
+        path = Path(directory) / CONFIG_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = self.to_dict()
+        data["inference_mode"] = True
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "adapter config") -> AdapterConfig:
+        """Build the right config subclass from a PEFT-style dict.
+
+        Called on the base class it dispatches on ``peft_type``; unknown PEFT keys holding
+        default values are dropped (logged), unknown keys that would switch on a feature we
+        do not implement raise.
+        """
+        from lora_cli.adapters.registry import get_method  # local: registry imports configs
+
+        data = dict(data)
+        peft_type = data.pop("peft_type", None)
+        target_cls = cls
+        if cls is AdapterConfig:
+            if peft_type is None:
+                raise UserInputError(f"{source}: no 'peft_type' key; cannot tell which adapter method it is")
+            target_cls = get_method(peft_type).config_cls
+        elif peft_type is not None and peft_type != cls.peft_type:
+            raise UserInputError(f"{source}: peft_type is {peft_type!r}, expected {cls.peft_type!r}")
+        known = set(target_cls.field_names())
+        kwargs = {}
+        for key, value in data.items():
+            if key in known:
+                kwargs[key] = value
+            elif key in _PEFT_FEATURES_WE_LACK and _is_truthy(value):
+                raise UserInputError(
+                    f"{source}: '{key}' is set, but loracli does not implement "
+                    f"{_PEFT_FEATURES_WE_LACK[key]}; remove the key to use the adapter without it"
+                )
+            else:
+                logger.debug("%s: ignoring key %r", source, key)
+        return target_cls(**kwargs)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> AdapterConfig:
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise UserInputError(f"no {CONFIG_NAME} in {directory}: is this an adapter directory?")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise UserInputError(f"{path}: not valid JSON ({exc})") from exc
+        if not isinstance(data, dict):
+            raise UserInputError(f"{path}: expected a JSON object")
+        return cls.from_dict(data, source=str(path))
+
+    def replace(self, **changes: Any) -> AdapterConfig:
+        return dataclasses.replace(self, **changes)
+
+    # --------------------------------------------------------- per-module values
+    def pattern_value(self, pattern: dict[str, Any], module_path: str, default: Any) -> Any:
+        """Value of ``pattern`` whose regex matches a dotted suffix of ``module_path``."""
+        for key, value in pattern.items():
+            if re.fullmatch(rf"(.*\.)?(?:{key})", module_path):
+                return value
+        return default
+
+
+def _regex_problem(name: str, pattern: str) -> list[Problem]:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return [Problem(name, f"is not a valid regular expression ({exc})", pattern)]
+    return []
+
+
+def check_rate(name: str, value: Any) -> list[Problem]:
+    """Probabilities such as dropout: a number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        return [Problem(name, "must be a number in [0, 1)", value, hint="e.g. 0.05; 0 disables it")]
+    return []
+
+
+def check_positive_int(name: str, value: Any, allow_zero: bool = False) -> list[Problem]:
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        return [Problem(name, f"must be an integer >= {low}", value)]
+    return []
+
+
+def check_number(name: str, value: Any) -> list[Problem]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return [Problem(name, "must be a number", value)]
+    return []
+
+
+def check_choice(name: str, value: Any, choices: tuple) -> list[Problem]:
+    if value not in choices:
+        shown = ", ".join(repr(c) for c in choices)
+        return [Problem(name, f"must be one of {shown}", value)]
+    return []
+
+
+def check_patterns(config: AdapterConfig, rank_field: str = "r") -> list[Problem]:
+    """rank_pattern values must be ranks; alpha_pattern values numbers."""
+    out: list[Problem] = []
+    if isinstance(config.rank_pattern, dict):
+        for key, value in config.rank_pattern.items():
+            if isinstance(value, list):  # AdaLoRA masks are lists of booleans
+                continue
+            out += check_positive_int(f"rank_pattern[{key!r}]", value)
+    if isinstance(config.alpha_pattern, dict):
+        for key, value in config.alpha_pattern.items():
+            out += check_number(f"alpha_pattern[{key!r}]", value)
+    return out

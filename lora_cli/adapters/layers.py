@@ -1,0 +1,236 @@
+"""The base adapter layer: forward = base(x) + delta(x), merge/unmerge, enable/disable.
+
+::
+
+    x ──► base_layer ───────────────┐
+    │                               (+) ──► y        merged: y = base'(x), base' = W + ΔW
+    └──► method's delta(x) ─────────┘
+
+A method subclass supplies only its parameters (``add``) and its math
+(``get_delta_weight``, optionally a cheaper ``delta_forward``). This class owns the rest:
+which adapters are active, folding the delta into the weight, safe merging with a
+finiteness check, idempotent merge/unmerge, and naming tensors for the PEFT file format.
+
+Layouts: methods work in the *canonical* layout, (out, in) or (out, in, kh, kw). GPT-2's
+``Conv1D`` and ``nn.Embedding`` store (in, out); :meth:`to_raw` / :meth:`canonical_weight`
+convert, which is all that ``fan_in_fan_out`` means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lora_cli.errors import LoraCliError
+
+if TYPE_CHECKING:
+    from lora_cli.adapters.config import AdapterConfig
+
+LINEAR, CONV1D, CONV2D, EMBEDDING = "linear", "conv1d", "conv2d", "embedding"
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """The kind of base layer, or None when no adapter can wrap it."""
+    if isinstance(module, nn.Linear):
+        return LINEAR
+    # transformers' Conv1D (GPT-2): weight stored (in, out); matched by shape, not import.
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
+        return CONV1D
+    if isinstance(module, nn.Conv2d):
+        return CONV2D
+    if isinstance(module, nn.Embedding):
+        return EMBEDDING
+    return None
+
+
+class AdapterLayer(nn.Module):
+    """Wraps one base module and holds any number of named adapters of one method."""
+
+    supported_kinds: ClassVar[tuple[str, ...]] = (LINEAR, CONV1D, CONV2D)
+    adapter_attrs: ClassVar[tuple[str, ...]] = ()
+    """Names of the ``nn.ParameterDict`` containers keyed by adapter name."""
+    disk_names: ClassVar[dict[str, str]] = {}
+    """attr -> key suffix in the PEFT file, where they differ (``lora_A`` -> ``lora_A.weight``)."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        kind = layer_kind(base_layer)
+        if kind not in self.supported_kinds:
+            raise LoraCliError(f"{type(self).__name__} cannot wrap {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.kind = kind
+        for attr in self.adapter_attrs:
+            setattr(self, attr, nn.ParameterDict())
+        self.r: dict[str, int] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        weight = base_layer.weight
+        if kind == LINEAR:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        elif kind in (CONV1D, EMBEDDING):
+            self.in_features, self.out_features = weight.shape[0], weight.shape[1]
+        else:
+            self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
+
+    def __getattr__(self, name: str) -> Any:
+        # Models read attributes of their layers (``projection.weight.dtype``, ``.nf``):
+        # anything the wrapper lacks comes from the base layer.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    # --------------------------------------------------------------- subclass API
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:
+        return layer_kind(module) in cls.supported_kinds
+
+    def add(self, name: str, config: AdapterConfig, r: int, alpha: float) -> None:
+        """Create adapter ``name``'s parameters (rank ``r``, ``alpha`` already per-module)."""
+        raise NotImplementedError
+
+    def get_delta_weight(self, name: str) -> Tensor:
+        """Delta of adapter ``name`` in the canonical layout, deterministic (no dropout)."""
+        raise NotImplementedError
+
+    def delta_forward(self, x: Tensor, names: list[str]) -> Tensor:
+        """The base output plus the deltas of adapters ``names``, applied to ``x``.
+
+        The default folds every delta into the weight and runs the base op once:
+        one full-size matmul instead of two.
+        """
+        weight = self.base_layer.weight
+        delta = sum(self.to_raw(self.training_delta(n)) for n in names)
+        return self.apply_weight(x, weight + delta.to(weight.dtype))
+
+    def training_delta(self, name: str) -> Tensor:
+        """Delta used in forward; methods with rank dropout override it."""
+        return self.get_delta_weight(name)
+
+    def skip_in_forward(self, name: str) -> bool:
+        """Methods with module dropout return True to skip an adapter for one step."""
+        return False
+
+    def extra_repr_for(self, name: str) -> str:
+        return f"r={self.r[name]}"
+
+    # ---------------------------------------------------------------- layouts
+    @property
+    def transposed(self) -> bool:
+        return self.kind in (CONV1D, EMBEDDING)
+
+    def to_raw(self, delta: Tensor) -> Tensor:
+        return delta.T if self.transposed else delta
+
+    def canonical_weight(self) -> Tensor:
+        weight = self.base_layer.weight
+        return weight.T if self.transposed else weight
+
+    def adapter_dtype(self) -> torch.dtype:
+        """Adapters stay in float32 on half-precision bases (stable optimiser updates)."""
+        dtype = self.base_layer.weight.dtype
+        return torch.float32 if dtype in HALF_DTYPES else dtype
+
+    def new_param(self, *shape: int) -> nn.Parameter:
+        weight = self.base_layer.weight
+        return nn.Parameter(torch.empty(*shape, device=weight.device, dtype=self.adapter_dtype()))
+
+    def apply_weight(self, x: Tensor, weight: Tensor) -> Tensor:
+        """The base op with another weight (same bias, stride, padding, ...)."""
+        base = self.base_layer
+        if self.kind == LINEAR:
+            return F.linear(x, weight, base.bias)
+        if self.kind == CONV1D:
+            out = x.reshape(-1, x.shape[-1]) @ weight
+            if base.bias is not None:
+                out = out + base.bias
+            return out.reshape(*x.shape[:-1], weight.shape[1])
+        if self.kind == CONV2D:
+            return base._conv_forward(x, weight, base.bias)
+        return F.embedding(
+            x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+        )
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self.disabled:
+            if self.merged_adapters:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        names = [
+            n for n in self.active_adapters if n in self.r and n not in self.merged_adapters and not self.skip_in_forward(n)
+        ]
+        if not names:
+            return self.base_layer(x, *args, **kwargs)
+        return self.delta_forward(x, names)
+
+    # ------------------------------------------------------------ merge/unmerge
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the deltas into the base weight. Merging a merged adapter is a no-op."""
+        for name in adapter_names if adapter_names is not None else self.active_adapters:
+            if name not in self.r or name in self.merged_adapters:
+                continue
+            self.merge_one(name, safe_merge)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract merged deltas, newest first. Unmerging an unmerged layer is a no-op."""
+        while self.merged_adapters:
+            self.unmerge_one(self.merged_adapters.pop())
+
+    @torch.no_grad()
+    def merge_one(self, name: str, safe_merge: bool) -> None:
+        weight = self.base_layer.weight
+        delta = self.to_raw(self.get_delta_weight(name)).to(weight.dtype)
+        self._write_weight(weight + delta, name, safe_merge)
+
+    @torch.no_grad()
+    def unmerge_one(self, name: str) -> None:
+        weight = self.base_layer.weight
+        weight.data -= self.to_raw(self.get_delta_weight(name)).to(weight.dtype)
+
+    def _write_weight(self, new_weight: Tensor, name: str, safe_merge: bool) -> None:
+        if safe_merge and not torch.isfinite(new_weight).all():
+            raise LoraCliError(
+                f"merging adapter {name!r} would put NaN/inf into {type(self.base_layer).__name__} weights; "
+                "the adapter is broken (check the training loss); nothing was merged"
+            )
+        self.base_layer.weight.data.copy_(new_weight)
+
+    # ------------------------------------------------------------ bookkeeping
+    def adapter_tensors(self, name: str) -> Iterator[tuple[str, nn.Parameter]]:
+        """(key suffix in the PEFT file, parameter) for adapter ``name``."""
+        for attr in self.adapter_attrs:
+            container = getattr(self, attr)
+            if name in container:
+                yield self.disk_names.get(attr, attr), container[name]
+
+    def delete(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise LoraCliError(f"adapter {name!r} is merged; unmerge it before deleting it")
+        for attr, value in vars(self).items():
+            if isinstance(value, dict) and name in value and not attr.startswith("_"):
+                del value[name]
+        for attr in self.adapter_attrs:
+            container = getattr(self, attr)
+            if name in container:
+                del container[name]
+        for module in self.children():
+            if isinstance(module, nn.ModuleDict) and name in module:
+                del module[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{n}: {self.extra_repr_for(n)}" for n in self.r)

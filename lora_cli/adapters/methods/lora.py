@@ -1,0 +1,228 @@
+"""LoRA: low-rank adaptation (Hu et al., arXiv:2106.09685), with rsLoRA and DoRA.
+
+    y = W x + s * B (A (dropout(x)))        A: (r, in), B: (out, r), s = alpha / r
+
+rsLoRA (arXiv:2312.03732) uses s = alpha / sqrt(r). DoRA (arXiv:2402.09353) learns a
+per-row magnitude m and rescales the adapted weight to it:
+
+    y = W x + (g - 1) W x + g s B A x,      g = m / ||W + s B A||  (norm detached)
+
+On convolutions A is a conv with the base kernel/stride/padding and B a 1x1 conv; on
+embeddings A is a lookup table (r, num_embeddings) and B (dim, r).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lora_cli.adapters import functional as fn
+from lora_cli.adapters.config import (
+    AdapterConfig,
+    check_choice,
+    check_number,
+    check_patterns,
+    check_positive_int,
+    check_rate,
+)
+from lora_cli.adapters.layers import CONV1D, CONV2D, EMBEDDING, LINEAR, AdapterLayer
+from lora_cli.adapters.registry import AdapterMethod, register_method
+from lora_cli.errors import Problem, TargetingError
+
+INIT_CHOICES = (True, False, "gaussian", "pissa", "pissa_niter_[N]", "olora", "orthogonal")
+BIAS_CHOICES = ("none", "all", "lora_only")
+
+
+@dataclass
+class LoraConfig(AdapterConfig):
+    """LoRA settings, with PEFT's field names and defaults."""
+
+    peft_type: ClassVar[str] = "LORA"
+    method: ClassVar[str] = "lora"
+
+    r: int = 8
+    """Rank of the update; higher captures more, costs more memory and compute."""
+    lora_alpha: float = 8
+    """Scale numerator: the update is multiplied by lora_alpha / r (or / sqrt(r) with use_rslora)."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapter's input, in [0, 1)."""
+    fan_in_fan_out: bool = False
+    """The base stores weights as (in, out); set automatically for GPT-2's Conv1D."""
+    bias: str = "none"
+    """Which biases train too: "none", "all", or "lora_only" (those of adapted layers)."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r); keeps large ranks learning."""
+    init_lora_weights: bool | str = True
+    """True (B=0), False (random, non-zero delta), "gaussian", "pissa", "pissa_niter_N", "olora", "orthogonal"."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA: learn a magnitude per output row."""
+    lora_bias: bool = False
+    """A trainable bias on lora_B (not supported)."""
+
+    def problems(self) -> list[Problem]:
+        out = super().problems()
+        out += check_positive_int("r", self.r)
+        out += check_number("lora_alpha", self.lora_alpha)
+        out += check_rate("lora_dropout", self.lora_dropout)
+        out += check_choice("bias", self.bias, BIAS_CHOICES)
+        out += check_patterns(self)
+        init = self.init_lora_weights
+        if not (isinstance(init, bool) or init in INIT_CHOICES or fn.parse_pissa_niter(init) is not None):
+            shown = ", ".join(repr(c) for c in INIT_CHOICES)
+            out.append(Problem("init_lora_weights", f"must be one of {shown}", init))
+        elif init == "orthogonal" and isinstance(self.r, int) and self.r % 2:
+            out.append(Problem("init_lora_weights", "'orthogonal' needs an even r", init, hint=f"r is {self.r}"))
+        if self.lora_bias:
+            out.append(Problem("lora_bias", "is not supported by loracli", True, hint="set lora_bias: false"))
+        return out
+
+
+class LoraLayer(AdapterLayer):
+    supported_kinds = (LINEAR, CONV1D, CONV2D, EMBEDDING)
+    adapter_attrs = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    disk_names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self._dora_norm: dict[str, Tensor] = {}  # row norms at merge time, to unmerge DoRA
+
+    def extra_repr_for(self, name: str) -> str:
+        dora = ", dora" if name in self.lora_magnitude_vector else ""
+        return f"r={self.r[name]}, scaling={self.scaling[name]:g}{dora}"
+
+    # ------------------------------------------------------------------ params
+    def add(self, name: str, config: LoraConfig, r: int, alpha: float) -> None:
+        if config.use_dora and self.kind not in (LINEAR, CONV1D):
+            raise TargetingError(f"use_dora supports Linear and Conv1D layers, not {type(self.base_layer).__name__}")
+        self.r[name] = r
+        self.scaling[name] = fn.lora_scaling(alpha, r, config.use_rslora)
+        p = config.lora_dropout
+        self.lora_dropout[name] = nn.Dropout(p) if p > 0 and self.kind != EMBEDDING else nn.Identity()
+        if self.kind == EMBEDDING:
+            self.lora_embedding_A[name] = self.new_param(r, self.in_features)
+            self.lora_embedding_B[name] = self.new_param(self.out_features, r)
+        elif self.kind == CONV2D:
+            base = self.base_layer
+            if base.groups != 1:
+                raise TargetingError("LoRA on grouped convolutions is not supported; exclude this module")
+            self.lora_A[name] = self.new_param(r, self.in_features, *base.kernel_size)
+            self.lora_B[name] = self.new_param(self.out_features, r, 1, 1)
+        else:
+            self.lora_A[name] = self.new_param(r, self.in_features)
+            self.lora_B[name] = self.new_param(self.out_features, r)
+        self._init(name, config.init_lora_weights)
+        if config.use_dora:
+            with torch.no_grad():
+                norm = fn.row_norm(self.canonical_weight().float() + self.get_delta_weight(name).float())
+            self.lora_magnitude_vector[name] = nn.Parameter(norm.to(self.adapter_dtype()))
+
+    @torch.no_grad()
+    def _init(self, name: str, init: bool | str) -> None:
+        if self.kind == EMBEDDING:
+            a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
+            nn.init.normal_(a) if init is False else nn.init.zeros_(a)
+            nn.init.normal_(b)
+            return
+        a, b = self.lora_A[name], self.lora_B[name]
+        r, s = self.r[name], self.scaling[name]
+        niter = fn.parse_pissa_niter(init)
+        if init in ("pissa", "olora") or niter is not None:
+            weight = self.canonical_weight()
+            if weight.dim() != 2:
+                raise TargetingError(f"init_lora_weights={init!r} supports Linear and Conv1D layers only")
+            if init == "olora":
+                fa, fb = fn.olora_factors(weight, r)
+            else:
+                fa, fb = fn.pissa_factors(weight, r, s, niter)
+            a.copy_(fa)
+            b.copy_(fb)
+            residual = weight.float() - s * (fb @ fa)
+            self.base_layer.weight.data.copy_(self.to_raw(residual).to(weight.dtype))
+        elif init == "orthogonal" and a.dim() == 2:
+            fa, fb = fn.orthogonal_factors(self.in_features, self.out_features, r)
+            a.copy_(fa)
+            b.copy_(fb)
+        else:
+            if init == "gaussian":
+                nn.init.normal_(a, std=1 / r)
+            else:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            if init is False:
+                nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(b)
+
+    # -------------------------------------------------------------------- math
+    def get_delta_weight(self, name: str) -> Tensor:
+        s = self.scaling[name]
+        if self.kind == EMBEDDING:
+            return fn.lora_delta(self.lora_embedding_A[name], self.lora_embedding_B[name], s)
+        return fn.lora_delta(self.lora_A[name], self.lora_B[name], s)
+
+    def delta_forward(self, x: Tensor, names: list[str]) -> Tensor:
+        result = self.base_layer(x)
+        out_dtype = result.dtype
+        for name in names:
+            s = self.scaling[name]
+            if self.kind == EMBEDDING:
+                a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
+                base = self.base_layer
+                h = F.embedding(x, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+                result = result + (h @ (b * s).T).to(out_dtype)
+                continue
+            a, b = self.lora_A[name], self.lora_B[name]
+            dropout = self.lora_dropout[name]
+            xd = dropout(x.to(a.dtype))
+            if self.kind == CONV2D:
+                h = self.base_layer._conv_forward(xd, a, None)
+                result = result + F.conv2d(h, b * s).to(out_dtype)
+            elif name in self.lora_magnitude_vector:
+                result = self._dora_forward(x, xd, result, name, dropout)
+            else:
+                # (..., in) @ A.T -> (..., r) @ (s B).T -> (..., out): scaling folded into tiny B
+                result = result + F.linear(F.linear(xd, a), b * s).to(out_dtype)
+        return result
+
+    def _dora_forward(self, x: Tensor, xd: Tensor, result: Tensor, name: str, dropout: nn.Module) -> Tensor:
+        a, b, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
+        weight = self.canonical_weight()
+        norm = fn.row_norm(weight.to(a.dtype) + fn.lora_delta(a, b, s)).detach()
+        g = self.lora_magnitude_vector[name] / norm  # (out,)
+        if isinstance(dropout, nn.Identity) or not self.training:
+            bias = self.base_layer.bias
+            base_x = result if bias is None else result - bias
+        else:
+            base_x = F.linear(xd, weight.to(a.dtype))
+        update = (g - 1) * base_x.to(a.dtype) + g * F.linear(F.linear(xd, a), b * s)
+        return result + update.to(result.dtype)
+
+    # ------------------------------------------------------- DoRA-aware merging
+    @torch.no_grad()
+    def merge_one(self, name: str, safe_merge: bool) -> None:
+        if name not in self.lora_magnitude_vector:
+            return super().merge_one(name, safe_merge)
+        weight = self.canonical_weight()
+        adapted = weight.float() + self.get_delta_weight(name).float()
+        norm = fn.row_norm(adapted)
+        new = adapted * (self.lora_magnitude_vector[name].float() / norm)[:, None]
+        self._dora_norm[name] = norm
+        self._write_weight(self.to_raw(new).to(weight.dtype), name, safe_merge)
+
+    @torch.no_grad()
+    def unmerge_one(self, name: str) -> None:
+        if name not in self.lora_magnitude_vector:
+            return super().unmerge_one(name)
+        weight = self.canonical_weight()
+        g = self.lora_magnitude_vector[name].float() / self._dora_norm.pop(name)
+        old = weight.float() / g[:, None] - self.get_delta_weight(name).float()
+        self.base_layer.weight.data.copy_(self.to_raw(old).to(weight.dtype))
+
+
+register_method(AdapterMethod(name="lora", peft_type="LORA", config_cls=LoraConfig, layer_cls=LoraLayer, prefix="lora_"))

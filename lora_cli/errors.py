@@ -1,0 +1,64 @@
+"""Exception types shared by the library and the CLI.
+
+Only ``cli.py`` turns these into exit codes: :class:`UserInputError` (bad recipe, path or
+argument) is exit code 2, any other :class:`LoraCliError` (a failure during the work) is 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+class LoraCliError(Exception):
+    """A failure while doing the work (NaN loss, a merge that does not verify, ...)."""
+
+    exit_code = 1
+
+
+class UserInputError(LoraCliError):
+    """The user gave us something we cannot use. Exit code 2, no traceback."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a configuration: where, what was given, what to do."""
+
+    key: str
+    message: str
+    value: Any = None
+    hint: str | None = None
+
+    def render(self) -> str:
+        text = f"{self.key}: {self.message}"
+        if self.hint:
+            text += f" ({self.hint})"
+        return text
+
+
+class ProblemsError(UserInputError, ValueError):
+    """Several problems found at once; each one names its key and the fix."""
+
+    def __init__(self, problems: list[Problem], header: str = "invalid configuration"):
+        self.problems = list(problems)
+        self.header = header
+        lines = [f"{header} ({len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}):"]
+        lines += [f"  - {p.render()}" for p in self.problems]
+        super().__init__("\n".join(lines))
+
+
+class AdapterConfigError(ProblemsError):
+    """An adapter config field has a value the method cannot use."""
+
+    def __init__(self, problems: list[Problem], method: str = "adapter"):
+        super().__init__(problems, header=f"invalid {method} config")
+
+
+class TargetingError(UserInputError, ValueError):
+    """target_modules / modules_to_save did not resolve to usable modules."""
+
+
+class AdapterStateError(LoraCliError, ValueError):
+    """An adapter file does not fit the model (missing, unexpected or mis-shaped tensors)."""

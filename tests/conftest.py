@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny models from configs, images the tests make, fixed seeds.
+
+No test touches a hub: the environment says offline before transformers is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import make_imagefolder
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def imagefolder(tmp_path):
+    """train/ and validation/ sub-folders, 3 classes of visibly different 32x32 images."""
+    return make_imagefolder(tmp_path / "images")
