@@ -97,30 +97,48 @@ def loha_delta(w1_a: Tensor, w1_b: Tensor, w2_a: Tensor, w2_b: Tensor, scale: fl
     return (w1_a @ w1_b) * (w2_a @ w2_b) * scale
 
 
-def loha_delta_cp(t1: Tensor, w1_a: Tensor, w1_b: Tensor, t2: Tensor, w2_a: Tensor, w2_b: Tensor, scale: float) -> Tensor:
-    """LoHa with Tucker cores for convolutions ("effective conv2d").
+def tucker_weight(core: Tensor, w_a: Tensor, w_b: Tensor) -> Tensor:
+    """A conv kernel from a Tucker core ("effective conv2d" of LyCORIS).
 
-    t (r, r, kh, kw); w_a (r, out); w_b (r, in). Each factor is
-    einsum('ijkl,jr,ip->prkl', t, w_b, w_a) -> (out, in, kh, kw).
+    core (r, r, kh, kw), w_a (r, out), w_b (r, in) -> (out, in, kh, kw):
+    W[p, q] = sum_ij w_a[i, p] core[i, j] w_b[j, q].
     """
-    f1 = torch.einsum("ijkl,jr,ip->prkl", t1, w1_b, w1_a)
-    f2 = torch.einsum("ijkl,jr,ip->prkl", t2, w2_b, w2_a)
-    return f1 * f2 * scale
+    return torch.einsum("ijkl,ip,jq->pqkl", core, w_a, w_b)
+
+
+def loha_delta_cp(t1: Tensor, w1_a: Tensor, w1_b: Tensor, t2: Tensor, w2_a: Tensor, w2_b: Tensor, scale: float) -> Tensor:
+    """LoHa on a conv kernel with Tucker cores: tucker(t1, w1) * tucker(t2, w2) * scale.
+
+    t (r, r, kh, kw); w_a (r, out); w_b (r, in). Returns (out, in, kh, kw).
+    """
+    return tucker_weight(t1, w1_a, w1_b) * tucker_weight(t2, w2_a, w2_b) * scale
+
+
+def rank_dropout_mask(rows: int, p: float, rescale: bool, like: Tensor) -> Tensor:
+    """Keep-mask over the ``rows`` output rows of a delta, each dropped with probability p.
+
+    ``rescale`` divides by the kept fraction (as LoHa always does and LoKr does with
+    rank_dropout_scale), so the expected delta is unchanged.
+    """
+    mask = (torch.rand(rows, device=like.device) > p).to(like.dtype)
+    if rescale:
+        mask = mask / mask.mean().clamp_min(1 / rows)
+    return mask
 
 
 # --------------------------------------------------------------------------- LoKr
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
-    """Split ``dimension`` into (m, n), m <= n, m * n == dimension.
+    """Split ``dimension`` into (m, n) with m * n == dimension.
 
-    With ``factor`` > 0 dividing ``dimension``: (factor, dimension // factor), smaller first.
-    Otherwise the divisor pair closest to sqrt(dimension), or the one with m <= factor:
-    768 -> (24, 32), 256 -> (16, 16), 127 -> (1, 127).
+    With ``factor`` > 0 dividing ``dimension``: (factor, dimension // factor) in that order,
+    even when factor is the larger one (PEFT and LyCORIS do not sort it; 32 with factor 8
+    -> (8, 4)). Otherwise the divisor pair closest to sqrt(dimension), or the one with
+    m <= factor: 768 -> (24, 32), 256 -> (16, 16), 127 -> (1, 127).
     """
     if factor > 0 and dimension % factor == 0:
-        m, n = factor, dimension // factor
-        return (m, n) if m <= n else (n, m)
+        return factor, dimension // factor
     if factor == -1:
         factor = dimension
     m, n = 1, dimension

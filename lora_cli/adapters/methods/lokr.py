@@ -1,0 +1,127 @@
+"""LoKr: low-rank Kronecker product (LyCORIS, Yeh et al., arXiv:2309.14859).
+
+    ΔW = kron(w1, w2) * alpha / r       w1: (out_l, in_m), w2: (out_k, in_n)
+
+out = out_l * out_k and in = in_m * in_n are split by ``factorization`` (near sqrt, or
+by ``decompose_factor``). w2 is itself low rank, w2_a (out_k, r) @ w2_b (r, in_n), when
+r < max(out_k, in_n) / 2; w1 likewise only with ``decompose_both``. The scale is
+alpha / r in every case (as PEFT does, even when no factor is low rank). On
+convolutions w2 carries the kernel: (out_k, in_n, kh, kw), or a flattened low-rank
+(out_k, r) @ (r, in_n * kh * kw), or a Tucker core t2 with ``use_effective_conv2d``.
+
+On Linear and Conv1D the forward never builds ΔW: with X the (in_m, in_n) view of an
+input row, kron(w1, w2) vec(X) = vec(w1 X w2^T), two small matmuls (``kron_apply``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from lora_cli.adapters import functional as fn
+from lora_cli.adapters.config import AdapterConfig
+from lora_cli.adapters.layers import CONV2D
+from lora_cli.adapters.methods.loha import LycorisLayer, lycoris_problems
+from lora_cli.adapters.registry import AdapterMethod, register_method
+from lora_cli.errors import Problem
+
+
+@dataclass
+class LoKrConfig(AdapterConfig):
+    """LoKr settings, with PEFT's field names and defaults."""
+
+    peft_type: ClassVar[str] = "LOKR"
+    method: ClassVar[str] = "lokr"
+
+    r: int = 8
+    """Rank of the low-rank Kronecker factors (w2, and w1 with decompose_both)."""
+    alpha: float = 8
+    """Scale numerator: the update is multiplied by alpha / r."""
+    rank_dropout: float = 0.0
+    """Probability, in training, of zeroing each output row of the update."""
+    module_dropout: float = 0.0
+    """Probability, in training, of skipping the whole adapter of a layer for one step."""
+    use_effective_conv2d: bool = False
+    """Tucker-decomposed w2 for convolutions larger than 1x1 (when w2 is low rank)."""
+    decompose_both: bool = False
+    """Also factor w1 into w1_a @ w1_b when r < max(out_l, in_m) / 2."""
+    decompose_factor: int = -1
+    """Split dims as (factor, dim / factor) when factor divides them; -1: near sqrt(dim)."""
+    rank_dropout_scale: bool = False
+    """Rescale the rows kept by rank_dropout by 1 / (fraction kept)."""
+    init_weights: bool | str = True
+    """True: w1 = 0 (training starts at the base model); "lycoris": w2 = 0; False: all random."""
+
+    def problems(self) -> list[Problem]:
+        out = super().problems() + lycoris_problems(self)
+        if not (isinstance(self.init_weights, bool) or self.init_weights == "lycoris"):
+            out.append(Problem("init_weights", "must be one of true, false, 'lycoris'", self.init_weights))
+        factor = self.decompose_factor
+        if isinstance(factor, bool) or not isinstance(factor, int) or not (factor == -1 or factor >= 1):
+            out.append(Problem("decompose_factor", "must be -1 (automatic) or an integer >= 1", factor))
+        for name in ("decompose_both", "rank_dropout_scale"):
+            if not isinstance(getattr(self, name), bool):
+                out.append(Problem(name, "must be true or false", getattr(self, name)))
+        return out
+
+
+class LoKrLayer(LycorisLayer):
+    adapter_attrs = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+
+    def add(self, name: str, config: LoKrConfig, r: int, alpha: float) -> None:
+        self.add_common(name, config, r, alpha)
+        out, fan_in, *kernel = self.canonical_weight().shape  # conv: in = in_channels // groups
+        out_l, out_k = fn.factorization(out, config.decompose_factor)
+        in_m, in_n = fn.factorization(fan_in, config.decompose_factor)
+        if config.decompose_both and r < max(out_l, in_m) / 2:
+            self.lokr_w1_a[name], self.lokr_w1_b[name] = self.new_param(out_l, r), self.new_param(r, in_m)
+        else:
+            self.lokr_w1[name] = self.new_param(out_l, in_m)
+        if r >= max(out_k, in_n) / 2:
+            self.lokr_w2[name] = self.new_param(out_k, in_n, *kernel)
+        elif self.kind == CONV2D and config.use_effective_conv2d and tuple(kernel) != (1, 1):
+            self.lokr_t2[name] = self.new_param(r, r, *kernel)
+            self.lokr_w2_a[name], self.lokr_w2_b[name] = self.new_param(r, out_k), self.new_param(r, in_n)
+        else:
+            self.lokr_w2_a[name] = self.new_param(out_k, r)
+            self.lokr_w2_b[name] = self.new_param(r, in_n * math.prod(kernel))
+        with torch.no_grad():
+            for _, param in self.adapter_tensors(name):
+                nn.init.kaiming_uniform_(param, a=math.sqrt(5))
+            if config.init_weights is True:
+                nn.init.zeros_(self.lokr_w1[name] if name in self.lokr_w1 else self.lokr_w1_a[name])
+            elif config.init_weights == "lycoris":
+                nn.init.zeros_(self.lokr_w2[name] if name in self.lokr_w2 else self.lokr_w2_b[name])
+
+    def factors(self, name: str) -> tuple[Tensor, Tensor]:
+        """w1 (out_l, in_m) and w2 (out_k, in_n[, kh, kw]) or, flattened, (out_k, in_n * kh * kw)."""
+        w1 = self.lokr_w1[name] if name in self.lokr_w1 else self.lokr_w1_a[name] @ self.lokr_w1_b[name]
+        if name in self.lokr_w2:
+            w2 = self.lokr_w2[name]
+        elif name in self.lokr_t2:
+            w2 = fn.tucker_weight(self.lokr_t2[name], self.lokr_w2_a[name], self.lokr_w2_b[name])
+        else:
+            w2 = self.lokr_w2_a[name] @ self.lokr_w2_b[name]
+        return w1, w2
+
+    def get_delta_weight(self, name: str) -> Tensor:
+        w1, w2 = self.factors(name)
+        return fn.kron_delta(w1, w2, self.scaling[name]).reshape(self.canonical_weight().shape)
+
+    def delta_forward(self, x: Tensor, names: list[str]) -> Tensor:
+        if self.kind == CONV2D:
+            return super().delta_forward(x, names)
+        result = self.base_layer(x)
+        for name in names:
+            w1, w2 = self.factors(name)
+            h = fn.kron_apply(x.to(w1.dtype), w1, w2, self.scaling[name])
+            mask = self.row_mask(name, h)
+            result = result + (h if mask is None else h * mask).to(result.dtype)
+        return result
+
+
+register_method(AdapterMethod(name="lokr", peft_type="LOKR", config_cls=LoKrConfig, layer_cls=LoKrLayer, prefix="lokr_"))
