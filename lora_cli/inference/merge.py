@@ -1,0 +1,204 @@
+"""Merge a trained adapter into its base model, prove the merge, write a plain model folder.
+
+    report = merge_run(adapter_model, processor, "merged/", dtype="float16", verify_batch=pixels)
+    # merged/ loads with AutoModelForImageClassification.from_pretrained: no loracli, no peft
+
+Verification: the adapter model's logits on the verification inputs are the reference;
+after ``merge_and_unload(safe_merge=True)`` and the cast to ``dtype`` the merged model's
+logits must match within the dtype's tolerance, and its top-1 class must agree on every
+input except near-ties (where the reference's margin between the two classes is itself
+within the tolerance). Tolerance on logits: ``atol + rtol * max|reference logit|`` with
+
+    float32  atol 1e-4, rtol 1e-5   (only summation order changes: a merge bug shows)
+    float16  atol 1e-2, rtol 1e-2   (11-bit mantissa; error accumulates over the layers)
+    bfloat16 atol 5e-2, rtol 5e-2   (8-bit mantissa)
+
+On failure nothing is written. The folder is written into a temporary sibling and renamed
+into place, so a crash never leaves a half-written model where ``--out`` points.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lora_cli.errors import LoraCliError, UserInputError
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TOLERANCES = {"float32": (1e-4, 1e-5), "float16": (1e-2, 1e-2), "bfloat16": (5e-2, 5e-2)}
+"""dtype -> (atol, rtol) on logits."""
+
+
+class MergeVerificationError(LoraCliError):
+    """The merged model does not reproduce the adapter model; nothing was written."""
+
+
+@dataclass
+class MergeReport:
+    out_dir: str
+    dtype: str
+    inputs: str
+    """"validation" (real images) or "synthetic" (noise images of the model's input size)."""
+    num_inputs: int
+    max_abs_diff: float
+    tolerance: float
+    top1_agreement: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return (
+            f"verified on {self.num_inputs} {self.inputs} input(s): max |logit diff| "
+            f"{self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g}), top-1 agreement "
+            f"{self.top1_agreement:.1%}; {self.dtype} model written to {self.out_dir}"
+        )
+
+
+def check_out_dir(out_dir: str | Path, force: bool = False) -> Path:
+    """Refuse an existing non-empty target unless ``force``; say so before any work is done."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserInputError(f"--out {out_dir} exists and is a file; pick a folder path")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise UserInputError(f"--out {out_dir} exists and is not empty; pick another folder or pass --force")
+    return out_dir
+
+
+def synthetic_inputs(model: nn.Module, processor: Any, n: int = 16, seed: int = 0) -> torch.Tensor:
+    """Noise images of the model's input size, through the processor's eval transforms."""
+    from PIL import Image
+
+    config = getattr(model, "config", None)
+    size = getattr(config, "image_size", 224)
+    height, width = (size, size) if isinstance(size, int) else tuple(size)[:2]
+    rng = np.random.default_rng(seed)
+    if processor is None:
+        channels = getattr(config, "num_channels", 3)
+        return torch.from_numpy(rng.standard_normal((n, channels, height, width)).astype(np.float32))
+    images = [Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)) for _ in range(n)]
+    return processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+def _logits(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    param = next(model.parameters())
+    with torch.inference_mode():
+        out = model(pixel_values=pixel_values.to(param.device, param.dtype)).logits
+    return out.float().cpu()
+
+
+def compare_logits(reference: torch.Tensor, merged: torch.Tensor, dtype: str) -> tuple[float, float, float, bool]:
+    """(max abs diff, tolerance, top-1 agreement, ok) of merged against reference logits."""
+    atol, rtol = TOLERANCES[dtype]
+    tolerance = atol + rtol * float(reference.abs().max())
+    diff = float((reference - merged).abs().max())
+    ref_top, merged_top = reference.argmax(-1), merged.argmax(-1)
+    agree = ref_top == merged_top
+    # a flipped top-1 is acceptable only where the reference itself nearly ties the two classes
+    rows = torch.arange(len(reference))
+    margin = reference[rows, ref_top] - reference[rows, merged_top]
+    near_tie = margin <= tolerance
+    ok = bool(torch.isfinite(merged).all()) and diff <= tolerance and bool((agree | near_tie).all())
+    return diff, tolerance, float(agree.float().mean()), ok
+
+
+def merge_run(
+    model: nn.Module,
+    processor: Any,
+    out_dir: str | Path,
+    dtype: str = "float32",
+    verify_batch: torch.Tensor | None = None,
+    n: int = 16,
+    force: bool = False,
+    id2label: dict[int, str] | None = None,
+) -> MergeReport:
+    """Merge ``model`` (an AdapterModel), verify, and save a transformers model folder.
+
+    ``verify_batch``: pixel values of real (validation) images; its first ``n`` rows are
+    used. Without it, ``n`` synthetic noise images are used and the report says so. The
+    AdapterModel is consumed: its adapters are merged in place.
+    """
+    if dtype not in DTYPES:
+        raise UserInputError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    if n < 1:
+        raise UserInputError(f"the number of verification inputs must be at least 1, got {n}")
+    out_dir = check_out_dir(out_dir, force)
+    if not hasattr(model, "merge_and_unload"):
+        raise UserInputError("the model has no adapter to merge (expected a loracli AdapterModel)")
+
+    if verify_batch is not None and len(verify_batch) > 0:
+        pixel_values, source = verify_batch[:n], "validation"
+    else:
+        pixel_values, source = synthetic_inputs(model, processor, n), "synthetic"
+        logger.info("no validation images reachable; verifying the merge on %d synthetic inputs", n)
+
+    model.eval()
+    reference = _logits(model, pixel_values)
+    if not torch.isfinite(reference).all():
+        raise MergeVerificationError(
+            "the adapter model itself produces NaN/inf logits; the adapter is broken (re-train it); nothing written"
+        )
+    try:
+        merged = model.merge_and_unload(safe_merge=True)
+    except LoraCliError as exc:
+        raise MergeVerificationError(f"{exc}; nothing written") from exc
+    bad = [name for name, p in merged.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise MergeVerificationError(f"merged weights contain NaN/inf (e.g. {bad[0]}); nothing written")
+    merged.to(DTYPES[dtype]).eval()
+    merged_logits = _logits(merged, pixel_values)
+    diff, tolerance, agreement, ok = compare_logits(reference, merged_logits, dtype)
+    report = MergeReport(str(out_dir), dtype, source, len(pixel_values), diff, tolerance, agreement)
+    if not ok:
+        raise MergeVerificationError(
+            f"the merged {dtype} model does not reproduce the adapter model on {len(pixel_values)} {source} "
+            f"input(s): max |logit diff| {diff:.3g} > tolerance {tolerance:.3g} or top-1 agreement "
+            f"{agreement:.1%}; nothing written (try --dtype float32, or report this as a bug)"
+        )
+
+    config = getattr(merged, "config", None)
+    if config is not None and id2label:
+        config.id2label = {int(k): str(v) for k, v in id2label.items()}
+        config.label2id = {v: k for k, v in config.id2label.items()}
+    write_model_dir(merged, processor, out_dir, force=force)
+    return report
+
+
+def write_model_dir(model: nn.Module, processor: Any, out_dir: str | Path, force: bool = False) -> Path:
+    """``save_pretrained`` model (safetensors) and processor into a temp sibling, then rename."""
+    out_dir = check_out_dir(out_dir, force)
+    parent = out_dir.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.tmp-"))
+    old: Path | None = None
+    try:
+        model.save_pretrained(tmp)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        if out_dir.exists():
+            if any(out_dir.iterdir()):
+                old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.old-"))
+                os.replace(out_dir, old / "previous")
+            else:
+                out_dir.rmdir()
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out_dir.exists():
+            os.replace(old / "previous", out_dir)  # put the user's folder back
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return out_dir

@@ -1,0 +1,133 @@
+"""The inference verbs on a run directory: what `eval`, `merge` and `predict` do, minus printing.
+
+Each function takes the run directory (the recipe comes from its ``recipe.yaml``, so no
+verb can be paired with the wrong recipe), loads the trained model with
+:func:`lora_cli.training.rundir.load_run`, and returns data for the CLI to render.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from lora_cli.errors import LoraCliError, UserInputError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_EVAL_BATCH = 32
+
+
+def _eval_batch_size(recipe: Any, requested: int | None) -> int:
+    if requested is not None:
+        if requested < 1:
+            raise UserInputError(f"--batch-size must be at least 1, got {requested}")
+        return requested
+    training = getattr(recipe, "training", None) or {}
+    value = training.get("per_device_eval_batch_size") if isinstance(training, dict) else None
+    return int(value) if isinstance(value, int) and value > 0 else DEFAULT_EVAL_BATCH
+
+
+def _id2label(loaded: Any) -> dict[int, str]:
+    from lora_cli.inference.predict import label_map
+
+    labels = loaded.id2label or label_map(loaded.model)
+    if not labels:
+        raise UserInputError(f"{loaded.run_dir}: the run has no label map (adapter/label_map.json); re-train it")
+    return {int(k): str(v) for k, v in labels.items()}
+
+
+def eval_run(
+    run_dir: str | Path,
+    split: str = "validation",
+    limit: int | None = None,
+    adapter_dir: str | Path | None = None,
+    base: bool = False,
+    batch_size: int | None = None,
+    device: str | None = None,
+    write: bool = True,
+) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Evaluate the run's adapter (or ``adapter_dir``'s, or none with ``base``) on its data.
+
+    Writes ``eval.json`` + ``plots/confusion_matrix.png`` for the run's own adapter on the
+    validation split; variants get their own names (``eval_base.json``,
+    ``eval_adapter-<dir>.json``, ``eval_train.json``) so they never overwrite it.
+    """
+    from lora_cli.inference.evaluate import evaluate, write_report
+    from lora_cli.training.rundir import load_run
+
+    if limit is not None and limit < 1:
+        raise UserInputError(f"--limit must be at least 1, got {limit}")
+    if base and adapter_dir is not None:
+        raise UserInputError("--base evaluates without any adapter; drop --adapter or --base")
+    loaded = load_run(run_dir, adapter_dir=adapter_dir, device=device)
+    id2label = _id2label(loaded)
+    dataset = loaded.task.eval_dataset(loaded.recipe, loaded.processor, split=split, limit=limit)
+    size = _eval_batch_size(loaded.recipe, batch_size)
+    if base:
+        with loaded.model.disable_adapter():
+            report = evaluate(loaded.model, dataset, loaded.task.collate, id2label, size)
+    else:
+        report = evaluate(loaded.model, dataset, loaded.task.collate, id2label, size)
+    report["split"] = split
+    report["variant"] = "base" if base else ("adapter" if adapter_dir is None else str(adapter_dir))
+    if not write:
+        return report, {}
+    name = "eval"
+    if base:
+        name += "_base"
+    elif adapter_dir is not None:
+        name += f"_adapter-{Path(adapter_dir).resolve().name}"
+    if split != "validation":
+        name += f"_{split}"
+    return report, write_report(report, loaded.run_dir, name=name)
+
+
+def verification_batch(loaded: Any, n: int):
+    """Up to ``n`` validation images' pixel values, or None when the data is not reachable."""
+    try:
+        dataset = loaded.task.eval_dataset(loaded.recipe, loaded.processor, split="validation", limit=n)
+        rows = [dataset[i] for i in range(min(n, len(dataset)))]
+        if not rows:
+            return None
+        return loaded.task.collate(rows)["pixel_values"]
+    except (LoraCliError, OSError, ValueError, KeyError, ImportError) as exc:
+        logger.info("validation data not reachable (%s); using synthetic inputs", exc)
+        return None
+
+
+def merge_from_run(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    dtype: str = "float32",
+    n: int = 16,
+    force: bool = False,
+    device: str | None = None,
+):
+    """Merge the run's adapter into its base model and write ``out_dir`` (see merge_run)."""
+    from lora_cli.inference.merge import DTYPES, check_out_dir, merge_run
+    from lora_cli.training.rundir import load_run
+
+    if dtype not in DTYPES:
+        raise UserInputError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    check_out_dir(out_dir, force)  # fail before the slow model load
+    loaded = load_run(run_dir, device=device)
+    batch = verification_batch(loaded, n)
+    return merge_run(
+        loaded.model, loaded.processor, out_dir, dtype=dtype, verify_batch=batch, n=n, force=force,
+        id2label=_id2label(loaded),
+    )
+
+
+def load_predictor(run_dir: str | Path | None = None, model_dir: str | Path | None = None, device: str | None = None):
+    """``(model, processor, id2label)`` from a run directory or a merged model directory."""
+    if (run_dir is None) == (model_dir is None):
+        raise UserInputError("pass exactly one of --run RUN_DIR or --model MERGED_DIR")
+    if model_dir is not None:
+        from lora_cli.inference.predict import load_merged
+
+        return load_merged(model_dir, device=device)
+    from lora_cli.training.rundir import load_run
+
+    loaded = load_run(run_dir, device=device)
+    return loaded.model, loaded.processor, _id2label(loaded)
