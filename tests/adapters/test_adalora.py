@@ -220,6 +220,7 @@ def test_rank_allocation_matches_peft_step_for_step(tmp_path):
     assert our_patterns == peft_patterns
     final = our_patterns[-1]
     assert sum(map(sum, final.values())) == SCHEDULE["target_r"] * len(final) == 8
+    assert ours.peft_config["default"].rank_pattern == final
     assert len({tuple(mask) for mask in final.values()}) > 1  # scores, not positions, chose the ranks
     budgeting = our_patterns[SCHEDULE["tinit"] + 1]  # the first mask, on a larger budget
     assert 8 < sum(map(sum, budgeting.values())) < 16

@@ -239,6 +239,8 @@ class AdaLoraHooks(AdapterHooks):
             self._avg, self._unc = {}, {}
         else:
             self.apply_mask(self.rank_pattern)
+        if self.rank_pattern is not None:
+            config.rank_pattern = self.rank_pattern  # visible in model.peft_config, as in PEFT
 
     def _budget(self, step: int) -> tuple[int, bool]:
         config = self.config
