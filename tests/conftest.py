@@ -18,6 +18,10 @@ import numpy as np
 import pytest
 import torch
 
+# Two pytest-xdist workers on two cores: one torch thread each. More threads oversubscribe
+# the cores and run several times slower, not faster.
+torch.set_num_threads(int(os.environ.get("LORACLI_TEST_THREADS", "1")))
+
 from tests.helpers import make_imagefolder
 
 
