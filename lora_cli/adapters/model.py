@@ -272,14 +272,27 @@ class AdapterModel(nn.Module):
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold adapters into the base weights (reversible with :meth:`unmerge_adapter`)."""
         names = adapter_names or [self.active_adapter]
+        layers = [layer for _, layer in self.adapter_layers()]
+        # A refused safe merge must leave the weights bit-identical; subtracting the deltas
+        # again (or dividing DoRA's scale back out) only restores them up to rounding.
+        saved = (
+            [(layer, layer.base_layer.weight.detach().clone(), list(layer.merged_adapters)) for layer in layers]
+            if safe_merge
+            else []
+        )
         merged: list[AdapterLayer] = []
         try:
-            for _, layer in self.adapter_layers():
+            for layer in layers:
                 layer.merge(safe_merge=safe_merge, adapter_names=names)
                 merged.append(layer)
         except Exception:
-            for layer in merged:  # all or nothing
-                layer.unmerge()
+            with torch.no_grad():
+                for layer, weight, state in saved:
+                    layer.base_layer.weight.copy_(weight)
+                    layer.merged_adapters = state
+            if not saved:
+                for layer in merged:  # all or nothing
+                    layer.unmerge()
             raise
 
     def unmerge_adapter(self) -> None:

@@ -1,0 +1,172 @@
+"""LoRA files move both ways between loracli and PEFT (the oracle) with the same logits.
+
+Every case trains nothing: adapter weights start non-zero (``init_lora_weights=False``) and
+every trainable tensor (adapter, DoRA magnitude, biases, modules_to_save copies) is
+perturbed, so a key that is dropped or misnamed on either side changes the logits.
+"""
+
+from __future__ import annotations
+
+import json
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lora_cli.adapters import AdapterModel, LoraConfig, get_adapter_model
+from tests.helpers import tiny_bert, tiny_gpt2, tiny_opt, tiny_vit
+
+ATOL = 1e-5
+
+
+def _vit_inputs():
+    return {"pixel_values": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))}
+
+
+def _ids_inputs():
+    return {"input_ids": torch.randint(2, 99, (2, 8), generator=torch.Generator().manual_seed(1))}
+
+
+MODELS = {
+    "vit": (tiny_vit, _vit_inputs),
+    "gpt2": (tiny_gpt2, _ids_inputs),
+    "bert": (tiny_bert, _ids_inputs),
+    "opt": (tiny_opt, _ids_inputs),
+}
+
+CASES = [
+    ("vit", {"target_modules": ["q_proj", "v_proj"]}),
+    ("gpt2", {"target_modules": ["c_attn"]}),
+    ("bert", {"target_modules": ["query", "value"]}),
+    ("opt", {"target_modules": ["q_proj", "v_proj"]}),
+    ("vit", {"target_modules": ["q_proj", "v_proj"], "use_rslora": True}),
+    ("vit", {"target_modules": ["q_proj", "v_proj"], "use_dora": True}),
+    ("gpt2", {"target_modules": ["c_attn"], "use_dora": True}),
+    ("vit", {"target_modules": ["q_proj", "v_proj"], "bias": "all"}),
+    ("bert", {"target_modules": ["query", "value"], "bias": "lora_only"}),
+    ("vit", {"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["classifier"]}),
+    ("bert", {"target_modules": ["query"], "modules_to_save": ["classifier"], "bias": "all"}),
+    (
+        "vit",
+        {
+            "target_modules": ["q_proj", "v_proj", "fc1"],
+            "rank_pattern": {"layers.1.attention.q_proj": 2, "fc1": 6},
+            "alpha_pattern": {"v_proj": 3},
+        },
+    ),
+    ("vit", {"target_modules": ["q_proj"], "init_lora_weights": "pissa"}),
+    ("opt", {"target_modules": ["v_proj"], "init_lora_weights": "olora"}),
+    ("gpt2", {"target_modules": ["c_attn"], "init_lora_weights": "pissa"}),
+    ("vit", {"target_modules": ["projection"]}),
+    ("bert", {"target_modules": ["word_embeddings"]}),
+]
+
+
+def _id(case):
+    name, kw = case
+    extra = [f"{k}={v}" for k, v in kw.items() if k not in ("target_modules", "rank_pattern", "alpha_pattern")]
+    if "rank_pattern" in kw:
+        extra.append("patterns")
+    return "-".join([name, "+".join(kw["target_modules"]), *extra])
+
+
+def _logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def _perturb_trainable(model, seed: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=g) * 0.1)
+
+
+def _kwargs(kw):
+    return {"r": 4, "lora_alpha": 8, "init_lora_weights": False} | kw
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_ours_loads_in_peft(case, tmp_path):
+    name, kw = case
+    build, make_inputs = MODELS[name]
+    inputs = make_inputs()
+    ours = get_adapter_model(build(), LoraConfig(**_kwargs(kw))).eval()
+    _perturb_trainable(ours)
+    expected = _logits(ours, inputs)
+    assert (expected - _logits(build(), inputs)).abs().max() > 20 * ATOL, "the adapter has no effect"
+    ours.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(build(), tmp_path).eval()
+    torch.testing.assert_close(_logits(theirs, inputs), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_peft_saved_loads_in_ours(case, tmp_path):
+    name, kw = case
+    build, make_inputs = MODELS[name]
+    inputs = make_inputs()
+    theirs = peft.get_peft_model(build(), peft.LoraConfig(**_kwargs(kw))).eval()
+    _perturb_trainable(theirs)
+    expected = _logits(theirs, inputs)
+    theirs.save_pretrained(tmp_path)
+    ours = AdapterModel.from_pretrained(build(), tmp_path)
+    torch.testing.assert_close(_logits(ours, inputs), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("name", "targets", "init"),
+    [("vit", ["q_proj", "v_proj"], "pissa"), ("gpt2", ["c_attn"], "pissa"), ("opt", ["q_proj"], "olora")],
+)
+def test_base_rewriting_inits_match_peft(name, targets, init):
+    """PiSSA / OLoRA rewrite W <- W - s B A: both tools must produce the same W, A and B."""
+    build = MODELS[name][0]
+    kw = {"r": 4, "lora_alpha": 8, "target_modules": targets, "init_lora_weights": init}
+    ours = get_adapter_model(build(), LoraConfig(**kw))
+    theirs = peft.get_peft_model(build(), peft.LoraConfig(**kw))
+    ours_state = dict(ours.base_model.named_parameters())
+    pristine = dict(build().named_parameters())
+    compared = moved = 0
+    for key, value in theirs.base_model.model.named_parameters():
+        if ".base_layer.weight" in key or ".lora_A." in key or ".lora_B." in key:
+            ours_key = key.replace(".default.weight", ".default")  # ours holds A, B as bare parameters
+            torch.testing.assert_close(ours_state[ours_key], value, atol=1e-5, rtol=0, msg=key)
+            compared += 1
+        if key.endswith(".base_layer.weight"):
+            moved += not torch.allclose(value, pristine[key.replace(".base_layer", "")], atol=1e-3)
+    assert compared == 3 * moved > 0
+
+
+V5_TO_V4_VIT = {
+    "vit.layers.": "vit.encoder.layer.",
+    ".attention.q_proj.": ".attention.attention.query.",
+    ".attention.v_proj.": ".attention.attention.value.",
+}
+
+
+def test_peft_adapter_with_transformers4_names_loads(tmp_path):
+    """An adapter written for transformers 4 (old ViT module names) gives the same logits."""
+    inputs = _vit_inputs()
+    theirs = peft.get_peft_model(
+        tiny_vit(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    ).eval()
+    _perturb_trainable(theirs)
+    expected = _logits(theirs, inputs)
+    theirs.save_pretrained(tmp_path)
+
+    state = load_file(tmp_path / "adapter_model.safetensors")
+    old_state = {}
+    for key, tensor in state.items():
+        for new, old in V5_TO_V4_VIT.items():
+            key = key.replace(new, old)
+        old_state[key] = tensor
+    assert "base_model.model.vit.encoder.layer.0.attention.attention.query.lora_A.weight" in old_state
+    save_file(old_state, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["target_modules"] = ["query", "value"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+
+    ours = AdapterModel.from_pretrained(tiny_vit(), tmp_path)
+    assert len(ours.targets["default"]) == 4
+    torch.testing.assert_close(_logits(ours, inputs), expected, atol=ATOL, rtol=0)
