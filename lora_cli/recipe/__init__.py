@@ -1,0 +1,26 @@
+"""Recipes: YAML -> typed, validated :class:`Recipe` (extends, overrides, one error for all problems)."""
+
+from lora_cli.recipe.errors import RecipeError, RecipeProblem
+from lora_cli.recipe.loader import load_recipe
+from lora_cli.recipe.schema import (
+    AdapterSection,
+    DataSection,
+    ModelSection,
+    Recipe,
+    dump_recipe_dict,
+)
+from lora_cli.recipe.shipped import find_shipped, recipes_dir, shipped_recipes
+
+__all__ = [
+    "AdapterSection",
+    "DataSection",
+    "ModelSection",
+    "Recipe",
+    "RecipeError",
+    "RecipeProblem",
+    "dump_recipe_dict",
+    "find_shipped",
+    "load_recipe",
+    "recipes_dir",
+    "shipped_recipes",
+]

@@ -1,0 +1,254 @@
+"""``load_recipe``: file -> extends -> overrides -> validation -> :class:`Recipe`.
+
+Every problem found on the way is collected and raised as ONE :class:`RecipeError`, each
+naming its file and line (or the override), the key, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from lora_cli.recipe.adapter import check_adapter
+from lora_cli.recipe.errors import Location, RecipeError, RecipeProblem, Reporter, did_you_mean
+from lora_cli.recipe.overrides import apply_overrides
+from lora_cli.recipe.schema import (
+    DATA_PATHS,
+    DATA_SOURCES,
+    TASKS,
+    DataSection,
+    ModelSection,
+    Recipe,
+)
+from lora_cli.recipe.training import check_training
+from lora_cli.recipe.yamlio import read_recipe_file
+
+
+def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recipe:
+    """Read, resolve and validate a recipe file; raise one RecipeError listing every problem."""
+    path = Path(path)
+    shown = str(path)
+    try:
+        data, locations = _resolve(path, shown, stack=())
+    except RecipeError as exc:
+        if exc.source == shown:
+            raise
+        raise RecipeError(exc.problems, source=shown) from None
+    report = Reporter(locations, shown)
+    data = apply_overrides(data, locations, list(overrides or ()), report)
+    recipe = _validate(data, report)
+    recipe._source = path.resolve()
+    recipe._locations = locations
+    return recipe
+
+
+# ------------------------------------------------------------------------- extends
+def _resolve(path: Path, shown: str, stack: tuple, where: Location | None = None) -> tuple[dict, dict]:
+    data, locations = read_recipe_file(path, shown, where)
+    key = path.resolve()
+    if "extends" not in data:
+        return data, locations
+    parent_ref = data.pop("extends")
+    ext_loc = locations.pop(("extends",))
+    if parent_ref is None:
+        return data, locations
+    if not isinstance(parent_ref, str) or not parent_ref.strip():
+        raise RecipeError(
+            [RecipeProblem("extends", "must be the path of another recipe", parent_ref,
+                           "a path relative to this recipe's folder", where=ext_loc)],
+            source=shown,
+        )
+    parent = path.parent / parent_ref
+    chain = (*stack, key)
+    if parent.resolve() in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, parent.resolve()))
+        raise RecipeError(
+            [RecipeProblem("extends", "makes a cycle of recipes", parent_ref, f"cycle: {cycle}", where=ext_loc)],
+            source=shown,
+        )
+    parent_shown = os.path.normpath(str(Path(shown).parent / parent_ref))
+    base, base_locations = _resolve(parent, parent_shown, chain, where=ext_loc)
+    return _merge(base, base_locations, data, locations)
+
+
+def _merge(base: dict, base_loc: dict, child: dict, child_loc: dict) -> tuple[dict, dict]:
+    """Deep merge: mappings merge key by key, anything else from the child wins."""
+    locations = dict(base_loc)
+
+    def merge(b: dict, c: dict, prefix: tuple) -> dict:
+        out = copy.deepcopy(b)
+        for key, value in c.items():
+            path = (*prefix, key)
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = merge(out[key], value, path)
+            else:
+                for stale in [p for p in locations if p[: len(path)] == path]:
+                    del locations[stale]
+                out[key] = copy.deepcopy(value)
+        return out
+
+    data = merge(base, child, ())
+    locations.update(child_loc)
+    return data, locations
+
+
+# ---------------------------------------------------------------------- validation
+def _validate(data: dict, report: Reporter) -> Recipe:
+    adapter = check_adapter(data.get("adapter"), report)
+    training = check_training(data.get("training"), report)
+    plain = {k: v for k, v in data.items() if k not in ("adapter", "training")}
+    _absolute_paths(plain)
+    try:
+        Recipe.model_validate(plain)
+    except ValidationError as exc:
+        for error in exc.errors():
+            _pydantic_problem(error, report)
+    _check_model(data.get("model"), data.get("task"), report)
+    _check_data(data.get("data"), data.get("task"), report)
+    report.raise_if_any()
+    assert adapter is not None and training is not None
+    plain["adapter"] = {"method": adapter[0], "options": adapter[1]}
+    plain["training"] = training
+    return Recipe.model_validate(plain)
+
+
+def _absolute_paths(plain: dict) -> None:
+    section = plain.get("data")
+    if isinstance(section, dict):
+        section = plain["data"] = dict(section)
+        for key in DATA_PATHS:
+            if isinstance(section.get(key), str) and section[key]:
+                section[key] = str(Path(section[key]).expanduser().absolute())
+
+
+_MESSAGES = {
+    "missing": "is required",
+    "extra_forbidden": "is not a recipe key",
+    "int_type": "must be an integer",
+    "float_type": "must be a number",
+    "bool_type": "must be true or false",
+    "string_type": "must be a string",
+    "dict_type": "must be a mapping",
+    "model_type": "must be a mapping",
+    "model_attributes_type": "must be a mapping",
+    "string_too_short": "must not be empty",
+}
+
+
+def _pydantic_problem(error: dict, report: Reporter) -> None:
+    loc = tuple(p for p in error["loc"] if not isinstance(p, int))
+    kind = error["type"]
+    value = error.get("input")
+    message = _MESSAGES.get(kind)
+    hint = None
+    if kind == "extra_forbidden":
+        known = _fields_at(loc[:-1])
+        hint = did_you_mean(loc[-1], known) or f"valid keys: {', '.join(known)}"
+        if loc == ("extends",):
+            hint = None
+    elif kind == "missing":
+        report.add(loc, "is required", hint=_missing_hint(loc))
+        return
+    elif kind == "literal_error":
+        choices = TASKS if loc == ("task",) else ("digits",)
+        message = "must be one of " + ", ".join(repr(c) for c in choices)
+        hint = did_you_mean(value, choices) if isinstance(value, str) else None
+    elif kind in ("greater_than", "less_than", "greater_than_equal", "less_than_equal"):
+        message = error["msg"].replace("Input should be", "must be")
+        if loc == ("data", "val_split"):
+            hint = "a fraction in (0, 1), e.g. 0.1"
+    if message is None:
+        message = error["msg"].replace("Input should be", "must be")
+    report.add(loc, message, value, hint)
+
+
+def _missing_hint(loc: tuple) -> str | None:
+    return {
+        ("name",): "add `name: my-run` (the run goes to runs/<name>)",
+        ("task",): f"add `task:` with one of {', '.join(TASKS)}",
+        ("model",): "add a model section with name_or_path (hub id / folder) or config",
+        ("data",): "add a data section with one source: dataset, imagefolder, train_file or builtin",
+    }.get(loc)
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    if loc == ():
+        return [*Recipe.model_fields]
+    if loc == ("model",):
+        return [*ModelSection.model_fields]
+    if loc == ("data",):
+        return [*DataSection.model_fields]
+    return []
+
+
+def _check_model(model: Any, task: Any, report: Reporter) -> None:
+    if not isinstance(model, dict):
+        return
+    given = [k for k in ("name_or_path", "config") if model.get(k) is not None]
+    if len(given) != 1:
+        report.add(
+            ("model",),
+            "needs exactly one of name_or_path or config" + (" (both are set)" if given else ""),
+            hint="name_or_path for a pretrained model, config for a random-init model built offline",
+        )
+    config = model.get("config")
+    if isinstance(config, dict):
+        model_type = config.get("model_type")
+        if not isinstance(model_type, str):
+            report.add(("model", "config"), "needs a model_type key", hint="e.g. `model_type: vit`", value=model_type)
+        else:
+            from transformers import CONFIG_MAPPING
+
+            known = list(CONFIG_MAPPING.keys())
+            if model_type not in known:
+                report.add(
+                    ("model", "config", "model_type"), "is not a transformers model type", model_type,
+                    did_you_mean(model_type, known) or "e.g. vit, bert, gpt2, t5",
+                )
+    processor = model.get("processor")
+    if processor and task in ("causal-lm", "seq-cls", "seq2seq"):
+        report.add(("model", "processor"), f"is for image models; task {task} uses a tokenizer", processor,
+                   "remove it, or set model.tokenizer")
+
+
+def _check_data(data: Any, task: Any, report: Reporter) -> None:
+    if not isinstance(data, dict):
+        return
+    given = [k for k in DATA_SOURCES if data.get(k) is not None]
+    if len(given) != 1:
+        report.add(
+            ("data",),
+            "needs exactly one data source" + (f" (set: {', '.join(given)})" if given else ""),
+            hint="set one of dataset (hub id), imagefolder, train_file or builtin",
+        )
+    if data.get("validation_file") is not None and data.get("train_file") is None:
+        report.add(("data", "validation_file"), "needs data.train_file too", data["validation_file"])
+    if task not in TASKS:
+        task = None
+    if data.get("builtin") is not None and task not in (None, "image-classification"):
+        report.add(("data", "builtin"), "'digits' is an image dataset; it needs task image-classification",
+                   data["builtin"])
+    if data.get("imagefolder") is not None and task not in (None, "image-classification"):
+        report.add(("data", "imagefolder"), "needs task image-classification", data["imagefolder"])
+    for key in DATA_PATHS:
+        value = data.get(key)
+        if not isinstance(value, str) or not value:
+            continue
+        path = Path(value).expanduser().absolute()
+        where = f"looked for {path}; paths are relative to the current directory"
+        if key == "imagefolder":
+            if not path.is_dir():
+                report.add(("data", key), "folder not found", value,
+                           f"{where}; it needs train/ (and validation/) sub-folders")
+            elif not (path / "train").is_dir():
+                report.add(("data", key), "has no train/ sub-folder", value,
+                           "lay it out as train/<class>/*.jpg and validation/<class>/*.jpg")
+        elif not path.is_file():
+            report.add(("data", key), "file not found", value, where)
+        elif path.suffix.lower() not in (".csv", ".json", ".jsonl"):
+            report.add(("data", key), "must be a .csv, .json or .jsonl file", value)

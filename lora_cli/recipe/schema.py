@@ -1,0 +1,181 @@
+"""The typed Recipe: what a YAML recipe becomes once it is resolved and validated.
+
+Build one with :func:`lora_cli.recipe.load_recipe`, which reports every problem with its
+file and line; the models here hold the result. ``adapter`` keeps the method name and
+its PEFT-named options, ``training`` a plain mapping of ``TrainingArguments`` fields.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+
+Task = Literal["image-classification", "causal-lm", "seq-cls", "seq2seq"]
+TASKS: tuple[str, ...] = ("image-classification", "causal-lm", "seq-cls", "seq2seq")
+TEXT_TASKS = ("causal-lm", "seq-cls", "seq2seq")
+
+# Fields of the adapter config that loracli fills in itself.
+ADAPTER_BOOKKEEPING = ("task_type", "base_model_name_or_path", "revision", "inference_mode")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ModelSection(_Section):
+    """Which model to adapt: a hub id / local folder, or a config for a random-init model."""
+
+    name_or_path: str | None = None
+    """Hub id or local folder of a pretrained model."""
+    config: dict[str, Any] | None = None
+    """A transformers config as keyword arguments, with model_type: builds a random-init model."""
+    revision: str | None = None
+    trust_remote_code: bool = False
+    processor: dict[str, Any] = Field(default_factory=dict)
+    """Image-processor keyword arguments (size, image_mean, image_std) for models built from config."""
+    tokenizer: str | None = None
+    """Text tasks: tokenizer path or hub id; defaults to name_or_path."""
+
+
+class DataSection(_Section):
+    """Where the examples come from (exactly one source) and which columns mean what."""
+
+    dataset: str | None = None
+    dataset_config: str | None = None
+    imagefolder: str | None = None
+    train_file: str | None = None
+    validation_file: str | None = None
+    builtin: Literal["digits"] | None = None
+    image_column: str = "image"
+    label_column: str = "label"
+    train_split: str = "train"
+    eval_split: str | None = "validation"
+    val_split: float = Field(0.1, gt=0, lt=1)
+    max_train_samples: int | None = Field(None, gt=0)
+    max_eval_samples: int | None = Field(None, gt=0)
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    prompt_column: str | None = None
+    completion_column: str | None = None
+    completion_only_loss: bool = False
+    source_column: str | None = None
+    target_column: str | None = None
+    source_lang: str | None = None
+    target_lang: str | None = None
+    source_prefix: str | None = None
+    max_length: int = Field(512, gt=0)
+    max_target_length: int = Field(128, gt=0)
+
+
+DATA_SOURCES = ("dataset", "imagefolder", "train_file", "builtin")
+DATA_PATHS = ("imagefolder", "train_file", "validation_file")
+
+
+class AdapterSection(_Section):
+    """``method`` plus that method's config fields (PEFT's names), already validated."""
+
+    method: str = "lora"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class Recipe(_Section):
+    """A fully resolved, validated recipe."""
+
+    name: str = Field(min_length=1)
+    task: Task
+    output_dir: str | None = None
+    seed: int = 42
+    model: ModelSection
+    data: DataSection
+    adapter: AdapterSection = Field(default_factory=AdapterSection)
+    training: dict[str, Any] = Field(default_factory=dict)
+
+    _source: Path | None = PrivateAttr(default=None)
+    _locations: dict = PrivateAttr(default_factory=dict)
+
+    def model_post_init(self, context: Any) -> None:
+        if self.output_dir is None:
+            self.output_dir = f"runs/{self.name}"
+        if self.model.tokenizer is None and self.task in TEXT_TASKS and self.model.name_or_path:
+            self.model.tokenizer = self.model.name_or_path
+
+    def __eq__(self, other: object) -> bool:
+        # Equal recipes train the same run, wherever their file lives.
+        if not isinstance(other, Recipe):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @property
+    def source(self) -> Path | None:
+        """The recipe file this was loaded from."""
+        return self._source
+
+    @property
+    def output_path(self) -> Path:
+        """The run directory."""
+        return Path(self.output_dir or f"runs/{self.name}")
+
+    def model_label(self) -> str:
+        """Short name of the model for messages: the hub id / path, or "<type> from config"."""
+        if self.model.name_or_path:
+            return self.model.name_or_path
+        model_type = (self.model.config or {}).get("model_type", "model")
+        return f"{model_type} from config"
+
+    def adapter_config(self, total_step: int | None = None):
+        """The adapter config instance (``lora_cli.adapters`` dataclass) for this recipe.
+
+        ``total_step``: AdaLoRA's schedule length, which the trainer derives from the data
+        size, epochs and batch size. It fills ``total_step`` when the recipe left it out and
+        is then checked against ``tinit`` / ``tfinal`` (a RecipeError pointing at the recipe's
+        adapter lines when the schedule leaves no budgeting phase). Methods without a
+        total_step field ignore it.
+        """
+        from lora_cli.recipe.adapter import build_adapter_config
+
+        return build_adapter_config(self, total_step)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data in the recipe's YAML layout (adapter options flattened, ``None`` defaults left out)."""
+        return dump_recipe_dict(self)
+
+    def to_yaml(self) -> str:
+        """The resolved recipe as YAML that :func:`load_recipe` reads back to an equal Recipe."""
+        from lora_cli.recipe.yamlio import dump
+
+        head = "# Resolved by loracli (defaults, extends and overrides applied)"
+        if self._source is not None:
+            head += f" from {self._source}"
+        return head + "\n" + dump(self.to_dict())
+
+
+def _section_dict(section: BaseModel) -> dict[str, Any]:
+    out = {}
+    for name, field in type(section).model_fields.items():
+        value = getattr(section, name)
+        if value is None and field.default is None:
+            continue
+        out[name] = value
+    return out
+
+
+def dump_recipe_dict(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as plain dicts and lists, in its YAML layout."""
+    import copy
+
+    return copy.deepcopy(
+        {
+            "name": recipe.name,
+            "task": recipe.task,
+            "output_dir": recipe.output_dir,
+            "seed": recipe.seed,
+            "model": _section_dict(recipe.model),
+            "data": _section_dict(recipe.data),
+            "adapter": {"method": recipe.adapter.method, **recipe.adapter.options},
+            "training": dict(recipe.training),
+        }
+    )

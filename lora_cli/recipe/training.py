@@ -1,0 +1,159 @@
+"""The ``training`` section: ``transformers.TrainingArguments`` fields, type-checked.
+
+The mapping is not turned into ``TrainingArguments`` here: that would probe devices (and
+refuse fp16 on a CPU-only machine that only validates). Each value is checked against the
+field's annotation instead, plus the few rules that would otherwise fail minutes later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import types
+import typing
+from typing import Any
+
+from lora_cli.recipe.errors import Reporter, did_you_mean
+
+# Keys loracli sets itself, and what to do instead.
+CONTROLLED = {
+    "output_dir": "loracli sets it; use the top-level output_dir",
+    "logging_dir": "loracli sets it inside the run directory; use the top-level output_dir",
+    "remove_unused_columns": "loracli sets it automatically for the task",
+    "label_names": "loracli sets it automatically for the task",
+    "seed": "use the top-level seed",
+    "resume_from_checkpoint": "use `loracli train --resume`",
+}
+
+# (minimum, inclusive?) for numeric fields where a wrong sign fails late or silently.
+BOUNDS = {
+    "learning_rate": (0, False),
+    "num_train_epochs": (0, False),
+    "per_device_train_batch_size": (1, True),
+    "per_device_eval_batch_size": (1, True),
+    "gradient_accumulation_steps": (1, True),
+    "weight_decay": (0, True),
+    "warmup_steps": (0, True),
+    "logging_steps": (0, False),
+    "max_grad_norm": (0, True),
+}
+
+
+@functools.lru_cache(maxsize=1)
+def training_fields() -> dict[str, Any]:
+    """{field name: annotation} of TrainingArguments (settable ones)."""
+    from transformers import TrainingArguments
+
+    hints = typing.get_type_hints(TrainingArguments)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+@functools.lru_cache(maxsize=1)
+def training_defaults() -> dict[str, Any]:
+    from transformers import TrainingArguments
+
+    return {
+        f.name: f.default for f in dataclasses.fields(TrainingArguments) if f.default is not dataclasses.MISSING
+    }
+
+
+def _enum_values(cls: type[enum.Enum]) -> list[str]:
+    return [str(m.value) for m in cls]
+
+
+def check_value(value: Any, annotation: Any) -> tuple[bool, str]:
+    """Does ``value`` (from YAML) fit ``annotation``? Returns (ok, what was expected)."""
+    if annotation is Any:
+        return True, "anything"
+    if annotation is type(None) or annotation is None:
+        return value is None, "null"
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        enums = [a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)]
+        if enums and isinstance(value, str):
+            choices = [v for e in enums for v in _enum_values(e)]
+            return value in choices, "one of " + ", ".join(repr(c) for c in choices)
+        results = [check_value(value, a) for a in args]
+        return any(ok for ok, _ in results), " or ".join(dict.fromkeys(e for _, e in results))
+    if origin is typing.Literal:
+        ok = any(value == a and type(value) is type(a) for a in args)
+        return ok, "one of " + ", ".join(repr(a) for a in args)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        choices = _enum_values(annotation)
+        return value in choices, "one of " + ", ".join(repr(c) for c in choices)
+    if annotation is bool:
+        return isinstance(value, bool), "true or false"
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool), "an integer"
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    if annotation is str:
+        return isinstance(value, str), "a string"
+    if annotation is list or origin is list:
+        if not isinstance(value, list):
+            return False, "a list"
+        if args:
+            return all(check_value(v, args[0])[0] for v in value), f"a list of {check_value(None, args[0])[1]}"
+        return True, "a list"
+    if annotation is dict or origin is dict:
+        return isinstance(value, dict), "a mapping"
+    if isinstance(annotation, type):
+        return isinstance(value, annotation), f"a {annotation.__name__} (not settable from a recipe)"
+    return True, "anything"
+
+
+def check_training(raw: Any, report: Reporter) -> dict[str, Any] | None:
+    """Validate the training mapping; returns it (a plain dict) or None."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        report.add(("training",), "must be a mapping of TrainingArguments fields", raw, "e.g. `learning_rate: 5e-3`")
+        return None
+    fields = training_fields()
+    before = len(report.problems)
+    for key, value in raw.items():
+        path = ("training", key)
+        if key in CONTROLLED:
+            report.add(path, "cannot be set in training", value, CONTROLLED[key])
+            continue
+        if key not in fields:
+            hint = did_you_mean(key, fields) or "see transformers.TrainingArguments for the field names"
+            report.add(path, "is not a TrainingArguments field", value, hint)
+            continue
+        ok, expected = check_value(value, fields[key])
+        if not ok:
+            hint = None
+            if isinstance(value, str) and expected.startswith("one of"):
+                hint = did_you_mean(value, [c.strip("'") for c in expected[7:].split(", ")])
+            report.add(path, f"must be {expected}", value, hint)
+            continue
+        if key in BOUNDS and isinstance(value, (int, float)) and not isinstance(value, bool):
+            low, inclusive = BOUNDS[key]
+            if value < low or (value == low and not inclusive):
+                report.add(path, f"must be {'>=' if inclusive else '>'} {low}", value)
+    if len(report.problems) == before:
+        _check_best_model(raw, report)
+    return dict(raw) if len(report.problems) == before else None
+
+
+def _check_best_model(raw: dict, report: Reporter) -> None:
+    if not raw.get("load_best_model_at_end"):
+        return
+    defaults = training_defaults()
+    eval_s = _text(raw.get("eval_strategy", defaults.get("eval_strategy", "no")))
+    save_s = _text(raw.get("save_strategy", defaults.get("save_strategy", "steps")))
+    if save_s == "best":
+        return
+    if eval_s != save_s:
+        report.add(
+            ("training", "load_best_model_at_end"),
+            f"needs save_strategy to match eval_strategy (they are {save_s!r} and {eval_s!r})",
+            True,
+            "set both to 'epoch' (or both to 'steps')",
+        )
+
+
+def _text(value: Any) -> str:
+    return str(value.value) if isinstance(value, enum.Enum) else str(value)

@@ -1,0 +1,147 @@
+"""extends (deep merge, child wins, cycles) and command-line overrides (YAML-typed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from lora_cli.recipe import RecipeError, load_recipe
+from tests.recipe._util import VALID, problems_of
+
+
+# ----------------------------------------------------------------------- extends
+def test_extends_deep_merges_and_the_child_wins(write):
+    write(VALID, "base/base.yaml")
+    child = write(
+        """\
+        extends: ../base/base.yaml
+        name: child
+        adapter:
+          r: 16
+        training:
+          num_train_epochs: 3
+        """,
+        "recipes/child.yaml",
+    )
+    recipe = load_recipe(child)
+    assert recipe.name == "child"
+    assert recipe.adapter.options["r"] == 16
+    assert recipe.adapter.options["lora_alpha"] == 8  # from the parent
+    assert recipe.adapter.options["target_modules"] == ["query", "value"]
+    assert recipe.training == {"learning_rate": 0.005, "num_train_epochs": 3}
+    assert recipe.model.config["hidden_size"] == 32
+
+
+def test_extends_chain_of_three(write):
+    write(VALID, "a.yaml")
+    write("extends: a.yaml\nname: b\nseed: 1\n", "b.yaml")
+    recipe = load_recipe(write("extends: b.yaml\nname: c\n", "c.yaml"))
+    assert (recipe.name, recipe.seed) == ("c", 1)
+
+
+def test_child_can_switch_the_model_source_with_null(write):
+    write("name: p\ntask: seq-cls\nmodel: {name_or_path: some/bert}\ndata: {dataset: imdb}\n", "p.yaml")
+    recipe = load_recipe(write("extends: p.yaml\nmodel: {name_or_path: null, config: {model_type: bert}}\n", "c.yaml"))
+    assert recipe.model.name_or_path is None and recipe.model.config == {"model_type": "bert"}
+
+
+def test_problems_in_the_parent_point_at_the_parent(write):
+    write(VALID.replace("  r: 4", "  r: 0"), "base.yaml")
+    child = write("extends: base.yaml\nname: child\nadapter: {lora_alpha: 2.0, lora_alfa: 3}\n")
+    assert problems_of(child) == [
+        "recipe.yaml:3: adapter.lora_alfa: is not a lora setting (got 3; did you mean lora_alpha?)",
+        "base.yaml:17: adapter.r: must be an integer >= 1 (got 0)",
+    ]
+
+
+def test_syntax_error_in_the_parent_points_at_the_parent(write):
+    write("name: [x\n", "base.yaml")
+    with pytest.raises(RecipeError, match=r"base.yaml:2: YAML syntax error") as info:
+        load_recipe(write("extends: base.yaml\n"))
+    assert str(info.value).startswith("invalid recipe recipe.yaml")
+
+
+def test_missing_parent(write):
+    with pytest.raises(RecipeError, match=r"recipe.yaml:2: extends: recipe file nothere.yaml not found .*relative to the recipe's folder"):
+        load_recipe(write("name: x\nextends: nothere.yaml\n"))
+
+
+def test_extends_cycle(write):
+    write("extends: b.yaml\nname: a\n", "a.yaml")
+    write("extends: a.yaml\n", "b.yaml")
+    with pytest.raises(RecipeError, match=r"b.yaml:1: extends: makes a cycle of recipes .*a.yaml -> .*b.yaml -> .*a.yaml"):
+        load_recipe("a.yaml")
+
+
+def test_self_extension_is_a_cycle(write):
+    with pytest.raises(RecipeError, match="makes a cycle"):
+        load_recipe(write("extends: recipe.yaml\n"))
+
+
+# --------------------------------------------------------------------- overrides
+def test_overrides_are_yaml_typed(write):
+    recipe = load_recipe(
+        write(VALID),
+        [
+            "training.learning_rate=1e-3",
+            "training.fp16=false",
+            "adapter.r=8",
+            "adapter.target_modules=[query, key, value]",
+            "data.max_train_samples=100",
+            "name=other",
+            "model.config.hidden_size=64",
+        ],
+    )
+    assert recipe.training["learning_rate"] == 0.001 and isinstance(recipe.training["learning_rate"], float)
+    assert recipe.training["fp16"] is False
+    assert recipe.adapter.options["r"] == 8
+    assert recipe.adapter.options["target_modules"] == ["query", "key", "value"]
+    assert recipe.data.max_train_samples == 100
+    assert recipe.name == "other" and recipe.output_dir == "runs/other"
+    assert recipe.model.config["hidden_size"] == 64
+
+
+def test_override_can_switch_the_method(write):
+    from lora_cli.adapters import available_methods
+
+    if "loha" not in available_methods():
+        pytest.skip("loha is not registered yet")
+    text = VALID.replace("  lora_alpha: 8\n", "")
+    recipe = load_recipe(write(text), ["adapter.alpha=4", "adapter.method=loha"])
+    assert recipe.adapter.method == "loha" and recipe.adapter.options["alpha"] == 4
+
+
+@pytest.mark.parametrize(
+    ("item", "hint"),
+    [
+        ("training.learnin_rate=1", "did you mean training.learning_rate?"),
+        ("adapter.lora_alfa=3", "did you mean adapter.lora_alpha?"),
+        ("model.foo=1", "valid keys here: name_or_path, config, revision, trust_remote_code, processor, tokenizer"),
+        ("modle.name_or_path=x", "did you mean model?"),
+        ("data.builtin.x=1", "data.builtin has no sub-keys"),
+    ],
+)
+def test_override_for_a_key_not_in_the_schema(write, item, hint):
+    key = item.split("=")[0]
+    (line,) = problems_of(write(VALID), [item])
+    assert line == f"override {item!r}: {key}: names a key that is not in the recipe schema ({hint})"
+
+
+def test_malformed_override(write):
+    assert problems_of(write(VALID), ["learning_rate"]) == [
+        "override 'learning_rate': learning_rate: is not of the form key.path=value"
+    ]
+
+
+def test_bad_override_value_points_at_the_override(write):
+    lines = problems_of(write(VALID), ["adapter.r=0", "training.fp16=maybe"])
+    assert lines == [
+        "override 'adapter.r=0': adapter.r: must be an integer >= 1 (got 0)",
+        "override 'training.fp16=maybe': training.fp16: must be true or false (got 'maybe')",
+    ]
+
+
+def test_override_and_file_problems_together(write):
+    text = VALID.replace("  r: 4", "  r: -1")
+    lines = problems_of(write(text), ["training.lr=1"])
+    assert lines[0] == "recipe.yaml:17: adapter.r: must be an integer >= 1 (got -1)"
+    assert lines[1].startswith("override 'training.lr=1': training.lr: names a key")

@@ -1,0 +1,252 @@
+"""Bad recipes: each problem names the file, the line, the key, the value and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from lora_cli.adapters import available_methods
+from lora_cli.errors import ProblemsError, UserInputError
+from lora_cli.recipe import RecipeError, load_recipe
+from tests.recipe._util import VALID, problems_of
+
+
+def bad(write, old: str, new: str) -> list[str]:
+    assert old in VALID
+    return problems_of(write(VALID.replace(old, new, 1)))
+
+
+def test_recipe_error_is_a_user_input_error():
+    assert issubclass(RecipeError, ProblemsError) and issubclass(RecipeError, UserInputError)
+    assert RecipeError([]).exit_code == 2
+
+
+# ------------------------------------------------------------------ unknown keys
+def test_unknown_top_level_key(write):
+    assert bad(write, "task:", "sed: 1\ntask:") == [
+        "recipe.yaml:2: sed: is not a recipe key (got 1; did you mean seed?)"
+    ]
+
+
+def test_unknown_model_key(write):
+    assert bad(write, "  config:", "  revison: main\n  config:") == [
+        "recipe.yaml:4: model.revison: is not a recipe key (got 'main'; did you mean revision?)"
+    ]
+
+
+def test_unknown_data_key(write):
+    assert bad(write, "  val_split: 0.2", "  val_splt: 0.2") == [
+        "recipe.yaml:14: data.val_splt: is not a recipe key (got 0.2; did you mean val_split?)"
+    ]
+
+
+def test_unknown_adapter_field(write):
+    assert bad(write, "  lora_alpha: 8", "  lora_alfa: 8") == [
+        "recipe.yaml:18: adapter.lora_alfa: is not a lora setting (got 8; did you mean lora_alpha?)"
+    ]
+
+
+def test_adapter_bookkeeping_fields_are_refused(write):
+    (line,) = bad(write, "  r: 4", "  r: 4\n  task_type: SEQ_CLS")
+    assert line.startswith("recipe.yaml:18: adapter.task_type: is set automatically by loracli")
+
+
+def test_unknown_training_key(write):
+    assert bad(write, "  learning_rate: 5e-3", "  learnin_rate: 5e-3") == [
+        "recipe.yaml:22: training.learnin_rate: is not a TrainingArguments field (got 0.005; did you mean learning_rate?)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("key", "fix"),
+    [
+        ("output_dir", "use the top-level output_dir"),
+        ("remove_unused_columns", "sets it automatically"),
+        ("label_names", "sets it automatically"),
+        ("seed", "use the top-level seed"),
+    ],
+)
+def test_training_keys_loracli_controls(write, key, fix):
+    (line,) = bad(write, "  num_train_epochs: 1", f"  num_train_epochs: 1\n  {key}: x")
+    assert line.startswith(f"recipe.yaml:24: training.{key}: cannot be set in training")
+    assert fix in line
+
+
+# -------------------------------------------------------------------- bad values
+def test_wrong_types(write):
+    text = VALID.replace("name: tiny", "name: tiny\nseed: forty-two").replace(
+        "  num_train_epochs: 1", "  num_train_epochs: three\n  fp16: 1"
+    )
+    assert problems_of(write(text)) == [
+        "recipe.yaml:2: seed: must be an integer (got 'forty-two')",
+        "recipe.yaml:24: training.num_train_epochs: must be a number (got 'three')",
+        "recipe.yaml:25: training.fp16: must be true or false (got 1)",
+    ]
+
+
+def test_training_enum_did_you_mean(write):
+    (line,) = bad(write, "  num_train_epochs: 1", "  num_train_epochs: 1\n  eval_strategy: epoc")
+    assert line == (
+        "recipe.yaml:24: training.eval_strategy: must be one of 'no', 'steps', 'epoch' (got 'epoc'; did you mean epoch?)"
+    )
+
+
+def test_training_negative_learning_rate(write):
+    assert bad(write, "  learning_rate: 5e-3", "  learning_rate: -1e-3") == [
+        "recipe.yaml:22: training.learning_rate: must be > 0 (got -0.001)"
+    ]
+
+
+def test_load_best_model_needs_matching_strategies(write):
+    (line,) = bad(
+        write, "  num_train_epochs: 1",
+        "  num_train_epochs: 1\n  eval_strategy: epoch\n  save_strategy: steps\n  load_best_model_at_end: true",
+    )
+    assert line.startswith("recipe.yaml:26: training.load_best_model_at_end: needs save_strategy to match")
+
+
+@pytest.mark.parametrize("r", ["0", "-2"])
+def test_rank_must_be_positive(write, r):
+    assert bad(write, "  r: 4", f"  r: {r}") == [f"recipe.yaml:17: adapter.r: must be an integer >= 1 (got {r})"]
+
+
+@pytest.mark.parametrize("p", ["1.0", "-0.1", "1.5"])
+def test_dropout_outside_unit_interval(write, p):
+    (line,) = bad(write, "  r: 4", f"  r: 4\n  lora_dropout: {p}")
+    assert line.startswith(f"recipe.yaml:18: adapter.lora_dropout: must be a number in [0, 1) (got {p}")
+
+
+def test_unknown_init(write):
+    (line,) = bad(write, "  r: 4", "  r: 4\n  init_lora_weights: gausian")
+    assert line.startswith("recipe.yaml:18: adapter.init_lora_weights: must be one of")
+    assert "(got 'gausian')" in line
+
+
+def test_unknown_method_did_you_mean(write):
+    assert bad(write, "  method: lora", "  method: lorra") == [
+        "recipe.yaml:16: adapter.method: is not a known adapter method (got 'lorra'; did you mean lora?)"
+    ]
+
+
+def test_unknown_task_did_you_mean(write):
+    (line,) = bad(write, "task: image-classification", "task: image-clasification")
+    assert line.startswith("recipe.yaml:2: task: must be one of 'image-classification'")
+    assert line.endswith("did you mean image-classification?)")
+
+
+def test_val_split_range(write):
+    (line,) = bad(write, "  val_split: 0.2", "  val_split: 1.5")
+    assert line.startswith("recipe.yaml:14: data.val_split: must be less than 1 (got 1.5")
+
+
+def test_missing_required_sections(write):
+    text = "name: x\nadapter: {method: lora}\n"
+    lines = problems_of(write(text))
+    assert "recipe.yaml:1: task: is required (add `task:` with one of image-classification, causal-lm, seq-cls, seq2seq)" in lines
+    assert any(line.startswith("recipe.yaml:1: model: is required") for line in lines)
+    assert any(line.startswith("recipe.yaml:1: data: is required") for line in lines)
+
+
+def test_model_needs_exactly_one_source(write):
+    (line,) = bad(write, "  config:", "  name_or_path: google/vit\n  config:")
+    assert line.startswith("recipe.yaml:3: model: needs exactly one of name_or_path or config (both are set)")
+
+
+def test_unknown_model_type(write):
+    (line,) = bad(write, "model_type: vit", "model_type: vitt")
+    assert line.startswith("recipe.yaml:5: model.config.model_type: is not a transformers model type (got 'vitt'; did you mean vit")
+
+
+def test_data_needs_exactly_one_source(write):
+    (line,) = bad(write, "  builtin: digits", "  builtin: digits\n  dataset: food101")
+    assert line.startswith("recipe.yaml:12: data: needs exactly one data source (set: dataset, builtin)")
+
+
+def test_missing_data_folder(write, tmp_path):
+    (line,) = bad(write, "  builtin: digits", "  imagefolder: no/such/folder")
+    missing = tmp_path / "no/such/folder"
+    assert line.startswith("recipe.yaml:13: data.imagefolder: folder not found (got 'no/such/folder'; ")
+    assert f"looked for {missing}; paths are relative to the current directory" in line
+
+
+def test_missing_train_file(write, tmp_path):
+    (line,) = bad(write, "  builtin: digits", "  train_file: train.csv")
+    assert line == (
+        f"recipe.yaml:13: data.train_file: file not found (got 'train.csv'; looked for {tmp_path / 'train.csv'}; "
+        "paths are relative to the current directory)"
+    )
+
+
+def test_many_problems_at_once(write):
+    text = (
+        VALID.replace("  r: 4", "  r: 0")
+        .replace("  lora_alpha: 8", "  lora_alfa: 8")
+        .replace("  learning_rate: 5e-3", "  learnin_rate: 5e-3")
+        .replace("hidden_size: 32", "hidden_size: 32\n    bogus_but_free_form: 1")
+        .replace("  val_split: 0.2", "  val_split: 0")
+    )
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write(text))
+    keys = [p.key for p in info.value.problems]
+    assert keys == ["data.val_split", "adapter.r", "adapter.lora_alfa", "training.learnin_rate"]
+    message = str(info.value)
+    assert message.startswith("invalid recipe recipe.yaml (4 problems):")
+    assert "recipe.yaml:18: adapter.r: must be an integer >= 1 (got 0)" in message
+
+
+# ---------------------------------------------------------------------- the file
+def test_missing_file(write):
+    with pytest.raises(RecipeError, match=r"nope.yaml: recipe file nope.yaml not found \(check the path"):
+        load_recipe("nope.yaml")
+
+
+def test_empty_file(write):
+    path = write("# nothing but a comment\n")
+    with pytest.raises(RecipeError, match=r"recipe.yaml:1: the recipe is empty"):
+        load_recipe(path)
+
+
+def test_top_level_must_be_a_mapping(write):
+    path = write("- name: x\n- task: y\n")
+    with pytest.raises(RecipeError, match=r"recipe.yaml:1: the top level must be a mapping of sections, not a list"):
+        load_recipe(path)
+
+
+def test_yaml_syntax_error_names_its_line(write):
+    path = write(VALID.replace("  r: 4", "  r: [4"))
+    with pytest.raises(RecipeError, match=r"recipe.yaml:18: YAML syntax error: .*flow sequence \(from line 17\)"):
+        load_recipe(path)
+
+
+def test_duplicate_keys(write):
+    assert bad(write, "  r: 4", "  r: 4\n  r: 8") == [
+        "recipe.yaml:18: adapter.r: is given twice in the same mapping (keep one of them)"
+    ]
+
+
+# ----------------------------------------------------------------------- AdaLoRA
+ADALORA = VALID.replace("  method: lora\n  r: 4\n  lora_alpha: 8\n", "  method: adalora\n  init_r: 6\n  target_r: 4\n  tinit: {tinit}\n  tfinal: {tfinal}\n")
+
+
+@pytest.fixture
+def needs_adalora():
+    if "adalora" not in available_methods():
+        pytest.skip("adalora is not registered yet")
+
+
+def test_adalora_without_total_step_validates(write, needs_adalora):
+    recipe = load_recipe(write(ADALORA.format(tinit=10, tfinal=20)))
+    assert "total_step" not in recipe.adapter.options
+    assert recipe.adapter_config(total_step=100).total_step == 100
+
+
+def test_adalora_schedule_without_budgeting_phase(write, needs_adalora):
+    text = ADALORA.format(tinit=60, tfinal=50).replace("  target_r: 4", "  target_r: 4\n  total_step: 100")
+    (line,) = problems_of(write(text))
+    assert line.startswith("recipe.yaml:20: adapter.tinit:")
+    assert "tinit" in line and "total_step" in line
+
+
+def test_adalora_derived_total_step_is_checked_later(write, needs_adalora):
+    recipe = load_recipe(write(ADALORA.format(tinit=60, tfinal=50)))
+    with pytest.raises(RecipeError, match=r"recipe.yaml:19: adapter.tinit: .*total_step 100 was derived"):
+        recipe.adapter_config(total_step=100)
