@@ -1,0 +1,119 @@
+"""Trainer callbacks: AdaLoRA's budget step, the metrics file, rich progress, NaN guard."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers import TrainerCallback
+
+from lora_cli.errors import LoraCliError
+
+
+class AdaLoraCallback(TrainerCallback):
+    """Runs AdaLoRA's rank allocation after each optimizer step.
+
+    The importance scores need gradients: ``on_optimizer_step`` runs after backward and
+    before ``zero_grad``; ``on_step_end`` would see zeroed gradients and silently prune
+    nothing (the bug PEFT's own Trainer path has).
+    """
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.model.update_and_allocate(state.global_step)
+
+
+class MetricsFileCallback(TrainerCallback):
+    """Appends every log/eval event to metrics.jsonl (one JSON object per line)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        row = {"step": state.global_step, "epoch": state.epoch, **logs}
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row, default=float) + "\n")
+
+
+class NanGuardCallback(TrainerCallback):
+    """Stops the run with a clear failure when the loss becomes NaN/inf."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise LoraCliError(
+                f"the training loss became {loss} at step {state.global_step}; "
+                "lower training.learning_rate or enable gradient clipping (training.max_grad_norm)"
+            )
+
+
+class RichProgressCallback(TrainerCallback):
+    """A progress bar and a live summary line: loss, lr, accuracy, samples/s."""
+
+    def __init__(self, console: Console | None = None, samples_per_step: int = 1) -> None:
+        self.console = console or Console(stderr=True)
+        self.samples_per_step = samples_per_step
+        self.progress: Progress | None = None
+        self.task = None
+        self.summary = {"loss": None, "lr": None, "acc": None}
+        self.start = 0.0
+        self.start_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        self.progress = Progress(
+            TextColumn("[bold]train[/bold]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[summary]}"),
+            console=self.console,
+            transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, summary="")
+        self.start, self.start_step = time.perf_counter(), state.global_step
+
+    def _refresh(self, state) -> None:
+        if self.progress is None:
+            return
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        rate = (state.global_step - self.start_step) * self.samples_per_step / elapsed
+        parts = []
+        if self.summary["loss"] is not None:
+            parts.append(f"loss {self.summary['loss']:.4f}")
+        if self.summary["lr"] is not None:
+            parts.append(f"lr {self.summary['lr']:.2e}")
+        if self.summary["acc"] is not None:
+            parts.append(f"acc {self.summary['acc']:.3f}")
+        parts.append(f"{rate:.1f} samples/s")
+        self.progress.update(self.task, completed=state.global_step, summary=" | ".join(parts))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._refresh(state)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" in logs:
+            self.summary["loss"] = logs["loss"]
+        if "learning_rate" in logs:
+            self.summary["lr"] = logs["learning_rate"]
+        if "eval_accuracy" in logs:
+            self.summary["acc"] = logs["eval_accuracy"]
+        self._refresh(state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self._refresh(state)
+            self.progress.stop()
+            self.progress = None

@@ -1,0 +1,266 @@
+"""`loracli train`, top to bottom: recipe -> data -> model -> adapter -> Trainer -> run directory.
+
+Everything that can be wrong with the user's input is checked before the run directory is
+created, so bad input writes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import math
+import os
+import shutil
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from lora_cli.errors import LoraCliError, UserInputError
+from lora_cli.training import rundir as rd
+
+logger = logging.getLogger(__name__)
+console = Console(stderr=True)
+
+# Keys of TrainingArguments that loracli sets itself.
+MANAGED = {"output_dir", "remove_unused_columns", "label_names", "disable_tqdm", "report_to", "seed"}
+
+
+def run_training(
+    recipe_path: str | Path,
+    overrides: Sequence[str] = (),
+    resume: bool = False,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    extra_callbacks: Sequence[Any] = (),
+) -> Path | None:
+    """Train as the recipe says; return the run directory (None for a dry run)."""
+    from transformers import set_seed
+
+    from lora_cli.adapters import get_adapter_model
+    from lora_cli.recipe import load_recipe
+    from lora_cli.tasks import get_task
+
+    recipe = load_recipe(recipe_path, overrides)
+    task = get_task(recipe.task)
+    run_dir = Path(recipe.output_path)
+    _check_run_dir(run_dir, resume=resume, overwrite=overwrite, dry_run=dry_run)
+    set_seed(recipe.seed)
+
+    processor = task.load_processor(recipe)
+    splits, labels = task.load_raw(recipe)
+    set_seed(recipe.seed)
+    model = task.build_model(recipe, labels)
+    base_state = _snapshot_if_random(recipe, model)
+
+    args = training_arguments(recipe, run_dir)
+    adapter_config = resolve_adapter_config(recipe, task, model, n_train=len(splits.train), args=args)
+    model = get_adapter_model(model, adapter_config)
+    train_ds, eval_ds = task.prepare(splits, processor, recipe)
+
+    if dry_run:
+        _print_dry_run(recipe, model, len(splits.train), len(splits.eval), labels)
+        return None
+
+    # ---- from here on we write
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if is_main:
+        if overwrite and run_dir.exists() and not resume:
+            shutil.rmtree(run_dir)
+        for sub in ("", rd.PLOTS_DIR, rd.CHECKPOINTS_DIR):
+            (run_dir / sub).mkdir(parents=True, exist_ok=True)
+        (run_dir / rd.RECIPE_FILE).write_text(recipe.to_yaml(), encoding="utf-8")
+        rd.write_json(run_dir / rd.ENV_FILE, rd.environment(recipe.seed))
+        processor.save_pretrained(run_dir / rd.PROCESSOR_DIR)
+        if base_state is not None:
+            base_state.save_pretrained(run_dir / rd.BASE_MODEL_DIR)
+        if not resume:
+            (run_dir / rd.METRICS_FILE).unlink(missing_ok=True)
+
+    trainer = build_trainer(recipe, task, model, args, train_ds, eval_ds, processor, run_dir, extra_callbacks)
+    checkpoint = None
+    if resume:
+        checkpoint = rd.latest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise UserInputError(f"--resume: no checkpoint in {run_dir / rd.CHECKPOINTS_DIR}; train without --resume")
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+    metrics = trainer.evaluate()
+    final_metrics = getattr(task, "final_metrics", None)  # e.g. seq2seq BLEU: generation, once at the end
+    if final_metrics is not None:
+        metrics.update(final_metrics(model, processor, recipe, eval_ds))
+    if trainer.is_world_process_zero():
+        adapter_dir = run_dir / rd.ADAPTER_DIR
+        model.save_pretrained(adapter_dir)
+        if labels:
+            rd.save_label_map(adapter_dir, dict(enumerate(labels)))
+        rd.write_json(run_dir / rd.EVAL_FILE, metrics)
+        _plot(run_dir)
+        _print_summary(run_dir, metrics)
+    return run_dir
+
+
+# ------------------------------------------------------------------------ steps
+def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool, dry_run: bool) -> None:
+    if dry_run or resume or overwrite:
+        if resume and not (run_dir / rd.CHECKPOINTS_DIR).is_dir():
+            raise UserInputError(f"--resume: {run_dir} has no checkpoints/ folder; nothing to resume")
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UserInputError(
+            f"the run directory {run_dir} already exists; continue it with --resume, replace it with --overwrite, "
+            "or pick another output_dir (e.g. output_dir=runs/other as an override)"
+        )
+
+
+def _snapshot_if_random(recipe, model):
+    """Models built from model.config have random weights: keep a copy to save beside the adapter."""
+    if recipe.model.name_or_path:
+        return None
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def training_arguments(recipe, run_dir: Path):
+    from transformers import TrainingArguments
+
+    kwargs = dict(recipe.training or {})
+    bad = sorted(MANAGED & set(kwargs))
+    if bad:
+        raise UserInputError(f"training: {', '.join(bad)} are set by loracli; remove them (use the top-level output_dir/seed)")
+    if not torch.cuda.is_available():
+        for key in ("fp16", "bf16"):
+            if kwargs.get(key):
+                warnings.warn(
+                    f"training.{key}: no CUDA device here, training in float32 instead (the recipe still asks for {key} on a GPU)",
+                    stacklevel=2,
+                )
+                kwargs[key] = False
+        kwargs.setdefault("dataloader_pin_memory", False)
+    kwargs.setdefault("logging_steps", 10)
+    kwargs.setdefault("save_total_limit", 3)
+    try:
+        return TrainingArguments(
+            output_dir=str(run_dir / rd.CHECKPOINTS_DIR),
+            remove_unused_columns=False,  # on-the-fly transforms need the raw image/text columns
+            label_names=["labels"],
+            disable_tqdm=True,
+            report_to="none",
+            seed=recipe.seed,
+            **kwargs,
+        )
+    except (ValueError, TypeError) as exc:
+        raise UserInputError(f"training: {exc}") from exc
+
+
+def optimizer_steps(n_train: int, args) -> int:
+    """Optimizer steps the Trainer will take (for AdaLoRA's total_step)."""
+    if args.max_steps and args.max_steps > 0:
+        return args.max_steps
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    batch = args.per_device_train_batch_size * max(world, 1)
+    batches = n_train // batch if args.dataloader_drop_last else math.ceil(n_train / batch)
+    per_epoch = max(batches // args.gradient_accumulation_steps + int(batches % args.gradient_accumulation_steps > 0), 1)
+    return per_epoch * math.ceil(args.num_train_epochs)
+
+
+def resolve_adapter_config(recipe, task, model, n_train: int, args):
+    """The recipe's adapter config plus what loracli derives: default targets, the trained
+    head in modules_to_save, the PEFT task type, AdaLoRA's total_step."""
+    from lora_cli.tasks.defaults import default_target_modules
+
+    config = recipe.adapter_config()
+    changes: dict[str, Any] = {}
+    if config.target_modules is None:
+        changes["target_modules"] = default_target_modules(model)
+    heads = task.heads(model)
+    missing = [h for h in heads if h not in (config.modules_to_save or [])]
+    if missing:
+        changes["modules_to_save"] = list(config.modules_to_save or []) + missing
+    if config.task_type is None and task.PEFT_TASK_TYPE:
+        changes["task_type"] = task.PEFT_TASK_TYPE
+    if recipe.model.name_or_path:
+        changes["base_model_name_or_path"] = recipe.model.name_or_path
+    if "total_step" in {f.name for f in dataclasses.fields(config)} and not getattr(config, "total_step", None):
+        changes["total_step"] = optimizer_steps(n_train, args)
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+def build_trainer(recipe, task, model, args, train_ds, eval_ds, processor, run_dir, extra_callbacks=()):
+    from transformers import PrinterCallback
+
+    from lora_cli.training.callbacks import (
+        AdaLoraCallback,
+        MetricsFileCallback,
+        NanGuardCallback,
+        RichProgressCallback,
+    )
+    from lora_cli.training.trainer import AdapterTrainer
+
+    callbacks = [MetricsFileCallback(run_dir / rd.METRICS_FILE), NanGuardCallback()]
+    if model.hooks:
+        callbacks.append(AdaLoraCallback(model))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    samples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+    callbacks.append(RichProgressCallback(console, samples_per_step))
+    callbacks += list(extra_callbacks)
+    trainer = AdapterTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=getattr(task, "make_collator", lambda p, r: task.collate)(processor, recipe),
+        compute_metrics=task.compute_metrics,
+        preprocess_logits_for_metrics=getattr(task, "preprocess_logits_for_metrics", None),
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.model_accepts_loss_kwargs = _accepts_loss_kwargs(model.get_base_model())
+    return trainer
+
+
+def _accepts_loss_kwargs(base) -> bool:
+    if hasattr(base, "accepts_loss_kwargs"):
+        return bool(base.accepts_loss_kwargs)
+    params = inspect.signature(base.forward).parameters.values()
+    return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def _plot(run_dir: Path) -> None:
+    try:
+        from lora_cli.inference.plots import plot_training_curves
+    except ImportError:  # plotting lands with the inference package
+        return
+    plot_training_curves(run_dir / rd.METRICS_FILE, run_dir / rd.PLOTS_DIR)
+
+
+# --------------------------------------------------------------------- printing
+def _print_dry_run(recipe, model, n_train: int, n_eval: int, labels) -> None:
+    table = Table(title=f"{recipe.name}: adapted modules ({recipe.adapter.method})")
+    table.add_column("module")
+    table.add_column("layer")
+    table.add_column("adapter")
+    for path, layer in model.adapter_layers():
+        table.add_row(path, type(layer.base_layer).__name__, layer.extra_repr())
+    console.print(table)
+    trainable, total = model.get_nb_trainable_parameters()
+    console.print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+    saved = model.peft_config[model.active_adapter].modules_to_save
+    console.print(f"trained in full (modules_to_save): {', '.join(saved) if saved else 'none'}")
+    label_text = f", {len(labels)} labels" if labels else ""
+    console.print(f"data: {n_train} train / {n_eval} eval rows{label_text}. Dry run: nothing trained, nothing written.")
+
+
+def _print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:
+    table = Table(title=f"run {run_dir}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in sorted(metrics.items()):
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)

@@ -1,0 +1,52 @@
+"""The transformers Trainer, taught to checkpoint an adapter instead of the whole model.
+
+Checkpoints hold the adapter in PEFT format (usable as is) plus the raw, unsliced
+adapter tensors (``adapter_state.safetensors``) that --resume and load_best_model_at_end
+read back, next to the Trainer's optimizer / scheduler / RNG state.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Trainer
+
+from lora_cli.adapters import AdapterModel
+from lora_cli.errors import LoraCliError
+
+STATE_FILE = "adapter_state.safetensors"
+
+
+def _adapter_model(trainer: Trainer) -> AdapterModel:
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
+    if not isinstance(model, AdapterModel):
+        raise LoraCliError(f"expected an AdapterModel inside the Trainer, found {type(model).__name__}")
+    return model
+
+
+class AdapterTrainer(Trainer):
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self.args.should_save:
+            return
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        model = _adapter_model(self)
+        model.save_pretrained(output_dir)
+        state = model.get_adapter_state_dict()
+        save_file(state, os.path.join(output_dir, STATE_FILE), metadata={"format": "pt"})
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        self._load_adapter_state(Path(resume_from_checkpoint))
+
+    def _load_best_model(self) -> None:
+        self._load_adapter_state(Path(self.state.best_model_checkpoint))
+
+    def _load_adapter_state(self, checkpoint: Path) -> None:
+        file = checkpoint / STATE_FILE
+        if not file.is_file():
+            raise LoraCliError(f"{checkpoint} has no {STATE_FILE}: it was not written by loracli")
+        _adapter_model(self).load_adapter_state_dict(load_file(file))
