@@ -170,16 +170,24 @@ def predictions_table(results: Sequence[FilePrediction], title: str | None = Non
     from rich.table import Table
 
     k = max((len(r.labels) for r in results), default=1)
-    table = Table(title=title, show_lines=False)
+    names = [r.file for r in results]
+    try:
+        common = os.path.commonpath([os.path.dirname(n) for n in names]) if len(names) > 1 else ""
+    except ValueError:  # absolute and relative paths mixed
+        common = ""
+    if common:
+        names = [os.path.relpath(n, common) for n in names]
+        title = title or f"predictions for files in {common}"
+    table = Table(title=escape(title) if title else None, show_lines=False)
     table.add_column("file", overflow="fold")
     for rank in range(1, k + 1):
         table.add_column(f"top-{rank}" if k > 1 else "prediction")
-    for r in results:
+    for r, name in zip(results, names, strict=True):
         if r.ok:
             cells = [f"{escape(lab)}: {p:.3f}" for lab, p in zip(r.labels, r.probabilities, strict=True)]
-            table.add_row(escape(r.file), *cells)
+            table.add_row(escape(name), *cells)
         else:
-            table.add_row(escape(r.file), f"[red]error: {escape(r.error or '')}[/red]", *[""] * (k - 1))
+            table.add_row(escape(name), f"[red]error: {escape(r.error or '')}[/red]", *[""] * (k - 1))
     return table
 
 

@@ -1,0 +1,120 @@
+"""`loracli eval / merge / predict` end to end on a run directory built like `train` writes it."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+import yaml
+
+from lora_cli.adapters import LoraConfig, get_adapter_model
+from tests.helpers import CLASSES, TINY_VIT, make_imagefolder, tiny_vit
+from tests.inference.images_fixture import make_user_images
+
+
+def _make_run(root):
+    from transformers import ViTImageProcessor
+
+    from lora_cli.training.rundir import save_label_map
+
+    images = make_imagefolder(root / "images")
+    run = root / "run"
+    id2label = dict(enumerate(CLASSES))
+    base = tiny_vit(num_labels=3)
+    base.config.id2label, base.config.label2id = id2label, {v: k for k, v in id2label.items()}
+    base.save_pretrained(run / "base_model")
+    model = get_adapter_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"])
+    )
+    with torch.no_grad():
+        for param in model.adapter_parameters():
+            param.add_(torch.randn_like(param) * 0.2)
+    model.save_pretrained(run / "adapter")
+    save_label_map(run / "adapter", id2label)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(run / "processor")
+    recipe = {
+        "name": "tiny",
+        "task": "image-classification",
+        "seed": 0,
+        "model": {"config": dict(TINY_VIT), "processor": {"size": {"height": 32, "width": 32}}},
+        "data": {"imagefolder": str(images)},
+        "adapter": {"method": "lora", "r": 4, "lora_alpha": 8, "target_modules": ["query", "value"],
+                    "modules_to_save": ["classifier"]},
+        "training": {"per_device_eval_batch_size": 5},
+    }
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return _make_run(tmp_path_factory.mktemp("cli"))
+
+
+def loracli(monkeypatch, *args) -> int:
+    from lora_cli import cli
+
+    monkeypatch.setattr(sys, "argv", ["loracli", *map(str, args)])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+        raise SystemExit(0)
+    return exc.value.code
+
+
+def test_eval_writes_report_and_plot(run_dir, monkeypatch, capsys):
+    assert loracli(monkeypatch, "eval", run_dir, "--json") == 0
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads((run_dir / "eval.json").read_text())
+    assert printed["num_samples"] == saved["num_samples"] == 12 and printed["accuracy"] == saved["accuracy"]
+    hand = sum(p["label"] == p["predicted"] for p in saved["predictions"]) / 12
+    assert saved["accuracy"] == pytest.approx(hand)
+    assert (run_dir / "plots" / "confusion_matrix.png").stat().st_size > 0
+
+    assert loracli(monkeypatch, "eval", run_dir, "--base", "--limit", "6") == 0
+    out = capsys.readouterr().out
+    assert "macro-F1" in out
+    base = json.loads((run_dir / "eval_base.json").read_text())
+    assert base["num_samples"] == 6 and base["variant"] == "base"
+    assert json.loads((run_dir / "eval.json").read_text()) == saved  # the run's own eval untouched
+
+
+def test_merge_then_predict_with_merged_model(run_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "merged"
+    assert loracli(monkeypatch, "merge", run_dir, "--out", out, "--n", "4") == 0
+    err = capsys.readouterr().err
+    assert "verified on 4 validation input(s)" in err and (out / "config.json").is_file()
+    assert loracli(monkeypatch, "merge", run_dir, "--out", out) == 2
+    assert "pass --force" in capsys.readouterr().err
+
+    photos = tmp_path / "photos"
+    make_user_images(photos)
+    csv_file = tmp_path / "preds.csv"
+    code = loracli(monkeypatch, "predict", photos, "--model", out, "--json", "--top-k", "2", "--csv", csv_file)
+    captured = capsys.readouterr()
+    assert code == 1 and "1 of 5 file(s) could not be predicted" in captured.err
+    rows = json.loads(captured.out)
+    assert [r["error"] is None for r in rows] == [True, True, True, True, False]
+    assert all(len(r["top_k"]) == 2 for r in rows[:4]) and csv_file.is_file()
+
+    # the run (adapter unmerged) and the merged folder predict the same
+    assert loracli(monkeypatch, "predict", photos / "c_gray.png", "--model", out, "--json") == 0
+    merged_pred = json.loads(capsys.readouterr().out)[0]["top_k"]
+    assert loracli(monkeypatch, "predict", photos / "c_gray.png", "--run", run_dir, "--json") == 0
+    run_pred = json.loads(capsys.readouterr().out)[0]["top_k"]
+    assert [p["label"] for p in merged_pred] == [p["label"] for p in run_pred]
+    assert [p["probability"] for p in merged_pred] == pytest.approx([p["probability"] for p in run_pred], abs=1e-5)
+
+
+def test_predict_table_and_bad_input(run_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "160")
+    photos = tmp_path / "photos"
+    make_user_images(photos)
+    assert loracli(monkeypatch, "predict", photos, "--run", run_dir) == 1
+    out = capsys.readouterr().out
+    assert "a_photo.jpg" in out and "corrupt or truncated" in out
+    assert loracli(monkeypatch, "predict", tmp_path / "nope.jpg", "--run", run_dir) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    assert loracli(monkeypatch, "predict", photos) == 2
+    assert "exactly one of --run" in capsys.readouterr().err
