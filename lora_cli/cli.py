@@ -134,6 +134,85 @@ def recipes_copy(
     target.write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
     err.print(f"copied {escape(source.name)} to {escape(str(target))}", highlight=False, soft_wrap=True)
 
+
+@app.command("eval")
+def eval_command(
+    run_dir: RunArg,
+    split: Annotated[str, typer.Option("--split", help="Data split to evaluate on.")] = "validation",
+    limit: Annotated[int | None, typer.Option("--limit", help="Evaluate a seeded random subset of N examples.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report (without per-sample rows) as JSON.")] = False,
+    adapter: Annotated[
+        Path | None, typer.Option("--adapter", help="Evaluate this PEFT-format adapter folder instead of the run's.")
+    ] = None,
+    base: Annotated[bool, typer.Option("--base", help="Evaluate the base model, adapter disabled.")] = False,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Default: the recipe's eval batch size.")] = None,
+) -> None:
+    """Evaluate a run on its recipe's data; writes eval.json and plots/confusion_matrix.png."""
+    import json
+
+    from lora_cli.inference.evaluate import report_tables, summary
+    from lora_cli.inference.runs import eval_run
+
+    report, paths = eval_run(run_dir, split=split, limit=limit, adapter_dir=adapter, base=base, batch_size=batch_size)
+    if json_out:
+        typer.echo(json.dumps(summary(report), indent=2))
+    else:
+        Console().print(*report_tables(report))
+    err.print(
+        f"wrote {escape(str(paths['json']))} and {escape(str(paths['confusion_matrix']))}", highlight=False, soft_wrap=True
+    )
+
+
+@app.command()
+def merge(
+    run_dir: RunArg,
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the merged model to.", show_default=False)],
+    dtype: Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16.")] = "float32",
+    n: Annotated[int, typer.Option("--n", help="How many validation images verify the merge.")] = 16,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out folder.")] = False,
+) -> None:
+    """Fold the adapter into the base model, verify the logits, write a plain transformers folder."""
+    from lora_cli.inference.runs import merge_from_run
+
+    report = merge_from_run(run_dir, out, dtype=dtype, n=n, force=force)
+    note = " [yellow](synthetic inputs: no validation data reachable)[/yellow]" if report.inputs == "synthetic" else ""
+    err.print(f"[green]ok[/green] {escape(report.describe())}{note}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="Image files, folders or quoted globs.", show_default=False)],
+    run: Annotated[Path | None, typer.Option("--run", help="Run directory written by `loracli train`.")] = None,
+    model: Annotated[Path | None, typer.Option("--model", help="Merged model folder written by `loracli merge`.")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="How many classes to show per image.")] = 5,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
+    csv_file: Annotated[Path | None, typer.Option("--csv", help="Also write the predictions to this CSV file.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 16,
+) -> None:
+    """Classify images with a trained run or a merged model; exit code 1 if any file failed."""
+    import json
+
+    from lora_cli.inference.predict import (
+        predict_files,
+        predictions_json,
+        predictions_table,
+        write_predictions_csv,
+    )
+    from lora_cli.inference.runs import load_predictor
+
+    loaded, processor, id2label = load_predictor(run_dir=run, model_dir=model)
+    results = predict_files(loaded, processor, paths, id2label, top_k=top_k, batch_size=batch_size)
+    if json_out:
+        typer.echo(json.dumps(predictions_json(results), indent=2))
+    else:
+        Console().print(predictions_table(results))
+    if csv_file is not None:
+        err.print(f"wrote {escape(str(write_predictions_csv(results, csv_file)))}", highlight=False, soft_wrap=True)
+    failed = sum(not r.ok for r in results)
+    if failed:  # after printing every other file's prediction
+        raise LoraCliError(f"{failed} of {len(results)} file(s) could not be predicted (errors above)")
+
+
 def main() -> None:
     """Console-script entry point: run the app, turning errors into exit codes."""
     try:
