@@ -18,6 +18,7 @@ import contextlib
 import copy
 import logging
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -187,7 +188,7 @@ class AdapterModel(nn.Module):
                 if not isinstance(module, AdapterLayer):
                     module = method.layer_cls(module)
                     self.base_model.set_submodule(path, module)
-                r, alpha = _rank_and_alpha(config, path)
+                r, alpha = _rank_and_alpha(config, path, aliases.get(path))
                 module.add(adapter_name, config, r, alpha)
                 created.append(path)
             for path in resolve_modules_to_save(self.base_model, config.modules_to_save or [], aliases):
@@ -356,6 +357,11 @@ class AdapterModel(nn.Module):
                 base_config = getattr(self.base_model, "config", None)
                 config.base_model_name_or_path = getattr(base_config, "_name_or_path", None) or None
             config.target_modules = _portable_targets(self.base_model, config, self.targets.get(name, []))
+            aliases = _legacy_aliases(self.base_model)
+            for field_name in ("rank_pattern", "alpha_pattern"):
+                pattern = getattr(config, field_name, None)
+                if pattern:
+                    setattr(config, field_name, _portable_patterns(pattern, self.targets.get(name, []), aliases))
             hooks = self.hooks.get(name)
             if hooks is not None:
                 state, config = hooks.export(state, config)
@@ -458,11 +464,38 @@ def get_adapter_model(model: nn.Module, config: AdapterConfig, adapter_name: str
     return AdapterModel(model, config, adapter_name)
 
 
-def _rank_and_alpha(config: AdapterConfig, path: str) -> tuple[int, float]:
-    r = config.pattern_value(config.rank_pattern or {}, path, getattr(config, "r", 8))
+def _rank_and_alpha(config: AdapterConfig, path: str, old_path: str | None = None) -> tuple[int, float]:
+    """Per-module r and alpha; pattern keys may use the module's transformers-4 name, as
+    target_modules may."""
+    names = [path] if old_path is None else [path, old_path]
+    missing = object()
+
+    def lookup(pattern: dict[str, Any] | None, default: Any) -> Any:
+        for name in names:
+            value = config.pattern_value(pattern or {}, name, missing)
+            if value is not missing:
+                return value
+        return default
+
+    r = lookup(config.rank_pattern, getattr(config, "r", 8))
     alpha_default = getattr(config, "lora_alpha", getattr(config, "alpha", r))
-    alpha = config.pattern_value(config.alpha_pattern or {}, path, alpha_default)
-    return r, alpha
+    return r, lookup(config.alpha_pattern, alpha_default)
+
+
+def _portable_patterns(pattern: dict[str, Any], paths: list[str], aliases: dict[str, str]) -> dict[str, Any]:
+    """rank_pattern / alpha_pattern as PEFT (current names only) will apply them: a key that
+    reaches adapted modules through their transformers-4 names also gets their current paths."""
+    out: dict[str, Any] = {}
+    for key, value in pattern.items():
+        def hit(name: str, key: str = key) -> bool:
+            return re.fullmatch(rf"(.*\.)?(?:{key})", name) is not None
+
+        via_old = [p for p in paths if p in aliases and hit(aliases[p]) and not hit(p)]
+        if not via_old or any(hit(p) for p in paths):
+            out[key] = value
+        for path in via_old:
+            out.setdefault(re.escape(path), value)
+    return out
 
 
 def _portable_targets(model: nn.Module, config: AdapterConfig, paths: list[str]):

@@ -20,7 +20,13 @@ import pytest
 import torch
 from torch import nn
 
-from lora_cli.adapters import AdapterModel, LoraConfig, available_methods, get_adapter_model, get_method
+from lora_cli.adapters import (
+    AdapterModel,
+    LoraConfig,
+    available_methods,
+    get_adapter_model,
+    get_method,
+)
 from lora_cli.errors import LoraCliError
 from tests.helpers import tiny_bert, tiny_gpt2, tiny_vit
 
@@ -167,13 +173,13 @@ def _layer_weights(model: AdapterModel) -> dict[str, torch.Tensor]:
 def _expected_trainable(model: AdapterModel, method: str, options: dict) -> set[str]:
     """Names that should require grad, worked out from PEFT's naming, not from the engine."""
     prefix = re.escape(get_method(method).prefix)
+    bias = options.get("bias", "none")
     out = set()
     for name, _ in model.named_parameters():
-        if re.search(rf"\.{prefix}\w+\.default$", name) or ".modules_to_save.default." in name:
-            out.add(name)
-        elif options.get("bias") == "all" and name.endswith("bias") and ".original_module." not in name:
-            out.add(name)
-        elif options.get("bias") == "lora_only" and name.endswith(".base_layer.bias"):
+        adapter = re.search(rf"\.{prefix}\w+\.default$", name) or ".modules_to_save.default." in name
+        all_bias = bias == "all" and name.endswith("bias") and ".original_module." not in name
+        layer_bias = bias == "lora_only" and name.endswith(".base_layer.bias")
+        if adapter or all_bias or layer_bias:
             out.add(name)
     return out
 
