@@ -82,6 +82,26 @@ class LoraConfig(AdapterConfig):
         return out
 
 
+def dropout_rescale_folded(x: Tensor, dropout: nn.Module, scaling: float) -> tuple[Tensor, float]:
+    """``dropout(x)`` without its 1 / (1 - p) rescale, and ``scaling`` that carries it instead.
+
+    LoRA's dropped input only feeds linear maps, so mask * x / (1 - p) through A and s B equals
+    mask * x through A and (s / (1 - p)) B: the rescale lands on the tiny B, not on x.
+    On CPU the keep-mask comes from raw 64-bit random words, two 32-bit uniforms each, kept
+    when >= a threshold (P(keep) = 1 - p to within 2**-32): much cheaper than the
+    ``bernoulli_`` behind F.dropout, and autograd keeps a bool mask instead of a float one.
+    """
+    if not (isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0):
+        return x, scaling
+    p = dropout.p
+    if x.device.type != "cpu" or p >= 1:
+        return dropout(x), scaling
+    n = x.numel()
+    words = torch.empty((n + 1) // 2, dtype=torch.int64).random_(-(2**63), None)
+    keep = words.view(torch.int32)[:n].view(x.shape) >= round(p * 2**32) - 2**31
+    return torch.where(keep, x, 0.0), scaling / (1 - p)
+
+
 class LoraLayer(AdapterLayer):
     supported_kinds = (LINEAR, CONV1D, CONV2D, EMBEDDING)
     adapter_attrs = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
@@ -179,12 +199,13 @@ class LoraLayer(AdapterLayer):
                 continue
             a, b = self.lora_A[name], self.lora_B[name]
             dropout = self.lora_dropout[name]
-            xd = dropout(x.to(a.dtype))
+            if name in self.lora_magnitude_vector:
+                result = self._dora_forward(x, dropout(x.to(a.dtype)), result, name, dropout)
+                continue
+            xd, s = dropout_rescale_folded(x.to(a.dtype), dropout, s)
             if self.kind == CONV2D:
                 h = self.base_layer._conv_forward(xd, a, None)
                 result = result + F.conv2d(h, b * s).to(out_dtype)
-            elif name in self.lora_magnitude_vector:
-                result = self._dora_forward(x, xd, result, name, dropout)
             else:
                 # (..., in) @ A.T -> (..., r) @ (s B).T -> (..., out): scaling folded into tiny B
                 result = result + F.linear(F.linear(xd, a), b * s).to(out_dtype)
