@@ -68,11 +68,17 @@ def train(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Build the model and data, print what would train, train nothing.")
     ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing run directory of the same name.")
+    ] = False,
 ) -> None:
-    """Fine-tune a model as RECIPE describes; writes a run directory."""
+    """Fine-tune a model as RECIPE describes; writes a run directory.
+
+    Example: loracli train recipes/food101_lora.yaml training.learning_rate=1e-3
+    """
     from lora_cli.training.pipeline import run_training
 
-    run_training(recipe, overrides or [], resume=resume, dry_run=dry_run)
+    run_training(recipe, overrides or [], resume=resume, dry_run=dry_run, overwrite=overwrite)
 
 
 @app.command()

@@ -55,6 +55,9 @@ class DataSection(_Section):
     val_split: float = Field(0.1, gt=0, lt=1)
     max_train_samples: int | None = Field(None, gt=0)
     max_eval_samples: int | None = Field(None, gt=0)
+    augment: bool = True
+    """Image training augmentation (random resized crop + flip); off for data where a flip
+    changes the meaning (digits, text in images)."""
     text_column: str = "text"
     text_pair_column: str | None = None
     prompt_column: str | None = None

@@ -175,7 +175,7 @@ def resolve_adapter_config(recipe, task, model, n_train: int, args):
     head in modules_to_save, the PEFT task type, AdaLoRA's total_step."""
     from lora_cli.tasks.defaults import default_target_modules
 
-    config = recipe.adapter_config()
+    config = recipe.adapter_config(total_step=optimizer_steps(n_train, args))
     changes: dict[str, Any] = {}
     if config.target_modules is None:
         changes["target_modules"] = default_target_modules(model)
@@ -187,8 +187,6 @@ def resolve_adapter_config(recipe, task, model, n_train: int, args):
         changes["task_type"] = task.PEFT_TASK_TYPE
     if recipe.model.name_or_path:
         changes["base_model_name_or_path"] = recipe.model.name_or_path
-    if "total_step" in {f.name for f in dataclasses.fields(config)} and not getattr(config, "total_step", None):
-        changes["total_step"] = optimizer_steps(n_train, args)
     return dataclasses.replace(config, **changes) if changes else config
 
 
