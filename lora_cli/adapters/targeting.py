@@ -58,6 +58,15 @@ def layer_index(path: str, layers_pattern: list[str] | str | None) -> int | None
     return int(match.group(1)) if match else None
 
 
+def _layer_index_any(path: str, layers_pattern, aliases: Mapping[str, str] | None) -> int | None:
+    """layer_index under the current name, else under the transformers-4 name (a
+    layers_pattern of "layer" written for ViT's old ``encoder.layer.N``)."""
+    index = layer_index(path, layers_pattern)
+    if index is None and aliases and path in aliases:
+        index = layer_index(aliases[path], layers_pattern)
+    return index
+
+
 def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Module paths of ``model`` as the user knows them (adapter internals hidden)."""
     out = {}
@@ -109,7 +118,7 @@ def resolve_targets(
         selected = [p for p in selected if not matches(p, config.exclude_modules, aliases)]
     if config.layers_to_transform is not None:
         wanted = set(config.layers_to_transform)
-        selected = [p for p in selected if layer_index(p, config.layers_pattern) in wanted]
+        selected = [p for p in selected if _layer_index_any(p, config.layers_pattern, aliases) in wanted]
     if not selected:
         raise TargetingError(
             f"target_modules {rule!r} matched modules, but exclude_modules / layers_to_transform removed all of them"

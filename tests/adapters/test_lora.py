@@ -324,3 +324,19 @@ def test_legacy_full_path_targets():
     assert _adapted(model) == ["vit.layers.1.attention.q_proj"]
     mts = get_adapter_model(tiny_vit(), LoraConfig(target_modules=["query"], modules_to_save=["classifier"]))
     assert "classifier" in dict(mts._wrappers())
+
+
+def test_legacy_layers_pattern(tmp_path):
+    """layers_pattern "layer" (ViT's transformers-4 ``encoder.layer.N``) still picks layers,
+    and the saved adapter gives PEFT the same modules."""
+    import peft
+
+    inputs = _vit_inputs()
+    config = LoraConfig(
+        target_modules=["query", "value"], layers_to_transform=[1], layers_pattern="layer", init_lora_weights=False
+    )
+    model = get_adapter_model(tiny_vit(), config).eval()
+    assert sorted(_adapted(model)) == ["vit.layers.1.attention.q_proj", "vit.layers.1.attention.v_proj"]
+    model.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny_vit(), tmp_path).eval()
+    torch.testing.assert_close(_logits(theirs, inputs), _logits(model, inputs), atol=1e-5, rtol=0)
