@@ -70,6 +70,7 @@ def eval_run(
     else:
         report = evaluate(loaded.model, dataset, loaded.task.collate, id2label, size)
     report["split"] = split
+    report["limit"] = limit
     report["variant"] = "base" if base else ("adapter" if adapter_dir is None else str(adapter_dir))
     if not write:
         return report, {}

@@ -118,3 +118,22 @@ def test_predict_table_and_bad_input(run_dir, tmp_path, monkeypatch, capsys):
     assert "no such file or folder" in capsys.readouterr().err
     assert loracli(monkeypatch, "predict", photos) == 2
     assert "exactly one of --run" in capsys.readouterr().err
+
+
+def test_eval_other_adapter(run_dir, tmp_path, monkeypatch, capsys):
+    from lora_cli.adapters import AdapterModel
+
+    base = tiny_vit(num_labels=3, seed=5)
+    other = AdapterModel.from_pretrained(base, run_dir / "adapter", is_trainable=True)
+    with torch.no_grad():
+        for param in other.adapter_parameters():
+            param.mul_(-1.5)
+    other.save_pretrained(tmp_path / "other")
+    assert loracli(monkeypatch, "eval", run_dir, "--adapter", tmp_path / "other", "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    saved = json.loads((run_dir / "eval_adapter-other.json").read_text())
+    assert report["variant"] == str(tmp_path / "other") and saved["num_samples"] == 12
+    assert loracli(monkeypatch, "eval", run_dir, "--json") == 0
+    own = json.loads((run_dir / "eval.json").read_text())
+    assert [p["confidence"] for p in saved["predictions"]] != [p["confidence"] for p in own["predictions"]]
+    assert loracli(monkeypatch, "eval", run_dir, "--adapter", tmp_path / "missing") == 2
