@@ -24,6 +24,8 @@ CONTROLLED = {
     "label_names": "loracli sets it automatically for the task",
     "seed": "use the top-level seed",
     "resume_from_checkpoint": "use `loracli train --resume`",
+    "report_to": "loracli sets it; metrics go to metrics.jsonl and plots/ in the run directory",
+    "disable_tqdm": "loracli sets it; it shows its own progress",
 }
 
 # (minimum, inclusive?) for numeric fields where a wrong sign fails late or silently.

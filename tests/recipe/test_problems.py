@@ -63,6 +63,8 @@ def test_unknown_training_key(write):
         ("remove_unused_columns", "sets it automatically"),
         ("label_names", "sets it automatically"),
         ("seed", "use the top-level seed"),
+        ("report_to", "metrics.jsonl"),
+        ("disable_tqdm", "its own progress"),
     ],
 )
 def test_training_keys_loracli_controls(write, key, fix):
