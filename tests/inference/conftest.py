@@ -20,13 +20,14 @@ METHOD_FIELDS = {
 METHODS = [m for m in available_methods() if m in METHOD_FIELDS]
 
 
-def make_adapter_model(method: str = "lora", seed: int = 0):
+def make_adapter_model(method: str = "lora", seed: int = 0, **extra):
     """Tiny ViT, adapters on query/value, head trained in full, all adapter weights non-zero."""
     base = tiny_vit(num_labels=len(CLASSES), seed=seed)
     base.config.id2label = dict(ID2LABEL)
     base.config.label2id = {v: k for k, v in ID2LABEL.items()}
     config_cls = get_method(method).config_cls
-    config = config_cls(target_modules=["query", "value"], modules_to_save=["classifier"], **METHOD_FIELDS[method])
+    config = config_cls(target_modules=["query", "value"], modules_to_save=["classifier"],
+                        **METHOD_FIELDS[method], **extra)
     model = get_adapter_model(base, config)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
