@@ -8,5 +8,4 @@
     plots.py     confusion matrix and training-curve PNGs
     runs.py      the same verbs on a run directory (what the CLI calls)
 
-Modules import torch/transformers/matplotlib lazily where they can, so the CLI starts fast.
 """
