@@ -7,5 +7,4 @@
     metrics.py   confusion matrix, per-class scores, macro-F1, top-k, loss
     plots.py     confusion matrix and training-curve PNGs
     runs.py      the same verbs on a run directory (what the CLI calls)
-
 """
