@@ -252,3 +252,14 @@ def test_adalora_derived_total_step_is_checked_later(write, needs_adalora):
     recipe = load_recipe(write(ADALORA.format(tinit=60, tfinal=50)))
     with pytest.raises(RecipeError, match=r"recipe.yaml:19: adapter.tinit: .*total_step 100 was derived"):
         recipe.adapter_config(total_step=100)
+
+
+def test_imagefolder_needs_a_train_subfolder(write, tmp_path):
+    (tmp_path / "flat").mkdir()
+    (line,) = bad(write, "  builtin: digits", "  imagefolder: flat")
+    assert line.startswith("recipe.yaml:13: data.imagefolder: has no train/ sub-folder (got 'flat'")
+
+
+def test_extends_must_be_a_path(write):
+    with pytest.raises(RecipeError, match=r"recipe.yaml:1: extends: must be the path of another recipe \(got 3"):
+        load_recipe(write("extends: 3\n"))
