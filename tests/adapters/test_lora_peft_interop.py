@@ -8,6 +8,7 @@ perturbed, so a key that is dropped or misnamed on either side changes the logit
 from __future__ import annotations
 
 import json
+import re
 
 import peft
 import pytest
@@ -170,3 +171,36 @@ def test_peft_adapter_with_transformers4_names_loads(tmp_path):
     ours = AdapterModel.from_pretrained(tiny_vit(), tmp_path)
     assert len(ours.targets["default"]) == 4
     torch.testing.assert_close(_logits(ours, inputs), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("name", "kw"),
+    [
+        ("vit", {"target_modules": ["q_proj", "v_proj"], "use_dora": True}),
+        ("gpt2", {"target_modules": ["c_attn"], "use_dora": True, "use_rslora": True}),
+        ("bert", {"target_modules": ["query", "word_embeddings"], "bias": "all", "modules_to_save": ["classifier"]}),
+    ],
+    ids=["vit-dora", "gpt2-dora-rslora", "bert-embedding-bias-head"],
+)
+def test_training_gradients_match_peft(name, kw, tmp_path):
+    """Same weights, same batch, same dropout draws: every trainable tensor gets PEFT's gradient."""
+    build, make_inputs = MODELS[name]
+    inputs = make_inputs()
+    inputs["labels"] = inputs["input_ids"] if name == "gpt2" else torch.tensor([0, 1])
+    theirs = peft.get_peft_model(build(), peft.LoraConfig(**_kwargs(kw)))
+    _perturb_trainable(theirs)
+    theirs.save_pretrained(tmp_path)
+    ours = AdapterModel.from_pretrained(build(), tmp_path, is_trainable=True)
+    for model in (theirs, ours):
+        model.train()
+        torch.manual_seed(5)
+        model(**inputs).loss.backward()
+    their_grads = {
+        re.sub(r"(\.lora_\w+\.default)\.weight$", r"\1", n): p.grad
+        for n, p in theirs.base_model.model.named_parameters() if p.requires_grad
+    }
+    our_grads = {n: p.grad for n, p in ours.base_model.named_parameters() if p.requires_grad}
+    assert our_grads.keys() == their_grads.keys()
+    for key, grad in their_grads.items():
+        assert grad is not None and grad.abs().max() > 0, key
+        torch.testing.assert_close(our_grads[key], grad, atol=1e-6, rtol=1e-5, msg=key)
