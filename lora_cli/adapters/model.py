@@ -21,6 +21,7 @@ import os
 import re
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -213,6 +214,10 @@ class AdapterModel(nn.Module):
             raise UserInputError(f"no adapter named {adapter_name!r}; have {sorted(self.peft_config)}")
         self.active_adapter = adapter_name
         for _, layer in self.adapter_layers():
+            if layer.merged and layer.merged_adapters != [adapter_name]:
+                # otherwise the merged adapter stays in the weight under the new one
+                warnings.warn("switching adapters unmerges the merged one first", stacklevel=2)
+                layer.unmerge()
             layer.active_adapters = [adapter_name] if adapter_name in layer.r else []
         for _, wrapper in self._wrappers():
             wrapper.active_adapter = adapter_name

@@ -11,7 +11,7 @@ from torch import nn
 
 from lora_cli.adapters import AdapterModel, LoraConfig, LoraLayer, get_adapter_model
 from lora_cli.adapters.config import AdapterConfig
-from lora_cli.errors import AdapterConfigError, TargetingError, UserInputError
+from lora_cli.errors import AdapterConfigError, AdapterStateError, TargetingError, UserInputError
 from tests.helpers import tiny_bert, tiny_opt, tiny_vit
 
 
@@ -225,10 +225,18 @@ def test_multi_adapter_add_set_delete_and_load(tmp_path):
     with pytest.raises(UserInputError, match=r"no adapter named 'nope'; have \['default', 'other'\]"):
         model.set_adapter("nope")
 
+    # switching adapters while one is merged takes it out of the weight first (as PEFT does)
+    model.set_adapter("default")
+    model.merge_adapter()
+    with pytest.warns(UserWarning, match="unmerges the merged one"):
+        model.set_adapter("other")
+    torch.testing.assert_close(_logits(model, inputs), other_logits, atol=1e-5, rtol=0)
+    model.set_adapter("default")
+
     model.delete_adapter("other")
     assert list(model.peft_config) == ["default"] and model.active_adapter == "default"
     assert not any(".other" in n for n, _ in model.named_parameters())
-    assert torch.equal(_logits(model, inputs), default_logits)
+    torch.testing.assert_close(_logits(model, inputs), default_logits, atol=1e-5, rtol=0)
 
 
 def test_unload_returns_the_original_model():
@@ -340,3 +348,18 @@ def test_legacy_layers_pattern(tmp_path):
     model.save_pretrained(tmp_path)
     theirs = peft.PeftModel.from_pretrained(tiny_vit(), tmp_path).eval()
     torch.testing.assert_close(_logits(theirs, inputs), _logits(model, inputs), atol=1e-5, rtol=0)
+
+
+def test_adapter_file_that_does_not_fit_the_model(tmp_path):
+    model = get_adapter_model(tiny_opt(), LoraConfig(r=4, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps(data | {"r": 8}))
+    with pytest.raises(AdapterStateError, match=r"shape mismatch: .*q_proj.lora_A.weight: file \(4, 32\) vs model \(8, 32\)"):
+        AdapterModel.from_pretrained(tiny_opt(), tmp_path)
+    path.write_text(json.dumps(data | {"target_modules": ["q_proj", "v_proj"]}))
+    with pytest.raises(AdapterStateError, match=r"missing 4 tensor\(s\), e.g. .*v_proj.lora_A.weight"):
+        AdapterModel.from_pretrained(tiny_opt(), tmp_path)
+    with pytest.raises(UserInputError, match="no adapter_config.json in"):
+        AdapterModel.from_pretrained(tiny_opt(), tmp_path / "nowhere")
