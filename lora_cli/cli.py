@@ -47,6 +47,11 @@ def main_options(
     ] = False,
 ) -> None:
     STATE["debug"] = debug
+    if not debug:
+        # transformers' per-file "Loading weights" bars are noise around our own progress
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -222,7 +227,8 @@ def predict(
 def main() -> None:
     """Console-script entry point: run the app, turning errors into exit codes."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # returns the code of a typer.Exit raised inside
+        sys.exit(code if isinstance(code, int) else 0)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
