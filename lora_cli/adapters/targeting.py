@@ -67,6 +67,13 @@ def _layer_index_any(path: str, layers_pattern, aliases: Mapping[str, str] | Non
     return index
 
 
+def _inside_any(path: str, names: Iterable[str], aliases: Mapping[str, str] | None) -> bool:
+    """Is ``path`` one of the modules ``names`` (dot-boundary rules) or inside one?"""
+    names = list(names)
+    parts = path.split(".")
+    return bool(names) and any(matches(".".join(parts[:i]), names, aliases) for i in range(1, len(parts) + 1))
+
+
 def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Module paths of ``model`` as the user knows them (adapter internals hidden)."""
     out = {}
@@ -119,9 +126,13 @@ def resolve_targets(
     if config.layers_to_transform is not None:
         wanted = set(config.layers_to_transform)
         selected = [p for p in selected if _layer_index_any(p, config.layers_pattern, aliases) in wanted]
+    # A module trained in full gets no adapter (PEFT's rule; PEFT saves "all-linear" as a
+    # list of paths that includes the head it also lists in modules_to_save).
+    selected = [p for p in selected if not _inside_any(p, skip_heads, aliases)]
     if not selected:
         raise TargetingError(
-            f"target_modules {rule!r} matched modules, but exclude_modules / layers_to_transform removed all of them"
+            f"target_modules {rule!r} matched modules, but exclude_modules / layers_to_transform / "
+            "modules_to_save removed all of them"
         )
 
     # A rule that names a container (an attention block) rather than a layer is a mistake.

@@ -363,3 +363,13 @@ def test_adapter_file_that_does_not_fit_the_model(tmp_path):
         AdapterModel.from_pretrained(tiny_opt(), tmp_path)
     with pytest.raises(UserInputError, match="no adapter_config.json in"):
         AdapterModel.from_pretrained(tiny_opt(), tmp_path / "nowhere")
+
+
+def test_modules_to_save_are_not_also_adapted():
+    """PEFT writes "all-linear" out as a list of paths that includes the head; the head it
+    also lists in modules_to_save is trained in full, not given an adapter."""
+    model = get_adapter_model(tiny_vit(), LoraConfig(target_modules=["q_proj", "classifier"], modules_to_save=["classifier"]))
+    assert sorted(_adapted(model)) == ["vit.layers.0.attention.q_proj", "vit.layers.1.attention.q_proj"]
+    assert not any(isinstance(m, LoraLayer) for m in model.base_model.classifier.modules())
+    with pytest.raises(TargetingError, match="modules_to_save removed all of them"):
+        get_adapter_model(tiny_vit(), LoraConfig(target_modules=["classifier"], modules_to_save=["classifier"]))

@@ -61,6 +61,9 @@ CASES = [
     ("gpt2", {"target_modules": ["c_attn"], "init_lora_weights": "pissa"}),
     ("vit", {"target_modules": ["projection"]}),
     ("bert", {"target_modules": ["word_embeddings"]}),
+    ("vit", {"target_modules": "all-linear", "modules_to_save": ["classifier"]}),
+    ("opt", {"target_modules": "all-linear"}),
+    ("vit", {"target_modules": r".*layers\.1\..*(q_proj|k_proj)", "exclude_modules": ["k_proj"]}),
 ]
 
 
@@ -69,7 +72,8 @@ def _id(case):
     extra = [f"{k}={v}" for k, v in kw.items() if k not in ("target_modules", "rank_pattern", "alpha_pattern")]
     if "rank_pattern" in kw:
         extra.append("patterns")
-    return "-".join([name, "+".join(kw["target_modules"]), *extra])
+    targets = kw["target_modules"]
+    return "-".join([name, targets if isinstance(targets, str) else "+".join(targets), *extra])
 
 
 def _logits(model, inputs):
