@@ -99,7 +99,10 @@ def run_training(
         model.save_pretrained(adapter_dir)
         if labels:
             rd.save_label_map(adapter_dir, dict(enumerate(labels)))
-        rd.write_json(run_dir / rd.EVAL_FILE, metrics)
+        if labels:
+            _full_evaluation(model, eval_ds, trainer.data_collator, labels, args, run_dir, metrics)
+        else:
+            rd.write_json(run_dir / rd.EVAL_FILE, metrics)
         _plot(run_dir)
         _print_summary(run_dir, metrics)
     return run_dir
@@ -228,6 +231,16 @@ def _accepts_loss_kwargs(base) -> bool:
         return bool(base.accepts_loss_kwargs)
     params = inspect.signature(base.forward).parameters.values()
     return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def _full_evaluation(model, eval_ds, collate, labels, args, run_dir: Path, trainer_metrics) -> None:
+    """Classification runs get the same eval.json + confusion matrix as `loracli eval`."""
+    from lora_cli.inference.evaluate import evaluate, write_report
+
+    model.eval()
+    report = evaluate(model, eval_ds, collate, dict(enumerate(labels)), args.per_device_eval_batch_size)
+    report["split"], report["variant"], report["trainer"] = "validation", "adapter", trainer_metrics
+    write_report(report, run_dir)
 
 
 def _plot(run_dir: Path) -> None:
