@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import TrainerCallback
 
 from lora_cli.errors import LoraCliError
@@ -72,10 +72,9 @@ class RichProgressCallback(TrainerCallback):
             return
         self.progress = Progress(
             TextColumn("[bold]train[/bold]"),
-            BarColumn(),
+            BarColumn(bar_width=16),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
-            TimeRemainingColumn(),
             TextColumn("{task.fields[summary]}"),
             console=self.console,
             transient=False,
