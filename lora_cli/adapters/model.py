@@ -508,10 +508,11 @@ def _portable_targets(model: nn.Module, config: AdapterConfig, paths: list[str])
 
     A rule that matched some modules only through their transformers-4 names is rewritten
     to current names: their leaf names when those select exactly the same modules, else
-    the full paths.
+    the full paths. "all-linear" is written out the same way (as PEFT does): PEFT's
+    "all-linear" also adapts a classifier head that ours leaves alone.
     """
     rule = config.target_modules
-    if rule is None or rule == "all-linear" or not paths:
+    if rule is None or not paths:
         return rule
     modules = [p for p in candidate_modules(model) if isinstance(model.get_submodule(p), AdapterLayer)]
     if {p for p in modules if matches(p, rule)} == set(paths):

@@ -63,6 +63,8 @@ CASES = [
     ("bert", {"target_modules": ["word_embeddings"]}),
     ("vit", {"target_modules": "all-linear", "modules_to_save": ["classifier"]}),
     ("opt", {"target_modules": "all-linear"}),
+    ("vit", {"target_modules": "all-linear"}),
+    ("gpt2", {"target_modules": "all-linear"}),
     ("vit", {"target_modules": r".*layers\.1\..*(q_proj|k_proj)", "exclude_modules": ["k_proj"]}),
 ]
 
