@@ -194,8 +194,34 @@ def with_transforms(ds, processor, recipe, train: bool):
     return ds
 
 
+class SeededAugmentation(torch.utils.data.Dataset):
+    """Training rows whose random crops and flips depend only on (seed, epoch, row).
+
+    Drawn from the global RNG, augmentations would depend on when the data loader makes
+    each batch (it prefetches one ahead), and a run resumed mid-epoch would see other
+    crops than the run that never stopped. The Trainer calls ``set_epoch``.
+    """
+
+    def __init__(self, ds, seed: int) -> None:
+        self.ds, self.seed, self.epoch = ds, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, index):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, self.epoch, int(index))) % 2**63)
+            return self.ds[index]
+
+
 def prepare(splits: data_mod.Splits, processor, recipe):
-    return with_transforms(splits.train, processor, recipe, True), with_transforms(splits.eval, processor, recipe, False)
+    train = with_transforms(splits.train, processor, recipe, True)
+    if getattr(recipe.data, "augment", True):
+        train = SeededAugmentation(train, recipe.seed)
+    return train, with_transforms(splits.eval, processor, recipe, False)
 
 
 def collate(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

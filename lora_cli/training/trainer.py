@@ -50,3 +50,10 @@ class AdapterTrainer(Trainer):
         if not file.is_file():
             raise LoraCliError(f"{checkpoint} has no {STATE_FILE}: it was not written by loracli")
         _adapter_model(self).load_adapter_state_dict(load_file(file))
+
+    def _run_epoch(self, *args, **kwargs):
+        # Training data whose random augmentation is seeded by (seed, epoch, row) learns the
+        # epoch here: accelerate's own set_epoch skips the dataset when resuming mid-epoch.
+        if hasattr(self.train_dataset, "set_epoch"):
+            self.train_dataset.set_epoch(kwargs["epoch"])
+        return super()._run_epoch(*args, **kwargs)

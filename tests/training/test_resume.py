@@ -1,0 +1,67 @@
+"""--resume: a run stopped after a checkpoint and resumed ends with the same adapter as a
+run that was never stopped (same seed, CPU), dropout and augmentation included."""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from lora_cli.training.pipeline import run_training
+from tests.training._util import write_recipe
+
+STEPS, STOP_AT = 6, 2
+
+
+class StopAfterCheckpoint(TrainerCallback):
+    """Stops training right after the first checkpoint is written (an interrupted run)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        control.should_training_stop = True
+
+
+def _adapter(run) -> dict[str, torch.Tensor]:
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, imagefolder):
+    method = "lora"
+    sections = dict(
+        adapter={"lora_dropout": 0.1},
+        data={"augment": True},  # random crops and flips draw from the RNG the checkpoint restores
+        training={"max_steps": STEPS, "per_device_train_batch_size": 8,  # 3 steps an epoch: 2 epochs
+                  "save_strategy": "steps", "save_steps": STOP_AT, "warmup_steps": 1},
+    )
+    straight = run_training(write_recipe(tmp_path / "a.yaml", imagefolder, tmp_path / "a", method, **sections))
+
+    recipe = write_recipe(tmp_path / "b.yaml", imagefolder, tmp_path / "b", method, **sections)
+    stopped = run_training(recipe, extra_callbacks=[StopAfterCheckpoint()])
+    assert sorted(p.name for p in (stopped / "checkpoints").iterdir()) == [f"checkpoint-{STOP_AT}"]
+    first = _adapter(stopped)
+    resumed = run_training(recipe, resume=True)
+
+    expected, got = _adapter(straight), _adapter(resumed)
+    assert expected.keys() == got.keys()
+    assert max((first[k] - expected[k]).abs().max().item() for k in first if first[k].shape == expected[k].shape) > 1e-4
+    for key in expected:
+        diff = (got[key] - expected[key]).abs().max().item()
+        assert diff <= 1e-6, f"{key}: resumed differs from uninterrupted by {diff}"
+
+
+def test_training_augmentation_depends_on_seed_epoch_and_row_only(imagefolder):
+    """Crops come from (seed, epoch, row), not from the global RNG: a resumed run sees the
+    crops the uninterrupted run saw, and each epoch sees new ones."""
+    from lora_cli.recipe import load_recipe
+    from lora_cli.tasks import image_classification as ic
+
+    recipe = load_recipe(write_recipe(imagefolder / "r.yaml", imagefolder, imagefolder / "run", data={"augment": True}))
+    splits, _ = ic.load_raw(recipe)
+    train, _ = ic.prepare(splits, ic.load_processor(recipe), recipe)
+    first = train[3]["pixel_values"]
+    torch.manual_seed(123)  # the global RNG does not matter
+    assert torch.equal(train[3]["pixel_values"], first)
+    assert not torch.equal(train[4]["pixel_values"], first)
+    train.set_epoch(1)
+    assert not torch.equal(train[3]["pixel_values"], first)
+    train.set_epoch(0)
+    assert torch.equal(train[3]["pixel_values"], first)
