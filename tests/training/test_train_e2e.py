@@ -1,0 +1,84 @@
+"""`loracli train` end to end, once per method: the run directory is complete and its
+adapter loads in PEFT with the same logits as loracli's own `load_run`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lora_cli.recipe import load_recipe
+from lora_cli.training import rundir as rd
+from tests.training._util import METHOD_OPTIONS, METHODS, loracli, write_recipe
+
+STEPS = 6
+
+RUN_FILES = (
+    "recipe.yaml",
+    "adapter/adapter_config.json",
+    "adapter/adapter_model.safetensors",
+    "adapter/label_map.json",
+    "processor/preprocessor_config.json",
+    "base_model/config.json",
+    "base_model/model.safetensors",
+    f"checkpoints/checkpoint-{STEPS}/adapter_state.safetensors",
+    f"checkpoints/checkpoint-{STEPS}/adapter_model.safetensors",
+    f"checkpoints/checkpoint-{STEPS}/optimizer.pt",
+    "metrics.jsonl",
+    "eval.json",
+    "plots/loss.png",
+    "env.json",
+)
+
+
+@pytest.fixture(params=METHODS)
+def trained(request, tmp_path, imagefolder, monkeypatch):
+    method = request.param
+    recipe = write_recipe(
+        tmp_path / "recipe.yaml", imagefolder, tmp_path / "run", method,
+        training={"max_steps": STEPS, "save_strategy": "steps", "save_steps": STEPS},
+    )
+    assert loracli(monkeypatch, "train", recipe) == 0
+    return method, recipe, tmp_path / "run"
+
+
+# PEFT warns about every AdaLoRA rank_pattern key (its own saved ones too): they name lora_E
+# parameters, not modules; it applies them all the same.
+@pytest.mark.filterwarnings("ignore:The following rank_pattern keys did not match")
+def test_train_writes_a_complete_run_that_peft_loads(trained):
+    from peft import PeftModel
+    from transformers import AutoModelForImageClassification
+
+    method, recipe_file, run = trained
+    missing = [name for name in RUN_FILES if not (run / name).is_file()]
+    assert not missing, f"run directory lacks {missing}"
+
+    assert load_recipe(run / "recipe.yaml") == load_recipe(recipe_file)
+    env = json.loads((run / "env.json").read_text())
+    assert env["seed"] == 0
+    assert all(env[key] for key in ("python", "torch", "transformers", "loracli"))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "loss" in row] == list(range(1, STEPS + 1))
+    assert all(torch.isfinite(torch.tensor(row["loss"])) for row in rows if "loss" in row)
+    assert 0.0 <= json.loads((run / "eval.json").read_text())["accuracy"] <= 1.0
+    assert rd.read_label_map(run / "adapter") == {0: "beignets", 1: "churros", 2: "macarons"}
+
+    pixels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    ours = rd.load_run(run, device="cpu").model
+    base = AutoModelForImageClassification.from_pretrained(run / "base_model").eval()
+    with torch.no_grad():
+        base_logits = base(pixel_values=pixels).logits
+        peft_model = PeftModel.from_pretrained(base, run / "adapter").eval()
+        peft_logits = peft_model(pixel_values=pixels).logits
+        our_logits = ours(pixel_values=pixels).logits
+    torch.testing.assert_close(peft_logits, our_logits, atol=1e-5, rtol=0)
+    assert (our_logits - base_logits).abs().max() > 1e-3, "training changed nothing"
+
+    if method == "adalora":
+        config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+        pattern = config["rank_pattern"]
+        adapted = [path for path, _ in ours.adapter_layers()]
+        assert len(pattern) == len(adapted) == 4  # query and value of 2 layers
+        assert all(len(mask) == METHOD_OPTIONS["adalora"]["init_r"] for mask in pattern.values())
+        assert sum(sum(mask) for mask in pattern.values()) == METHOD_OPTIONS["adalora"]["target_r"] * len(adapted)
