@@ -82,7 +82,8 @@ def load_tokenizer(recipe, source: str | Path | None = None):
             "model.tokenizer: a text model built from model.config needs a tokenizer; "
             "set model.tokenizer to a tokenizer folder (or hub id), e.g. one saved with save_pretrained"
         )
-    key = "model.tokenizer" if recipe.model.tokenizer and not source else "model.name_or_path"
+    own = recipe.model.tokenizer and recipe.model.tokenizer != recipe.model.name_or_path
+    key = "model.tokenizer" if own and not source else "model.name_or_path"
     resolved = resolve_path(path, key)
     require_hub(resolved, key, local_hint=MODEL_HINT)
     try:
