@@ -64,7 +64,7 @@ def require_hub(repo_id: str, key: str, repo_type: str = "model", local_hint: st
         return
     if _cached(repo_id, repo_type) or hub_reachable():
         return
-    why = "offline mode is set (HF_HUB_OFFLINE)" if offline_by_env() else "the hub is unreachable from this machine"
+    why = "the hub is unreachable: offline mode is set (HF_HUB_OFFLINE)" if offline_by_env() else "the hub is unreachable from this machine"
     raise UserInputError(
         f"{key}: {repo_id!r} is not a local path and looks like a hub id, but {why} and it is not in the local cache. "
         f"{local_hint or 'Point it at a local directory instead.'}"
