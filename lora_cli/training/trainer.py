@@ -18,6 +18,7 @@ from lora_cli.adapters import AdapterModel
 from lora_cli.errors import LoraCliError
 
 STATE_FILE = "adapter_state.safetensors"
+HOOKS_FILE = "adapter_hooks.pt"  # method state beyond the tensors: AdaLoRA's rank allocator
 
 
 def _adapter_model(trainer: Trainer) -> AdapterModel:
@@ -25,6 +26,22 @@ def _adapter_model(trainer: Trainer) -> AdapterModel:
     if not isinstance(model, AdapterModel):
         raise LoraCliError(f"expected an AdapterModel inside the Trainer, found {type(model).__name__}")
     return model
+
+
+def _save_hooks_state(model: AdapterModel, folder: Path) -> None:
+    """So that --resume continues AdaLoRA's importance averages and masks, not restarts them."""
+    states = {name: hooks.state_dict() for name, hooks in model.hooks.items() if hasattr(hooks, "state_dict")}
+    if states:
+        torch.save(states, folder / HOOKS_FILE)
+
+
+def _load_hooks_state(model: AdapterModel, checkpoint: Path) -> None:
+    file = checkpoint / HOOKS_FILE
+    if not file.is_file():
+        return
+    for name, state in torch.load(file, weights_only=True).items():
+        if name in model.hooks:
+            model.hooks[name].load_state_dict(state)
 
 
 class AdapterTrainer(Trainer):
@@ -38,9 +55,11 @@ class AdapterTrainer(Trainer):
         state = model.get_adapter_state_dict()
         save_file(state, os.path.join(output_dir, STATE_FILE), metadata={"format": "pt"})
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        _save_hooks_state(model, Path(output_dir))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         self._load_adapter_state(Path(resume_from_checkpoint))
+        _load_hooks_state(_adapter_model(self), Path(resume_from_checkpoint))
 
     def _load_best_model(self) -> None:
         self._load_adapter_state(Path(self.state.best_model_checkpoint))

@@ -3,6 +3,7 @@ run that was never stopped (same seed, CPU), dropout and augmentation included."
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
@@ -24,8 +25,8 @@ def _adapter(run) -> dict[str, torch.Tensor]:
     return load_file(run / "adapter" / "adapter_model.safetensors")
 
 
-def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, imagefolder):
-    method = "lora"
+@pytest.mark.parametrize("method", ["lora", "adalora"])  # adalora: rank budgeting across the stop
+def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, imagefolder, method):
     sections = dict(
         adapter={"lora_dropout": 0.1},
         data={"augment": True},  # random crops and flips draw from the RNG the checkpoint restores

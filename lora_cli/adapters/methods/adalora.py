@@ -294,6 +294,25 @@ class AdaLoraHooks(AdapterHooks):
             keep = torch.tensor(pattern[f"{path}{MASK_SUFFIX}"], dtype=torch.bool, device=e.device)
             e.masked_fill_(~keep.view(-1, 1), 0.0)
 
+    def state_dict(self) -> dict:
+        """The allocator's running state (importance averages, phase, mask), for training
+        checkpoints: a resumed run must allocate ranks as the uninterrupted run would."""
+        return {
+            "final": self.final,
+            "rank_pattern": self.rank_pattern,
+            "avg": {f"{path}:{attr}": t for (path, attr), t in self._avg.items()},
+            "unc": {f"{path}:{attr}": t for (path, attr), t in self._unc.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        def keyed(tensors: dict[str, Tensor]) -> dict[tuple[str, str], Tensor]:
+            return {tuple(key.rsplit(":", 1)): t for key, t in tensors.items()}
+
+        self.final, self.rank_pattern = bool(state["final"]), state["rank_pattern"]
+        self._avg, self._unc = keyed(state["avg"]), keyed(state["unc"])
+        if self.rank_pattern is not None:
+            self.config.rank_pattern = self.rank_pattern
+
     # ---------------------------------------------------------- save / load
     def export(self, state: dict[str, Tensor], config: AdaLoraConfig) -> tuple[dict[str, Tensor], AdaLoraConfig]:
         pattern = self.rank_pattern if self.rank_pattern is not None else config.rank_pattern
