@@ -107,9 +107,13 @@ class AdapterModel(nn.Module):
         self.set_adapter(adapter_name)
 
     # ------------------------------------------------------------ passthrough
+    # False while a trainer adds the regularizer itself (it knows the loss scaling across
+    # processes and accumulation steps; see lora_cli.training.trainer.AdapterTrainer.compute_loss)
+    add_regularizer_to_loss = True
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         outputs = self.base_model(*args, **kwargs)
-        if self.training and not self._adapters_disabled:
+        if self.training and not self._adapters_disabled and self.add_regularizer_to_loss:
             hooks = self.hooks.get(self.active_adapter)
             penalty = hooks.regularizer() if hooks is not None else None
             loss = getattr(outputs, "loss", None)
@@ -351,12 +355,22 @@ class AdapterModel(nn.Module):
         name = adapter_name or self.active_adapter
         return {k: v.detach().to("cpu").contiguous() for k, v in self._live_tensors(name).items()}
 
-    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
-        """PEFT layout: ``default`` at the root, any other adapter in a sub-folder."""
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        selected_adapters: list[str] | None = None,
+        state_dict: dict[str, Tensor] | None = None,
+    ) -> None:
+        """PEFT layout: ``default`` at the root, any other adapter in a sub-folder.
+
+        ``state_dict``: the active adapter's tensors (``get_adapter_state_dict`` layout) to
+        write instead of the live ones, e.g. full copies gathered from a sharded (FSDP) model.
+        """
         root = Path(save_directory)
         for name in selected_adapters or list(self.peft_config):
             target = root if name == "default" else root / name
-            state = self.get_adapter_state_dict(name)
+            given = state_dict is not None and name == self.active_adapter
+            state = dict(state_dict) if given else self.get_adapter_state_dict(name)
             config = copy.deepcopy(self.peft_config[name])
             if config.base_model_name_or_path is None:
                 base_config = getattr(self.base_model, "config", None)

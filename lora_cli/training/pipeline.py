@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lora_cli.errors import LoraCliError, UserInputError
+from lora_cli.training import distributed
 from lora_cli.training import rundir as rd
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ def run_training(
         return None
 
     # ---- from here on we write
-    is_main = int(os.environ.get("RANK", "0")) == 0
+    is_main = distributed.is_main_process()
+    distributed.barrier()  # every process has checked the run directory before rank 0 changes it
     if is_main:
         if overwrite and run_dir.exists() and not resume:
             shutil.rmtree(run_dir)
@@ -81,6 +83,7 @@ def run_training(
             base_state.save_pretrained(run_dir / rd.BASE_MODEL_DIR)
         if not resume:
             (run_dir / rd.METRICS_FILE).unlink(missing_ok=True)
+    distributed.barrier()  # the others go on once the run directory is there
 
     trainer = build_trainer(recipe, task, model, args, train_ds, eval_ds, processor, run_dir, extra_callbacks)
     checkpoint = None
@@ -94,17 +97,19 @@ def run_training(
     final_metrics = getattr(task, "final_metrics", None)  # e.g. seq2seq BLEU: generation, once at the end
     if final_metrics is not None:
         metrics.update(final_metrics(model, processor, recipe, eval_ds))
+    adapter_dir = run_dir / rd.ADAPTER_DIR
+    full_state = distributed.sharded_adapter_state(trainer)  # collective: FSDP / ZeRO-3 shards gathered
     if trainer.is_world_process_zero():
-        adapter_dir = run_dir / rd.ADAPTER_DIR
-        model.save_pretrained(adapter_dir)
+        model.save_pretrained(adapter_dir, state_dict=full_state)
         if labels:
             rd.save_label_map(adapter_dir, dict(enumerate(labels)))
-        if labels:
+        if labels and not distributed.is_sharded(trainer):  # a sharded forward on rank 0 alone would hang
             _full_evaluation(model, eval_ds, trainer.data_collator, labels, args, run_dir, metrics)
         else:
             rd.write_json(run_dir / rd.EVAL_FILE, metrics)
         _plot(run_dir)
         _print_summary(run_dir, metrics)
+    distributed.barrier()  # no process returns before the run directory is complete
     return run_dir
 
 
@@ -148,6 +153,7 @@ def training_arguments(recipe, run_dir: Path):
         kwargs.setdefault("dataloader_pin_memory", False)
     kwargs.setdefault("logging_steps", 10)
     kwargs.setdefault("save_total_limit", 3)
+    kwargs = distributed.distributed_defaults(kwargs, recipe.to_dict().get("adapter") or {})
     try:
         return TrainingArguments(
             output_dir=str(run_dir / rd.CHECKPOINTS_DIR),

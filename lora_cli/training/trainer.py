@@ -16,6 +16,7 @@ from transformers import Trainer
 
 from lora_cli.adapters import AdapterModel
 from lora_cli.errors import LoraCliError
+from lora_cli.training import distributed
 
 STATE_FILE = "adapter_state.safetensors"
 HOOKS_FILE = "adapter_hooks.pt"  # method state beyond the tensors: AdaLoRA's rank allocator
@@ -45,14 +46,58 @@ def _load_hooks_state(model: AdapterModel, checkpoint: Path) -> None:
 
 
 class AdapterTrainer(Trainer):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The task loss plus the adapter's regularizer (AdaLoRA's orthogonality penalty),
+        weighted once per optimizer step whatever the number of processes and accumulation steps.
+
+        Left in the model's forward, the penalty would be multiplied by the Trainer's loss
+        scaling (x processes when the loss is normalised by the global item count, x
+        accumulation steps), so 2 processes of batch b would not train as 1 of batch 2b.
+        """
+        adapter = _adapter_model(self)
+        hooks = adapter.hooks.get(adapter.active_adapter)
+        if hooks is None or not adapter.training:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        adapter.add_regularizer_to_loss = False
+        try:
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        finally:
+            adapter.add_regularizer_to_loss = True
+        penalty = None if adapter._adapters_disabled else hooks.regularizer()
+        if penalty is None:
+            return result
+        scaled_for_ga = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled_for_ga is None:  # the Trainer's own rule: it divides by the accumulation steps otherwise
+            scaled_for_ga = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+                self.compute_loss_func is not None
+            )
+        if scaled_for_ga:
+            penalty = penalty / self.current_gradient_accumulation_steps
+        if return_outputs:
+            loss, outputs = result
+            return loss + penalty, outputs
+        return result + penalty
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        full = distributed.sharded_adapter_state(self)  # every process: gathering shards is collective
+        if full is None:
+            super().save_model(output_dir, _internal_call)
+        elif self.args.should_save:
+            self._write_adapter(output_dir, full)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self.args.should_save:
             return
+        self._write_adapter(output_dir, None)
+
+    def _write_adapter(self, output_dir: str | None, full_state: dict | None) -> None:
+        """The adapter (PEFT format), its raw tensors and the training arguments.
+        ``full_state``: gathered tensors of a sharded model, else None (read the live ones)."""
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         model = _adapter_model(self)
-        model.save_pretrained(output_dir)
-        state = model.get_adapter_state_dict()
+        model.save_pretrained(output_dir, state_dict=full_state)
+        state = full_state if full_state is not None else model.get_adapter_state_dict()
         save_file(state, os.path.join(output_dir, STATE_FILE), metadata={"format": "pt"})
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
         _save_hooks_state(model, Path(output_dir))
@@ -68,6 +113,11 @@ class AdapterTrainer(Trainer):
         file = checkpoint / STATE_FILE
         if not file.is_file():
             raise LoraCliError(f"{checkpoint} has no {STATE_FILE}: it was not written by loracli")
+        if distributed.is_sharded(self):  # copying into local shards would load a wrong adapter
+            raise LoraCliError(
+                f"loading {checkpoint} into a sharded model (FSDP / DeepSpeed ZeRO-3) is not supported yet; "
+                "resume or use load_best_model_at_end with plain DDP (no training.fsdp / training.deepspeed)"
+            )
         _adapter_model(self).load_adapter_state_dict(load_file(file))
 
     def _run_epoch(self, *args, **kwargs):

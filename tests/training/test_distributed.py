@@ -1,0 +1,278 @@
+"""Training on several processes (CPU, gloo): torchrun and accelerate launch, DDP equal to
+one process with the same global batch, AdaLoRA's budget equal on every rank, FSDP gathering.
+
+The multi-process runs are subprocesses (a launcher starts the processes); each test says
+what a 2-process run must equal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora_cli.errors import UserInputError
+from lora_cli.training import distributed
+from tests.helpers import TINY_VIT, make_imagefolder
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+PER_DEVICE = 4  # 24 training images: 3 steps of 2 x 4 make one epoch
+
+LORA = {"method": "lora", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["query", "value"]}
+ADALORA = {
+    "method": "adalora", "init_r": 6, "target_r": 2, "tinit": 1, "tfinal": 2, "deltaT": 1, "lora_alpha": 8,
+    "lora_dropout": 0.0, "target_modules": ["query", "value"],
+}
+
+# Runs the pipeline and dumps, per rank, what that rank holds when training ends.
+WORKER = '''
+import json, os, sys
+from pathlib import Path
+from safetensors.torch import save_file
+from transformers import TrainerCallback
+from lora_cli.training.pipeline import run_training
+
+class Dump(TrainerCallback):
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        model = getattr(model, "module", model)
+        out = Path(sys.argv[2]) / f"rank{os.environ.get('RANK', '0')}"
+        save_file(model.get_adapter_state_dict(), str(out) + ".safetensors")
+        model.save_pretrained(out)
+        (Path(str(out) + ".json")).write_text(json.dumps(model.hooks[model.active_adapter].rank_pattern))
+
+run_training(sys.argv[1], sys.argv[3:], extra_callbacks=[Dump()])
+'''
+
+# FSDP1 and FSDP2 on CPU/gloo, outside the Trainer (accelerate runs FSDP only on GPUs).
+FSDP_SCRIPT = '''
+import sys
+import torch, torch.distributed as dist
+from safetensors.torch import save_file
+from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+from lora_cli.adapters import get_adapter_model, get_method
+from lora_cli.training.distributed import full_adapter_state
+from tests.helpers import tiny_vit
+
+dist.init_process_group("gloo")
+rank, out = dist.get_rank(), sys.argv[1]
+for kind in ("fsdp1", "fsdp2"):
+    config = get_method("lora").config_cls(
+        target_modules=["query", "value"], modules_to_save=["classifier"], r=4, lora_alpha=8, init_lora_weights=False)
+    model = get_adapter_model(tiny_vit(seed=0), config)
+    if rank == 0:
+        save_file(model.get_adapter_state_dict(), f"{out}/{kind}-reference.safetensors")
+    if kind == "fsdp1":
+        wrapped = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
+    else:
+        for layer in model.base_model.vit.layers:
+            fully_shard(layer)
+        wrapped = fully_shard(model)
+    wrapped(pixel_values=torch.randn(2, 3, 32, 32)).logits.sum().backward()
+    if rank == 0:
+        save_file({k: v.clone() for k, v in model.get_adapter_state_dict().items()
+                   if not hasattr(v, "full_tensor")}, f"{out}/{kind}-shard.safetensors")
+    full = full_adapter_state(wrapped, model)
+    if rank == 0:
+        model.save_pretrained(f"{out}/{kind}", state_dict=full)
+    dist.barrier()
+dist.destroy_process_group()
+'''
+
+
+# ------------------------------------------------------------------- helpers
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
+    return env
+
+
+def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return done
+
+
+def _torchrun(nproc: int, *args: str) -> list[str]:
+    return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(nproc), *args]
+
+
+def _recipe(folder: Path, data: Path, adapter: dict, max_steps: int) -> Path:
+    recipe = {
+        "name": "dist", "task": "image-classification", "seed": 7, "output_dir": str(folder / "run"),
+        "model": {"config": TINY_VIT, "processor": {"size": {"height": 32, "width": 32}}},
+        "data": {"imagefolder": str(data), "augment": False},
+        "adapter": adapter,
+        "training": {
+            "learning_rate": 1e-2, "max_steps": max_steps, "per_device_train_batch_size": PER_DEVICE,
+            "logging_steps": 1, "save_strategy": "no", "eval_strategy": "no",
+        },
+    }
+    path = folder / "recipe.yaml"
+    path.write_text(json.dumps(recipe), encoding="utf-8")  # JSON is YAML
+    return path
+
+
+def _losses(run: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def _assert_close(a: dict, b: dict, atol: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].shape == b[key].shape, key
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_imagefolder(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory, data):
+    """The same LoRA recipe: 2 processes x batch 4 under torchrun, and 1 process x batch 8."""
+    folder = tmp_path_factory.mktemp("lora")
+    recipe = _recipe(folder, data, LORA, max_steps=3)
+    _run(_torchrun(2, "-m", "lora_cli", "train", str(recipe)), folder)
+    _run([sys.executable, "-m", "lora_cli", "train", str(recipe), f"output_dir={folder / 'single'}",
+          f"training.per_device_train_batch_size={2 * PER_DEVICE}"], folder)
+    return folder / "run", folder / "single"
+
+
+# ------------------------------------------------------------- fast checks
+def test_defaults_for_a_cpu_multi_process_run(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = distributed.distributed_defaults({"learning_rate": 1e-3}, {"method": "lora"})
+    assert out == {"learning_rate": 1e-3, "use_cpu": True, "ddp_backend": "gloo", "ddp_find_unused_parameters": False}
+    # LoHa/LoKr module_dropout skips whole adapters at random: DDP must look for unused parameters
+    assert distributed.distributed_defaults({}, {"method": "loha", "module_dropout": 0.1})["ddp_find_unused_parameters"]
+    # the recipe's own choice wins
+    assert distributed.distributed_defaults({"ddp_find_unused_parameters": True}, {})["ddp_find_unused_parameters"]
+
+
+def test_single_process_is_left_alone(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.distributed_defaults({"learning_rate": 1e-3}, {"method": "lora"}) == {"learning_rate": 1e-3}
+
+
+def test_adalora_refuses_sharding():
+    with pytest.raises(UserInputError, match="AdaLoRA's rank allocator .* plain DDP"):
+        distributed.distributed_defaults({"fsdp": "full_shard"}, {"method": "adalora"})
+
+
+def test_fsdp_without_cuda_warns_and_falls_back_to_ddp(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.warns(UserWarning, match="FSDP only on GPUs"):
+        out = distributed.distributed_defaults({"fsdp": "full_shard"}, {"method": "lora"})
+    assert out["ddp_find_unused_parameters"] is False
+
+
+# ------------------------------------------------------------ end to end
+@pytest.mark.slow
+def test_torchrun_writes_one_complete_run_directory(lora_runs):
+    run, _ = lora_runs
+    assert sorted(p.name for p in run.parent.iterdir() if p.is_dir() and (p / "recipe.yaml").exists()) == ["run", "single"]
+    for name in ("recipe.yaml", "env.json", "eval.json", "metrics.jsonl", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "adapter/label_map.json", "processor", "base_model",
+                 "plots/loss.png"):
+        assert (run / name).exists(), name
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == [1, 2, 3]  # written by rank 0 only: no step twice
+    # 3 steps of 2 processes x 4 images = the 24 training images once: the processes split the data
+    assert rows[-1]["epoch"] == pytest.approx(1.0)
+    assert not list(run.rglob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_with_twice_the_batch(lora_runs):
+    run, single = lora_runs
+    two = load_file(run / "adapter" / "adapter_model.safetensors")
+    one = load_file(single / "adapter" / "adapter_model.safetensors")
+    assert any("lora_B" in k and v.abs().max() > 1e-3 for k, v in two.items())  # it trained
+    _assert_close(two, one)
+    assert _losses(run) == pytest.approx(_losses(single), abs=1e-5)  # DDP's mean equals the 1-process mean
+
+
+@pytest.mark.slow
+def test_adapter_from_torchrun_loads_in_peft_with_equal_logits(lora_runs):
+    from peft import PeftModel
+    from transformers import ViTForImageClassification
+
+    from lora_cli.training.rundir import load_run
+
+    run, _ = lora_runs
+    ours = load_run(run, device="cpu").model
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    base = ViTForImageClassification.from_pretrained(run / "base_model").eval()
+    with torch.no_grad():
+        plain = base(pixel_values=x).logits
+    theirs = PeftModel.from_pretrained(base, run / "adapter").eval()
+    with torch.no_grad():
+        expected, got = theirs(pixel_values=x).logits, ours(pixel_values=x).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(plain, expected, atol=1e-3)  # the adapter and head changed the output
+
+
+@pytest.mark.slow
+def test_adalora_budget_is_the_same_on_every_rank_and_equals_one_process(tmp_path, data):
+    """2 processes under `accelerate launch`, 1 process with twice the batch: the same masks
+    on both ranks, the same adapter as one process, and the saved adapter is what each rank holds."""
+    recipe = _recipe(tmp_path, data, ADALORA, max_steps=6)
+    worker = tmp_path / "worker.py"
+    worker.write_text(textwrap.dedent(WORKER), encoding="utf-8")
+    (tmp_path / "two").mkdir()
+    (tmp_path / "one").mkdir()
+    _run([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+          str(worker), str(recipe), str(tmp_path / "two")], tmp_path)
+    _run([sys.executable, str(worker), str(recipe), str(tmp_path / "one"), f"output_dir={tmp_path / 'single'}",
+          f"training.per_device_train_batch_size={2 * PER_DEVICE}"], tmp_path)
+
+    patterns = [json.loads((tmp_path / d / f"rank{r}.json").read_text()) for d, r in (("two", 0), ("two", 1), ("one", 0))]
+    assert patterns[0] == patterns[1] == patterns[2]
+    assert any(not keep for mask in patterns[0].values() for keep in mask)  # the budget pruned ranks
+    rank0, rank1 = (load_file(tmp_path / "two" / f"rank{r}.safetensors") for r in (0, 1))
+    _assert_close(rank0, rank1, atol=0)
+    _assert_close(rank0, load_file(tmp_path / "one" / "rank0.safetensors"))
+    assert _losses(tmp_path / "run") == pytest.approx(_losses(tmp_path / "single"), abs=1e-5)
+
+    saved = tmp_path / "run" / "adapter"
+    for r in (0, 1):
+        held = tmp_path / "two" / f"rank{r}"
+        _assert_close(load_file(saved / "adapter_model.safetensors"), load_file(held / "adapter_model.safetensors"), atol=0)
+        config = json.loads((saved / "adapter_config.json").read_text())
+        assert config["rank_pattern"] == json.loads((held / "adapter_config.json").read_text())["rank_pattern"]
+
+
+@pytest.mark.slow
+def test_fsdp_shards_are_gathered_before_saving(tmp_path):
+    """FSDP1 and FSDP2 on CPU/gloo: the saved adapter is whole, not the process's shard."""
+    script = tmp_path / "fsdp.py"
+    script.write_text(textwrap.dedent(FSDP_SCRIPT), encoding="utf-8")
+    _run(_torchrun(2, str(script), str(tmp_path)), tmp_path)
+    for kind in ("fsdp1", "fsdp2"):
+        reference = load_file(tmp_path / f"{kind}-reference.safetensors")
+        saved = load_file(tmp_path / kind / "adapter_model.safetensors")
+        _assert_close(saved, reference, atol=0)  # no optimizer step: the weights are the initial ones
+        if kind == "fsdp1":  # what saving without gathering would have written
+            shard = load_file(tmp_path / f"{kind}-shard.safetensors")
+            assert any(shard[k].shape != reference[k].shape for k in reference)
