@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from lora_cli.errors import UserInputError
+from lora_cli.errors import LoraCliError, UserInputError
 
 
 def world_size() -> int:
@@ -73,6 +73,15 @@ def distributed_defaults(kwargs: dict[str, Any], adapter: dict[str, Any]) -> dic
     if not sharding:
         out.setdefault("ddp_find_unused_parameters", float(adapter.get("module_dropout") or 0.0) > 0.0)
     return out
+
+
+def raise_explained(exc: RuntimeError) -> None:
+    """Turn DDP's "unused parameters" failure into a LoraCliError that names the recipe key."""
+    if "Expected to have finished reduction" in str(exc):
+        raise LoraCliError(
+            "DDP: some adapter parameters got no gradient in a step (a targeted module the model's forward "
+            "never calls, or adapters skipped at random); set training.ddp_find_unused_parameters: true"
+        ) from exc
 
 
 def is_sharded(trainer) -> bool:

@@ -91,7 +91,11 @@ def run_training(
         checkpoint = rd.latest_checkpoint(run_dir)
         if checkpoint is None:
             raise UserInputError(f"--resume: no checkpoint in {run_dir / rd.CHECKPOINTS_DIR}; train without --resume")
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except RuntimeError as exc:
+        distributed.raise_explained(exc)
+        raise
 
     metrics = trainer.evaluate()
     final_metrics = getattr(task, "final_metrics", None)  # e.g. seq2seq BLEU: generation, once at the end
@@ -176,7 +180,7 @@ def optimizer_steps(n_train: int, args) -> int:
     batch = args.per_device_train_batch_size * max(world, 1)
     batches = n_train // batch if args.dataloader_drop_last else math.ceil(n_train / batch)
     per_epoch = max(batches // args.gradient_accumulation_steps + int(batches % args.gradient_accumulation_steps > 0), 1)
-    return per_epoch * math.ceil(args.num_train_epochs)
+    return math.ceil(args.num_train_epochs * per_epoch)  # the Trainer's rule, fractional epochs too
 
 
 def resolve_adapter_config(recipe, task, model, n_train: int, args):

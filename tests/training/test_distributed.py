@@ -234,8 +234,9 @@ def test_adapter_from_torchrun_loads_in_peft_with_equal_logits(lora_runs):
 
 @pytest.mark.slow
 def test_adalora_budget_is_the_same_on_every_rank_and_equals_one_process(tmp_path, data):
-    """2 processes under `accelerate launch`, 1 process with twice the batch: the same masks
-    on both ranks, the same adapter as one process, and the saved adapter is what each rank holds."""
+    """2 processes under `accelerate launch`, 1 process with twice the batch (and 1 with 2
+    accumulation steps): the same masks on both ranks, the same adapter as one process, and
+    the saved adapter is what each rank holds."""
     recipe = _recipe(tmp_path, data, ADALORA, max_steps=6)
     worker = tmp_path / "worker.py"
     worker.write_text(textwrap.dedent(WORKER), encoding="utf-8")
@@ -254,6 +255,12 @@ def test_adalora_budget_is_the_same_on_every_rank_and_equals_one_process(tmp_pat
     _assert_close(rank0, rank1, atol=0)
     _assert_close(rank0, load_file(tmp_path / "one" / "rank0.safetensors"))
     assert _losses(tmp_path / "run") == pytest.approx(_losses(tmp_path / "single"), abs=1e-5)
+
+    # 1 process x batch 4 x 2 accumulation steps: the penalty still counts once per optimizer step
+    (tmp_path / "accumulated").mkdir()
+    _run([sys.executable, str(worker), str(recipe), str(tmp_path / "accumulated"), f"output_dir={tmp_path / 'acc'}",
+          "training.gradient_accumulation_steps=2"], tmp_path)
+    _assert_close(rank0, load_file(tmp_path / "accumulated" / "rank0.safetensors"))
 
     saved = tmp_path / "run" / "adapter"
     for r in (0, 1):
@@ -276,3 +283,12 @@ def test_fsdp_shards_are_gathered_before_saving(tmp_path):
         if kind == "fsdp1":  # what saving without gathering would have written
             shard = load_file(tmp_path / f"{kind}-shard.safetensors")
             assert any(shard[k].shape != reference[k].shape for k in reference)
+
+
+def test_ddp_unused_parameter_failure_names_the_recipe_key():
+    from lora_cli.errors import LoraCliError
+
+    ddp_message = "Expected to have finished reduction in the prior iteration before starting a new one."
+    with pytest.raises(LoraCliError, match="training.ddp_find_unused_parameters: true"):
+        distributed.raise_explained(RuntimeError(ddp_message))
+    distributed.raise_explained(RuntimeError("something else"))  # other errors are left alone
