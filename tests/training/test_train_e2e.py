@@ -92,3 +92,19 @@ def test_overwrite_replaces_an_existing_run(tmp_path, imagefolder, monkeypatch):
     assert loracli(monkeypatch, "train", recipe, "--overwrite") == 0
     assert not (run / "stale.txt").exists()
     assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "eval.json").is_file()
+
+
+@pytest.mark.filterwarnings("ignore:The following rank_pattern keys did not match")
+def test_adalora_schedule_from_fractional_epochs_reaches_the_final_phase(tmp_path, imagefolder, monkeypatch):
+    """total_step derived as the Trainer counts: 24 images, batch 8, 1.5 epochs = 5 steps
+    (not 6), so the final phase (the last tfinal steps) really runs and keeps target_r."""
+    options = METHOD_OPTIONS["adalora"]
+    recipe = write_recipe(
+        tmp_path / "recipe.yaml", imagefolder, tmp_path / "run", "adalora",
+        adapter={"tinit": 1, "tfinal": 1},
+        training={"max_steps": -1, "num_train_epochs": 1.5, "per_device_train_batch_size": 8},
+    )
+    assert loracli(monkeypatch, "train", recipe) == 0
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["total_step"] == 5
+    assert sum(sum(mask) for mask in config["rank_pattern"].values()) == options["target_r"] * 4
