@@ -169,9 +169,8 @@ def eval_command(
         typer.echo(json.dumps(summary(report), indent=2))
     else:
         Console().print(*report_tables(report))
-    err.print(
-        f"wrote {escape(str(paths['json']))} and {escape(str(paths['confusion_matrix']))}", highlight=False, soft_wrap=True
-    )
+    written = " and ".join(escape(str(p)) for p in paths.values())
+    err.print(f"wrote {written}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -192,16 +191,47 @@ def merge(
 
 @app.command()
 def predict(
-    paths: Annotated[list[Path], typer.Argument(help="Image files, folders or quoted globs.", show_default=False)],
+    paths: Annotated[
+        list[Path] | None, typer.Argument(help="Image files, folders or quoted globs.", show_default=False)
+    ] = None,
     run: Annotated[Path | None, typer.Option("--run", help="Run directory written by `loracli train`.")] = None,
     model: Annotated[Path | None, typer.Option("--model", help="Merged model folder written by `loracli merge`.")] = None,
     top_k: Annotated[int, typer.Option("--top-k", help="How many classes to show per image.")] = 5,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
     csv_file: Annotated[Path | None, typer.Option("--csv", help="Also write the predictions to this CSV file.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 16,
+    text: Annotated[
+        list[str] | None, typer.Option("--text", help="Text runs: classify (seq-cls) or translate (seq2seq) this text.")
+    ] = None,
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", help="Causal-LM runs: continue this prompt.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="Generation length.")] = None,
+    temperature: Annotated[
+        float | None, typer.Option("--temperature", help="Sample with this temperature (default: greedy).")
+    ] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling threshold.")] = None,
 ) -> None:
-    """Classify images with a trained run or a merged model; exit code 1 if any file failed."""
+    """Classify images (or, for text runs, --text / --prompt) with a trained run or a merged model.
+
+    Exit code 1 if any file failed. Examples: loracli predict beignets.jpg --run runs/food101-lora;
+    loracli predict --run runs/opt-lora --prompt "The weather today"
+    """
     import json
+
+    if text or prompt:
+        if paths or run is None:
+            raise UserInputError("--text/--prompt take a --run RUN_DIR of a text task and no image paths")
+        from lora_cli.inference.runs import predict_text
+
+        rows = predict_text(run, list(text or []) + list(prompt or []), top_k, max_new_tokens, temperature, top_p)
+        if json_out:
+            typer.echo(json.dumps(rows, indent=2))
+        else:
+            for row in rows:
+                answer = row.get("generated") or ", ".join(f"{r['label']}: {r['score']:.3f}" for r in row["top_k"])
+                Console().print(f"[bold]{escape(row['text'])}[/bold] -> {escape(answer)}", soft_wrap=True)
+        return
+    if not paths:
+        raise UserInputError("pass image paths (or --text / --prompt for text runs)")
 
     from lora_cli.inference.predict import (
         predict_files,

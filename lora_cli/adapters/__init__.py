@@ -6,7 +6,12 @@ Reads and writes PEFT's on-disk format. Depends on torch and safetensors only.
 from lora_cli.adapters.config import AdapterConfig
 from lora_cli.adapters.layers import AdapterLayer
 from lora_cli.adapters.methods.lora import LoraConfig, LoraLayer
-from lora_cli.adapters.model import AdapterHooks, AdapterModel, ModulesToSaveWrapper, get_adapter_model
+from lora_cli.adapters.model import (
+    AdapterHooks,
+    AdapterModel,
+    ModulesToSaveWrapper,
+    get_adapter_model,
+)
 from lora_cli.adapters.registry import AdapterMethod, available_methods, get_method, register_method
 
 

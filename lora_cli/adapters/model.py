@@ -34,7 +34,12 @@ from lora_cli.adapters.checkpoint import KEY_PREFIX, remap_legacy_key
 from lora_cli.adapters.config import CONFIG_NAME, WEIGHTS_NAME, AdapterConfig
 from lora_cli.adapters.layers import AdapterLayer
 from lora_cli.adapters.registry import get_method
-from lora_cli.adapters.targeting import candidate_modules, matches, resolve_modules_to_save, resolve_targets
+from lora_cli.adapters.targeting import (
+    candidate_modules,
+    matches,
+    resolve_modules_to_save,
+    resolve_targets,
+)
 from lora_cli.errors import AdapterStateError, LoraCliError, UserInputError
 
 logger = logging.getLogger(__name__)

@@ -121,24 +121,68 @@ def write_report(report: Mapping[str, Any], out_dir: str | Path, name: str = "ev
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = name[len("eval"):] if name.startswith("eval") else f"_{name}"
-    labels = [c["label"] for c in report["per_class"]]
-    png = plot_confusion_matrix(
-        np.asarray(report["confusion_matrix"]),
-        labels,
-        out_dir / "plots" / f"confusion_matrix{suffix}.png",
-        title=f"Confusion matrix (accuracy {report['accuracy']:.3f}, n={report['num_samples']})",
-    )
+    written: dict[str, Path] = {}
+    if "confusion_matrix" in report:  # classification reports only
+        labels = [c["label"] for c in report["per_class"]]
+        written["confusion_matrix"] = plot_confusion_matrix(
+            np.asarray(report["confusion_matrix"]),
+            labels,
+            out_dir / "plots" / f"confusion_matrix{suffix}.png",
+            title=f"Confusion matrix (accuracy {report['accuracy']:.3f}, n={report['num_samples']})",
+        )
     path = out_dir / f"{name}.json"
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
-    return {"json": path, "confusion_matrix": png}
+    return {"json": path, **written}
+
+
+def evaluate_lm(model: nn.Module, dataset: Any, collate: Callable[[list], Mapping[str, Any]], batch_size: int = 8) -> dict[str, Any]:
+    """Token-weighted mean loss and perplexity of a causal or seq2seq LM over ``dataset``.
+
+    The model's own loss is a per-token mean within a batch; weighting each batch by its
+    count of predicted tokens (labels != -100, minus the shift for causal LMs) gives the
+    mean over every predicted token of the split.
+    """
+    if len(dataset) == 0:
+        raise UserInputError("the evaluation split is empty; check data paths and --limit")
+    device = model_device(model)
+    causal = not getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    total_loss, total_tokens = 0.0, 0
+    model.eval()
+    with torch.inference_mode():
+        for batch in loader:
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            labels = batch["labels"][:, 1:] if causal else batch["labels"]
+            tokens = int((labels != -100).sum())
+            if tokens == 0:
+                continue
+            loss = float(model(**batch).loss)
+            if not np.isfinite(loss):
+                raise LoraCliError("the model produced a NaN/inf loss during evaluation; the weights are broken")
+            total_loss += loss * tokens
+            total_tokens += tokens
+    if total_tokens == 0:
+        raise UserInputError("the evaluation split has no target tokens (every label is masked)")
+    mean = total_loss / total_tokens
+    return {"num_samples": len(dataset), "num_tokens": total_tokens, "loss": mean, "perplexity": float(np.exp(mean))}
 
 
 def report_tables(report: Mapping[str, Any], worst: int = 10) -> list[Any]:
     """Rich tables: the summary, the weakest classes, the most-confused pairs."""
     from rich.markup import escape
     from rich.table import Table
+
+    if "per_class" not in report:  # a language-model report: one table of numbers
+        table = Table(title="evaluation", show_header=False)
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for key in ("num_samples", "num_tokens", "loss", "perplexity", "bleu"):
+            if key in report:
+                value = report[key]
+                table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        return [table]
 
     summary = Table(title="evaluation", show_header=False)
     summary.add_column("metric")

@@ -91,16 +91,36 @@ def synthetic_inputs(model: nn.Module, processor: Any, n: int = 16, seed: int = 
     return processor(images=images, return_tensors="pt")["pixel_values"]
 
 
-def _logits(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+def _logits(model: nn.Module, inputs: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits for pixel values, or for a dict of model inputs (token ids, masks, labels)."""
     param = next(model.parameters())
+    if torch.is_tensor(inputs):
+        inputs = {"pixel_values": inputs}
+    moved = {
+        k: v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device)
+        for k, v in inputs.items()
+    }
     with torch.inference_mode():
-        out = model(pixel_values=pixel_values.to(param.device, param.dtype)).logits
+        out = model(**moved).logits
     return out.float().cpu()
+
+
+def _rows(inputs: torch.Tensor | dict[str, torch.Tensor], n: int):
+    """The first ``n`` rows of a tensor or of every tensor in a dict."""
+    if torch.is_tensor(inputs):
+        return inputs[:n]
+    return {k: v[:n] for k, v in inputs.items()}
+
+
+def _count(inputs) -> int:
+    return len(inputs) if torch.is_tensor(inputs) else len(next(iter(inputs.values())))
 
 
 def compare_logits(reference: torch.Tensor, merged: torch.Tensor, dtype: str) -> tuple[float, float, float, bool]:
     """(max abs diff, tolerance, top-1 agreement, ok) of merged against reference logits."""
     atol, rtol = TOLERANCES[dtype]
+    # language models give (batch, tokens, vocab): every position is one row to compare
+    reference, merged = reference.reshape(-1, reference.shape[-1]), merged.reshape(-1, merged.shape[-1])
     tolerance = atol + rtol * float(reference.abs().max())
     diff = float((reference - merged).abs().max())
     ref_top, merged_top = reference.argmax(-1), merged.argmax(-1)
@@ -118,10 +138,11 @@ def merge_run(
     processor: Any,
     out_dir: str | Path,
     dtype: str = "float32",
-    verify_batch: torch.Tensor | None = None,
+    verify_batch: torch.Tensor | dict[str, torch.Tensor] | None = None,
     n: int = 16,
     force: bool = False,
     id2label: dict[int, str] | None = None,
+    source: str = "validation",
 ) -> MergeReport:
     """Merge ``model`` (an AdapterModel), verify, and save a transformers model folder.
 
@@ -137,8 +158,8 @@ def merge_run(
     if not hasattr(model, "merge_and_unload"):
         raise UserInputError("the model has no adapter to merge (expected a loracli AdapterModel)")
 
-    if verify_batch is not None and len(verify_batch) > 0:
-        pixel_values, source = verify_batch[:n], "validation"
+    if verify_batch is not None and _count(verify_batch) > 0:
+        pixel_values = _rows(verify_batch, n)
     else:
         pixel_values, source = synthetic_inputs(model, processor, n), "synthetic"
         logger.info("no validation images reachable; verifying the merge on %d synthetic inputs", n)
@@ -159,10 +180,10 @@ def merge_run(
     merged.to(DTYPES[dtype]).eval()
     merged_logits = _logits(merged, pixel_values)
     diff, tolerance, agreement, ok = compare_logits(reference, merged_logits, dtype)
-    report = MergeReport(str(out_dir), dtype, source, len(pixel_values), diff, tolerance, agreement)
+    report = MergeReport(str(out_dir), dtype, source, _count(pixel_values), diff, tolerance, agreement)
     if not ok:
         raise MergeVerificationError(
-            f"the merged {dtype} model does not reproduce the adapter model on {len(pixel_values)} {source} "
+            f"the merged {dtype} model does not reproduce the adapter model on {_count(pixel_values)} {source} "
             f"input(s): max |logit diff| {diff:.3g} > tolerance {tolerance:.3g} or top-1 agreement "
             f"{agreement:.1%}; nothing written (try --dtype float32, or report this as a bug)"
         )

@@ -7,6 +7,7 @@ verb can be paired with the wrong recipe), loads the trained model with
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -53,22 +54,28 @@ def eval_run(
     validation split; variants get their own names (``eval_base.json``,
     ``eval_adapter-<dir>.json``, ``eval_train.json``) so they never overwrite it.
     """
-    from lora_cli.inference.evaluate import evaluate, write_report
+    from lora_cli.inference.evaluate import evaluate, evaluate_lm, write_report
     from lora_cli.training.rundir import load_run
 
     if limit is not None and limit < 1:
         raise UserInputError(f"--limit must be at least 1, got {limit}")
     if base and adapter_dir is not None:
         raise UserInputError("--base evaluates without any adapter; drop --adapter or --base")
+    from lora_cli.tasks import task_collator
+
     loaded = load_run(run_dir, adapter_dir=adapter_dir, device=device)
-    id2label = _id2label(loaded)
     dataset = loaded.task.eval_dataset(loaded.recipe, loaded.processor, split=split, limit=limit)
     size = _eval_batch_size(loaded.recipe, batch_size)
-    if base:
-        with loaded.model.disable_adapter():
-            report = evaluate(loaded.model, dataset, loaded.task.collate, id2label, size)
-    else:
-        report = evaluate(loaded.model, dataset, loaded.task.collate, id2label, size)
+    collate = task_collator(loaded.task, loaded.processor, loaded.recipe)
+    context = loaded.model.disable_adapter() if base else contextlib.nullcontext()
+    with context:
+        if loaded.id2label:
+            report = evaluate(loaded.model, dataset, collate, _id2label(loaded), size)
+        else:  # generative tasks: loss, perplexity (and BLEU where the task has it)
+            report = evaluate_lm(loaded.model, dataset, collate, size)
+            bleu = getattr(loaded.task, "evaluate_bleu", None)
+            if bleu is not None:
+                report.update(bleu(loaded, split=split, limit=limit or 100))
     report["split"] = split
     report["limit"] = limit
     report["variant"] = "base" if base else ("adapter" if adapter_dir is None else str(adapter_dir))
@@ -85,16 +92,18 @@ def eval_run(
 
 
 def verification_batch(loaded: Any, n: int):
-    """Up to ``n`` validation images' pixel values, or None when the data is not reachable."""
+    """(inputs, source): up to ``n`` collated validation rows, or the task's synthetic inputs
+    (source "synthetic") when the data is not reachable."""
+    from lora_cli.tasks import task_collator
+
     try:
         dataset = loaded.task.eval_dataset(loaded.recipe, loaded.processor, split="validation", limit=n)
         rows = [dataset[i] for i in range(min(n, len(dataset)))]
-        if not rows:
-            return None
-        return loaded.task.collate(rows)["pixel_values"]
+        if rows:
+            return task_collator(loaded.task, loaded.processor, loaded.recipe)(rows), "validation"
     except (LoraCliError, OSError, ValueError, KeyError, ImportError) as exc:
         logger.info("validation data not reachable (%s); using synthetic inputs", exc)
-        return None
+    return loaded.task.synthetic_batch(loaded.processor, n), "synthetic"
 
 
 def merge_from_run(
@@ -113,10 +122,10 @@ def merge_from_run(
         raise UserInputError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     check_out_dir(out_dir, force)  # fail before the slow model load
     loaded = load_run(run_dir, device=device)
-    batch = verification_batch(loaded, n)
+    batch, source = verification_batch(loaded, n)
     return merge_run(
         loaded.model, loaded.processor, out_dir, dtype=dtype, verify_batch=batch, n=n, force=force,
-        id2label=_id2label(loaded),
+        id2label=loaded.id2label, source=source,
     )
 
 
@@ -132,3 +141,29 @@ def load_predictor(run_dir: str | Path | None = None, model_dir: str | Path | No
 
     loaded = load_run(run_dir, device=device)
     return loaded.model, loaded.processor, _id2label(loaded)
+
+
+def predict_text(
+    run_dir: str | Path,
+    texts: list[str],
+    top_k: int = 5,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    device: str | None = None,
+) -> list[dict[str, Any]]:
+    """Text runs: labels (seq-cls) or generated text (causal-lm, seq2seq), one row per input."""
+    from lora_cli.training.rundir import load_run
+
+    loaded = load_run(run_dir, device=device)
+    task = loaded.recipe.task
+    if task == "seq-cls":
+        labels = loaded.task.classify_text(loaded, texts, top_k=top_k)
+        return [{"text": t, "top_k": row} for t, row in zip(texts, labels)]
+    if task in ("causal-lm", "seq2seq"):
+        kwargs = {"temperature": temperature, "top_p": top_p}
+        if max_new_tokens is not None:
+            kwargs["max_new_tokens"] = max_new_tokens
+        outputs = loaded.task.generate(loaded, texts, **kwargs)
+        return [{"text": t, "generated": g} for t, g in zip(texts, outputs)]
+    raise UserInputError(f"--text/--prompt are for text runs; {run_dir} is a {task} run: pass image paths instead")

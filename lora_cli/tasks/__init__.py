@@ -30,3 +30,9 @@ def get_task(name: str) -> ModuleType:
         if exc.name == TASKS[name]:
             raise UserInputError(f"task {name!r} is not available in this version of loracli") from None
         raise
+
+
+def task_collator(task: ModuleType, processor, recipe):
+    """The task's collate function: text tasks build one around their tokenizer (pad id)."""
+    make = getattr(task, "make_collator", None)
+    return make(processor, recipe) if make is not None else task.collate

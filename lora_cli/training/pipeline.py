@@ -21,7 +21,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from lora_cli.errors import LoraCliError, UserInputError
+from lora_cli.errors import UserInputError
 from lora_cli.training import distributed
 from lora_cli.training import rundir as rd
 
@@ -206,6 +206,7 @@ def resolve_adapter_config(recipe, task, model, n_train: int, args):
 def build_trainer(recipe, task, model, args, train_ds, eval_ds, processor, run_dir, extra_callbacks=()):
     from transformers import PrinterCallback
 
+    from lora_cli.tasks import task_collator
     from lora_cli.training.callbacks import (
         AdaLoraCallback,
         MetricsFileCallback,
@@ -226,7 +227,7 @@ def build_trainer(recipe, task, model, args, train_ds, eval_ds, processor, run_d
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        data_collator=getattr(task, "make_collator", lambda p, r: task.collate)(processor, recipe),
+        data_collator=task_collator(task, processor, recipe),
         compute_metrics=task.compute_metrics,
         preprocess_logits_for_metrics=getattr(task, "preprocess_logits_for_metrics", None),
         callbacks=callbacks,
