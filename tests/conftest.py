@@ -22,7 +22,7 @@ import torch
 # the cores and run several times slower, not faster.
 torch.set_num_threads(int(os.environ.get("LORACLI_TEST_THREADS", "1")))
 
-from tests.helpers import make_imagefolder
+from tests.helpers import make_imagefolder  # noqa: E402 - after the offline env vars
 
 
 @pytest.fixture(autouse=True)

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -47,7 +48,7 @@ def environment(seed: int) -> dict[str, Any]:
     from lora_cli import __version__
 
     commit = None
-    try:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"],
             cwd=Path(__file__).resolve().parent,
@@ -56,8 +57,6 @@ def environment(seed: int) -> dict[str, Any]:
             timeout=5,
             check=True,
         ).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        pass
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
