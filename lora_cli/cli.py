@@ -52,6 +52,8 @@ def main_options(
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        # its load reports ("classifier.weight MISSING") describe the head loracli adds itself
+        hf_logging.set_verbosity_error()
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
