@@ -20,6 +20,7 @@ import torch
 from lora_cli.errors import UserInputError
 from lora_cli.tasks import data as data_mod
 from lora_cli.tasks import text_common as tc
+from lora_cli.tasks.text_common import load_processor, make_collator, synthetic_batch  # noqa: F401 - the task interface
 
 NAME = "causal-lm"
 PEFT_TASK_TYPE = "CAUSAL_LM"
@@ -44,10 +45,6 @@ def _columns(recipe) -> dict[str, str | None]:
 
 def load_raw(recipe) -> tuple[data_mod.Splits, None]:
     return tc.load_splits(recipe, _columns(recipe)), None
-
-
-def load_processor(recipe, source=None):
-    return tc.load_tokenizer(recipe, source)
 
 
 def build_model(recipe, labels=None, source=None):
@@ -94,15 +91,6 @@ def prepare(splits: data_mod.Splits, processor, recipe):
     return train, eval_ds
 
 
-def make_collator(processor, recipe=None):
-    pad_id = processor.pad_token_id
-
-    def collate(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return tc.pad_batch(batch, pad_id)
-
-    return collate
-
-
 # ------------------------------------------------------------------ metrics
 def preprocess_logits_for_metrics(logits, labels) -> torch.Tensor:
     """(batch, seq, vocab) logits -> (batch, 2): summed NLL and count of predicted tokens.
@@ -136,11 +124,6 @@ def eval_dataset(recipe, processor, split: str = "validation", limit: int | None
     splits, _ = load_raw(recipe)
     ds = splits.train if split == "train" else splits.eval
     return _tokenize(data_mod.limit(ds, limit, recipe.seed), processor, recipe)
-
-
-def synthetic_batch(processor, n: int = 4) -> dict[str, torch.Tensor]:
-    ids = torch.randint(0, len(processor), (n, 16))
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 # ------------------------------------------------------------------ predict

@@ -23,6 +23,7 @@ import torch
 from lora_cli.errors import UserInputError
 from lora_cli.tasks import data as data_mod
 from lora_cli.tasks import text_common as tc
+from lora_cli.tasks.text_common import load_processor, make_collator  # noqa: F401 - the task interface
 
 logger = logging.getLogger(__name__)
 
@@ -86,10 +87,6 @@ def load_raw(recipe) -> tuple[data_mod.Splits, None]:
     return tc.load_splits(recipe, columns), None
 
 
-def load_processor(recipe, source=None):
-    return tc.load_tokenizer(recipe, source)
-
-
 def build_model(recipe, labels=None, source=None):
     from transformers import AutoModelForSeq2SeqLM
 
@@ -114,15 +111,6 @@ def _tokenize(ds, tokenizer, recipe):
 
 def prepare(splits: data_mod.Splits, processor, recipe):
     return _tokenize(splits.train, processor, recipe), _tokenize(splits.eval, processor, recipe)
-
-
-def make_collator(processor, recipe=None):
-    pad_id = processor.pad_token_id
-
-    def collate(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return tc.pad_batch(batch, pad_id)
-
-    return collate
 
 
 # ------------------------------------------------------------------ metrics

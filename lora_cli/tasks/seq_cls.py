@@ -19,6 +19,7 @@ import torch
 from lora_cli.errors import UserInputError
 from lora_cli.tasks import data as data_mod
 from lora_cli.tasks import text_common as tc
+from lora_cli.tasks.text_common import load_processor, make_collator, synthetic_batch  # noqa: F401 - the task interface
 
 NAME = "seq-cls"
 PEFT_TASK_TYPE = "SEQ_CLS"
@@ -35,10 +36,6 @@ def load_raw(recipe) -> tuple[data_mod.Splits, list[str]]:
     splits = tc.load_splits(recipe, columns, stratify=data.label_column)
     labels = data_mod.encode_labels(splits, data.label_column)
     return splits, labels
-
-
-def load_processor(recipe, source=None):
-    return tc.load_tokenizer(recipe, source)
 
 
 def build_model(recipe, labels: list[str] | None, source=None):
@@ -76,15 +73,6 @@ def prepare(splits: data_mod.Splits, processor, recipe):
     return _tokenize(splits.train, processor, recipe), _tokenize(splits.eval, processor, recipe)
 
 
-def make_collator(processor, recipe=None):
-    pad_id = processor.pad_token_id
-
-    def collate(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return tc.pad_batch(batch, pad_id)
-
-    return collate
-
-
 # ------------------------------------------------------------------ metrics
 def compute_metrics(eval_pred) -> dict[str, float]:
     from sklearn.metrics import accuracy_score, f1_score
@@ -104,11 +92,6 @@ def eval_dataset(recipe, processor, split: str = "validation", limit: int | None
     splits, _ = load_raw(recipe)
     ds = splits.train if split == "train" else splits.eval
     return _tokenize(data_mod.limit(ds, limit, recipe.seed), processor, recipe)
-
-
-def synthetic_batch(processor, n: int = 4) -> dict[str, torch.Tensor]:
-    ids = torch.randint(0, len(processor), (n, 16))
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 # ------------------------------------------------------------------ predict

@@ -250,3 +250,27 @@ def sampling_kwargs(max_new_tokens: int, temperature: float | None, top_p: float
         kwargs["top_p"] = top_p if top_p is not None else 1.0
         kwargs["top_k"] = 0
     return kwargs
+
+
+# ------------------------------------------------------------- task interface pieces
+# Shared by the text task modules, which re-export them as their own.
+
+def load_processor(recipe, source: str | Path | None = None):
+    """The task's processor is its tokenizer."""
+    return load_tokenizer(recipe, source)
+
+
+def make_collator(processor, recipe=None):
+    """Pads a batch of token-id rows with the tokenizer's pad id (labels with -100)."""
+    pad_id = processor.pad_token_id
+
+    def collate(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return pad_batch(batch, pad_id)
+
+    return collate
+
+
+def synthetic_batch(processor, n: int = 4) -> dict[str, torch.Tensor]:
+    """Random token ids, for checks when no data is reachable."""
+    ids = torch.randint(0, len(processor), (n, 16))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
