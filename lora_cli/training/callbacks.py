@@ -56,11 +56,12 @@ class NanGuardCallback(TrainerCallback):
 
 
 class RichProgressCallback(TrainerCallback):
-    """A progress bar and a live summary line: loss, lr, accuracy, samples/s."""
+    """A progress bar and a live summary line: loss, lr, accuracy, images (samples) per second."""
 
-    def __init__(self, console: Console | None = None, samples_per_step: int = 1) -> None:
+    def __init__(self, console: Console | None = None, samples_per_step: int = 1, unit: str = "samples") -> None:
         self.console = console or Console(stderr=True)
         self.samples_per_step = samples_per_step
+        self.unit = unit
         self.progress: Progress | None = None
         self.task = None
         self.summary = {"loss": None, "lr": None, "acc": None}
@@ -95,7 +96,7 @@ class RichProgressCallback(TrainerCallback):
             parts.append(f"lr {self.summary['lr']:.2e}")
         if self.summary["acc"] is not None:
             parts.append(f"acc {self.summary['acc']:.3f}")
-        parts.append(f"{rate:.1f} samples/s")
+        parts.append(f"{rate:.1f} {self.unit}/s")
         self.progress.update(self.task, completed=state.global_step, summary=" | ".join(parts))
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -220,7 +220,7 @@ def build_trainer(recipe, task, model, args, train_ds, eval_ds, processor, run_d
         callbacks.append(AdaLoraCallback(model))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     samples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
-    callbacks.append(RichProgressCallback(console, samples_per_step))
+    callbacks.append(RichProgressCallback(console, samples_per_step, unit="images" if recipe.task == "image-classification" else "samples"))
     callbacks += list(extra_callbacks)
     trainer = AdapterTrainer(
         model=model,
