@@ -51,6 +51,8 @@ def run_training(
     task = get_task(recipe.task)
     run_dir = Path(recipe.output_path)
     _check_run_dir(run_dir, resume=resume, overwrite=overwrite, dry_run=dry_run)
+    if resume:
+        _check_same_recipe(recipe, run_dir)
     set_seed(recipe.seed)
 
     processor = task.load_processor(recipe)
@@ -128,6 +130,41 @@ def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool, dry_run: bool) 
             f"the run directory {run_dir} already exists; continue it with --resume, replace it with --overwrite, "
             "or pick another output_dir (e.g. output_dir=runs/other as an override)"
         )
+
+
+# What may change when a run is continued: how long it trains, and how often it logs/saves.
+RESUME_MAY_CHANGE = {"num_train_epochs", "max_steps", "logging_steps", "save_steps", "eval_steps", "save_total_limit"}
+
+
+def _check_same_recipe(recipe, run_dir: Path) -> None:
+    """--resume continues the run that was started: a changed model, data or adapter would
+    silently mix two experiments in one run directory."""
+    from lora_cli.recipe import load_recipe
+
+    saved_file = run_dir / rd.RECIPE_FILE
+    if not saved_file.is_file():
+        return
+    saved, current = _flatten(load_recipe(saved_file).to_dict()), _flatten(recipe.to_dict())
+    changed = sorted(
+        k for k in saved.keys() | current.keys()
+        if saved.get(k) != current.get(k) and not (k.startswith("training.") and k.split(".", 1)[1] in RESUME_MAY_CHANGE)
+    )
+    if changed:
+        shown = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:5])
+        raise UserInputError(
+            f"--resume: the recipe differs from the one {run_dir} was started with ({shown}); only the run length "
+            f"and logging/saving intervals may change. Resume with the original settings, or start a new run "
+            f"(--overwrite, or output_dir=runs/other)"
+        )
+
+
+def _flatten(data, prefix: str = "") -> dict:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out = {}
+    for key, value in data.items():
+        out.update(_flatten(value, f"{prefix}{key}." if isinstance(value, dict) and value else f"{prefix}{key}"))
+    return {k.rstrip("."): v for k, v in out.items()}
 
 
 def _snapshot_if_random(recipe, model):

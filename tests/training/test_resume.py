@@ -66,3 +66,16 @@ def test_training_augmentation_depends_on_seed_epoch_and_row_only(imagefolder):
     assert not torch.equal(train[3]["pixel_values"], first)
     train.set_epoch(0)
     assert torch.equal(train[3]["pixel_values"], first)
+
+
+def test_resume_refuses_a_changed_recipe_but_allows_a_longer_run(tmp_path, imagefolder):
+    from lora_cli.errors import UserInputError
+
+    training = {"max_steps": 2, "per_device_train_batch_size": 8, "save_strategy": "steps", "save_steps": 2}
+    recipe = write_recipe(tmp_path / "r.yaml", imagefolder, tmp_path / "run", "lora", training=training)
+    run = run_training(recipe)
+    before = _adapter(run)
+    with pytest.raises(UserInputError, match=r"adapter\.r: 4 -> 8.*start a new run"):
+        run_training(recipe, ["adapter.r=8"], resume=True)
+    assert all(torch.equal(before[k], v) for k, v in _adapter(run).items()), "a refused resume changed the run"
+    run_training(recipe, ["training.max_steps=3"], resume=True)  # training longer is what --resume is for
