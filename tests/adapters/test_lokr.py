@@ -11,38 +11,22 @@ from lora_cli.adapters import AdapterModel, LoKrConfig, get_adapter_model
 from lora_cli.adapters import functional as fn
 from lora_cli.adapters.methods.lokr import LoKrLayer
 from lora_cli.errors import AdapterConfigError
+from tests.adapters import _layers
 from tests.helpers import tiny_gpt2, tiny_vit
 
 VIT_TARGETS = ["q_proj", "v_proj", "embeddings.patch_embeddings.projection"]
 PIXELS = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
-class Plain(nn.Module):
-    """Linear, 3x3 grouped conv and 1x1 conv in a model transformers knows nothing about."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(4, 6, 3, padding=1)
-        self.grouped = nn.Conv2d(6, 12, 3, padding=1, groups=2)
-        self.point = nn.Conv2d(12, 8, 1)
-        self.lin = nn.Linear(8, 20)
-
-    def forward(self, x):
-        h = self.point(torch.relu(self.grouped(torch.relu(self.conv(x)))))
-        return self.lin(h.mean(dim=(2, 3)))
+def Plain() -> nn.Module:  # noqa: N802 - reads like the class it builds
+    return _layers.Plain(grouped=12, out=20)
 
 
 def _layer(base: nn.Module, **kw) -> LoKrLayer:
-    layer = LoKrLayer(base)
-    config = LoKrConfig(**kw)
-    layer.add("default", config, config.r, config.alpha)
-    layer.active_adapters = ["default"]
-    return layer
+    return _layers.single_layer(LoKrLayer, LoKrConfig, base, **kw)
 
 
-def _shapes(layer: LoKrLayer) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(p.shape) for k, p in layer.adapter_tensors("default")}
+_shapes = _layers.tensor_shapes
 
 
 # ----------------------------------------------------------------------------- config

@@ -1,0 +1,40 @@
+"""Shared scaffolding for the per-method adapter tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Plain(nn.Module):
+    """Linear, 3x3 grouped conv and 1x1 conv in a model transformers knows nothing about.
+
+    ``grouped`` and ``out`` set the grouped conv's output channels and the classes, so a
+    method can pick sizes its factorisation needs.
+    """
+
+    def __init__(self, grouped: int = 6, out: int = 10) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(4, 6, 3, padding=1)
+        self.grouped = nn.Conv2d(6, grouped, 3, padding=1, groups=2)
+        self.point = nn.Conv2d(grouped, 8, 1)
+        self.lin = nn.Linear(8, out)
+
+    def forward(self, x):
+        h = self.point(torch.relu(self.grouped(torch.relu(self.conv(x)))))
+        return self.lin(h.mean(dim=(2, 3)))
+
+
+def single_layer(layer_cls, config_cls, base: nn.Module, **kw):
+    """``base`` wrapped in ``layer_cls`` holding one active adapter "default" built from ``config_cls(**kw)``."""
+    layer = layer_cls(base)
+    config = config_cls(**kw)
+    layer.add("default", config, config.r, config.alpha)
+    layer.active_adapters = ["default"]
+    return layer
+
+
+def tensor_shapes(layer) -> dict[str, tuple[int, ...]]:
+    """File key suffix -> shape of adapter "default"'s tensors."""
+    return {k: tuple(p.shape) for k, p in layer.adapter_tensors("default")}
