@@ -38,3 +38,21 @@ def single_layer(layer_cls, config_cls, base: nn.Module, **kw):
 def tensor_shapes(layer) -> dict[str, tuple[int, ...]]:
     """File key suffix -> shape of adapter "default"'s tensors."""
     return {k: tuple(p.shape) for k, p in layer.adapter_tensors("default")}
+
+
+def assert_merge_roundtrip(model, inputs) -> None:
+    """Non-zero adapter; merged == unmerged; merging twice is a no-op; unmerge and
+    merge_and_unload give the same outputs. ``inputs()`` builds the model's keyword inputs."""
+    with torch.no_grad():
+        base = model.get_base_model()
+        with model.disable_adapter():
+            plain = base(**inputs()).logits
+        unmerged = model(**inputs()).logits
+        assert (unmerged - plain).abs().max() > 1e-3
+        model.merge_adapter()
+        torch.testing.assert_close(model(**inputs()).logits, unmerged, atol=1e-5, rtol=1e-5)
+        model.merge_adapter()  # a no-op
+        torch.testing.assert_close(model(**inputs()).logits, unmerged, atol=1e-5, rtol=1e-5)
+        model.unmerge_adapter()
+        torch.testing.assert_close(model(**inputs()).logits, unmerged, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.merge_and_unload()(**inputs()).logits, unmerged, atol=1e-5, rtol=1e-5)
