@@ -118,11 +118,11 @@ class AdapterModel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         outputs = self.base_model(*args, **kwargs)
-        if self.training and not self._adapters_disabled and self.add_regularizer_to_loss:
-            hooks = self.hooks.get(self.active_adapter)
-            penalty = hooks.regularizer() if hooks is not None else None
-            loss = getattr(outputs, "loss", None)
-            if penalty is not None and loss is not None:
+        hooks = self.hooks.get(self.active_adapter)
+        loss = getattr(outputs, "loss", None)
+        if hooks is not None and loss is not None and self.training and not self._adapters_disabled and self.add_regularizer_to_loss:
+            penalty = hooks.regularizer()
+            if penalty is not None:
                 outputs.loss = loss + penalty
         return outputs
 
