@@ -56,3 +56,13 @@ def assert_merge_roundtrip(model, inputs) -> None:
         model.unmerge_adapter()
         torch.testing.assert_close(model(**inputs()).logits, unmerged, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(model.merge_and_unload()(**inputs()).logits, unmerged, atol=1e-5, rtol=1e-5)
+
+
+def assert_module_dropout_only_in_training(layer, x) -> None:
+    """With module_dropout 0.5 the adapter is skipped about half the time in training, never in eval."""
+    base = layer.base_layer(x)
+    layer.train()
+    skipped = sum(torch.equal(layer(x), base) for _ in range(100))
+    assert 25 < skipped < 75
+    layer.eval()
+    assert not any(torch.equal(layer(x), base) for _ in range(20))
