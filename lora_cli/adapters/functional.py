@@ -14,6 +14,7 @@ import math
 import re
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # --------------------------------------------------------------------------- LoRA
@@ -27,14 +28,21 @@ def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
 def lora_delta(lora_a: Tensor, lora_b: Tensor, scaling: float) -> Tensor:
     """Delta weight of LoRA: B @ A * s.
 
-    ``lora_a`` is (r, in) or a conv kernel (r, in, kh, kw); ``lora_b`` is (out, r) or
-    (out, r, 1, 1). Returns (out, in) or (out, in, kh, kw).
+    ``lora_a`` is (r, in) or a conv kernel (r, in, *kernel); ``lora_b`` is (out, r) or
+    (out, r, 1, ...). Returns (out, in) or (out, in, *kernel). (A grouped conv's B,
+    (out, r / groups, 1, ...), has no such delta: see ``LoraLayer``.)
     """
-    if lora_a.dim() == 4:
+    if lora_a.dim() > 2:
         out = lora_b.shape[0]
         delta = lora_b.reshape(out, -1) @ lora_a.reshape(lora_a.shape[0], -1)
         return delta.reshape(out, *lora_a.shape[1:]) * scaling
     return (lora_b @ lora_a) * scaling
+
+
+def conv(x: Tensor, weight: Tensor, **kwargs) -> Tensor:
+    """``F.conv1d`` or ``F.conv2d``, picked by the kernel's rank: (out, in, k) or (out, in, kh, kw)."""
+    op = {3: F.conv1d, 4: F.conv2d}[weight.dim()]
+    return op(x, weight, **kwargs)
 
 
 def row_norm(weight: Tensor) -> Tensor:

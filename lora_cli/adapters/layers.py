@@ -11,7 +11,7 @@ A method subclass supplies only its parameters (``add``) and its math
 which adapters are active, folding the delta into the weight, safe merging with a
 finiteness check, idempotent merge/unmerge, and naming tensors for the PEFT file format.
 
-Layouts: methods work in the *canonical* layout, (out, in) or (out, in, kh, kw). GPT-2's
+Layouts: methods work in the *canonical* layout, (out, in) or (out, in, *kernel). GPT-2's
 ``Conv1D`` and ``nn.Embedding`` store (in, out); :meth:`to_raw` / :meth:`canonical_weight`
 convert, which is all that ``fan_in_fan_out`` means.
 """
@@ -31,6 +31,10 @@ if TYPE_CHECKING:
     from lora_cli.adapters.config import AdapterConfig
 
 LINEAR, CONV1D, CONV2D, EMBEDDING = "linear", "conv1d", "conv2d", "embedding"
+NN_CONV1D = "nn_conv1d"
+"""torch's ``nn.Conv1d`` (channels first), not transformers' GPT-2 ``Conv1D`` (a linear map)."""
+CONVS = (NN_CONV1D, CONV2D)
+"""True convolutions: weight (out, in / groups, *kernel), run by the base's ``_conv_forward``."""
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -43,6 +47,8 @@ def layer_kind(module: nn.Module) -> str | None:
         return CONV1D
     if isinstance(module, nn.Conv2d):
         return CONV2D
+    if isinstance(module, nn.Conv1d):
+        return NN_CONV1D
     if isinstance(module, nn.Embedding):
         return EMBEDDING
     return None
@@ -153,7 +159,7 @@ class AdapterLayer(nn.Module):
             if base.bias is not None:
                 out = out + base.bias
             return out.reshape(*x.shape[:-1], weight.shape[1])
-        if self.kind == CONV2D:
+        if self.kind in CONVS:
             return base._conv_forward(x, weight, base.bias)
         return F.embedding(
             x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse

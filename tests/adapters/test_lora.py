@@ -174,9 +174,10 @@ def test_modules_to_save_matches_on_a_dot_boundary(tmp_path):
         get_adapter_model(_TwoHeads(), LoraConfig(target_modules=["body"], modules_to_save=["clasifier"]))
 
 
-def test_dora_on_embedding_is_refused():
-    with pytest.raises(TargetingError, match="use_dora supports Linear and Conv1D"):
-        get_adapter_model(tiny_bert(), LoraConfig(target_modules=["word_embeddings"], use_dora=True))
+def test_dora_on_grouped_conv_is_refused():
+    grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(TargetingError, match="use_dora is not supported on grouped convolutions"):
+        get_adapter_model(grouped, LoraConfig(target_modules=["0"], use_dora=True))
 
 
 # ----------------------------------------------------------------------- multi-adapter

@@ -7,8 +7,14 @@ per-row magnitude m and rescales the adapted weight to it:
 
     y = W x + (g - 1) W x + g s B A x,      g = m / ||W + s B A||  (norm detached)
 
-On convolutions A is a conv with the base kernel/stride/padding and B a 1x1 conv; on
-embeddings A is a lookup table (r, num_embeddings) and B (dim, r).
+On convolutions (``nn.Conv1d``, ``nn.Conv2d``) A is a conv with the base kernel/stride/
+padding and B a 1x1 conv; on embeddings A is a lookup table (r, num_embeddings) and B
+(dim, r). DoRA's m is per output channel (per embedding dimension) and, on convolutions,
+shaped (1, out, 1[, 1]) as PEFT stores it.
+
+On a grouped convolution (groups = G > 1) A still sees every input channel and B is a
+grouped 1x1 conv, (out, r / G, 1, 1): PEFT's layout. The dense update that makes cannot
+live in the grouped kernel, so such an adapter is never merged; it has no DoRA either.
 """
 
 from __future__ import annotations
@@ -30,9 +36,17 @@ from lora_cli.adapters.config import (
     check_positive_int,
     check_rate,
 )
-from lora_cli.adapters.layers import CONV1D, CONV2D, EMBEDDING, LINEAR, AdapterLayer
+from lora_cli.adapters.layers import (
+    CONV1D,
+    CONV2D,
+    CONVS,
+    EMBEDDING,
+    LINEAR,
+    NN_CONV1D,
+    AdapterLayer,
+)
 from lora_cli.adapters.registry import AdapterMethod, register_method
-from lora_cli.errors import Problem, TargetingError
+from lora_cli.errors import Problem, TargetingError, UserInputError
 
 INIT_CHOICES = (True, False, "gaussian", "pissa", "pissa_niter_[N]", "olora", "orthogonal")
 BIAS_CHOICES = ("none", "all", "lora_only")
@@ -111,7 +125,7 @@ def add_low_rank(result: Tensor, h: Tensor, b: Tensor) -> Tensor:
 
 
 class LoraLayer(AdapterLayer):
-    supported_kinds = (LINEAR, CONV1D, CONV2D, EMBEDDING)
+    supported_kinds = (LINEAR, CONV1D, NN_CONV1D, CONV2D, EMBEDDING)
     adapter_attrs = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
     disk_names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
 
@@ -125,10 +139,26 @@ class LoraLayer(AdapterLayer):
         dora = ", dora" if name in self.lora_magnitude_vector else ""
         return f"r={self.r[name]}, scaling={self.scaling[name]:g}{dora}"
 
+    @property
+    def groups(self) -> int:
+        """Groups of a convolution base layer; 1 for every other kind."""
+        return self.base_layer.groups if self.kind in CONVS else 1
+
     # ------------------------------------------------------------------ params
     def add(self, name: str, config: LoraConfig, r: int, alpha: float) -> None:
-        if config.use_dora and self.kind not in (LINEAR, CONV1D):
-            raise TargetingError(f"use_dora supports Linear and Conv1D layers, not {type(self.base_layer).__name__}")
+        if self.groups > 1:
+            where = f"{self.base_layer} (groups={self.groups})"
+            if config.use_dora:
+                raise TargetingError(
+                    f"use_dora is not supported on grouped convolutions such as {where}; "
+                    "set use_dora: false or exclude this module (exclude_modules)"
+                )
+            if r % self.groups:
+                raise TargetingError(
+                    f"LoRA on the grouped convolution {where} needs r divisible by groups, got r={r}; "
+                    f"use a multiple of {self.groups} (rank_pattern can set it for this module alone) "
+                    "or exclude this module"
+                )
         self.r[name] = r
         self.scaling[name] = fn.lora_scaling(alpha, r, config.use_rslora)
         p = config.lora_dropout
@@ -136,12 +166,10 @@ class LoraLayer(AdapterLayer):
         if self.kind == EMBEDDING:
             self.lora_embedding_A[name] = self.new_param(r, self.in_features)
             self.lora_embedding_B[name] = self.new_param(self.out_features, r)
-        elif self.kind == CONV2D:
-            base = self.base_layer
-            if base.groups != 1:
-                raise TargetingError("LoRA on grouped convolutions is not supported; exclude this module")
-            self.lora_A[name] = self.new_param(r, self.in_features, *base.kernel_size)
-            self.lora_B[name] = self.new_param(self.out_features, r, 1, 1)
+        elif self.kind in CONVS:
+            kernel = self.base_layer.kernel_size
+            self.lora_A[name] = self.new_param(r, self.in_features, *kernel)  # (r, in, *kernel)
+            self.lora_B[name] = self.new_param(self.out_features, r // self.groups, *[1] * len(kernel))
         else:
             self.lora_A[name] = self.new_param(r, self.in_features)
             self.lora_B[name] = self.new_param(self.out_features, r)
@@ -149,7 +177,8 @@ class LoraLayer(AdapterLayer):
         if config.use_dora:
             with torch.no_grad():
                 norm = fn.row_norm(self.canonical_weight().float() + self.get_delta_weight(name).float())
-            self.lora_magnitude_vector[name] = nn.Parameter(norm.to(self.adapter_dtype()))
+            shape = (1, -1, *[1] * (self.base_layer.weight.dim() - 2)) if self.kind in CONVS else (-1,)
+            self.lora_magnitude_vector[name] = nn.Parameter(norm.reshape(shape).to(self.adapter_dtype()))
 
     @torch.no_grad()
     def _init(self, name: str, init: bool | str) -> None:
@@ -189,6 +218,12 @@ class LoraLayer(AdapterLayer):
 
     # -------------------------------------------------------------------- math
     def get_delta_weight(self, name: str) -> Tensor:
+        if self.groups > 1:
+            raise UserInputError(
+                f"a LoRA adapter on the grouped convolution {self.base_layer} cannot be merged: its A mixes "
+                "all input channels, which a grouped kernel cannot hold (PEFT cannot merge it either); "
+                "use the adapter unmerged, or train it without this module (exclude_modules)"
+            )
         s = self.scaling[name]
         if self.kind == EMBEDDING:
             return fn.lora_delta(self.lora_embedding_A[name], self.lora_embedding_B[name], s)
@@ -196,40 +231,65 @@ class LoraLayer(AdapterLayer):
 
     def delta_forward(self, x: Tensor, names: list[str]) -> Tensor:
         result = self.base_layer(x)
-        out_dtype = result.dtype
         for name in names:
-            s = self.scaling[name]
             if self.kind == EMBEDDING:
-                a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
-                base = self.base_layer
-                h = F.embedding(x, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
-                result = result + (h @ (b * s).T).to(out_dtype)
+                result = self._embedding_forward(x, result, name)
                 continue
-            a, b = self.lora_A[name], self.lora_B[name]
+            a, b, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
             dropout = self.lora_dropout[name]
             if name in self.lora_magnitude_vector:
                 result = self._dora_forward(x, dropout(x.to(a.dtype)), result, name, dropout)
                 continue
             xd, s = dropout_rescale_folded(x.to(a.dtype), dropout, s)
-            if self.kind == CONV2D:
-                h = self.base_layer._conv_forward(xd, a, None)
-                result = result + F.conv2d(h, b * s).to(out_dtype)
+            if self.kind in CONVS:
+                result = result + self._low_rank(xd, a, b * s).to(result.dtype)
             else:
                 # (..., in) @ A.T -> (..., r) @ (s B).T -> (..., out): scaling folded into tiny B
                 result = add_low_rank(result, F.linear(xd, a), b * s)
         return result
 
+    def _low_rank(self, xd: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        """B(A(xd)) for Linear/Conv1D and for convolutions (A: the base's kernel, stride,
+        padding and dilation over all input channels; B: 1x1, grouped like the base)."""
+        if self.kind not in CONVS:
+            return F.linear(F.linear(xd, a), b)
+        base = self.base_layer
+        padding = base.padding
+        if base.padding_mode != "zeros":
+            xd = F.pad(xd, base._reversed_padding_repeated_twice, mode=base.padding_mode)
+            padding = 0
+        h = fn.conv(xd, a, stride=base.stride, padding=padding, dilation=base.dilation)
+        return fn.conv(h, b, groups=base.groups)
+
+    def _dora_scale(self, name: str, a: Tensor, b: Tensor) -> Tensor:
+        """g = m / ||W + s B A|| per output row (out,), the norm detached (DoRA, section 4.3)."""
+        weight = self.canonical_weight().to(a.dtype)
+        norm = fn.row_norm(weight + fn.lora_delta(a, b, self.scaling[name])).detach()
+        return self.lora_magnitude_vector[name].reshape(-1) / norm
+
+    def _embedding_forward(self, x: Tensor, result: Tensor, name: str) -> Tensor:
+        a, b, s = self.lora_embedding_A[name], self.lora_embedding_B[name], self.scaling[name]
+        base = self.base_layer
+        h = F.embedding(x, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+        update = h @ (b * s).T  # (..., dim)
+        if name in self.lora_magnitude_vector:
+            g = self._dora_scale(name, a, b)  # (dim,)
+            return (g * (result.to(a.dtype) + update)).to(result.dtype)
+        return result + update.to(result.dtype)
+
     def _dora_forward(self, x: Tensor, xd: Tensor, result: Tensor, name: str, dropout: nn.Module) -> Tensor:
         a, b, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
-        weight = self.canonical_weight()
-        norm = fn.row_norm(weight.to(a.dtype) + fn.lora_delta(a, b, s)).detach()
-        g = self.lora_magnitude_vector[name] / norm  # (out,)
+        g = self._dora_scale(name, a, b)
+        channel = (-1, *[1] * (self.base_layer.weight.dim() - 2)) if self.kind in CONVS else (-1,)
         if isinstance(dropout, nn.Identity) or not self.training:
             bias = self.base_layer.bias
-            base_x = result if bias is None else result - bias
+            base_x = result if bias is None else result - bias.view(channel)
+        elif self.kind in CONVS:
+            base_x = self.base_layer._conv_forward(xd, self.base_layer.weight.to(a.dtype), None)
         else:
-            base_x = F.linear(xd, weight.to(a.dtype))
-        update = (g - 1) * base_x.to(a.dtype) + g * F.linear(F.linear(xd, a), b * s)
+            base_x = F.linear(xd, self.canonical_weight().to(a.dtype))
+        g = g.view(channel)
+        update = (g - 1) * base_x.to(a.dtype) + g * self._low_rank(xd, a, b * s)
         return result + update.to(result.dtype)
 
     # ------------------------------------------------------- DoRA-aware merging
@@ -240,7 +300,8 @@ class LoraLayer(AdapterLayer):
         weight = self.canonical_weight()
         adapted = weight.float() + self.get_delta_weight(name).float()
         norm = fn.row_norm(adapted)
-        new = adapted * (self.lora_magnitude_vector[name].float() / norm)[:, None]
+        g = self.lora_magnitude_vector[name].float().reshape(-1) / norm
+        new = adapted * g.view(-1, *[1] * (adapted.dim() - 1))
         self._dora_norm[name] = norm
         self._write_weight(self.to_raw(new).to(weight.dtype), name, safe_merge)
 
@@ -249,8 +310,8 @@ class LoraLayer(AdapterLayer):
         if name not in self.lora_magnitude_vector:
             return super().unmerge_one(name)
         weight = self.canonical_weight()
-        g = self.lora_magnitude_vector[name].float() / self._dora_norm.pop(name)
-        old = weight.float() / g[:, None] - self.get_delta_weight(name).float()
+        g = self.lora_magnitude_vector[name].float().reshape(-1) / self._dora_norm.pop(name)
+        old = weight.float() / g.view(-1, *[1] * (weight.dim() - 1)) - self.get_delta_weight(name).float()
         self.base_layer.weight.data.copy_(self.to_raw(old).to(weight.dtype))
 
 
