@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -66,3 +68,29 @@ def assert_module_dropout_only_in_training(layer, x) -> None:
     assert 25 < skipped < 75
     layer.eval()
     assert not any(torch.equal(layer(x), base) for _ in range(20))
+
+
+@dataclass
+class Output:
+    """The two fields of a transformers model output the adapter tests read."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+class Conv1dNet(nn.Module):
+    """A signal classifier of two ``torch.nn.Conv1d`` layers (channels first) and a head:
+    the layer kind transformers' GPT-2 ``Conv1D`` is not. Called like a transformers model."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv1 = nn.Conv1d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv1d(8, 8, 3, stride=2, padding=1)
+        self.classifier = nn.Linear(8, 3)
+
+    def forward(self, input_values, labels=None):
+        h = torch.relu(self.conv2(torch.relu(self.conv1(input_values))))
+        logits = self.classifier(h.mean(dim=-1))
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return Output(logits, loss)

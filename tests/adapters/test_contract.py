@@ -28,6 +28,7 @@ from lora_cli.adapters import (
     get_method,
 )
 from lora_cli.errors import LoraCliError
+from tests.adapters._layers import Conv1dNet
 from tests.helpers import tiny_bert, tiny_gpt2, tiny_vit
 
 ATOL = 1e-5
@@ -56,6 +57,11 @@ def _token_inputs(labels: str):
     return {"input_ids": ids, "labels": ids.clone() if labels == "lm" else torch.tensor([1, 2])}
 
 
+def _signal_inputs():
+    g = torch.Generator().manual_seed(1)
+    return {"input_values": torch.randn(2, 3, 16, generator=g), "labels": torch.tensor([0, 2])}
+
+
 def _conv1d_example():
     from transformers.pytorch_utils import Conv1D
 
@@ -69,6 +75,8 @@ TARGETS = {
         tiny_vit, ("embeddings.patch_embeddings.projection",), _vit_inputs, lambda: nn.Conv2d(3, 4, 2)
     ),
     "embedding": Target(tiny_bert, ("word_embeddings",), lambda: _token_inputs("cls"), lambda: nn.Embedding(5, 4)),
+    # torch.nn.Conv1d, not GPT-2's Conv1D ("conv1d" above)
+    "nn_conv1d": Target(Conv1dNet, ("conv1", "conv2"), _signal_inputs, lambda: nn.Conv1d(3, 4, 2)),
 }
 
 # --------------------------------------------------------------------------- configs
@@ -127,6 +135,10 @@ LORA_OPTION_CASES = [
     Case("lora", "linear", True, {"use_rslora": True}),
     Case("lora", "linear", True, {"use_dora": True}),
     Case("lora", "conv1d", True, {"use_dora": True}),
+    Case("lora", "conv2d", True, {"use_dora": True}),
+    Case("lora", "embedding", True, {"use_dora": True}),
+    Case("lora", "nn_conv1d", False),
+    Case("lora", "nn_conv1d", True, {"use_dora": True, "lora_dropout": 0.1}),
     Case("lora", "linear", True, {"bias": "all"}),
     Case("lora", "linear", True, {"bias": "lora_only"}),
     Case("lora", "conv1d", True, {"bias": "lora_only"}),
