@@ -141,10 +141,11 @@ def resolve_targets(
         selected = [p for p in selected if supports(modules[p])]
         if not selected:
             bad = ", ".join(f"{p} ({type(modules[p]).__name__})" for p in unsupported[:5])
-            raise TargetingError(
-                f"target_modules {rule!r} matched only modules this method cannot adapt: {bad}; "
-                "name the Linear/Conv/Embedding layers inside them instead"
-            )
+            if all(layer_kind(modules[p]) is not None for p in unsupported):
+                fix = "this method has no adapter for these layer types; target other layers or use LoRA"
+            else:
+                fix = "name the Linear/Conv/Embedding layers inside them instead"
+            raise TargetingError(f"target_modules {rule!r} matched only modules this method cannot adapt: {bad}; {fix}")
     else:
         selected = [p for p in selected if supports(modules[p])]
         if not selected:

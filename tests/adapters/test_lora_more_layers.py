@@ -1,0 +1,244 @@
+"""LoRA on the layers PEFT 0.21 adapts beyond Linear / Conv2d / Embedding, checked against PEFT.
+
+DoRA on Conv2d, Conv1d and Embedding; LoRA and DoRA on ``torch.nn.Conv1d`` (channels
+first, not GPT-2's Conv1D); LoRA on grouped convolutions, which neither tool can merge.
+Every case starts from non-zero adapter weights (``init_lora_weights=False``, then every
+trainable tensor perturbed), so a wrong key, shape or formula changes the outputs.
+"""
+
+from __future__ import annotations
+
+import re
+
+import peft
+import pytest
+import torch
+from peft.utils import get_peft_model_state_dict
+from torch import nn
+
+from lora_cli.adapters import AdapterModel, LoHaConfig, LoKrConfig, LoraConfig, get_adapter_model
+from lora_cli.errors import TargetingError, UserInputError
+
+ATOL = 1e-5
+pytestmark = pytest.mark.filterwarnings("ignore:LoRA adapter added to ConvNd layer with groups")
+
+
+def _conv2d():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3, stride=2, padding=1))
+
+
+def _conv1d():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv1d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv1d(6, 4, 1))
+
+
+def _embedding():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(12, 6, padding_idx=0), nn.Linear(6, 3))
+
+
+def _grouped2d():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, groups=2), nn.ReLU(), nn.Conv2d(6, 4, 1))
+
+
+def _grouped1d():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv1d(4, 6, 3, padding=1, groups=2), nn.ReLU(), nn.Conv1d(6, 4, 1))
+
+
+def _randn(*shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+
+
+MODELS = {
+    "conv2d": (_conv2d, ["0", "2"], lambda: _randn(2, 3, 8, 8)),
+    "conv1d": (_conv1d, ["0", "2"], lambda: _randn(2, 3, 10)),
+    "embedding": (_embedding, ["0"], lambda: torch.randint(0, 12, (2, 5), generator=torch.Generator().manual_seed(1))),
+    "grouped2d": (_grouped2d, ["0"], lambda: _randn(2, 4, 6, 6)),
+    "grouped1d": (_grouped1d, ["0"], lambda: _randn(2, 4, 10)),
+}
+GROUPED = ("grouped2d", "grouped1d")
+
+CASES = [
+    ("conv2d", {"use_dora": True}),
+    ("conv2d", {"use_dora": True, "use_rslora": True}),
+    ("conv1d", {}),
+    ("conv1d", {"use_dora": True}),
+    ("embedding", {"use_dora": True}),
+    ("grouped2d", {}),
+    ("grouped1d", {"r": 6}),
+]
+MERGEABLE = [c for c in CASES if c[0] not in GROUPED]
+# DoRA feeds dropout(x) through nn.Dropout as PEFT does, so the same seed gives the same masks
+TRAINING = CASES + [("conv2d", {"use_dora": True, "lora_dropout": 0.2}), ("conv1d", {"use_dora": True, "lora_dropout": 0.2})]
+
+
+def _id(case):
+    name, kw = case
+    return "-".join([name, *(f"{k}={v}" for k, v in kw.items())]) if kw else name
+
+
+def _config_kwargs(name, kw):
+    return {"r": 4, "lora_alpha": 8, "init_lora_weights": False, "target_modules": MODELS[name][1]} | kw
+
+
+def _perturb_trainable(model, seed: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=g) * 0.1)
+
+
+def _ours(name, kw):
+    model = get_adapter_model(MODELS[name][0](), LoraConfig(**_config_kwargs(name, kw))).eval()
+    _perturb_trainable(model)
+    return model
+
+
+def _theirs(name, kw):
+    model = peft.get_peft_model(MODELS[name][0](), peft.LoraConfig(**_config_kwargs(name, kw))).eval()
+    _perturb_trainable(model)
+    return model
+
+
+def _out(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+# ------------------------------------------------------------------ the file format, both ways
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_saved_tensors_are_peft_keys_and_shapes(case):
+    name, kw = case
+    ours = {k: tuple(v.shape) for k, v in _ours(name, kw).get_adapter_state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(_theirs(name, kw)).items()}
+    assert ours == theirs
+    if kw.get("use_dora") and name != "embedding":  # PEFT keeps a conv's magnitude as (1, out, 1[, 1])
+        assert ours["base_model.model.0.lora_magnitude_vector"][:2] == (1, 6)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_ours_loads_in_peft(case, tmp_path):
+    name, kw = case
+    build, _, make_input = MODELS[name]
+    x = make_input()
+    ours = _ours(name, kw)
+    expected = _out(ours, x)
+    assert (expected - _out(build(), x)).abs().max() > 20 * ATOL, "the adapter has no effect"
+    ours.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(build(), tmp_path).eval()
+    torch.testing.assert_close(_out(theirs, x), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_peft_saved_loads_in_ours(case, tmp_path):
+    name, kw = case
+    build, _, make_input = MODELS[name]
+    x = make_input()
+    theirs = _theirs(name, kw)
+    expected = _out(theirs, x)
+    assert (expected - _out(build(), x)).abs().max() > 20 * ATOL, "the adapter has no effect"
+    theirs.save_pretrained(tmp_path)
+    ours = AdapterModel.from_pretrained(build(), tmp_path)
+    torch.testing.assert_close(_out(ours, x), expected, atol=ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------- merging
+
+
+@pytest.mark.parametrize("case", MERGEABLE, ids=_id)
+def test_merge_roundtrip_and_merged_weights_match_peft(case, tmp_path):
+    name, kw = case
+    build, _, make_input = MODELS[name]
+    x = make_input()
+    ours = _ours(name, kw)
+    layers = dict(ours.adapter_layers())
+    pristine = {p: layer.base_layer.weight.detach().clone() for p, layer in layers.items()}
+    unmerged = _out(ours, x)
+
+    ours.merge_adapter()
+    assert all(not torch.equal(layer.base_layer.weight, pristine[p]) for p, layer in layers.items())
+    torch.testing.assert_close(_out(ours, x), unmerged, atol=ATOL, rtol=0)
+    ours.unmerge_adapter()
+    for path, layer in layers.items():
+        torch.testing.assert_close(layer.base_layer.weight, pristine[path], atol=ATOL, rtol=0)
+    torch.testing.assert_close(_out(ours, x), unmerged, atol=ATOL, rtol=0)
+
+    ours.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(build(), tmp_path).merge_and_unload()
+    plain = ours.merge_and_unload(safe_merge=True)
+    torch.testing.assert_close(_out(plain, x), unmerged, atol=ATOL, rtol=0)
+    for path in layers:
+        torch.testing.assert_close(plain.get_submodule(path).weight, theirs.get_submodule(path).weight, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", GROUPED)
+def test_grouped_conv_is_never_merged(name, tmp_path):
+    """The update of a grouped conv's LoRA is dense across groups: it has no place in the
+    grouped kernel. Merging is refused, all or nothing, as PEFT refuses it."""
+    x = MODELS[name][2]()
+    ours = _ours(name, {"r": 6} if name == "grouped1d" else {})
+    weight = ours.base_model.get_submodule("0").base_layer.weight.detach().clone()
+    unmerged = _out(ours, x)
+    for merge in (ours.merge_adapter, lambda: ours.merge_adapter(safe_merge=True), ours.merge_and_unload):
+        with pytest.raises(UserInputError, match="grouped convolution .* cannot be merged"):
+            merge()
+        assert torch.equal(ours.base_model.get_submodule("0").base_layer.weight, weight)
+        torch.testing.assert_close(_out(ours, x), unmerged, atol=0, rtol=0)
+    ours.save_pretrained(tmp_path)
+    with pytest.raises(NotImplementedError, match="groups > 1"):
+        peft.PeftModel.from_pretrained(MODELS[name][0](), tmp_path).merge_and_unload()
+
+
+# ------------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("case", TRAINING, ids=_id)
+def test_training_gradients_match_peft(case, tmp_path):
+    """Same weights, same input, same dropout draws: every trainable tensor gets PEFT's gradient."""
+    name, kw = case
+    build, _, make_input = MODELS[name]
+    x = make_input()
+    theirs = _theirs(name, kw)
+    theirs.save_pretrained(tmp_path)
+    ours = AdapterModel.from_pretrained(build(), tmp_path, is_trainable=True)
+    for model in (theirs, ours):
+        model.train()
+        torch.manual_seed(5)
+        model(x).square().mean().backward()
+    their_grads = {
+        re.sub(r"(\.lora_\w+\.default)\.weight$", r"\1", n): p.grad
+        for n, p in theirs.base_model.model.named_parameters() if p.requires_grad
+    }
+    our_grads = {n: p.grad for n, p in ours.base_model.named_parameters() if p.requires_grad}
+    assert our_grads.keys() == their_grads.keys()
+    for key, grad in their_grads.items():
+        assert grad is not None and grad.abs().max() > 0, key
+        torch.testing.assert_close(our_grads[key], grad, atol=1e-6, rtol=1e-5, msg=key)
+
+
+# ------------------------------------------------------------------------------- refusals
+
+
+def test_grouped_conv_rank_must_be_a_multiple_of_groups():
+    kw = {"r": 3, "target_modules": ["0"]}
+    with pytest.raises(TargetingError, match=r"needs r divisible by groups, got r=3; use a multiple of 2"):
+        get_adapter_model(_grouped2d(), LoraConfig(**kw))
+    with pytest.raises(ValueError, match="rank is divisible by groups"):
+        peft.get_peft_model(_grouped2d(), peft.LoraConfig(**kw))
+
+
+def test_dora_on_grouped_conv_is_refused():
+    with pytest.raises(TargetingError, match="use_dora is not supported on grouped convolutions.*groups=2"):
+        get_adapter_model(_grouped1d(), LoraConfig(r=4, target_modules=["0"], use_dora=True))
+
+
+@pytest.mark.parametrize("config_cls", [LoHaConfig, LoKrConfig], ids=["loha", "lokr"])
+def test_lycoris_methods_refuse_torch_conv1d(config_cls):
+    with pytest.raises(TargetingError, match=r"cannot adapt: 0 \(Conv1d\).*has no adapter for these layer types"):
+        get_adapter_model(_conv1d(), config_cls(r=2, target_modules=["0"]))
