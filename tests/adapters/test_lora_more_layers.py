@@ -242,3 +242,24 @@ def test_dora_on_grouped_conv_is_refused():
 def test_lycoris_methods_refuse_torch_conv1d(config_cls):
     with pytest.raises(TargetingError, match=r"cannot adapt: 0 \(Conv1d\).*has no adapter for these layer types"):
         get_adapter_model(_conv1d(), config_cls(r=2, target_modules=["0"]))
+
+
+def test_base_rewriting_inits_refuse_torch_conv1d():
+    with pytest.raises(TargetingError, match="init_lora_weights='pissa' supports Linear and GPT-2 Conv1D .* not Conv1d"):
+        get_adapter_model(_conv1d(), LoraConfig(r=2, target_modules=["0"], init_lora_weights="pissa"))
+
+
+@pytest.mark.parametrize("kw", [{"dilation": 2, "padding": 2}, {"padding": 1, "padding_mode": "reflect"}], ids=["dilated", "reflect"])
+def test_dilated_or_padded_conv_warns_of_peft_difference_and_merges_exactly(kw):
+    """PEFT runs A undilated and zero-padded whatever the base does (and its own merge then
+    disagrees with its forward); loracli follows the base, so merging stays exact, and says so."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv1d(3, 4, 3, **kw))
+    x = _randn(2, 3, 9)
+    with pytest.warns(UserWarning, match="different outputs in PEFT"):
+        ours = get_adapter_model(base, LoraConfig(r=2, target_modules=["0"], init_lora_weights=False)).eval()
+    unmerged = _out(ours, x)
+    with ours.disable_adapter():
+        assert (unmerged - _out(ours, x)).abs().max() > 20 * ATOL, "the adapter has no effect"
+    ours.merge_adapter()
+    torch.testing.assert_close(_out(ours, x), unmerged, atol=ATOL, rtol=0)

@@ -20,6 +20,7 @@ live in the grouped kernel, so such an adapter is never merged; it has no DoRA e
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -167,7 +168,15 @@ class LoraLayer(AdapterLayer):
             self.lora_embedding_A[name] = self.new_param(r, self.in_features)
             self.lora_embedding_B[name] = self.new_param(self.out_features, r)
         elif self.kind in CONVS:
-            kernel = self.base_layer.kernel_size
+            base = self.base_layer
+            kernel = base.kernel_size
+            if any(d != 1 for d in base.dilation) or base.padding_mode != "zeros":
+                warnings.warn(
+                    f"LoRA on {base}: A runs with this conv's dilation and padding mode, so merging is "
+                    "exact, but PEFT runs A undilated with zero padding: the same adapter file gives "
+                    "different outputs in PEFT",
+                    stacklevel=2,
+                )
             self.lora_A[name] = self.new_param(r, self.in_features, *kernel)  # (r, in, *kernel)
             self.lora_B[name] = self.new_param(self.out_features, r // self.groups, *[1] * len(kernel))
         else:
@@ -193,7 +202,10 @@ class LoraLayer(AdapterLayer):
         if init in ("pissa", "olora") or niter is not None:
             weight = self.canonical_weight()
             if weight.dim() != 2:
-                raise TargetingError(f"init_lora_weights={init!r} supports Linear and Conv1D layers only")
+                raise TargetingError(
+                    f"init_lora_weights={init!r} supports Linear and GPT-2 Conv1D layers only, "
+                    f"not {type(self.base_layer).__name__}; use init_lora_weights: true or exclude this module"
+                )
             if init == "olora":
                 fa, fb = fn.olora_factors(weight, r)
             else:
