@@ -110,6 +110,7 @@ def _validate(data: dict, report: Reporter) -> Recipe:
             _pydantic_problem(error, report)
     _check_model(data.get("model"), data.get("task"), report)
     _check_data(data.get("data"), data.get("task"), report)
+    _check_sharding(data.get("training"), report)
     report.raise_if_any()
     assert adapter is not None and training is not None
     plain["adapter"] = {"method": adapter[0], "options": adapter[1]}
@@ -252,3 +253,23 @@ def _check_data(data: Any, task: Any, report: Reporter) -> None:
             report.add(("data", key), "file not found", value, where)
         elif path.suffix.lower() not in (".csv", ".json", ".jsonl"):
             report.add(("data", key), "must be a .csv, .json or .jsonl file", value)
+
+
+def _check_sharding(training: Any, report: Reporter) -> None:
+    """training.deepspeed / training.fsdp_config given as files: they exist, and DeepSpeed is installed."""
+    if not isinstance(training, dict):
+        return
+    for key in ("deepspeed", "fsdp_config"):
+        value = training.get(key)
+        if not isinstance(value, str) or not value or value.lstrip().startswith("{"):
+            continue  # a mapping in the recipe, or inline JSON
+        path = Path(value).expanduser().absolute()
+        if not path.is_file():
+            report.add(("training", key), "file not found", value,
+                       f"looked for {path}; paths are relative to the current directory (or give the settings as a mapping)")
+    if training.get("deepspeed"):
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            report.add(("training", "deepspeed"), "needs the deepspeed package, which is not installed",
+                       training["deepspeed"], "pip install deepspeed (or remove training.deepspeed)")

@@ -48,7 +48,13 @@ def training_fields() -> dict[str, Any]:
     from transformers import TrainingArguments
 
     hints = typing.get_type_hints(TrainingArguments)
-    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(TrainingArguments) if f.init}
+    fields = {f.name: hints.get(f.name, Any) for f in dataclasses.fields(TrainingArguments) if f.init}
+    return {name: ANNOTATION_FIXES.get(name, hint) for name, hint in fields.items()}
+
+
+# Fields whose annotation is narrower than what TrainingArguments takes: `fsdp: true` turns
+# FSDP on (the form transformers recommends), the older strings and lists still work.
+ANNOTATION_FIXES: dict[str, Any] = {"fsdp": bool | str | list[str] | None}
 
 
 @functools.lru_cache(maxsize=1)

@@ -61,7 +61,7 @@ def run_training(
     model = task.build_model(recipe, labels)
     base_state = _snapshot_if_random(recipe, model)
 
-    args = training_arguments(recipe, run_dir)
+    args = training_arguments(recipe, run_dir, model)
     adapter_config = resolve_adapter_config(recipe, task, model, n_train=len(splits.train), args=args)
     model = get_adapter_model(model, adapter_config)
     train_ds, eval_ds = task.prepare(splits, processor, recipe)
@@ -105,12 +105,18 @@ def run_training(
         metrics.update(final_metrics(model, processor, recipe, eval_ds))
     adapter_dir = run_dir / rd.ADAPTER_DIR
     full_state = distributed.sharded_adapter_state(trainer)  # collective: FSDP / ZeRO-3 shards gathered
+    report = None
+    if labels and (trainer.is_world_process_zero() or distributed.is_sharded(trainer)):
+        # a sharded model's forward is collective: every process runs it, rank 0 writes
+        report = _full_evaluation(model, eval_ds, trainer.data_collator, labels, args, metrics)
     if trainer.is_world_process_zero():
         model.save_pretrained(adapter_dir, state_dict=full_state)
         if labels:
             rd.save_label_map(adapter_dir, dict(enumerate(labels)))
-        if labels and not distributed.is_sharded(trainer):  # a sharded forward on rank 0 alone would hang
-            _full_evaluation(model, eval_ds, trainer.data_collator, labels, args, run_dir, metrics)
+        if report is not None:
+            from lora_cli.inference.evaluate import write_report
+
+            write_report(report, run_dir)
         else:
             rd.write_json(run_dir / rd.EVAL_FILE, metrics)
         _plot(run_dir)
@@ -176,7 +182,7 @@ def _snapshot_if_random(recipe, model):
     return copy.deepcopy(model)
 
 
-def training_arguments(recipe, run_dir: Path):
+def training_arguments(recipe, run_dir: Path, model: torch.nn.Module | None = None):
     from transformers import TrainingArguments
 
     kwargs = dict(recipe.training or {})
@@ -195,6 +201,8 @@ def training_arguments(recipe, run_dir: Path):
     kwargs.setdefault("logging_steps", 10)
     kwargs.setdefault("save_total_limit", 3)
     kwargs = distributed.distributed_defaults(kwargs, recipe.to_dict().get("adapter") or {})
+    if model is not None:
+        kwargs = distributed.fsdp_wrap_defaults(kwargs, model)
     try:
         return TrainingArguments(
             output_dir=str(run_dir / rd.CHECKPOINTS_DIR),
@@ -281,14 +289,14 @@ def _accepts_loss_kwargs(base) -> bool:
     return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
 
 
-def _full_evaluation(model, eval_ds, collate, labels, args, run_dir: Path, trainer_metrics) -> None:
+def _full_evaluation(model, eval_ds, collate, labels, args, trainer_metrics) -> dict[str, Any]:
     """Classification runs get the same eval.json + confusion matrix as `loracli eval`."""
-    from lora_cli.inference.evaluate import evaluate, write_report
+    from lora_cli.inference.evaluate import evaluate
 
     model.eval()
     report = evaluate(model, eval_ds, collate, dict(enumerate(labels)), args.per_device_eval_batch_size)
     report["split"], report["variant"], report["trainer"] = "validation", "adapter", trainer_metrics
-    write_report(report, run_dir)
+    return report
 
 
 def _plot(run_dir: Path) -> None:

@@ -20,6 +20,7 @@ from lora_cli.training import distributed
 
 STATE_FILE = "adapter_state.safetensors"
 HOOKS_FILE = "adapter_hooks.pt"  # method state beyond the tensors: AdaLoRA's rank allocator
+SCHEDULER_FILE = "scheduler.pt"  # the name the Trainer reads back on --resume
 
 
 def _adapter_model(trainer: Trainer) -> AdapterModel:
@@ -113,12 +114,21 @@ class AdapterTrainer(Trainer):
         file = checkpoint / STATE_FILE
         if not file.is_file():
             raise LoraCliError(f"{checkpoint} has no {STATE_FILE}: it was not written by loracli")
-        if distributed.is_sharded(self):  # copying into local shards would load a wrong adapter
-            raise LoraCliError(
-                f"loading {checkpoint} into a sharded model (FSDP / DeepSpeed ZeRO-3) is not supported yet; "
-                "resume or use load_best_model_at_end with plain DDP (no training.fsdp / training.deepspeed)"
-            )
-        _adapter_model(self).load_adapter_state_dict(load_file(file))
+        state = load_file(file)
+        if not distributed.load_sharded_adapter_state(self, state):  # FSDP / ZeRO-3: into each slice
+            _adapter_model(self).load_adapter_state_dict(state)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Under FSDP the Trainer would also write the whole model, frozen base included, into
+        every checkpoint; the adapter files are all that --resume needs besides the optimizer."""
+        if not self.is_fsdp_enabled:
+            super()._save_optimizer_and_scheduler(output_dir)
+            return
+        from accelerate.utils import save_fsdp_optimizer
+
+        save_fsdp_optimizer(self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model, output_dir)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_FILE))
 
     def _run_epoch(self, *args, **kwargs):
         # Training data whose random augmentation is seeded by (seed, epoch, row) learns the

@@ -263,3 +263,21 @@ def test_imagefolder_needs_a_train_subfolder(write, tmp_path):
 def test_extends_must_be_a_path(write):
     with pytest.raises(RecipeError, match=r"recipe.yaml:1: extends: must be the path of another recipe \(got 3"):
         load_recipe(write("extends: 3\n"))
+
+
+def test_sharding_settings(write, monkeypatch, tmp_path):
+    # fsdp: true is the form transformers recommends; the older strings still pass
+    for value in ("true", "full_shard"):
+        assert load_recipe(write(VALID.replace("  num_train_epochs: 1", f"  num_train_epochs: 1\n  fsdp: {value}")))
+    missing = tmp_path / "nowhere" / "ds.json"
+    got = bad(write, "  num_train_epochs: 1", f"  num_train_epochs: 1\n  deepspeed: {missing}")
+    assert any("training.deepspeed: file not found" in p and str(missing) in p for p in got), got
+    got = bad(write, "  num_train_epochs: 1", f"  num_train_epochs: 1\n  fsdp: true\n  fsdp_config: {missing}")
+    assert any("training.fsdp_config: file not found" in p for p in got), got
+    # a mapping in the recipe needs no file; without the package it says how to get it
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    got = bad(write, "  num_train_epochs: 1", "  num_train_epochs: 1\n  deepspeed: {zero_optimization: {stage: 3}}")
+    assert any("needs the deepspeed package" in p and "pip install deepspeed" in p for p in got), got

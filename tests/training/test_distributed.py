@@ -8,9 +8,6 @@ what a 2-process run must equal.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -21,11 +18,17 @@ from safetensors.torch import load_file
 
 from lora_cli.errors import UserInputError
 from lora_cli.training import distributed
-from tests.helpers import TINY_VIT, make_imagefolder
-
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-PER_DEVICE = 4  # 24 training images: 3 steps of 2 x 4 make one epoch
+from tests.helpers import make_imagefolder
+from tests.training._dist import (
+    BIN,
+    PER_DEVICE,
+    assert_close,
+    free_port,
+    launch,
+    losses,
+    recipe_file,
+    torchrun,
+)
 
 LORA = {"method": "lora", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["query", "value"]}
 ADALORA = {
@@ -88,57 +91,6 @@ dist.destroy_process_group()
 '''
 
 
-# ------------------------------------------------------------------- helpers
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
-    return env
-
-
-def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    done = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
-    return done
-
-
-def _torchrun(nproc: int, *args: str) -> list[str]:
-    return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(nproc), *args]
-
-
-def _recipe(folder: Path, data: Path, adapter: dict, max_steps: int) -> Path:
-    recipe = {
-        "name": "dist", "task": "image-classification", "seed": 7, "output_dir": str(folder / "run"),
-        "model": {"config": TINY_VIT, "processor": {"size": {"height": 32, "width": 32}}},
-        "data": {"imagefolder": str(data), "augment": False},
-        "adapter": adapter,
-        "training": {
-            "learning_rate": 1e-2, "max_steps": max_steps, "per_device_train_batch_size": PER_DEVICE,
-            "logging_steps": 1, "save_strategy": "no", "eval_strategy": "no",
-        },
-    }
-    path = folder / "recipe.yaml"
-    path.write_text(json.dumps(recipe), encoding="utf-8")  # JSON is YAML
-    return path
-
-
-def _losses(run: Path) -> list[float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
-
-
-def _assert_close(a: dict, b: dict, atol: float = 1e-5) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert a[key].shape == b[key].shape, key
-        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return make_imagefolder(tmp_path_factory.mktemp("images"))
@@ -148,15 +100,15 @@ def data(tmp_path_factory) -> Path:
 def lora_runs(tmp_path_factory, data):
     """The same LoRA recipe: 2 processes x batch 4 under torchrun, and 1 process x batch 8."""
     folder = tmp_path_factory.mktemp("lora")
-    recipe = _recipe(folder, data, LORA, max_steps=3)
-    _run(_torchrun(2, "-m", "lora_cli", "train", str(recipe)), folder)
-    _run([sys.executable, "-m", "lora_cli", "train", str(recipe), f"output_dir={folder / 'single'}",
+    recipe = recipe_file(folder, data, LORA, max_steps=3)
+    launch(torchrun(2, "-m", "lora_cli", "train", str(recipe)), folder)
+    launch([sys.executable, "-m", "lora_cli", "train", str(recipe), f"output_dir={folder / 'single'}",
           f"training.per_device_train_batch_size={2 * PER_DEVICE}"], folder)
     return folder / "run", folder / "single"
 
 
 # ------------------------------------------------------------- fast checks
-def test_defaults_for_a_cpu_multi_process_run(monkeypatch):
+def test_defaults_for_a_cpu_multi_processrun(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = distributed.distributed_defaults({"learning_rate": 1e-3}, {"method": "lora"})
@@ -180,9 +132,29 @@ def test_adalora_refuses_sharding():
 def test_fsdp_without_cuda_warns_and_falls_back_to_ddp(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(distributed, "accelerate_runs_fsdp", lambda: False)
     with pytest.warns(UserWarning, match="FSDP only on GPUs"):
-        out = distributed.distributed_defaults({"fsdp": "full_shard"}, {"method": "lora"})
+        out = distributed.distributed_defaults({"fsdp": True, "fsdp_config": {"version": 2}}, {"method": "lora"})
+    assert "fsdp" not in out and "fsdp_config" not in out  # really DDP: accelerate would refuse FSDP here
     assert out["ddp_find_unused_parameters"] is False
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: no FSDP either, and no DDP settings
+    with pytest.warns(UserWarning, match="FSDP only on GPUs"):
+        assert distributed.distributed_defaults({"fsdp": True}, {"method": "lora"}) == {}
+
+
+def test_fsdp_wrapping_leaves_out_the_class_that_holds_the_input_embeddings():
+    from tests.helpers import tiny_gpt2, tiny_vit
+
+    vit = tiny_vit()
+    assert vit.vit.embeddings.patch_embeddings is vit.get_input_embeddings()
+    out = distributed.fsdp_wrap_defaults({"fsdp": True, "fsdp_config": {"version": 2}}, vit)
+    assert out["fsdp_config"] == {"version": 2, "transformer_layer_cls_to_wrap": ["ViTLayer"]}
+    # the recipe's own choice, a config file, no FSDP, and models without the problem are left alone
+    own = {"fsdp": True, "fsdp_config": {"transformer_layer_cls_to_wrap": ["ViTEmbeddings", "ViTLayer"]}}
+    assert distributed.fsdp_wrap_defaults(own, vit) == own
+    assert distributed.fsdp_wrap_defaults({"fsdp": True, "fsdp_config": "fsdp.json"}, vit)["fsdp_config"] == "fsdp.json"
+    assert distributed.fsdp_wrap_defaults({"learning_rate": 1.0}, vit) == {"learning_rate": 1.0}
+    assert distributed.fsdp_wrap_defaults({"fsdp": True}, tiny_gpt2()) == {"fsdp": True}
 
 
 # ------------------------------------------------------------ end to end
@@ -208,8 +180,8 @@ def test_two_processes_train_like_one_with_twice_the_batch(lora_runs):
     two = load_file(run / "adapter" / "adapter_model.safetensors")
     one = load_file(single / "adapter" / "adapter_model.safetensors")
     assert any("lora_B" in k and v.abs().max() > 1e-3 for k, v in two.items())  # it trained
-    _assert_close(two, one)
-    assert _losses(run) == pytest.approx(_losses(single), abs=1e-5)  # DDP's mean equals the 1-process mean
+    assert_close(two, one)
+    assert losses(run) == pytest.approx(losses(single), abs=1e-5)  # DDP's mean equals the 1-process mean
 
 
 @pytest.mark.slow
@@ -237,35 +209,35 @@ def test_adalora_budget_is_the_same_on_every_rank_and_equals_one_process(tmp_pat
     """2 processes under `accelerate launch`, 1 process with twice the batch (and 1 with 2
     accumulation steps): the same masks on both ranks, the same adapter as one process, and
     the saved adapter is what each rank holds."""
-    recipe = _recipe(tmp_path, data, ADALORA, max_steps=6)
+    recipe = recipe_file(tmp_path, data, ADALORA, max_steps=6)
     worker = tmp_path / "worker.py"
     worker.write_text(textwrap.dedent(WORKER), encoding="utf-8")
     (tmp_path / "two").mkdir()
     (tmp_path / "one").mkdir()
-    _run([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+    launch([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
           str(worker), str(recipe), str(tmp_path / "two")], tmp_path)
-    _run([sys.executable, str(worker), str(recipe), str(tmp_path / "one"), f"output_dir={tmp_path / 'single'}",
+    launch([sys.executable, str(worker), str(recipe), str(tmp_path / "one"), f"output_dir={tmp_path / 'single'}",
           f"training.per_device_train_batch_size={2 * PER_DEVICE}"], tmp_path)
 
     patterns = [json.loads((tmp_path / d / f"rank{r}.json").read_text()) for d, r in (("two", 0), ("two", 1), ("one", 0))]
     assert patterns[0] == patterns[1] == patterns[2]
     assert any(not keep for mask in patterns[0].values() for keep in mask)  # the budget pruned ranks
     rank0, rank1 = (load_file(tmp_path / "two" / f"rank{r}.safetensors") for r in (0, 1))
-    _assert_close(rank0, rank1, atol=0)
-    _assert_close(rank0, load_file(tmp_path / "one" / "rank0.safetensors"))
-    assert _losses(tmp_path / "run") == pytest.approx(_losses(tmp_path / "single"), abs=1e-5)
+    assert_close(rank0, rank1, atol=0)
+    assert_close(rank0, load_file(tmp_path / "one" / "rank0.safetensors"))
+    assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "single"), abs=1e-5)
 
     # 1 process x batch 4 x 2 accumulation steps: the penalty still counts once per optimizer step
     (tmp_path / "accumulated").mkdir()
-    _run([sys.executable, str(worker), str(recipe), str(tmp_path / "accumulated"), f"output_dir={tmp_path / 'acc'}",
+    launch([sys.executable, str(worker), str(recipe), str(tmp_path / "accumulated"), f"output_dir={tmp_path / 'acc'}",
           "training.gradient_accumulation_steps=2"], tmp_path)
-    _assert_close(rank0, load_file(tmp_path / "accumulated" / "rank0.safetensors"))
+    assert_close(rank0, load_file(tmp_path / "accumulated" / "rank0.safetensors"))
 
     saved = tmp_path / "run" / "adapter"
     for r in (0, 1):
         held = tmp_path / "two" / f"rank{r}"
-        _assert_close(load_file(saved / "adapter_model.safetensors"), load_file(held / "adapter_model.safetensors"), atol=0)
+        assert_close(load_file(saved / "adapter_model.safetensors"), load_file(held / "adapter_model.safetensors"), atol=0)
         config = json.loads((saved / "adapter_config.json").read_text())
         assert config["rank_pattern"] == json.loads((held / "adapter_config.json").read_text())["rank_pattern"]
 
@@ -275,11 +247,11 @@ def test_fsdp_shards_are_gathered_before_saving(tmp_path):
     """FSDP1 and FSDP2 on CPU/gloo: the saved adapter is whole, not the process's shard."""
     script = tmp_path / "fsdp.py"
     script.write_text(textwrap.dedent(FSDP_SCRIPT), encoding="utf-8")
-    _run(_torchrun(2, str(script), str(tmp_path)), tmp_path)
+    launch(torchrun(2, str(script), str(tmp_path)), tmp_path)
     for kind in ("fsdp1", "fsdp2"):
         reference = load_file(tmp_path / f"{kind}-reference.safetensors")
         saved = load_file(tmp_path / kind / "adapter_model.safetensors")
-        _assert_close(saved, reference, atol=0)  # no optimizer step: the weights are the initial ones
+        assert_close(saved, reference, atol=0)  # no optimizer step: the weights are the initial ones
         if kind == "fsdp1":  # what saving without gathering would have written
             shard = load_file(tmp_path / f"{kind}-shard.safetensors")
             assert any(shard[k].shape != reference[k].shape for k in reference)
