@@ -247,6 +247,11 @@ def test_lycoris_methods_refuse_torch_conv1d(config_cls):
 def test_base_rewriting_inits_refuse_torch_conv1d():
     with pytest.raises(TargetingError, match="init_lora_weights='pissa' supports Linear and GPT-2 Conv1D .* not Conv1d"):
         get_adapter_model(_conv1d(), LoraConfig(r=2, target_modules=["0"], init_lora_weights="pissa"))
+    # PEFT raises "Unknown initialization" for orthogonal on convolutions; loracli names the layer
+    with pytest.raises(TargetingError, match="init_lora_weights='orthogonal' supports Linear .* not Conv1d"):
+        get_adapter_model(_conv1d(), LoraConfig(r=2, target_modules=["0"], init_lora_weights="orthogonal"))
+    with pytest.raises(TargetingError, match="'orthogonal' .* not Conv2d"):
+        get_adapter_model(nn.Sequential(nn.Conv2d(3, 4, 3)), LoraConfig(r=2, target_modules=["0"], init_lora_weights="orthogonal"))
 
 
 @pytest.mark.parametrize("kw", [{"dilation": 2, "padding": 2}, {"padding": 1, "padding_mode": "reflect"}], ids=["dilated", "reflect"])

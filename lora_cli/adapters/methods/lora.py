@@ -214,7 +214,12 @@ class LoraLayer(AdapterLayer):
             b.copy_(fb)
             residual = weight.float() - s * (fb @ fa)
             self.base_layer.weight.data.copy_(self.to_raw(residual).to(weight.dtype))
-        elif init == "orthogonal" and a.dim() == 2:
+        elif init == "orthogonal":
+            if a.dim() != 2:  # PEFT refuses it on convolutions too
+                raise TargetingError(
+                    f"init_lora_weights='orthogonal' supports Linear and GPT-2 Conv1D layers only, not "
+                    f"{type(self.base_layer).__name__}; use init_lora_weights: true or exclude this module"
+                )
             fa, fb = fn.orthogonal_factors(self.in_features, self.out_features, r)
             a.copy_(fa)
             b.copy_(fb)
