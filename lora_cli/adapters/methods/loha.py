@@ -6,6 +6,9 @@ The Hadamard product of two rank-r matrices has rank up to r², so LoHa reaches 
 rank than LoRA for twice LoRA's parameters. A convolution's kernel is flattened to
 (out, in * kh * kw); with ``use_effective_conv2d`` each factor is instead a Tucker
 core t (r, r, kh, kw) with w_a (r, out) and w_b (r, in) (LyCORIS, arXiv:2309.14859).
+``torch.nn.Conv1d`` works the same way with one kernel dim: flattened (out, in * k), or
+cores stored as (r, r, k, 1), PEFT's layout, whose delta (out, in, k, 1) is read as
+(out, in, k). Kernels of size 1 (1x1, or k = 1) always stay flat, as in PEFT.
 
 The forward folds ΔW into the weight and runs the base op once (one full-size matmul,
 where computing ΔW x separately would take two).
@@ -28,7 +31,7 @@ from lora_cli.adapters.config import (
     check_positive_int,
     check_rate,
 )
-from lora_cli.adapters.layers import CONV2D, AdapterLayer
+from lora_cli.adapters.layers import CONV1D, CONV2D, CONVS, LINEAR, NN_CONV1D, AdapterLayer
 from lora_cli.adapters.registry import AdapterMethod, register_method
 from lora_cli.errors import Problem
 
@@ -60,7 +63,7 @@ class LoHaConfig(AdapterConfig):
     module_dropout: float = 0.0
     """Probability, in training, of skipping the whole adapter of a layer for one step."""
     use_effective_conv2d: bool = False
-    """Tucker-decomposed kernels for convolutions larger than 1x1 (fewer parameters)."""
+    """Tucker-decomposed kernels for Conv2d / Conv1d kernels larger than 1 (fewer parameters)."""
     init_weights: bool = True
     """True: w2_b = 0, so training starts at the base model; False: all random (tests)."""
 
@@ -74,6 +77,7 @@ class LoHaConfig(AdapterConfig):
 class LycorisLayer(AdapterLayer):
     """Bookkeeping LoHa and LoKr share: alpha / r scaling, rank and module dropout."""
 
+    supported_kinds = (LINEAR, CONV1D, NN_CONV1D, CONV2D)
     rescale_rank_dropout: ClassVar[bool] = True
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -110,8 +114,19 @@ class LycorisLayer(AdapterLayer):
         return delta if mask is None else delta * mask.view(-1, *[1] * (delta.dim() - 1))
 
     def kernel_shape(self) -> tuple[int, ...]:
-        """(kh, kw) of a convolution, () otherwise."""
+        """(kh, kw) or (k,) of a convolution, () otherwise."""
         return tuple(self.canonical_weight().shape[2:])
+
+    def tucker_kernel(self, config: AdapterConfig) -> tuple[int, int] | None:
+        """The (kh, kw) of a Tucker core when ``use_effective_conv2d`` applies here, else None.
+
+        Only convolutions with a kernel larger than 1 get a core; a Conv1d's is (k, 1), the
+        layout PEFT stores, so its delta comes out (out, in, k, 1) and reshapes to the kernel.
+        """
+        kernel = self.kernel_shape()
+        if self.kind not in CONVS or not config.use_effective_conv2d or all(k == 1 for k in kernel):
+            return None
+        return (kernel[0], 1) if self.kind == NN_CONV1D else (kernel[0], kernel[1])
 
 
 class LoHaLayer(LycorisLayer):
@@ -120,9 +135,10 @@ class LoHaLayer(LycorisLayer):
     def add(self, name: str, config: LoHaConfig, r: int, alpha: float) -> None:
         self.add_common(name, config, r, alpha)
         out, fan_in, *kernel = self.canonical_weight().shape  # conv: in = in_channels // groups
-        if self.kind == CONV2D and config.use_effective_conv2d and tuple(kernel) != (1, 1):
+        core = self.tucker_kernel(config)
+        if core is not None:
             for i in ("1", "2"):
-                getattr(self, f"hada_t{i}")[name] = self.new_param(r, r, *kernel)
+                getattr(self, f"hada_t{i}")[name] = self.new_param(r, r, *core)
                 getattr(self, f"hada_w{i}_a")[name] = self.new_param(r, out)
                 getattr(self, f"hada_w{i}_b")[name] = self.new_param(r, fan_in)
         else:
@@ -138,8 +154,10 @@ class LoHaLayer(LycorisLayer):
     def get_delta_weight(self, name: str) -> Tensor:
         w1_a, w1_b, w2_a, w2_b = (getattr(self, f"hada_w{k}")[name] for k in ("1_a", "1_b", "2_a", "2_b"))
         if name in self.hada_t1:
-            return fn.loha_delta_cp(self.hada_t1[name], w1_a, w1_b, self.hada_t2[name], w2_a, w2_b, self.scaling[name])
-        delta = fn.loha_delta(w1_a, w1_b, w2_a, w2_b, self.scaling[name])
+            t1, t2 = self.hada_t1[name], self.hada_t2[name]
+            delta = fn.loha_delta_cp(t1, w1_a, w1_b, t2, w2_a, w2_b, self.scaling[name])
+        else:
+            delta = fn.loha_delta(w1_a, w1_b, w2_a, w2_b, self.scaling[name])
         return delta.reshape(self.canonical_weight().shape)
 
 

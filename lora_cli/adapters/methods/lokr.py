@@ -9,6 +9,13 @@ alpha / r in every case (as PEFT does, even when no factor is low rank). On
 convolutions w2 carries the kernel: (out_k, in_n, kh, kw), or a flattened low-rank
 (out_k, r) @ (r, in_n * kh * kw), or a Tucker core t2 with ``use_effective_conv2d``.
 
+``torch.nn.Conv1d`` follows PEFT 0.21 exactly, so that adapter files mean the same in
+both tools. Low-rank w2 is flattened (out_k, r) @ (r, in_n * k) and t2 is stored
+(r, r, k, 1); both give kron(w1, w2) laid out as the kernel. A full w2 (out_k, in_n, k)
+is combined as kron(w1[None], w2), shape (out_k, out_l * in_n, in_m * k), then read as
+(out, in, k): a fixed reshuffle of the Kronecker entries, not kron(w1, w2) per tap. It
+trains like any linear parametrisation, and merging stays exact.
+
 On Linear and Conv1D the forward never builds ΔW: with X the (in_m, in_n) view of an
 input row, kron(w1, w2) vec(X) = vec(w1 X w2^T), two small matmuls (``kron_apply``).
 """
@@ -24,7 +31,7 @@ from torch import Tensor, nn
 
 from lora_cli.adapters import functional as fn
 from lora_cli.adapters.config import AdapterConfig
-from lora_cli.adapters.layers import CONV2D
+from lora_cli.adapters.layers import CONVS, NN_CONV1D
 from lora_cli.adapters.methods.loha import LycorisLayer, lycoris_problems
 from lora_cli.adapters.registry import AdapterMethod, register_method
 from lora_cli.errors import Problem
@@ -46,7 +53,7 @@ class LoKrConfig(AdapterConfig):
     module_dropout: float = 0.0
     """Probability, in training, of skipping the whole adapter of a layer for one step."""
     use_effective_conv2d: bool = False
-    """Tucker-decomposed w2 for convolutions larger than 1x1 (when w2 is low rank)."""
+    """Tucker-decomposed w2 for Conv2d / Conv1d kernels larger than 1 (when w2 is low rank)."""
     decompose_both: bool = False
     """Also factor w1 into w1_a @ w1_b when r < max(out_l, in_m) / 2."""
     decompose_factor: int = -1
@@ -83,8 +90,8 @@ class LoKrLayer(LycorisLayer):
             self.lokr_w1[name] = self.new_param(out_l, in_m)
         if r >= max(out_k, in_n) / 2:
             self.lokr_w2[name] = self.new_param(out_k, in_n, *kernel)
-        elif self.kind == CONV2D and config.use_effective_conv2d and tuple(kernel) != (1, 1):
-            self.lokr_t2[name] = self.new_param(r, r, *kernel)
+        elif (core := self.tucker_kernel(config)) is not None:
+            self.lokr_t2[name] = self.new_param(r, r, *core)
             self.lokr_w2_a[name], self.lokr_w2_b[name] = self.new_param(r, out_k), self.new_param(r, in_n)
         else:
             self.lokr_w2_a[name] = self.new_param(out_k, r)
@@ -98,22 +105,30 @@ class LoKrLayer(LycorisLayer):
                 nn.init.zeros_(self.lokr_w2[name] if name in self.lokr_w2 else self.lokr_w2_b[name])
 
     def factors(self, name: str) -> tuple[Tensor, Tensor]:
-        """w1 (out_l, in_m) and w2 (out_k, in_n[, kh, kw]) or, flattened, (out_k, in_n * kh * kw)."""
+        """w1 (out_l, in_m) and w2 (out_k, in_n[, *kernel]) or, flattened, (out_k, in_n * kernel size).
+
+        A Tucker w2 is (out_k, in_n, kh, kw), or (out_k, in_n, k, 1) on a Conv1d.
+        """
         w1 = self.lokr_w1[name] if name in self.lokr_w1 else self.lokr_w1_a[name] @ self.lokr_w1_b[name]
         if name in self.lokr_w2:
             w2 = self.lokr_w2[name]
         elif name in self.lokr_t2:
             w2 = fn.tucker_weight(self.lokr_t2[name], self.lokr_w2_a[name], self.lokr_w2_b[name])
+            # a copy with standard strides: the einsum gives a Conv1d's size-1 last dim stride
+            # out_k * in_n * k, which .contiguous() keeps and torch.kron cannot view
+            w2 = w2.clone(memory_format=torch.contiguous_format)
         else:
             w2 = self.lokr_w2_a[name] @ self.lokr_w2_b[name]
         return w1, w2
 
     def get_delta_weight(self, name: str) -> Tensor:
         w1, w2 = self.factors(name)
+        if self.kind == NN_CONV1D and w2.dim() == 3:
+            w1 = w1[None]  # PEFT's full-w2 Conv1d layout (module docstring)
         return fn.kron_delta(w1, w2, self.scaling[name]).reshape(self.canonical_weight().shape)
 
     def delta_forward(self, x: Tensor, names: list[str]) -> Tensor:
-        if self.kind == CONV2D:
+        if self.kind in CONVS:
             return super().delta_forward(x, names)
         result = self.base_layer(x)
         for name in names:
