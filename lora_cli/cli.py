@@ -82,6 +82,10 @@ def train(
     """Fine-tune a model as RECIPE describes; writes a run directory.
 
     Example: loracli train recipes/food101_lora.yaml training.learning_rate=1e-3
+
+    Several GPUs: torchrun --nproc_per_node 4 -m lora_cli train RECIPE (or accelerate launch).
+
+    Sharded models: training.fsdp: true, or training.deepspeed (README, multi-GPU section).
     """
     from lora_cli.training.pipeline import run_training
 
