@@ -239,9 +239,10 @@ def test_dora_on_grouped_conv_is_refused():
 
 
 @pytest.mark.parametrize("config_cls", [LoHaConfig, LoKrConfig], ids=["loha", "lokr"])
-def test_lycoris_methods_refuse_torch_conv1d(config_cls):
-    with pytest.raises(TargetingError, match=r"cannot adapt: 0 \(Conv1d\).*has no adapter for these layer types"):
-        get_adapter_model(_conv1d(), config_cls(r=2, target_modules=["0"]))
+def test_lycoris_methods_adapt_torch_conv1d(config_cls):
+    """LoHa and LoKr wrap nn.Conv1d too (PEFT parity: tests/adapters/test_lycoris_conv1d.py)."""
+    model = get_adapter_model(_conv1d(), config_cls(r=2, target_modules=["0", "2"]))
+    assert sorted(model.targets["default"]) == ["0", "2"]
 
 
 def test_base_rewriting_inits_refuse_torch_conv1d():
