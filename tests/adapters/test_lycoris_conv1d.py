@@ -262,3 +262,20 @@ def test_lokr_effective_conv_at_rank_1_runs_where_peft_fails(tmp_path):
     torch.testing.assert_close(_out(ours, x), expected, atol=ATOL, rtol=0)
     ours.unmerge_adapter()
     torch.testing.assert_close(layer.base_layer.weight, _net()[0].weight, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("conv", [nn.Conv1d, nn.Conv2d])
+@pytest.mark.parametrize("config_cls", [LoHaConfig, LoKrConfig])
+def test_reflect_padded_conv_warns_of_peft_difference_and_merges_exactly(conv, config_cls):
+    """PEFT zero-pads the LoHa/LoKr delta whatever the base pads with; loracli follows the
+    base, so merging stays exact, and says that PEFT's outputs differ."""
+    torch.manual_seed(0)
+    base = nn.Sequential(conv(4, 6, 3, padding=1, padding_mode="reflect"))
+    x = torch.randn(2, 4, 7) if conv is nn.Conv1d else torch.randn(2, 4, 7, 7)
+    with pytest.warns(UserWarning, match="padding mode \\('reflect'\\).* different outputs in PEFT"):
+        ours = get_adapter_model(base, config_cls(r=2, target_modules=["0"], init_weights=False)).eval()
+    unmerged = _out(ours, x)
+    with ours.disable_adapter():
+        assert (unmerged - _out(ours, x)).abs().max() > 1e-3, "the adapter has no effect"
+    ours.merge_adapter()
+    torch.testing.assert_close(_out(ours, x), unmerged, atol=ATOL, rtol=0)

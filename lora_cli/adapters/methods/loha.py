@@ -17,6 +17,7 @@ where computing ΔW x separately would take two).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -93,6 +94,14 @@ class LycorisLayer(AdapterLayer):
         self.rank_dropout[name] = config.rank_dropout
         self.rank_dropout_scale[name] = getattr(config, "rank_dropout_scale", self.rescale_rank_dropout)
         self.module_dropout[name] = config.module_dropout
+        base = self.base_layer
+        if self.kind in CONVS and getattr(base, "padding_mode", "zeros") != "zeros":
+            warnings.warn(
+                f"{type(self).__name__.removesuffix('Layer')} on {base}: the adapter's delta runs with this conv's "
+                f"padding mode ({base.padding_mode!r}), so merging is exact, but PEFT pads with zeros there: the "
+                "same adapter file gives different outputs in PEFT",
+                stacklevel=2,
+            )
 
     def extra_repr_for(self, name: str) -> str:
         return f"r={self.r[name]}, scaling={self.scaling[name]:g}"
