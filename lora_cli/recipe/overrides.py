@@ -1,4 +1,5 @@
-"""Command-line overrides: ``a.b.c=value`` items, YAML-typed, applied after ``extends``.
+"""Command-line overrides: ``a.b.c=value`` items, YAML-typed, applied after ``extends``;
+``~a.b.c`` removes a key (it then takes its default), as in Hydra.
 
 Each key must exist in the recipe schema (free-form mappings such as ``model.config`` and
 dict-valued training fields accept any sub-key); a typo is reported with the right key.
@@ -17,12 +18,23 @@ from lora_cli.recipe.schema import DataSection, ModelSection, Recipe
 FREE_FORM = {("model", "config"), ("model", "processor")}
 
 
+REMOVE = object()
+"""The value of a ``~key.path`` item: take the key out of the recipe."""
+
+
 def parse_override(item: str) -> tuple[tuple[str, ...], Any] | str:
-    """(key path, value), or an error message for a malformed item."""
+    """(key path, value or REMOVE), or an error message for a malformed item."""
     from lora_cli.recipe.yamlio import parse_value
 
+    if isinstance(item, str) and item.startswith("~"):
+        if "=" in item:
+            return "removes a key and takes no value: write ~key.path (or key.path=value to set it)"
+        parts = tuple(item[1:].strip().split("."))
+        if any(not p for p in parts):
+            return "has an empty key (use e.g. ~training.deepspeed)"
+        return parts, REMOVE
     if not isinstance(item, str) or "=" not in item:
-        return "is not of the form key.path=value"
+        return "is not of the form key.path=value (or ~key.path to remove a key)"
     key, text = item.split("=", 1)
     parts = tuple(key.strip().split("."))
     if not key.strip() or any(not p for p in parts):
@@ -104,6 +116,9 @@ def apply_overrides(data: dict, locations: dict, items, report: Reporter) -> dic
         if hint is not None:
             report.problems.append(_override_problem(item, "names a key that is not in the recipe schema", where, hint))
             continue
+        if value is REMOVE:
+            _remove(data, locations, parts, item, where, report)
+            continue
         node = data
         for i, part in enumerate(parts[:-1]):
             if node.get(part) is None:
@@ -124,6 +139,20 @@ def apply_overrides(data: dict, locations: dict, items, report: Reporter) -> dic
     return data
 
 
+def _remove(data: dict, locations: dict, parts: tuple[str, ...], item: str, where: Location, report: Reporter) -> None:
+    node: Any = data
+    for part in parts[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or parts[-1] not in node:
+        report.problems.append(_override_problem(
+            item, "names a key the recipe does not set: nothing to remove", where,
+            "list the recipe's keys with `loracli recipes show RECIPE`, or drop this item"))
+        return
+    del node[parts[-1]]
+    for path in [p for p in locations if p[: len(parts)] == parts]:
+        del locations[path]
+
+
 def _mark(path: tuple, value: Any, where: Location, locations: dict) -> None:
     locations[path] = where
     if isinstance(value, dict):
@@ -134,5 +163,5 @@ def _mark(path: tuple, value: Any, where: Location, locations: dict) -> None:
 def _override_problem(item: str, message: str, where: Location, hint: str | None = None):
     from lora_cli.recipe.errors import RecipeProblem
 
-    key = item.split("=", 1)[0].strip() if isinstance(item, str) else ""
+    key = item.split("=", 1)[0].strip().lstrip("~") if isinstance(item, str) else ""
     return RecipeProblem(key, message, None, hint, where=where, has_value=False)

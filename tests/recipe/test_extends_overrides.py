@@ -128,7 +128,7 @@ def test_override_for_a_key_not_in_the_schema(write, item, hint):
 
 def test_malformed_override(write):
     assert problems_of(write(VALID), ["learning_rate"]) == [
-        "override 'learning_rate': learning_rate: is not of the form key.path=value"
+        "override 'learning_rate': learning_rate: is not of the form key.path=value (or ~key.path to remove a key)"
     ]
 
 
@@ -145,3 +145,24 @@ def test_override_and_file_problems_together(write):
     lines = problems_of(write(text), ["training.lr=1"])
     assert lines[0] == "recipe.yaml:17: adapter.r: must be an integer >= 1 (got -1)"
     assert lines[1].startswith("override 'training.lr=1': training.lr: names a key")
+
+
+def test_tilde_removes_a_key(write):
+    path = write(VALID)
+    recipe = load_recipe(path, ["~training.num_train_epochs", "~adapter.modules_to_save"])
+    assert recipe.training == {"learning_rate": 0.005}  # the Trainer's default epochs apply
+    assert recipe.adapter.options["modules_to_save"] is None  # the method's default
+    assert "num_train_epochs" not in recipe.to_yaml()
+    # a required key removed is reported like a missing one
+    assert any("model: is required" in p for p in problems_of(path, ["~model"]))
+
+
+@pytest.mark.parametrize("item, message", [
+    ("~training.num_train_epochs=3", "removes a key and takes no value: write ~key.path"),
+    ("~training.warmup_steps", "names a key the recipe does not set: nothing to remove"),
+    ("~training.num_train_epoch", "did you mean training.num_train_epochs?"),
+    ("~", "has an empty key"),
+])
+def test_bad_removals(write, item, message):
+    (problem,) = problems_of(write(VALID), [item])
+    assert message in problem and problem.startswith(f"override '{item}'"), problem
