@@ -60,6 +60,44 @@ def assert_merge_roundtrip(model, inputs) -> None:
         torch.testing.assert_close(model.merge_and_unload()(**inputs()).logits, unmerged, atol=1e-5, rtol=1e-5)
 
 
+def perturb_trainable(model, seed: int = 2) -> None:
+    """Add seeded noise to every trainable tensor, so no adapter factor stays zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=g) * 0.1)
+
+
+def assert_merge_matches_peft(ours, x, build_base, folder, atol: float = 1e-5) -> None:
+    """On a plain model called as ``model(x)``: merging changes every adapted weight and not
+    the output, unmerging restores the weights, and the merged weights equal what PEFT's
+    ``merge_and_unload`` makes of the same adapter file (``build_base()``: a fresh base)."""
+    import peft
+
+    def out(model):
+        with torch.no_grad():
+            return model(x)
+
+    layers = dict(ours.adapter_layers())
+    pristine = {p: layer.base_layer.weight.detach().clone() for p, layer in layers.items()}
+    unmerged = out(ours)
+    ours.merge_adapter()
+    assert all(not torch.equal(layer.base_layer.weight, pristine[p]) for p, layer in layers.items())
+    torch.testing.assert_close(out(ours), unmerged, atol=atol, rtol=0)
+    ours.unmerge_adapter()
+    for path, layer in layers.items():
+        torch.testing.assert_close(layer.base_layer.weight, pristine[path], atol=atol, rtol=0)
+    torch.testing.assert_close(out(ours), unmerged, atol=atol, rtol=0)
+
+    ours.save_pretrained(folder)
+    theirs = peft.PeftModel.from_pretrained(build_base(), folder).merge_and_unload()
+    plain = ours.merge_and_unload(safe_merge=True)
+    torch.testing.assert_close(out(plain), unmerged, atol=atol, rtol=0)
+    for path in layers:
+        torch.testing.assert_close(plain.get_submodule(path).weight, theirs.get_submodule(path).weight, atol=atol, rtol=0)
+
+
 def assert_module_dropout_only_in_training(layer, x) -> None:
     """With module_dropout 0.5 the adapter is skipped about half the time in training, never in eval."""
     base = layer.base_layer(x)

@@ -18,6 +18,7 @@ from torch import nn
 
 from lora_cli.adapters import AdapterModel, LoHaConfig, LoKrConfig, LoraConfig, get_adapter_model
 from lora_cli.errors import TargetingError, UserInputError
+from tests.adapters import _layers
 
 ATOL = 1e-5
 pytestmark = pytest.mark.filterwarnings("ignore:LoRA adapter added to ConvNd layer with groups")
@@ -84,23 +85,15 @@ def _config_kwargs(name, kw):
     return {"r": 4, "lora_alpha": 8, "init_lora_weights": False, "target_modules": MODELS[name][1]} | kw
 
 
-def _perturb_trainable(model, seed: int = 2):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in sorted(model.named_parameters()):
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=g) * 0.1)
-
-
 def _ours(name, kw):
     model = get_adapter_model(MODELS[name][0](), LoraConfig(**_config_kwargs(name, kw))).eval()
-    _perturb_trainable(model)
+    _layers.perturb_trainable(model)
     return model
 
 
 def _theirs(name, kw):
     model = peft.get_peft_model(MODELS[name][0](), peft.LoraConfig(**_config_kwargs(name, kw))).eval()
-    _perturb_trainable(model)
+    _layers.perturb_trainable(model)
     return model
 
 
@@ -155,26 +148,7 @@ def test_peft_saved_loads_in_ours(case, tmp_path):
 def test_merge_roundtrip_and_merged_weights_match_peft(case, tmp_path):
     name, kw = case
     build, _, make_input = MODELS[name]
-    x = make_input()
-    ours = _ours(name, kw)
-    layers = dict(ours.adapter_layers())
-    pristine = {p: layer.base_layer.weight.detach().clone() for p, layer in layers.items()}
-    unmerged = _out(ours, x)
-
-    ours.merge_adapter()
-    assert all(not torch.equal(layer.base_layer.weight, pristine[p]) for p, layer in layers.items())
-    torch.testing.assert_close(_out(ours, x), unmerged, atol=ATOL, rtol=0)
-    ours.unmerge_adapter()
-    for path, layer in layers.items():
-        torch.testing.assert_close(layer.base_layer.weight, pristine[path], atol=ATOL, rtol=0)
-    torch.testing.assert_close(_out(ours, x), unmerged, atol=ATOL, rtol=0)
-
-    ours.save_pretrained(tmp_path)
-    theirs = peft.PeftModel.from_pretrained(build(), tmp_path).merge_and_unload()
-    plain = ours.merge_and_unload(safe_merge=True)
-    torch.testing.assert_close(_out(plain, x), unmerged, atol=ATOL, rtol=0)
-    for path in layers:
-        torch.testing.assert_close(plain.get_submodule(path).weight, theirs.get_submodule(path).weight, atol=ATOL, rtol=0)
+    _layers.assert_merge_matches_peft(_ours(name, kw), make_input(), build, tmp_path)
 
 
 @pytest.mark.parametrize("name", GROUPED)

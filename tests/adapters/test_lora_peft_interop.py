@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lora_cli.adapters import AdapterModel, LoraConfig, get_adapter_model
+from tests.adapters import _layers
 from tests.helpers import tiny_bert, tiny_gpt2, tiny_opt, tiny_vit
 
 ATOL = 1e-5
@@ -83,14 +84,6 @@ def _logits(model, inputs):
         return model(**inputs).logits
 
 
-def _perturb_trainable(model, seed: int = 2):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in sorted(model.named_parameters()):
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=g) * 0.1)
-
-
 def _kwargs(kw):
     return {"r": 4, "lora_alpha": 8, "init_lora_weights": False} | kw
 
@@ -101,7 +94,7 @@ def test_ours_loads_in_peft(case, tmp_path):
     build, make_inputs = MODELS[name]
     inputs = make_inputs()
     ours = get_adapter_model(build(), LoraConfig(**_kwargs(kw))).eval()
-    _perturb_trainable(ours)
+    _layers.perturb_trainable(ours)
     expected = _logits(ours, inputs)
     assert (expected - _logits(build(), inputs)).abs().max() > 20 * ATOL, "the adapter has no effect"
     ours.save_pretrained(tmp_path)
@@ -115,7 +108,7 @@ def test_peft_saved_loads_in_ours(case, tmp_path):
     build, make_inputs = MODELS[name]
     inputs = make_inputs()
     theirs = peft.get_peft_model(build(), peft.LoraConfig(**_kwargs(kw))).eval()
-    _perturb_trainable(theirs)
+    _layers.perturb_trainable(theirs)
     expected = _logits(theirs, inputs)
     theirs.save_pretrained(tmp_path)
     ours = AdapterModel.from_pretrained(build(), tmp_path)
@@ -158,7 +151,7 @@ def test_peft_adapter_with_transformers4_names_loads(tmp_path):
     theirs = peft.get_peft_model(
         tiny_vit(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     ).eval()
-    _perturb_trainable(theirs)
+    _layers.perturb_trainable(theirs)
     expected = _logits(theirs, inputs)
     theirs.save_pretrained(tmp_path)
 
@@ -194,7 +187,7 @@ def test_training_gradients_match_peft(name, kw, tmp_path):
     inputs = make_inputs()
     inputs["labels"] = inputs["input_ids"] if name == "gpt2" else torch.tensor([0, 1])
     theirs = peft.get_peft_model(build(), peft.LoraConfig(**_kwargs(kw)))
-    _perturb_trainable(theirs)
+    _layers.perturb_trainable(theirs)
     theirs.save_pretrained(tmp_path)
     ours = AdapterModel.from_pretrained(build(), tmp_path, is_trainable=True)
     for model in (theirs, ours):

@@ -18,6 +18,7 @@ from peft.utils import get_peft_model_state_dict
 from torch import nn
 
 from lora_cli.adapters import AdapterModel, LoHaConfig, LoKrConfig, get_adapter_model
+from tests.adapters import _layers
 
 ATOL = 1e-5
 TARGETS = ["0", "2", "4"]
@@ -71,27 +72,19 @@ OURS = {"loha": LoHaConfig, "lokr": LoKrConfig}
 THEIRS = {"loha": peft.LoHaConfig, "lokr": peft.LoKrConfig}
 
 
-def _perturb_trainable(model, seed: int = 2):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in sorted(model.named_parameters()):
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=g) * 0.1)
-
-
 def _kwargs(case, **extra):
     return {"target_modules": TARGETS, "init_weights": False} | CASES[case][1] | extra
 
 
 def _ours(case, **extra):
     model = get_adapter_model(_net(), OURS[CASES[case][0]](**_kwargs(case, **extra))).eval()
-    _perturb_trainable(model)
+    _layers.perturb_trainable(model)
     return model
 
 
 def _theirs(case, **extra):
     model = peft.get_peft_model(_net(), THEIRS[CASES[case][0]](**_kwargs(case, **extra))).eval()
-    _perturb_trainable(model)
+    _layers.perturb_trainable(model)
     return model
 
 
@@ -151,27 +144,9 @@ def test_lokr_full_w2_uses_peft_layout_not_per_tap_kron():
 
 @pytest.mark.parametrize("case", IDS)
 def test_merge_roundtrip_and_merged_weights_match_peft(case, tmp_path):
-    x = _x()
     ours = _ours(case)
-    layers = dict(ours.adapter_layers())
-    assert sorted(layers) == TARGETS
-    pristine = {p: layer.base_layer.weight.detach().clone() for p, layer in layers.items()}
-    unmerged = _out(ours, x)
-
-    ours.merge_adapter()
-    assert all(not torch.equal(layer.base_layer.weight, pristine[p]) for p, layer in layers.items())
-    torch.testing.assert_close(_out(ours, x), unmerged, atol=ATOL, rtol=0)
-    ours.unmerge_adapter()
-    for path, layer in layers.items():
-        torch.testing.assert_close(layer.base_layer.weight, pristine[path], atol=ATOL, rtol=0)
-    torch.testing.assert_close(_out(ours, x), unmerged, atol=ATOL, rtol=0)
-
-    ours.save_pretrained(tmp_path)
-    theirs = peft.PeftModel.from_pretrained(_net(), tmp_path).merge_and_unload()
-    plain = ours.merge_and_unload(safe_merge=True)
-    torch.testing.assert_close(_out(plain, x), unmerged, atol=ATOL, rtol=0)
-    for path in layers:
-        torch.testing.assert_close(plain.get_submodule(path).weight, theirs.get_submodule(path).weight, atol=ATOL, rtol=0)
+    assert sorted(dict(ours.adapter_layers())) == TARGETS
+    _layers.assert_merge_matches_peft(ours, _x(), _net, tmp_path)
 
 
 # ------------------------------------------------------------------------------- training
@@ -240,7 +215,7 @@ def test_lokr_effective_conv_at_rank_1_runs_where_peft_fails(tmp_path):
     PEFT's forward raises; loracli loads the same file and runs, merges and unmerges exactly."""
     kw = {"r": 1, "use_effective_conv2d": True, "target_modules": ["0"], "init_weights": False}
     theirs = peft.get_peft_model(_net(), peft.LoKrConfig(**kw)).eval()
-    _perturb_trainable(theirs)
+    _layers.perturb_trainable(theirs)
     x = _x()
     with pytest.raises(RuntimeError, match="view size is not compatible"):
         _out(theirs, x)
