@@ -66,14 +66,54 @@ class MergeReport:
         )
 
 
-def check_out_dir(out_dir: str | Path, force: bool = False) -> Path:
-    """Refuse an existing non-empty target unless ``force``; say so before any work is done."""
+def check_out_dir(out_dir: str | Path, force: bool = False, run_dir: str | Path | None = None) -> Path:
+    """Refuse a target that would destroy data; say so before any work is done.
+
+    Never replaced, even with ``force``: the run being merged, a folder inside it that the
+    run needs, an ancestor of it, any folder that holds a run, and any folder that holds
+    the working directory. An existing non-empty folder needs ``force``.
+    """
+    from lora_cli.training import rundir as rd
+
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserInputError(f"--out {out_dir} exists and is a file; pick a folder path")
+    if out_dir.is_symlink():
+        raise UserInputError(f"--out {out_dir} is a symlink; pick a real folder path")
+    if run_dir is not None:
+        run = Path(run_dir).resolve()
+        target = out_dir.resolve()
+        if rd.holds_protected(out_dir, [run], cwd=False) is not None:
+            raise UserInputError(
+                f"--out {out_dir} is the run directory {run_dir} or holds it: writing the merged model there would "
+                "delete the run (its recipe, adapter, checkpoints and evaluation). Pick a folder outside it, "
+                "e.g. --out merged/"
+            )
+        inside = target.relative_to(run).parts if rd.holds_protected(run, [target], cwd=False) is not None else ()
+        if inside and inside[0] in RUN_CONTENTS:
+            raise UserInputError(
+                f"--out {out_dir} is the run's own {inside[0]}/ folder (or inside it); pick a folder of its own, "
+                "e.g. --out merged/"
+            )
+    if out_dir.is_dir():
+        found = rd.find_run_below(out_dir)
+        if found is not None:
+            raise UserInputError(
+                f"--out {out_dir} holds the run directory {found}; writing there would delete it. Pick another folder"
+            )
+        inside_cwd = rd.holds_protected(out_dir, [])
+        if inside_cwd is not None:
+            raise UserInputError(
+                f"--out {out_dir} holds the working directory {inside_cwd}; pick a folder of its own, e.g. --out merged/"
+            )
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise UserInputError(f"--out {out_dir} exists and is not empty; pick another folder or pass --force")
     return out_dir
+
+
+RUN_CONTENTS = frozenset({"adapter", "processor", "base_model", "checkpoints", "plots", "recipe.yaml", "env.json",
+                          "metrics.jsonl", "eval.json", "status.json"})
+"""Entries of a run directory (see lora_cli/training/rundir.py) that --out may never be."""
 
 
 def synthetic_inputs(model: nn.Module, processor: Any, n: int = 16, seed: int = 0) -> torch.Tensor:
@@ -143,6 +183,7 @@ def merge_run(
     force: bool = False,
     id2label: dict[int, str] | None = None,
     source: str = "validation",
+    run_dir: str | Path | None = None,
 ) -> MergeReport:
     """Merge ``model`` (an AdapterModel), verify, and save a transformers model folder.
 
@@ -154,7 +195,7 @@ def merge_run(
         raise UserInputError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     if n < 1:
         raise UserInputError(f"the number of verification inputs must be at least 1, got {n}")
-    out_dir = check_out_dir(out_dir, force)
+    out_dir = check_out_dir(out_dir, force, run_dir=run_dir)
     if not hasattr(model, "merge_and_unload"):
         raise UserInputError("the model has no adapter to merge (expected a loracli AdapterModel)")
 
@@ -192,13 +233,15 @@ def merge_run(
     if config is not None and id2label:
         config.id2label = {int(k): str(v) for k, v in id2label.items()}
         config.label2id = {v: k for k, v in config.id2label.items()}
-    write_model_dir(merged, processor, out_dir, force=force)
+    write_model_dir(merged, processor, out_dir, force=force, run_dir=run_dir)
     return report
 
 
-def write_model_dir(model: nn.Module, processor: Any, out_dir: str | Path, force: bool = False) -> Path:
+def write_model_dir(
+    model: nn.Module, processor: Any, out_dir: str | Path, force: bool = False, run_dir: str | Path | None = None
+) -> Path:
     """``save_pretrained`` model (safetensors) and processor into a temp sibling, then rename."""
-    out_dir = check_out_dir(out_dir, force)
+    out_dir = check_out_dir(out_dir, force, run_dir=run_dir)
     parent = out_dir.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.tmp-"))

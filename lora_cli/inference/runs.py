@@ -120,12 +120,12 @@ def merge_from_run(
 
     if dtype not in DTYPES:
         raise UserInputError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
-    check_out_dir(out_dir, force)  # fail before the slow model load
+    check_out_dir(out_dir, force, run_dir=run_dir)  # fail before the slow model load
     loaded = load_run(run_dir, device=device)
     batch, source = verification_batch(loaded, n)
     return merge_run(
         loaded.model, loaded.processor, out_dir, dtype=dtype, verify_batch=batch, n=n, force=force,
-        id2label=loaded.id2label, source=source,
+        id2label=loaded.id2label, source=source, run_dir=run_dir,
     )
 
 

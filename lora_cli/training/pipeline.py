@@ -11,7 +11,6 @@ import inspect
 import logging
 import math
 import os
-import shutil
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,12 +46,19 @@ def run_training(
     from lora_cli.recipe import load_recipe
     from lora_cli.tasks import get_task
 
+    if resume and overwrite:
+        raise UserInputError("--resume continues the run and --overwrite replaces it; pass only one of them")
     recipe = load_recipe(recipe_path, overrides)
     task = get_task(recipe.task)
     run_dir = Path(recipe.output_path)
-    _check_run_dir(run_dir, resume=resume, overwrite=overwrite, dry_run=dry_run)
+    replace = _check_run_dir(run_dir, resume=resume, overwrite=overwrite, dry_run=dry_run,
+                             protected=_protected_paths(recipe, recipe_path))
+    checkpoint = None
     if resume:
         _check_same_recipe(recipe, run_dir)
+        checkpoint = rd.latest_checkpoint(run_dir, report=True)
+        if checkpoint is None:
+            raise UserInputError(f"--resume: no checkpoint in {run_dir / rd.CHECKPOINTS_DIR}; train without --resume")
     set_seed(recipe.seed)
 
     processor = task.load_processor(recipe)
@@ -70,16 +76,38 @@ def run_training(
         _print_dry_run(recipe, model, len(splits.train), len(splits.eval), labels)
         return None
 
-    # ---- from here on we write
+    # ---- from here on we write, holding the run directory's lock (rank 0 writes)
     is_main = distributed.is_main_process()
     distributed.barrier()  # every process has checked the run directory before rank 0 changes it
+    lock = rd.RunLock(run_dir).acquire() if is_main else None
+    try:
+        return _train_and_save(
+            recipe, task, model, args, train_ds, eval_ds, processor, labels, run_dir, base_state,
+            checkpoint=checkpoint, replace=replace, resume=resume, extra_callbacks=extra_callbacks,
+        )
+    except BaseException as exc:
+        if is_main and (run_dir / rd.RECIPE_FILE).is_file():
+            # the next `train` sees a failed run: resumable from its checkpoints, or replaced
+            reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+            rd.write_status(run_dir, "failed", error=reason[:2000])
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_and_save(recipe, task, model, args, train_ds, eval_ds, processor, labels, run_dir: Path, base_state,
+                    checkpoint, replace: bool, resume: bool, extra_callbacks) -> Path:
+    is_main = distributed.is_main_process()
     if is_main:
-        if overwrite and run_dir.exists() and not resume:
-            shutil.rmtree(run_dir)
+        if replace:
+            rd.clear_run_dir(run_dir)
         for sub in ("", rd.PLOTS_DIR, rd.CHECKPOINTS_DIR):
             (run_dir / sub).mkdir(parents=True, exist_ok=True)
         (run_dir / rd.RECIPE_FILE).write_text(recipe.to_yaml(), encoding="utf-8")
         rd.write_json(run_dir / rd.ENV_FILE, rd.environment(recipe.seed))
+        rd.write_status(run_dir, "running", pid=os.getpid(), error=None,
+                        resumed_from=checkpoint.name if checkpoint else None)
         processor.save_pretrained(run_dir / rd.PROCESSOR_DIR)
         if base_state is not None:
             base_state.save_pretrained(run_dir / rd.BASE_MODEL_DIR)
@@ -88,11 +116,6 @@ def run_training(
     distributed.barrier()  # the others go on once the run directory is there
 
     trainer = build_trainer(recipe, task, model, args, train_ds, eval_ds, processor, run_dir, extra_callbacks)
-    checkpoint = None
-    if resume:
-        checkpoint = rd.latest_checkpoint(run_dir)
-        if checkpoint is None:
-            raise UserInputError(f"--resume: no checkpoint in {run_dir / rd.CHECKPOINTS_DIR}; train without --resume")
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except RuntimeError as exc:
@@ -120,22 +143,63 @@ def run_training(
         else:
             rd.write_json(run_dir / rd.EVAL_FILE, metrics)
         _plot(run_dir)
+        rd.write_status(run_dir, "completed", error=None)
         _print_summary(run_dir, metrics)
     distributed.barrier()  # no process returns before the run directory is complete
     return run_dir
 
 
 # ------------------------------------------------------------------------ steps
-def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool, dry_run: bool) -> None:
-    if dry_run or resume or overwrite:
-        if resume and not (run_dir / rd.CHECKPOINTS_DIR).is_dir():
-            raise UserInputError(f"--resume: {run_dir} has no checkpoints/ folder; nothing to resume")
-        return
-    if run_dir.exists() and any(run_dir.iterdir()):
+def _protected_paths(recipe, recipe_path) -> list[Path]:
+    """What the command reads, and so may never sit inside a folder it replaces."""
+    paths = [Path(recipe_path)]
+    if recipe.source is not None:
+        paths.append(recipe.source)
+    data = recipe.data
+    paths += [Path(p) for p in (data.imagefolder, data.train_file, data.validation_file) if p]
+    for name in (recipe.model.name_or_path, recipe.model.tokenizer):
+        if name and Path(name).expanduser().exists():
+            paths.append(Path(name))
+    return paths
+
+
+def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool, dry_run: bool, protected: Sequence[Path]) -> bool:
+    """Refuse what would mix or destroy data; return True when the folder is to be cleared first."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserInputError(f"output_dir {run_dir} is a file; pick a folder path (e.g. output_dir=runs/other)")
+    if run_dir.is_dir() and not dry_run:
+        holder = rd.RunLock(run_dir).holder()
+        if holder is not None:
+            raise rd.RunInUseError(run_dir, holder)
+    entries = [p for p in run_dir.iterdir() if p.name != rd.LOCK_FILE] if run_dir.is_dir() else []
+    if resume:
+        if not rd.is_run_dir(run_dir) or not (run_dir / rd.CHECKPOINTS_DIR).is_dir():
+            raise UserInputError(f"--resume: {run_dir} is not a run with a checkpoints/ folder; nothing to resume")
+        return False
+    if not entries:
+        return False
+    if overwrite:
+        rd.check_replaceable(run_dir, "--overwrite", protected)
+        return True
+    if dry_run:
+        return False
+    state = rd.read_status(run_dir).get("state")
+    has_checkpoints = bool(rd.checkpoints(run_dir))
+    if rd.is_run_dir(run_dir) and state in ("failed", "running") and not has_checkpoints:
+        # a run that died before its first checkpoint holds nothing to keep: start it again
+        rd.check_replaceable(run_dir, "output_dir", protected)
+        warnings.warn(f"{run_dir} holds a run that {'failed' if state == 'failed' else 'was stopped'} before its "
+                      "first checkpoint; starting it again", stacklevel=3)
+        return True
+    if state in ("failed", "running") and has_checkpoints:
         raise UserInputError(
-            f"the run directory {run_dir} already exists; continue it with --resume, replace it with --overwrite, "
-            "or pick another output_dir (e.g. output_dir=runs/other as an override)"
+            f"the run in {run_dir} stopped before it finished; continue it from its newest checkpoint with --resume, "
+            "replace it with --overwrite, or pick another output_dir (e.g. output_dir=runs/other as an override)"
         )
+    raise UserInputError(
+        f"the run directory {run_dir} already exists; continue it with --resume, replace it with --overwrite, "
+        "or pick another output_dir (e.g. output_dir=runs/other as an override)"
+    )
 
 
 # What may change when a run is continued: how long it trains, and how often it logs/saves.

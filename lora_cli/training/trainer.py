@@ -3,11 +3,18 @@
 Checkpoints hold the adapter in PEFT format (usable as is) plus the raw, unsliced
 adapter tensors (``adapter_state.safetensors``) that --resume and load_best_model_at_end
 read back, next to the Trainer's optimizer / scheduler / RNG state.
+
+A checkpoint is written into ``checkpoints/.incomplete/checkpoint-N`` and renamed to
+``checkpoints/checkpoint-N`` only once every process has written all of its files, so a
+crash or a full disk mid-save never leaves an incomplete checkpoint where --resume looks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +24,7 @@ from transformers import Trainer
 from lora_cli.adapters import AdapterModel
 from lora_cli.errors import LoraCliError
 from lora_cli.training import distributed
+from lora_cli.training import rundir as rd
 
 STATE_FILE = "adapter_state.safetensors"
 HOOKS_FILE = "adapter_hooks.pt"  # method state beyond the tensors: AdaLoRA's rank allocator
@@ -103,6 +111,60 @@ class AdapterTrainer(Trainer):
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
         _save_hooks_state(model, Path(output_dir))
 
+    # ------------------------------------------------------------ atomic checkpoints
+    _staging_root: str | None = None
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging_root or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        from transformers.trainer_utils import rotate_checkpoints
+
+        final_root = Path(super()._get_output_dir(trial))
+        name = f"{rd.CHECKPOINT_PREFIX}{self.state.global_step}"
+        staging_root = final_root / rd.STAGING_DIR
+        staged, final = staging_root / name, final_root / name
+        if self.args.should_save:
+            shutil.rmtree(staged, ignore_errors=True)  # left by an earlier crash
+            staging_root.mkdir(parents=True, exist_ok=True)
+        self.accelerator.wait_for_everyone()
+        self._staging_root = str(staging_root)
+        try:
+            super()._save_checkpoint(model, trial)
+        except BaseException as exc:
+            if self.args.should_save:
+                shutil.rmtree(staged, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    staging_root.rmdir()
+            if isinstance(exc, OSError):  # a full disk, a quota, a vanished mount
+                raise LoraCliError(
+                    f"could not write checkpoint {name} in {final_root} ({exc}); the incomplete checkpoint was "
+                    "removed. Free some space, then continue with `loracli train RECIPE --resume` (it resumes "
+                    "from the newest complete checkpoint)"
+                ) from exc
+            raise
+        finally:
+            self._staging_root = None
+        self.accelerator.wait_for_everyone()  # every process has written its files
+        if self.state.best_model_checkpoint == str(staged):
+            self.state.best_model_checkpoint = str(final)
+        if self.args.should_save:
+            state_file = staged / "trainer_state.json"
+            if state_file.is_file():  # it records best_model_checkpoint: point it at the final name
+                tmp = staged / ".trainer_state.json.tmp"
+                self.state.save_to_json(str(tmp))
+                os.replace(tmp, state_file)
+            _replace_dir(staged, final)
+            with contextlib.suppress(OSError):  # other steps may still be staged
+                staging_root.rmdir()
+            rotate_checkpoints(
+                output_dir=str(final_root),
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         self._load_adapter_state(Path(resume_from_checkpoint))
         _load_hooks_state(_adapter_model(self), Path(resume_from_checkpoint))
@@ -136,3 +198,20 @@ class AdapterTrainer(Trainer):
         if hasattr(self.train_dataset, "set_epoch"):
             self.train_dataset.set_epoch(kwargs["epoch"])
         return super()._run_epoch(*args, **kwargs)
+
+
+def _replace_dir(source: Path, target: Path) -> None:
+    """Rename ``source`` to ``target``; an existing ``target`` (the same step saved again)
+    is moved aside first and deleted only once the new folder is in place."""
+    if not target.exists():
+        os.replace(source, target)
+        return
+    aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+    os.replace(target, aside / target.name)
+    try:
+        os.replace(source, target)
+    except BaseException:
+        os.replace(aside / target.name, target)
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)

@@ -86,9 +86,9 @@ def test_train_writes_a_complete_run_that_peft_loads(trained):
 
 def test_overwrite_replaces_an_existing_run(tmp_path, imagefolder, monkeypatch):
     run = tmp_path / "run"
-    run.mkdir()
-    (run / "stale.txt").write_text("earlier work")
     recipe = write_recipe(tmp_path / "recipe.yaml", imagefolder, run, training={"max_steps": 1})
+    assert loracli(monkeypatch, "train", recipe) == 0  # only a run may be replaced (issue 11)
+    (run / "stale.txt").write_text("earlier work")
     assert loracli(monkeypatch, "train", recipe, "--overwrite") == 0
     assert not (run / "stale.txt").exists()
     assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "eval.json").is_file()
