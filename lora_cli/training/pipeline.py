@@ -171,6 +171,13 @@ def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool, dry_run: bool, 
         holder = rd.RunLock(run_dir).holder()
         if holder is not None:
             raise rd.RunInUseError(run_dir, holder)
+    data_dirs = [p for p in protected[1:] if p.is_dir()]
+    inside = next((d for d in data_dirs if rd.holds_protected(d, [run_dir], cwd=False) is not None), None)
+    if inside is not None:
+        raise UserInputError(
+            f"output_dir {run_dir} lies inside {inside}, which this run reads (data or model); its files would mix "
+            "with the data. Pick an output_dir outside it (e.g. output_dir=runs/my-run)"
+        )
     entries = [p for p in run_dir.iterdir() if p.name != rd.LOCK_FILE] if run_dir.is_dir() else []
     if resume:
         if not rd.is_run_dir(run_dir) or not (run_dir / rd.CHECKPOINTS_DIR).is_dir():

@@ -393,6 +393,10 @@ def load_run(run_dir: str | Path, adapter_dir: str | Path | None = None, device:
     recipe_file = run_dir / RECIPE_FILE
     if not recipe_file.is_file():
         raise UserInputError(f"{run_dir} is not a run directory (no {RECIPE_FILE}); pass the folder `loracli train` wrote")
+    holder = RunLock(run_dir).holder()
+    if holder is not None:
+        warnings.warn(f"{run_dir} is being trained right now ({holder}); its adapter may change when that run ends",
+                      stacklevel=2)
     adapter = Path(adapter_dir) if adapter_dir else run_dir / ADAPTER_DIR
     if not (adapter / "adapter_config.json").is_file():
         status = read_status(run_dir)

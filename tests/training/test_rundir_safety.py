@@ -304,3 +304,10 @@ def test_lock_file_alone_counts_as_empty(tmp_path, imagefolder):
     start = time.monotonic()
     run_training(write_recipe(tmp_path / "r.yaml", imagefolder, run))
     assert time.monotonic() - start < 120 and rd.read_status(run)["state"] == "completed"
+
+
+def test_output_dir_inside_the_data_is_refused(tmp_path, imagefolder, monkeypatch, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", imagefolder, imagefolder / "train" / "run")
+    before = _tree(imagefolder)
+    assert loracli(monkeypatch, "train", recipe) == 2  # it would have become a class folder
+    assert "lies inside" in capsys.readouterr().err and _tree(imagefolder) == before
