@@ -375,7 +375,11 @@ def _plot(run_dir: Path) -> None:
         from lora_cli.inference.plots import plot_training_curves
     except ImportError:  # plotting lands with the inference package
         return
-    plot_training_curves(run_dir / rd.METRICS_FILE, run_dir / rd.PLOTS_DIR)
+    try:
+        plot_training_curves(run_dir / rd.METRICS_FILE, run_dir / rd.PLOTS_DIR)
+    except Exception as exc:  # noqa: BLE001 - a figure must never cost the trained run
+        warnings.warn(f"could not draw the training curves in {run_dir / rd.PLOTS_DIR} ({type(exc).__name__}: {exc}); "
+                      "the adapter, metrics.jsonl and eval.json are written", stacklevel=2)
 
 
 # --------------------------------------------------------------------- printing
