@@ -10,10 +10,19 @@ then. At validation time a placeholder that leaves a budgeting phase stands in.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import typing
 from typing import Any
 
 from lora_cli.errors import AdapterConfigError, LoraCliError, UserInputError
-from lora_cli.recipe.errors import NO_VALUE, Location, RecipeError, Reporter, did_you_mean
+from lora_cli.recipe.errors import (
+    NO_VALUE,
+    Location,
+    RecipeError,
+    Reporter,
+    did_you_mean,
+    is_bool_word,
+)
 from lora_cli.recipe.schema import ADAPTER_BOOKKEEPING
 
 PLANNED_METHODS = ("lora", "loha", "lokr", "adalora")
@@ -44,6 +53,32 @@ def resolve_method(name: Any):
 
 def allowed_fields(method) -> list[str]:
     return [f for f in method.config_cls.field_names() if f not in ADAPTER_BOOKKEEPING]
+
+
+@functools.cache
+def _annotations(config_cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(config_cls)
+    except Exception:  # noqa: BLE001 - an unresolvable annotation only skips this check
+        return {}
+
+
+def _bool_problem(config_cls: type, key: str, value: Any) -> bool:
+    """A bool field given a non-bool, or a ``bool | str`` field given ``yes`` / ``off``.
+
+    The engine treats any non-empty string as true, so ``use_dora: no`` (a string in YAML
+    1.2) would switch DoRA on.
+    """
+    from lora_cli.recipe.training import takes_bool
+
+    annotation = _annotations(config_cls).get(key)
+    if annotation is None or not takes_bool(annotation):
+        return False
+    if is_bool_word(value):
+        return True
+    allowed = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    only_bool = all(a is bool for a in allowed)
+    return only_bool and not isinstance(value, bool) and not (value is None and type(None) in typing.get_args(annotation))
 
 
 def _placeholder_total_step(options: dict) -> int:
@@ -86,6 +121,8 @@ def check_adapter(raw: Any, report: Reporter) -> tuple[str, dict[str, Any]] | No
         elif key not in allowed:
             hint = did_you_mean(key, allowed) or f"{method.name} settings are: {', '.join(allowed)}"
             report.add((*path, key), f"is not a {method.name} setting", value, hint)
+        elif _bool_problem(method.config_cls, key, value):
+            report.settle((*path, key), "must be true or false", value)
         else:
             options[key] = value
     before = len(report.problems)

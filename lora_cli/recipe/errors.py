@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from lora_cli.errors import Problem, ProblemsError
@@ -17,7 +18,7 @@ class Location:
 
     def render(self) -> str:
         if self.override is not None:
-            return f"override {self.override!r}"
+            return f"override {short(self.override, 100)}"
         if self.line is None:
             return str(self.file)
         return f"{self.file}:{self.line}"
@@ -71,6 +72,16 @@ def did_you_mean(word: str, choices, prefix: str = "") -> str | None:
 
 NO_VALUE = object()
 
+YAML11_BOOL_WORDS = frozenset({"yes", "no", "on", "off", "y", "n"})
+"""Words YAML 1.1 reads as booleans; recipes are read as YAML 1.2, where they are strings."""
+
+BOOL_WORD_HINT = "recipes are read as YAML 1.2, where yes/no/on/off are text: use true/false"
+
+
+def is_bool_word(value: object) -> bool:
+    """Is ``value`` a string that YAML 1.1 would have read as a boolean (``yes``, ``Off``, ...)?"""
+    return isinstance(value, str) and value.strip().lower() in YAML11_BOOL_WORDS
+
 
 class Reporter:
     """Collects problems for one recipe, placing each at the line its key came from."""
@@ -79,6 +90,8 @@ class Reporter:
         self.locations = locations
         self.source = source
         self.problems: list[RecipeProblem] = []
+        self.settled: set[str] = set()
+        """Keys already reported as finally wrong (a NaN, say): later problems on them are noise."""
 
     def locate(self, path: tuple) -> Location:
         """The location of ``path``, or of its nearest written parent."""
@@ -89,12 +102,30 @@ class Reporter:
 
     def add(self, path: tuple, message: str, value: object = NO_VALUE, hint: str | None = None) -> None:
         key = ".".join(str(p) for p in path)
+        if self._repeats_settled(key, value):
+            return
         has_value = value is not NO_VALUE
+        if hint is None and has_value and "true or false" in message and is_bool_word(value):
+            hint = BOOL_WORD_HINT
         self.problems.append(
             RecipeProblem(
                 key, message, value if has_value else None, hint, where=self.locate(path), has_value=has_value
             )
         )
+
+    def _repeats_settled(self, key: str, value: object) -> bool:
+        """A problem on a settled key, or on its parent about the same NaN (``alpha_pattern``)."""
+        if key in self.settled:
+            return True
+        return (
+            isinstance(value, float) and not math.isfinite(value)
+            and any(s.startswith(key + ".") for s in self.settled)
+        )
+
+    def settle(self, path: tuple, message: str, value: object = NO_VALUE, hint: str | None = None) -> None:
+        """Report a problem with ``path`` and suppress any later one on the same key."""
+        self.add(path, message, value, hint)
+        self.settled.add(".".join(str(p) for p in path))
 
     def raise_if_any(self) -> None:
         if self.problems:

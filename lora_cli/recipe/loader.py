@@ -7,6 +7,7 @@ naming its file and line (or the override), the key, the value and the fix.
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -27,6 +28,9 @@ from lora_cli.recipe.schema import (
 )
 from lora_cli.recipe.training import check_training
 from lora_cli.recipe.yamlio import read_recipe_file
+
+MAX_EXTENDS = 16
+"""Longest chain of ``extends:`` files (each file is also held to yamlio's limits)."""
 
 
 def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recipe:
@@ -65,6 +69,12 @@ def _resolve(path: Path, shown: str, stack: tuple, where: Location | None = None
         )
     parent = path.parent / parent_ref
     chain = (*stack, key)
+    if len(chain) >= MAX_EXTENDS:
+        raise RecipeError(
+            [RecipeProblem("extends", f"makes a chain of more than {MAX_EXTENDS} recipes, the limit", parent_ref,
+                           "extend a recipe that extends nothing, or fold some levels together", where=ext_loc)],
+            source=shown,
+        )
     if parent.resolve() in chain:
         cycle = " -> ".join(str(p) for p in (*chain, parent.resolve()))
         raise RecipeError(
@@ -99,6 +109,7 @@ def _merge(base: dict, base_loc: dict, child: dict, child_loc: dict) -> tuple[di
 
 # ---------------------------------------------------------------------- validation
 def _validate(data: dict, report: Reporter) -> Recipe:
+    _check_finite(data, (), report)
     adapter = check_adapter(data.get("adapter"), report)
     training = check_training(data.get("training"), report)
     plain = {k: v for k, v in data.items() if k not in ("adapter", "training")}
@@ -116,6 +127,22 @@ def _validate(data: dict, report: Reporter) -> Recipe:
     plain["adapter"] = {"method": adapter[0], "options": adapter[1]}
     plain["training"] = training
     return Recipe.model_validate(plain)
+
+
+def _check_finite(value: Any, path: tuple, report: Reporter) -> None:
+    """Every number in the recipe, in any section or override: NaN and infinity are refused.
+
+    YAML reads ``.nan`` / ``.inf`` (and ``1e999``) as floats, which pass type checks and
+    every ``<`` / ``>`` bound. The key is settled, so section checks add nothing on it.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        report.settle(path, "must be a finite number", value, "NaN and infinity are not usable settings")
+    elif isinstance(value, dict):
+        for key, sub in value.items():
+            _check_finite(sub, (*path, key), report)
+    elif isinstance(value, list):
+        for sub in value:
+            _check_finite(sub, path, report)
 
 
 def _absolute_paths(plain: dict) -> None:
@@ -159,6 +186,10 @@ def _pydantic_problem(error: dict, report: Reporter) -> None:
         choices = TASKS if loc == ("task",) else ("digits",)
         message = "must be one of " + ", ".join(repr(c) for c in choices)
         hint = did_you_mean(value, choices) if isinstance(value, str) else None
+    elif kind == "value_error":  # a schema rule (run name, output_dir): RuleError carries message and fix
+        rule = (error.get("ctx") or {}).get("error")
+        message = getattr(rule, "message", None) or str(rule or error["msg"])
+        hint = getattr(rule, "hint", None)
     elif kind in ("greater_than", "less_than", "greater_than_equal", "less_than_equal"):
         message = error["msg"].replace("Input should be", "must be")
         if loc == ("data", "val_split"):

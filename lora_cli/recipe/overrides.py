@@ -1,6 +1,10 @@
 """Command-line overrides: ``a.b.c=value`` items, YAML-typed, applied after ``extends``;
 ``~a.b.c`` removes a key (it then takes its default), as in Hydra.
 
+Values are read exactly as recipe files are (:mod:`lora_cli.recipe.yamlio`: YAML 1.2 core
+types, so ``training.save_strategy=no`` is the string ``'no'``; the same size, alias and
+depth limits).
+
 Each key must exist in the recipe schema (free-form mappings such as ``model.config`` and
 dict-valued training fields accept any sub-key); a typo is reported with the right key.
 """
@@ -24,7 +28,7 @@ REMOVE = object()
 
 def parse_override(item: str) -> tuple[tuple[str, ...], Any] | str:
     """(key path, value or REMOVE), or an error message for a malformed item."""
-    from lora_cli.recipe.yamlio import parse_value
+    from lora_cli.recipe.yamlio import LimitError, parse_value
 
     if isinstance(item, str) and item.startswith("~"):
         if "=" in item:
@@ -41,6 +45,8 @@ def parse_override(item: str) -> tuple[tuple[str, ...], Any] | str:
         return "has an empty key (use e.g. training.learning_rate=1e-3)"
     try:
         value = parse_value(text)
+    except LimitError as exc:
+        return f"has a value that is past a recipe limit: it {exc.message}"
     except yaml.YAMLError as exc:
         return f"has a value that is not valid YAML ({' '.join(str(exc).split())})"
     return parts, value

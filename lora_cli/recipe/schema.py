@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 Task = Literal["image-classification", "causal-lm", "seq-cls", "seq2seq"]
 TASKS: tuple[str, ...] = ("image-classification", "causal-lm", "seq-cls", "seq2seq")
@@ -83,6 +83,60 @@ class AdapterSection(_Section):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class RuleError(ValueError):
+    """A field value a rule refuses: the message and the fix (the loader shows both)."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message if hint is None else f"{message} ({hint})")
+        self.message = message
+        self.hint = hint
+
+
+RUN_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+RUN_NAME_MAX = 100
+RUN_NAME_HINT = (
+    "use letters, digits, '.', '_' and '-', not starting with '.' or '-'; "
+    "the run goes to runs/<name>, set output_dir to put it elsewhere"
+)
+
+
+def _control_char(text: str) -> str | None:
+    import unicodedata
+
+    return next((c for c in text if unicodedata.category(c) == "Cc" or c in "\u2028\u2029"), None)
+
+
+def check_run_name(name: str) -> None:
+    """Raise :class:`RuleError` unless ``name`` is a plain folder name that stays inside runs/."""
+    bad = _control_char(name)
+    if bad is not None:
+        reason = f"contains the control character {bad!r}"
+    elif "/" in name or "\\" in name:
+        sep = "/" if "/" in name else "\\"
+        reason = f"contains {sep!r}: it must be one folder name, not a path"
+    elif not name.strip():
+        reason = "is only whitespace"
+    elif name[0] in ".-":
+        reason = f"starts with {name[0]!r}" + (" (a hidden folder, or the parent '..')" if name[0] == "." else "")
+    elif len(name) > RUN_NAME_MAX:
+        reason = f"is {len(name)} characters long (the limit is {RUN_NAME_MAX})"
+    else:
+        other = next((c for c in name if c not in RUN_NAME_CHARS), None)
+        if other is None:
+            return
+        reason = f"contains {other!r}"
+    raise RuleError(f"is not a usable run name: it {reason}", RUN_NAME_HINT)
+
+
+def check_output_dir(path: str) -> None:
+    """Raise :class:`RuleError` for an empty output_dir or one with control characters (NUL, newline)."""
+    if not path.strip():
+        raise RuleError("must not be empty", "leave output_dir out to use runs/<name>, or give a folder path")
+    bad = _control_char(path)
+    if bad is not None:
+        raise RuleError(f"contains the control character {bad!r}", "give a plain folder path")
+
+
 class Recipe(_Section):
     """A fully resolved, validated recipe."""
 
@@ -97,6 +151,19 @@ class Recipe(_Section):
 
     _source: Path | None = PrivateAttr(default=None)
     _locations: dict = PrivateAttr(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _run_name(cls, value: str) -> str:
+        check_run_name(value)
+        return value
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_output_dir(value)
+        return value
 
     def model_post_init(self, context: Any) -> None:
         if self.output_dir is None:

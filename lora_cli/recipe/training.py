@@ -14,7 +14,7 @@ import types
 import typing
 from typing import Any
 
-from lora_cli.recipe.errors import Reporter, did_you_mean
+from lora_cli.recipe.errors import Reporter, did_you_mean, is_bool_word
 
 # Keys loracli sets itself, and what to do instead.
 CONTROLLED = {
@@ -40,6 +40,19 @@ BOUNDS = {
     "logging_steps": (0, False),
     "max_grad_norm": (0, True),
 }
+
+
+# The strings a field typed ``bool | str`` takes, where one of them is a YAML 1.1 boolean word.
+BOOL_OR_STR_CHOICES = {"include_num_input_tokens_seen": ("all", "non_padding", "no")}
+
+
+def takes_bool(annotation: Any) -> bool:
+    """Is ``bool`` one of the types ``annotation`` allows (``bool``, ``bool | str | None``, ...)?"""
+    if annotation is bool:
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(takes_bool(a) for a in typing.get_args(annotation))
+    return False
 
 
 @functools.lru_cache(maxsize=1)
@@ -136,6 +149,12 @@ def check_training(raw: Any, report: Reporter) -> dict[str, Any] | None:
             if isinstance(value, str) and expected.startswith("one of"):
                 hint = did_you_mean(value, [c.strip("'") for c in expected[7:].split(", ")])
             report.add(path, f"must be {expected}", value, hint)
+            continue
+        if is_bool_word(value) and takes_bool(fields[key]) and value not in BOOL_OR_STR_CHOICES.get(key, ()):
+            # a `bool | str` field would take 'off' as a (truthy) string
+            choices = BOOL_OR_STR_CHOICES.get(key)
+            extra = f" or one of {', '.join(repr(c) for c in choices)}" if choices else ""
+            report.add(path, f"must be true or false{extra}", value)
             continue
         if key in BOUNDS and isinstance(value, (int, float)) and not isinstance(value, bool):
             low, inclusive = BOUNDS[key]
