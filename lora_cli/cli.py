@@ -17,6 +17,7 @@ from rich.markup import escape
 
 from lora_cli import __version__
 from lora_cli.errors import LoraCliError, UserInputError
+from lora_cli.safe_text import terminal_text
 
 app = typer.Typer(
     name="loracli",
@@ -33,6 +34,45 @@ err = Console(stderr=True)
 STATE = {"debug": False}
 
 
+def _safe(value: object, keep_newlines: bool = False) -> str:
+    """User-derived text for rich: control characters / bidi overrides shown escaped, markup escaped."""
+    return escape(terminal_text(value, keep_newlines=keep_newlines))
+
+
+# Start-up lines third-party packages log on import, not addressed to our users: DeepSpeed
+# prints "Setting accelerator to CPU ..." (to stdout, breaking --json) whenever it is
+# imported, and transformers' save_pretrained imports it through accelerate's
+# unwrap_model whenever it is installed, so merge and train would open with it.
+_BANNERS = {
+    "DeepSpeed": ("Setting accelerator to", "Setting ds_accelerator to"),
+}
+
+
+class _BannerFilter(logging.Filter):
+    """Drops the known banner records of one third-party logger unless --debug.
+
+    A logger filter, not a level: DeepSpeed resets its logger's level when it is
+    imported, but keeps the filters, so this works whenever deepspeed gets imported, and
+    its other warnings still reach the user."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return STATE["debug"] or not str(record.msg).lstrip().startswith(self.prefixes)
+
+
+def _silence_banners() -> None:
+    for name, prefixes in _BANNERS.items():
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _BannerFilter) for f in target.filters):
+            target.addFilter(_BannerFilter(prefixes))
+
+
+_silence_banners()
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"loracli {__version__}")
@@ -47,6 +87,7 @@ def main_options(
     ] = False,
 ) -> None:
     STATE["debug"] = debug
+    _silence_banners()
     if not debug:
         # transformers' per-file "Loading weights" bars are noise around our own progress
         from transformers.utils import logging as hf_logging
@@ -99,8 +140,8 @@ def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
 
     loaded = load_recipe(recipe, overrides or [])
     err.print(
-        f"[green]ok[/green] {escape(str(recipe))}: {loaded.task} / {loaded.adapter.method} / "
-        f"{escape(loaded.model_label())} -> {escape(str(loaded.output_path))}",
+        f"[green]ok[/green] {_safe(recipe)}: {_safe(loaded.task)} / {_safe(loaded.adapter.method)} / "
+        f"{_safe(loaded.model_label())} -> {_safe(loaded.output_path)}",
         highlight=False,
         soft_wrap=True,
     )
@@ -122,7 +163,7 @@ def recipes_list(ctx: typer.Context) -> None:
     table.add_column("name", style="bold cyan", no_wrap=True)
     table.add_column("description")
     for name, path in recipes.items():
-        table.add_row(name, escape(describe(path)))
+        table.add_row(_safe(name), _safe(describe(path)))
     Console().print(table)
 
 
@@ -149,7 +190,7 @@ def recipes_copy(
     if not target.parent.is_dir():
         raise UserInputError(f"folder {target.parent} does not exist; create it first")
     target.write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
-    err.print(f"copied {escape(source.name)} to {escape(str(target))}", highlight=False, soft_wrap=True)
+    err.print(f"copied {_safe(source.name)} to {_safe(target)}", highlight=False, soft_wrap=True)
 
 
 @app.command("eval")
@@ -175,7 +216,7 @@ def eval_command(
         typer.echo(json.dumps(summary(report), indent=2))
     else:
         Console().print(*report_tables(report))
-    written = " and ".join(escape(str(p)) for p in paths.values())
+    written = " and ".join(_safe(p) for p in paths.values())
     err.print(f"wrote {written}", highlight=False, soft_wrap=True)
 
 
@@ -192,7 +233,7 @@ def merge(
 
     report = merge_from_run(run_dir, out, dtype=dtype, n=n, force=force)
     note = " [yellow](synthetic inputs: no validation data reachable)[/yellow]" if report.inputs == "synthetic" else ""
-    err.print(f"[green]ok[/green] {escape(report.describe())}{note}", highlight=False, soft_wrap=True)
+    err.print(f"[green]ok[/green] {_safe(report.describe())}{note}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -234,7 +275,9 @@ def predict(
         else:
             for row in rows:
                 answer = row.get("generated") or ", ".join(f"{r['label']}: {r['score']:.3f}" for r in row["top_k"])
-                Console().print(f"[bold]{escape(row['text'])}[/bold] -> {escape(answer)}", soft_wrap=True)
+                # generated text keeps its line breaks; escapes and bidi overrides are shown, not obeyed
+                shown = f"[bold]{_safe(row['text'], keep_newlines=True)}[/bold] -> {_safe(answer, keep_newlines=True)}"
+                Console().print(shown, soft_wrap=True)
         return
     if not paths:
         raise UserInputError("pass image paths (or --text / --prompt for text runs)")
@@ -254,7 +297,7 @@ def predict(
     else:
         Console().print(predictions_table(results))
     if csv_file is not None:
-        err.print(f"wrote {escape(str(write_predictions_csv(results, csv_file)))}", highlight=False, soft_wrap=True)
+        err.print(f"wrote {_safe(write_predictions_csv(results, csv_file))}", highlight=False, soft_wrap=True)
     failed = sum(not r.ok for r in results)
     if failed:  # after printing every other file's prediction
         raise LoraCliError(f"{failed} of {len(results)} file(s) could not be predicted (errors above)")
@@ -277,22 +320,27 @@ def main() -> None:
 def _report(exc: BaseException) -> int:
     # typer vendors click; its usage errors carry show() and exit_code
     if hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):
-        exc.show()
+        import io
+
+        shown = io.StringIO()  # click echoes the bad argument as typed: neutralise it
+        exc.show(file=shown)
+        sys.stderr.write(terminal_text(shown.getvalue(), keep_newlines=True))
+        sys.stderr.flush()
         return exc.exit_code
     if STATE["debug"]:
         err.print_exception(show_locals=False)
     if isinstance(exc, UserInputError):
-        err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/bold red] {_safe(exc, keep_newlines=True)}", highlight=False, soft_wrap=True)
         return exc.exit_code
     if isinstance(exc, LoraCliError):
-        err.print(f"[bold red]failed:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]failed:[/bold red] {_safe(exc, keep_newlines=True)}", highlight=False, soft_wrap=True)
         return exc.exit_code
     if isinstance(exc, KeyboardInterrupt):
         err.print("interrupted")
         return 130
     if not STATE["debug"]:
         err.print(
-            f"[bold red]internal error:[/bold red] {type(exc).__name__}: {escape(str(exc))}\n"
+            f"[bold red]internal error:[/bold red] {type(exc).__name__}: {_safe(exc, keep_newlines=True)}\n"
             "(run again with --debug for the traceback)",
             highlight=False,
             soft_wrap=True,

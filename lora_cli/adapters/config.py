@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from lora_cli.errors import AdapterConfigError, Problem, UserInputError
+from lora_cli.errors import AdapterConfigError, LoraCliError, Problem, ProblemsError, UserInputError
 
 logger = logging.getLogger(__name__)
 
@@ -180,10 +180,24 @@ class AdapterConfig:
         data = dict(data)
         peft_type = data.pop("peft_type", None)
         target_cls = cls
+        if peft_type is not None and not isinstance(peft_type, str):
+            raise UserInputError(
+                f"{source}: 'peft_type' must be a string such as \"LORA\", got {_short(peft_type)}; "
+                f"set it to one of {', '.join(_peft_types())}"
+            )
         if cls is AdapterConfig:
             if peft_type is None:
-                raise UserInputError(f"{source}: no 'peft_type' key; cannot tell which adapter method it is")
-            target_cls = get_method(peft_type).config_cls
+                raise UserInputError(
+                    f"{source}: no 'peft_type' key; cannot tell which adapter method it is. "
+                    f"Add \"peft_type\": one of {', '.join(_peft_types())}"
+                )
+            try:
+                target_cls = get_method(peft_type).config_cls
+            except UserInputError:
+                raise UserInputError(
+                    f"{source}: key 'peft_type': unknown adapter method {_short(peft_type)}; loracli loads "
+                    f"{', '.join(_peft_types())} adapters (fix the value, or load this adapter with PEFT itself)"
+                ) from None
         elif peft_type is not None and peft_type != cls.peft_type:
             raise UserInputError(f"{source}: peft_type is {peft_type!r}, expected {cls.peft_type!r}")
         known = set(target_cls.field_names())
@@ -198,19 +212,38 @@ class AdapterConfig:
                 )
             else:
                 logger.debug("%s: ignoring key %r", source, key)
-        return target_cls(**kwargs)
+        try:
+            return target_cls(**kwargs)
+        except AdapterConfigError as exc:
+            if source == "adapter config":  # built in code, not read from a file
+                raise
+            raise AdapterConfigFileError(exc.problems, target_cls.method or "adapter", source) from None
+        except LoraCliError:
+            raise
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:  # a value of a type nothing expected
+            raise UserInputError(
+                f"{source}: a value has the wrong type ({type(exc).__name__}: {str(exc)[:200]}); "
+                "compare the file with one written by PEFT's save_pretrained and fix or remove that key"
+            ) from None
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> AdapterConfig:
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise UserInputError(f"no {CONFIG_NAME} in {directory}: is this an adapter directory?")
+        fix = "restore it from a copy of the adapter, or save the adapter again (loracli train, or PEFT's save_pretrained)"
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise UserInputError(f"{path}: not valid JSON ({exc})") from exc
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except OSError as exc:
+            raise UserInputError(f"{path}: cannot be read ({exc.strerror or exc}); check its permissions") from None
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, absurd nesting
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise UserInputError(f"{path}: not valid UTF-8 JSON ({reason}); {fix}") from None
         if not isinstance(data, dict):
-            raise UserInputError(f"{path}: expected a JSON object")
+            raise UserInputError(
+                f"{path}: expected a JSON object of adapter settings ({{\"peft_type\": \"LORA\", ...}}), "
+                f"found a JSON {_json_kind(data)}; {fix}"
+            )
         return cls.from_dict(data, source=str(path))
 
     def replace(self, **changes: Any) -> AdapterConfig:
@@ -223,6 +256,37 @@ class AdapterConfig:
             if re.fullmatch(rf"(.*\.)?(?:{key})", module_path):
                 return value
         return default
+
+
+class AdapterConfigFileError(AdapterConfigError):
+    """An adapter_config.json whose values a method cannot use: names the file, each key and the fix."""
+
+    def __init__(self, problems: list[Problem], method: str, source: str) -> None:
+        self.source = source
+        ProblemsError.__init__(
+            self,
+            problems,
+            header=f"{source}: invalid {method} adapter config (fix the key(s) below in the file, or save the adapter again)",
+        )
+
+
+def _peft_types() -> list[str]:
+    # local: registry imports configs
+    from lora_cli.adapters.registry import available_methods, get_method
+
+    return sorted(get_method(name).peft_type for name in available_methods())
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _json_kind(value: Any) -> str:
+    for kind, types in (("list", list), ("string", str), ("boolean", bool), ("number", (int, float))):
+        if isinstance(value, types):
+            return kind
+    return "null" if value is None else type(value).__name__
 
 
 def _regex_problem(name: str, pattern: str) -> list[Problem]:
@@ -250,6 +314,8 @@ def check_positive_int(name: str, value: Any, allow_zero: bool = False) -> list[
 def check_number(name: str, value: Any) -> list[Problem]:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return [Problem(name, "must be a number", value)]
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return [Problem(name, "must be a finite number", value, hint="NaN or infinity scales every update to NaN")]
     return []
 
 

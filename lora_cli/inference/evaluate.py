@@ -15,7 +15,9 @@ confidence per sample, in dataset order).
 from __future__ import annotations
 
 import json
+import logging
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,8 +31,11 @@ from lora_cli.errors import LoraCliError, UserInputError
 from lora_cli.inference import metrics
 from lora_cli.inference.plots import plot_confusion_matrix
 from lora_cli.inference.predict import model_device, model_dtype
+from lora_cli.safe_text import terminal_text
 
 TOP_K = 5
+
+logger = logging.getLogger(__name__)
 
 
 def evaluate(
@@ -117,24 +122,37 @@ def write_report(report: Mapping[str, Any], out_dir: str | Path, name: str = "ev
     ``name`` "eval" gives ``eval.json`` + ``confusion_matrix.png``; "eval_base" gives
     ``eval_base.json`` + ``confusion_matrix_base.png``, so variants do not overwrite the run's
     own evaluation.
+
+    The JSON is written first: a plot that fails (an odd class name, a font, a full disk)
+    is a warning and leaves the report in place; the returned dict then has no
+    ``confusion_matrix`` entry.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = name[len("eval"):] if name.startswith("eval") else f"_{name}"
-    written: dict[str, Path] = {}
-    if "confusion_matrix" in report:  # classification reports only
-        labels = [c["label"] for c in report["per_class"]]
-        written["confusion_matrix"] = plot_confusion_matrix(
-            np.asarray(report["confusion_matrix"]),
-            labels,
-            out_dir / "plots" / f"confusion_matrix{suffix}.png",
-            title=f"Confusion matrix (accuracy {report['accuracy']:.3f}, n={report['num_samples']})",
-        )
     path = out_dir / f"{name}.json"
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
-    return {"json": path, **written}
+    written: dict[str, Path] = {"json": path}
+    if "confusion_matrix" in report:  # classification reports only
+        labels = [c["label"] for c in report["per_class"]]
+        png = out_dir / "plots" / f"confusion_matrix{suffix}.png"
+        try:
+            written["confusion_matrix"] = plot_confusion_matrix(
+                np.asarray(report["confusion_matrix"]),
+                labels,
+                png,
+                title=f"Confusion matrix (accuracy {report['accuracy']:.3f}, n={report['num_samples']})",
+            )
+        except Exception as exc:  # noqa: BLE001 - a picture must never cost the report
+            warnings.warn(
+                f"could not draw {png} ({type(exc).__name__}: {terminal_text(str(exc)[:200])}); {path} is written, "
+                "the plot is not. Run `loracli --debug eval RUN` for the traceback",
+                stacklevel=2,
+            )
+            logger.debug("confusion matrix plot failed", exc_info=True)
+    return written
 
 
 def evaluate_lm(model: nn.Module, dataset: Any, collate: Callable[[list], Mapping[str, Any]], batch_size: int = 8) -> dict[str, Any]:
@@ -171,8 +189,11 @@ def evaluate_lm(model: nn.Module, dataset: Any, collate: Callable[[list], Mappin
 
 def report_tables(report: Mapping[str, Any], worst: int = 10) -> list[Any]:
     """Rich tables: the summary, the weakest classes, the most-confused pairs."""
-    from rich.markup import escape
+    from rich.markup import escape as _markup_escape
     from rich.table import Table
+
+    def escape(value: str) -> str:  # class names are user data: no control characters, no markup
+        return _markup_escape(terminal_text(value))
 
     if "per_class" not in report:  # a language-model report: one table of numbers
         table = Table(title="evaluation", show_header=False)

@@ -9,10 +9,13 @@ import json
 import logging
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from lora_cli.safe_text import plot_label, terminal_text
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +58,9 @@ def plot_confusion_matrix(
     Rows and columns are sorted by per-class recall, best first. Cell values are written
     in the cells only for up to 25 classes; with more (Food-101 has 101) the figure grows
     with the class count and the labels shrink so every class name stays legible.
+
+    Class names and the title are drawn literally (:func:`lora_cli.safe_text.plot_label`):
+    a ``$`` in a class name never starts matplotlib's mathtext.
     """
     plt = _pyplot()
     cm = np.asarray(cm, dtype=np.float64)
@@ -62,7 +68,7 @@ def plot_confusion_matrix(
     order = class_order(cm)
     support = cm.sum(axis=1, keepdims=True)
     norm = np.divide(cm, support, out=np.zeros_like(cm), where=support > 0)[np.ix_(order, order)]
-    names = [str(labels[i]) for i in order]
+    names = [plot_label(labels[i]) for i in order]
 
     side = min(max(5.0, 0.15 * n + 3.0), 24.0)  # inches: ~0.15 in (11 pt) per class
     fontsize = 10.0 if n <= 20 else max(4.0, 600.0 / n)
@@ -73,7 +79,7 @@ def plot_confusion_matrix(
     ax.set_yticks(range(n), names, fontsize=fontsize)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true (sorted by recall, best first)")
-    ax.set_title(title)
+    ax.set_title(plot_label(title))
     if n <= 25:
         for i in range(n):
             for j in range(n):
@@ -86,14 +92,14 @@ def plot_confusion_matrix(
 def read_metrics(path: str | Path) -> list[dict]:
     """The JSON objects of a metrics.jsonl file; unreadable lines are skipped with a warning."""
     events = []
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8", errors="replace") as handle:  # a damaged byte spoils one line, not all
         for number, line in enumerate(handle, 1):
             line = line.strip()
             if not line:
                 continue
             try:
                 event = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # JSONDecodeError, absurd nesting
                 logger.warning("%s:%d: not JSON, skipped", path, number)
                 continue
             if isinstance(event, dict):
@@ -118,6 +124,7 @@ def plot_training_curves(metrics_jsonl_path: str | Path, plots_dir: str | Path) 
 
     Reads the Trainer's log events (``loss``, ``eval_loss``, ``eval_accuracy``, ``step``,
     ``epoch``). A plot with nothing to show is not written; returns the files written.
+    A plot that fails to draw is a warning, never an error: the run's results matter more.
     """
     plt = _pyplot()
     events = read_metrics(metrics_jsonl_path)
@@ -132,12 +139,20 @@ def plot_training_curves(metrics_jsonl_path: str | Path, plots_dir: str | Path) 
         if not curves:
             logger.info("no %s values in %s; %s not written", ylabel, metrics_jsonl_path, filename)
             continue
-        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-        for label, xs, ys in curves:
-            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-        written.append(_save(fig, plots_dir / filename))
+        fig = None
+        try:
+            fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+            for label, xs, ys in curves:
+                ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
+            ax.set_xlabel("step")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, alpha=0.3)
+            ax.legend()
+            written.append(_save(fig, plots_dir / filename))
+        except Exception as exc:  # noqa: BLE001 - a picture must never fail the run
+            warnings.warn(f"could not draw {plots_dir / filename} ({type(exc).__name__}: {terminal_text(str(exc)[:200])})",
+                          stacklevel=2)
+            logger.debug("plot %s failed", filename, exc_info=True)
+            if fig is not None:
+                plt.close(fig)
     return written

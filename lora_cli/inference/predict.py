@@ -165,9 +165,17 @@ def class_probabilities(model: nn.Module, processor: Any, images: Sequence[Any])
 
 # ---------------------------------------------------------------- renderers
 def predictions_table(results: Sequence[FilePrediction], title: str | None = None):
-    """A rich table: one row per file, one column per rank ("label: prob")."""
-    from rich.markup import escape
+    """A rich table: one row per file, one column per rank ("label: prob").
+
+    File names, labels and errors are user data: control characters and bidi overrides
+    are shown escaped (:func:`lora_cli.safe_text.terminal_text`), rich markup escaped."""
+    from rich.markup import escape as _markup_escape
     from rich.table import Table
+
+    from lora_cli.safe_text import terminal_text
+
+    def escape(value: str) -> str:
+        return _markup_escape(terminal_text(value))
 
     k = max((len(r.labels) for r in results), default=1)
     names = [r.file for r in results]
@@ -197,7 +205,13 @@ def predictions_json(results: Sequence[FilePrediction]) -> list[dict[str, Any]]:
 
 
 def write_predictions_csv(results: Sequence[FilePrediction], path: str | Path) -> Path:
-    """One row per file: file, label_1, probability_1, ..., label_k, probability_k, error."""
+    """One row per file: file, label_1, probability_1, ..., label_k, probability_k, error.
+
+    Text cells are neutralised for spreadsheets (:func:`lora_cli.safe_text.csv_cell`: a
+    leading ``=``/``+``/``-``/``@`` gets a ``'``, control characters are escaped); the raw
+    values are in ``--json``."""
+    from lora_cli.safe_text import csv_cell
+
     path = Path(path)
     if path.parent and not path.parent.is_dir():
         raise UserInputError(f"cannot write {path}: folder {path.parent} does not exist")
@@ -211,13 +225,13 @@ def write_predictions_csv(results: Sequence[FilePrediction], path: str | Path) -
         writer = csv.writer(handle)
         writer.writerow(header)
         for r in results:
-            row: list[Any] = [r.file]
+            row: list[Any] = [csv_cell(r.file)]
             for rank in range(k):
                 if rank < len(r.labels):
-                    row += [r.labels[rank], f"{r.probabilities[rank]:.6f}"]
+                    row += [csv_cell(r.labels[rank]), f"{r.probabilities[rank]:.6f}"]
                 else:
                     row += ["", ""]
-            row.append(r.error or "")
+            row.append(csv_cell(r.error or ""))
             writer.writerow(row)
     os.replace(tmp, path)
     return path

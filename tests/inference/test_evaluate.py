@@ -101,3 +101,41 @@ def test_write_report_json_and_confusion_png(tmp_path):
     text = console.export_text()
     assert "macro-F1" in text and "most confused" in text and "dish_" in text
     assert "predictions" not in summary(report) and "accuracy" in summary(report)
+
+
+HOSTILE_NAMES = {0: "=HYPERLINK(\"http://x\")", 1: "\x1b[31mred\x1b[0m", 2: "$\\x$"}
+
+
+def test_report_tables_escape_hostile_class_names():
+    from rich.console import Console
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 3, 60)
+    logits = rng.normal(size=(60, 3))
+    report = score(logits, labels, HOSTILE_NAMES)
+    console = Console(record=True, width=200, color_system=None)
+    console.print(*report_tables(report))
+    text = console.export_text()
+    assert "\x1b" not in text and "\\x1b[31mred\\x1b[0m" in text and "$\\x$" in text
+    assert [c["label"] for c in summary(report)["per_class"]] == list(HOSTILE_NAMES.values())  # raw in --json
+
+
+def test_write_report_survives_hostile_names_and_failing_plots(tmp_path, monkeypatch):
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 3, 30)
+    report = score(rng.normal(size=(30, 3)), labels, HOSTILE_NAMES)
+    paths = write_report(report, tmp_path / "run")  # "$\x$" used to crash mathtext here, losing eval.json
+    assert paths["confusion_matrix"].stat().st_size > 5_000
+    assert json.loads(paths["json"].read_text())["per_class"][2]["label"] == "$\\x$"
+
+    import lora_cli.inference.evaluate as evaluate_mod
+
+    def broken(*args, **kwargs):
+        raise ValueError("no font for \x1b[2J")
+
+    monkeypatch.setattr(evaluate_mod, "plot_confusion_matrix", broken)
+    (tmp_path / "run" / "eval.json").unlink()
+    with pytest.warns(UserWarning, match=r"could not draw .*confusion_matrix\.png \(ValueError: no font for \\x1b\[2J\); .*eval\.json is written"):
+        paths = write_report(report, tmp_path / "run")
+    assert "confusion_matrix" not in paths
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["accuracy"] == pytest.approx(report["accuracy"])

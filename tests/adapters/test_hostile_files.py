@@ -1,0 +1,185 @@
+"""Damaged and hostile adapter files: each is a clear UserInputError naming the file, never
+a traceback, and nothing in them is ever unpickled beyond plain tensors."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+from lora_cli.adapters import AdapterModel, LoraConfig, get_adapter_model
+from lora_cli.adapters.config import CONFIG_NAME, WEIGHTS_NAME, AdapterConfig
+from lora_cli.adapters.model import AdapterFileError, read_adapter_weights
+from lora_cli.errors import AdapterConfigError, UserInputError
+from tests.helpers import tiny_opt
+
+INPUTS = {"input_ids": torch.arange(2, 10).reshape(1, 8)}
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A real adapter folder (config + safetensors) and the logits it gives."""
+    model = get_adapter_model(tiny_opt(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        logits = model(**INPUTS).logits
+    return tmp_path / "adapter", logits
+
+
+# ------------------------------------------------------------------ safetensors
+@pytest.mark.parametrize("damage", ["truncated", "zero-byte", "random", "header-only"])
+def test_damaged_safetensors_is_a_clear_user_error(saved, damage):
+    folder, _ = saved
+    file = folder / WEIGHTS_NAME
+    data = file.read_bytes()
+    file.write_bytes({
+        "truncated": data[: len(data) // 2],
+        "zero-byte": b"",
+        "random": os.urandom(4096),
+        "header-only": data[:20],
+    }[damage])
+    with pytest.raises(AdapterFileError, match="truncated or corrupt safetensors file") as info:
+        AdapterModel.from_pretrained(tiny_opt(), folder)
+    message = str(info.value)
+    assert isinstance(info.value, UserInputError) and info.value.exit_code == 2
+    assert str(file) in message and "re-save the adapter" in message and "train it again" in message
+
+
+def test_missing_weights_names_both_formats(saved):
+    folder, _ = saved
+    (folder / WEIGHTS_NAME).unlink()
+    with pytest.raises(UserInputError, match=r"no adapter_model\.safetensors \(nor PEFT's legacy adapter_model\.bin\)"):
+        AdapterModel.from_pretrained(tiny_opt(), folder)
+
+
+# ------------------------------------------------------------------ pickles (.bin)
+class _RunsCode:
+    """Unpickling this calls os.system: the attack a .bin file can carry."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _as_bin(folder):
+    """Swap the safetensors file for PEFT's legacy pickle format, as PEFT writes it."""
+    from safetensors.torch import load_file
+
+    state = load_file(folder / WEIGHTS_NAME)
+    (folder / WEIGHTS_NAME).unlink()
+    return state
+
+
+def test_plain_tensor_bin_loads_like_safetensors(saved):
+    folder, logits = saved
+    state = _as_bin(folder)
+    torch.save(state, folder / "adapter_model.bin")  # what PEFT's save_pretrained(safe_serialization=False) does
+    loaded = AdapterModel.from_pretrained(tiny_opt(), folder)
+    with torch.no_grad():
+        assert torch.allclose(loaded(**INPUTS).logits, logits, atol=1e-6)
+
+
+@pytest.mark.parametrize("how", ["torch.save", "raw pickle", "legacy torch.save"])
+def test_code_running_pickle_is_refused_and_never_run(saved, tmp_path, how):
+    folder, _ = saved
+    state = _as_bin(folder)
+    marker = tmp_path / "PWNED"
+    bin_file = folder / "adapter_model.bin"
+    if how == "torch.save":
+        torch.save({**state, "payload": _RunsCode(marker)}, bin_file)
+    elif how == "legacy torch.save":
+        torch.save({**state, "payload": _RunsCode(marker)}, bin_file, _use_new_zipfile_serialization=False)
+    else:
+        bin_file.write_bytes(pickle.dumps(_RunsCode(marker)))
+    with pytest.raises(AdapterFileError, match="loracli never unpickles such objects, because loading them can run code") as info:
+        AdapterModel.from_pretrained(tiny_opt(), folder)
+    assert not marker.exists(), "the pickle payload ran"
+    message = str(info.value)
+    assert str(bin_file) in message and "safe_serialization=True" in message
+    assert "weights_only" not in message  # torch's advice to retry unsafely is never passed on
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zero-byte"])
+def test_damaged_bin_is_truncated_or_corrupt(saved, damage):
+    folder, _ = saved
+    state = _as_bin(folder)
+    bin_file = folder / "adapter_model.bin"
+    torch.save(state, bin_file)
+    data = bin_file.read_bytes()
+    bin_file.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
+    with pytest.raises(AdapterFileError, match="truncated or corrupt PyTorch weights file") as info:
+        read_adapter_weights(folder)
+    assert str(bin_file) in str(info.value) and "weights_only" not in str(info.value)
+
+
+@pytest.mark.parametrize("content", [torch.ones(3), {"a": 1}, [torch.ones(2)]])
+def test_bin_that_is_not_a_tensor_dict_is_refused(saved, content):
+    folder, _ = saved
+    _as_bin(folder)
+    torch.save(content, folder / "adapter_model.bin")
+    with pytest.raises(AdapterFileError, match="not an adapter state dict"):
+        read_adapter_weights(folder)
+
+
+# ------------------------------------------------------------------ adapter_config.json
+def _write_config(folder, text: str | bytes) -> None:
+    path = folder / CONFIG_NAME
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("{not json", r"not valid UTF-8 JSON"),
+        (b"\xff\xfe\x00 binary", r"not valid UTF-8 JSON"),
+        ("[" * 50_000, r"not valid UTF-8 JSON"),
+        ('[{"peft_type": "LORA"}]', r"expected a JSON object .* found a JSON list"),
+        ('"LORA"', r"found a JSON string"),
+        ('{"r": 4, "target_modules": ["q_proj"]}', r"no 'peft_type' key.*Add \"peft_type\": one of ADALORA, LOHA, LOKR, LORA"),
+        ('{"peft_type": "PROMPT_TUNING"}', r"key 'peft_type': unknown adapter method 'PROMPT_TUNING'; loracli loads ADALORA"),
+        ('{"peft_type": 7}', r"'peft_type' must be a string"),
+        ('{"peft_type": "LORA", "r": "four", "target_modules": ["q_proj"]}', r"(?s)invalid lora adapter config.*- r: must be an integer"),
+        ('{"peft_type": "LORA", "lora_alpha": [1], "target_modules": ["q_proj"]}', r"- lora_alpha: must be a number"),
+        ('{"peft_type": "LORA", "target_modules": 5}', r"- target_modules: must be a list of module names"),
+        ('{"peft_type": "LORA", "rank_pattern": [], "target_modules": ["q_proj"]}', r"- rank_pattern: must be a mapping"),
+    ],
+)
+def test_malformed_adapter_config_names_file_and_key(saved, text, expected):
+    folder, _ = saved
+    _write_config(folder, text)
+    with pytest.raises(UserInputError, match=expected) as info:
+        AdapterModel.from_pretrained(tiny_opt(), folder)
+    assert str(info.value).startswith(str(folder / CONFIG_NAME))
+
+
+def test_config_problems_stay_adapter_config_errors(saved):
+    folder, _ = saved
+    data = json.loads((folder / CONFIG_NAME).read_text())
+    _write_config(folder, json.dumps(data | {"r": 0, "lora_dropout": 2}))
+    with pytest.raises(AdapterConfigError, match=r"\(2 problems\)") as info:
+        AdapterConfig.from_pretrained(folder)
+    assert [p.key for p in info.value.problems] == ["r", "lora_dropout"]
+    # built in code (no file), the error keeps its plain form
+    with pytest.raises(AdapterConfigError, match=r"^invalid lora config"):
+        LoraConfig(r=0)
+
+
+def test_peft_written_bin_adapter_loads(tmp_path):
+    """PEFT's legacy .bin (save_pretrained(safe_serialization=False)) is a plain tensor dict:
+    it loads through torch.load(weights_only=True) with PEFT's logits."""
+    import peft
+
+    model = peft.get_peft_model(
+        tiny_opt(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    model.save_pretrained(tmp_path / "peft", safe_serialization=False)
+    assert (tmp_path / "peft" / "adapter_model.bin").is_file() and not (tmp_path / "peft" / WEIGHTS_NAME).exists()
+    with torch.no_grad():
+        expected = model(**INPUTS).logits
+        ours = AdapterModel.from_pretrained(tiny_opt(), tmp_path / "peft")(**INPUTS).logits
+    assert torch.allclose(ours, expected, atol=1e-5)
