@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -88,6 +89,7 @@ def main_options(
 ) -> None:
     STATE["debug"] = debug
     _silence_banners()
+    warnings.showwarning = _show_warning
     if not debug:
         # transformers' per-file "Loading weights" bars are noise around our own progress
         from transformers.utils import logging as hf_logging
@@ -99,6 +101,20 @@ def main_options(
         level=logging.DEBUG if debug else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+
+
+THIRD_PARTY_NOISE = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one ``warning:`` line each; other packages' deprecation notices (nothing a
+    loracli user can act on) only with --debug, which also shows where a warning came from."""
+    ours = Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent)
+    if STATE["debug"]:
+        err.print(f"[yellow]warning:[/yellow] {_safe(str(message))} ({_safe(str(filename))}:{lineno}, "
+                  f"{category.__name__})", highlight=False, soft_wrap=True)
+    elif ours or not issubclass(category, THIRD_PARTY_NOISE):
+        err.print(f"[yellow]warning:[/yellow] {_safe(str(message))}", highlight=False, soft_wrap=True)
 
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]

@@ -111,7 +111,7 @@ def read_label_map(directory: Path) -> dict[int, str] | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         mapping = {int(k): str(v) for k, v in data["id2label"].items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise UserInputError(
             f"{path} is not a valid label map ({type(exc).__name__}: {exc}); expected "
             '{"id2label": {"0": "class", ...}}. Restore it from a copy of the run, or train again'
@@ -186,8 +186,8 @@ def checkpoint_problem(folder: Path) -> str | None:
             return "trainer_state.json has no global_step"
     except FileNotFoundError:
         return "no trainer_state.json"
-    except (OSError, ValueError) as exc:
-        return f"trainer_state.json is unreadable ({exc})"
+    except (OSError, ValueError, RecursionError) as exc:
+        return f"trainer_state.json is unreadable ({type(exc).__name__})"
     tensors = folder / "adapter_state.safetensors"
     if not tensors.is_file():
         return "no adapter_state.safetensors"
@@ -293,7 +293,7 @@ def read_status(run_dir: Path) -> dict[str, Any]:
     try:
         data = json.loads((run_dir / STATUS_FILE).read_text(encoding="utf-8"))
         return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
 
 
