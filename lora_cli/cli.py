@@ -224,7 +224,7 @@ def eval_command(
     """Evaluate a run on its recipe's data; writes eval.json and plots/confusion_matrix.png."""
     import json
 
-    from lora_cli.inference.evaluate import report_tables, summary
+    from lora_cli.evaluation.report import report_tables, summary
     from lora_cli.inference.runs import eval_run
 
     report, paths = eval_run(run_dir, split=split, limit=limit, adapter_dir=adapter, base=base, batch_size=batch_size)

@@ -1,10 +1,9 @@
-"""Using a trained run: evaluate it, merge its adapter, classify images with it.
+"""Using a trained run: rebuild it, evaluate it, merge its adapter, predict with it.
 
-    images.py    load_image / expand_inputs: any user file to an upright RGB image
-    predict.py   predict_files + table / JSON / CSV renderers; load_merged
+    loading.py   load_run: a run directory back to recipe, task, processor and AdapterModel
+    runs.py      eval / merge / predict on a run directory (what the CLI calls), minus printing
     merge.py     merge_run: merge_and_unload, logit verification, atomic save
-    evaluate.py  evaluate / score / write_report / report_tables
-    metrics.py   confusion matrix, per-class scores, macro-F1, top-k, loss
-    plots.py     confusion matrix and training-curve PNGs
-    runs.py      the same verbs on a run directory (what the CLI calls)
+    predict.py   predict_files + table / JSON / CSV renderers; load_merged
+
+Metrics, eval.json and plots live in :mod:`lora_cli.evaluation` (``train`` uses them too).
 """

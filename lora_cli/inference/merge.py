@@ -73,7 +73,7 @@ def check_out_dir(out_dir: str | Path, force: bool = False, run_dir: str | Path 
     run needs, an ancestor of it, any folder that holds a run, and any folder that holds
     the working directory. An existing non-empty folder needs ``force``.
     """
-    from lora_cli.training import rundir as rd
+    from lora_cli import rundir as rd
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -113,7 +113,7 @@ def check_out_dir(out_dir: str | Path, force: bool = False, run_dir: str | Path 
 
 RUN_CONTENTS = frozenset({"adapter", "processor", "base_model", "checkpoints", "plots", "recipe.yaml", "env.json",
                           "metrics.jsonl", "eval.json", "status.json"})
-"""Entries of a run directory (see lora_cli/training/rundir.py) that --out may never be."""
+"""Entries of a run directory (see lora_cli/rundir/layout.py) that --out may never be."""
 
 
 def synthetic_inputs(model: nn.Module, processor: Any, n: int = 16, seed: int = 0) -> torch.Tensor:

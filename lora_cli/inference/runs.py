@@ -2,7 +2,7 @@
 
 Each function takes the run directory (the recipe comes from its ``recipe.yaml``, so no
 verb can be paired with the wrong recipe), loads the trained model with
-:func:`lora_cli.training.rundir.load_run`, and returns data for the CLI to render.
+:func:`lora_cli.inference.loading.load_run`, and returns data for the CLI to render.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ def eval_run(
     validation split; variants get their own names (``eval_base.json``,
     ``eval_adapter-<dir>.json``, ``eval_train.json``) so they never overwrite it.
     """
-    from lora_cli.inference.evaluate import evaluate, evaluate_lm, write_report
-    from lora_cli.training.rundir import load_run
+    from lora_cli.evaluation.report import evaluate, evaluate_lm, write_report
+    from lora_cli.inference.loading import load_run
 
     if limit is not None and limit < 1:
         raise UserInputError(f"--limit must be at least 1, got {limit}")
@@ -115,8 +115,8 @@ def merge_from_run(
     device: str | None = None,
 ):
     """Merge the run's adapter into its base model and write ``out_dir`` (see merge_run)."""
+    from lora_cli.inference.loading import load_run
     from lora_cli.inference.merge import DTYPES, check_out_dir, merge_run
-    from lora_cli.training.rundir import load_run
 
     if dtype not in DTYPES:
         raise UserInputError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
@@ -137,7 +137,7 @@ def load_predictor(run_dir: str | Path | None = None, model_dir: str | Path | No
         from lora_cli.inference.predict import load_merged
 
         return load_merged(model_dir, device=device)
-    from lora_cli.training.rundir import load_run
+    from lora_cli.inference.loading import load_run
 
     loaded = load_run(run_dir, device=device)
     return loaded.model, loaded.processor, _id2label(loaded)
@@ -153,7 +153,7 @@ def predict_text(
     device: str | None = None,
 ) -> list[dict[str, Any]]:
     """Text runs: labels (seq-cls) or generated text (causal-lm, seq2seq), one row per input."""
-    from lora_cli.training.rundir import load_run
+    from lora_cli.inference.loading import load_run
 
     loaded = load_run(run_dir, device=device)
     task = loaded.recipe.task

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lora_cli.devices import model_device
 from lora_cli.errors import UserInputError
 from lora_cli.tasks import data as data_mod
 from lora_cli.tasks import text_common as tc
@@ -136,15 +137,14 @@ def generate(
 ) -> str | list[str]:
     """The run's continuation of ``prompt`` (greedy unless temperature/top_p ask for sampling).
 
-    ``run`` is a LoadedRun or a run directory; returns only the new text, one per prompt.
+    ``run`` is a LoadedRun (:func:`lora_cli.inference.loading.load_run`); returns only the new text, one per prompt.
     """
-    run = tc.loaded_run(run)
     tokenizer, model = run.processor, run.model
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # new tokens follow every prompt directly
     try:
-        enc = tokenizer(prompts, return_tensors="pt", padding=True).to(tc.device_of(model))
+        enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model_device(model))
     finally:
         tokenizer.padding_side = side
     kwargs = tc.sampling_kwargs(max_new_tokens, temperature, top_p)

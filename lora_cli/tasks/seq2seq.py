@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lora_cli.devices import model_device
 from lora_cli.errors import UserInputError
 from lora_cli.tasks import data as data_mod
 from lora_cli.tasks import text_common as tc
@@ -157,7 +158,7 @@ def generate_texts(model, tokenizer, sources: list[str], max_new_tokens: int = 1
     for start in range(0, len(sources), batch_size):
         chunk = sources[start:start + batch_size]
         enc = tokenizer(chunk, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-        enc = enc.to(tc.device_of(model))
+        enc = enc.to(model_device(model))
         with torch.no_grad():
             ids = model.generate(**enc, **kwargs)
         out += tokenizer.batch_decode(ids, skip_special_tokens=True)
@@ -167,7 +168,6 @@ def generate_texts(model, tokenizer, sources: list[str], max_new_tokens: int = 1
 def generate(run, text: str | list[str], max_new_tokens: int = 128,
              temperature: float | None = None, top_p: float | None = None) -> str | list[str]:
     """The run's output for ``text`` (the recipe's source prefix is added). Greedy by default."""
-    run = tc.loaded_run(run)
     texts = [text] if isinstance(text, str) else list(text)
     prefix = source_prefix(run.recipe)
     out = generate_texts(run.model, run.processor, [prefix + t for t in texts], max_new_tokens,
@@ -197,7 +197,6 @@ def _raw_rows(recipe, split: str, limit: int | None):
 
 def evaluate_bleu(run, split: str = "validation", limit: int | None = 100) -> dict[str, float]:
     """BLEU of the run's greedy outputs on ``limit`` rows of ``split`` (for `loracli eval`)."""
-    run = tc.loaded_run(run)
     return bleu(run.model, run.processor, run.recipe, _raw_rows(run.recipe, split, limit))
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lora_cli.devices import model_device
 from lora_cli.errors import UserInputError
 from lora_cli.tasks import data as data_mod
 from lora_cli.tasks import text_common as tc
@@ -97,7 +98,7 @@ def eval_dataset(recipe, processor, split: str = "validation", limit: int | None
 # ------------------------------------------------------------------ predict
 def class_probabilities(model, tokenizer, texts: list[str], pairs: list[str] | None = None) -> torch.Tensor:
     """(len(texts), num_labels) softmax probabilities."""
-    enc = tokenizer(texts, pairs, truncation=True, padding=True, return_tensors="pt").to(tc.device_of(model))
+    enc = tokenizer(texts, pairs, truncation=True, padding=True, return_tensors="pt").to(model_device(model))
     with torch.no_grad():
         logits = model(**enc).logits
     return logits.float().softmax(dim=-1).cpu()
@@ -106,11 +107,10 @@ def class_probabilities(model, tokenizer, texts: list[str], pairs: list[str] | N
 def classify_text(run, text: str | list[str], top_k: int = 5, text_pair: str | list[str] | None = None):
     """The ``top_k`` labels with their probabilities, best first: [{"label", "score"}] per text.
 
-    ``run`` is a LoadedRun or a run directory. A single string gives one list; a list gives one per text.
+    ``run`` is a LoadedRun (:func:`lora_cli.inference.loading.load_run`). A single string gives one list; a list gives one per text.
     """
     if top_k < 1:
         raise UserInputError(f"top_k must be at least 1, got {top_k}")
-    run = tc.loaded_run(run)
     texts = [text] if isinstance(text, str) else list(text)
     pairs = None if text_pair is None else ([text_pair] if isinstance(text_pair, str) else list(text_pair))
     id2label = run.id2label or {int(k): v for k, v in run.model.config.id2label.items()}

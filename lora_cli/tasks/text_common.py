@@ -221,20 +221,6 @@ def pad_batch(batch: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, t
     return out
 
 
-def loaded_run(run):
-    """A LoadedRun, from itself or from a run directory path."""
-    if isinstance(run, (str, Path)):
-        from lora_cli.training.rundir import load_run
-
-        return load_run(run)
-    return run
-
-
-def device_of(model) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 def sampling_kwargs(max_new_tokens: int, temperature: float | None, top_p: float | None) -> dict[str, Any]:
     """Greedy unless a temperature > 0 or a top_p < 1 asks for sampling."""
     if max_new_tokens < 1:

@@ -20,9 +20,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from lora_cli import rundir as rd
 from lora_cli.errors import UserInputError
 from lora_cli.training import distributed
-from lora_cli.training import rundir as rd
 
 logger = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -137,7 +137,7 @@ def _train_and_save(recipe, task, model, args, train_ds, eval_ds, processor, lab
         if labels:
             rd.save_label_map(adapter_dir, dict(enumerate(labels)))
         if report is not None:
-            from lora_cli.inference.evaluate import write_report
+            from lora_cli.evaluation.report import write_report
 
             write_report(report, run_dir)
         else:
@@ -362,7 +362,7 @@ def _accepts_loss_kwargs(base) -> bool:
 
 def _full_evaluation(model, eval_ds, collate, labels, args, trainer_metrics) -> dict[str, Any]:
     """Classification runs get the same eval.json + confusion matrix as `loracli eval`."""
-    from lora_cli.inference.evaluate import evaluate
+    from lora_cli.evaluation.report import evaluate
 
     model.eval()
     report = evaluate(model, eval_ds, collate, dict(enumerate(labels)), args.per_device_eval_batch_size)
@@ -372,7 +372,7 @@ def _full_evaluation(model, eval_ds, collate, labels, args, trainer_metrics) -> 
 
 def _plot(run_dir: Path) -> None:
     try:
-        from lora_cli.inference.plots import plot_training_curves
+        from lora_cli.evaluation.plots import plot_training_curves
     except ImportError:  # plotting lands with the inference package
         return
     try:

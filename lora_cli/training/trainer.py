@@ -21,10 +21,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer
 
+from lora_cli import rundir as rd
 from lora_cli.adapters import AdapterModel
 from lora_cli.errors import LoraCliError
 from lora_cli.training import distributed
-from lora_cli.training import rundir as rd
 
 STATE_FILE = "adapter_state.safetensors"
 HOOKS_FILE = "adapter_hooks.pt"  # method state beyond the tensors: AdaLoRA's rank allocator

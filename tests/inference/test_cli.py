@@ -18,7 +18,7 @@ from tests.inference.images_fixture import make_user_images
 def _make_run(root):
     from transformers import ViTImageProcessor
 
-    from lora_cli.training.rundir import save_label_map
+    from lora_cli.rundir import save_label_map
 
     images = make_imagefolder(root / "images")
     run = root / "run"

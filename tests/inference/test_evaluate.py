@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lora_cli.inference.evaluate import evaluate, report_tables, score, summary, write_report
-from lora_cli.inference.metrics import top_k_accuracy
+from lora_cli.evaluation.metrics import top_k_accuracy
+from lora_cli.evaluation.report import evaluate, report_tables, score, summary, write_report
 from tests.helpers import CLASSES
 from tests.inference.conftest import ID2LABEL
 
@@ -128,7 +128,7 @@ def test_write_report_survives_hostile_names_and_failing_plots(tmp_path, monkeyp
     assert paths["confusion_matrix"].stat().st_size > 5_000
     assert json.loads(paths["json"].read_text())["per_class"][2]["label"] == "$\\x$"
 
-    import lora_cli.inference.evaluate as evaluate_mod
+    import lora_cli.evaluation.report as evaluate_mod
 
     def broken(*args, **kwargs):
         raise ValueError("no font for \x1b[2J")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lora_cli.errors import UserInputError
 from lora_cli.inference.predict import (
     FilePrediction,
     predictions_json,
@@ -135,7 +136,7 @@ def test_csv_cells_are_neutralised_and_json_stays_raw(tmp_path):
 
 # ------------------------------------------------------------------ through the CLI
 def _hostile_run(tmp_path_factory, names):
-    from lora_cli.training.rundir import save_label_map
+    from lora_cli.rundir import save_label_map
     from tests.inference.test_cli import _make_run
 
     run = _make_run(tmp_path_factory.mktemp("hostile"))
@@ -189,3 +190,30 @@ def test_predict_and_eval_with_hostile_class_names(group, tmp_path_factory, tmp_
     png = run / "plots" / "confusion_matrix.png"
     with Image.open(png) as img:
         assert img.size[0] > 300
+
+
+def test_csv_never_overwrites_an_input_image(tmp_path):
+    image = tmp_path / "cake.png"
+    class_image(0, np.random.default_rng(0), 16).save(image)
+    before = image.read_bytes()
+    results = [FilePrediction(file=str(image), labels=["a"], probabilities=[1.0])]
+    with pytest.raises(UserInputError, match="is one of the images being predicted"):
+        write_predictions_csv(results, image)
+    with pytest.raises(UserInputError, match="is a folder"):
+        write_predictions_csv(results, tmp_path)
+    assert image.read_bytes() == before
+
+
+def test_warnings_reach_the_user_as_one_plain_line(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "-m", "lora_cli", "train", str(root / "recipes" / "quickstart.yaml"), "--dry-run",
+         "training.fp16=true", f"output_dir={tmp_path / 'run'}", "data.max_train_samples=20"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: training.fp16: no CUDA device here" in proc.stderr
+    assert "UserWarning" not in proc.stderr and "warnings.warn" not in proc.stderr

@@ -5,7 +5,7 @@ import json
 import pytest
 from PIL import Image
 
-from lora_cli.inference.plots import plot_training_curves
+from lora_cli.evaluation.plots import plot_training_curves
 
 
 def test_training_curves_from_trainer_log(tmp_path):
@@ -32,7 +32,7 @@ def test_no_accuracy_logged_writes_loss_only(tmp_path):
 def test_confusion_matrix_with_hostile_class_names(tmp_path):
     import numpy as np
 
-    from lora_cli.inference.plots import plot_confusion_matrix
+    from lora_cli.evaluation.plots import plot_confusion_matrix
 
     names = ['=HYPERLINK("http://x")', "+1", "-2", "@SUM(A1)", "\x1b[31mred\x1b[0m", "a\x07b", "\u202eevil",
              "$\\x$", "$$", "x$^{2}$"]
@@ -45,7 +45,7 @@ def test_confusion_matrix_with_hostile_class_names(tmp_path):
 def test_plot_labels_are_drawn_literally(monkeypatch, tmp_path):
     import numpy as np
 
-    from lora_cli.inference import plots
+    from lora_cli.evaluation import plots
 
     seen = {}
 
@@ -62,7 +62,7 @@ def test_plot_labels_are_drawn_literally(monkeypatch, tmp_path):
 
 
 def test_failing_training_curve_is_a_warning(tmp_path, monkeypatch):
-    from lora_cli.inference import plots
+    from lora_cli.evaluation import plots
 
     path = tmp_path / "metrics.jsonl"
     path.write_text(json.dumps({"loss": 1.0, "step": 1}) + "\n")
@@ -76,7 +76,7 @@ def test_failing_training_curve_is_a_warning(tmp_path, monkeypatch):
 
 
 def test_damaged_metrics_lines_are_skipped(tmp_path):
-    from lora_cli.inference.plots import read_metrics
+    from lora_cli.evaluation.plots import read_metrics
 
     path = tmp_path / "metrics.jsonl"
     path.write_bytes(b'{"loss": 1.0, "step": 1}\n\xff\xfe garbage\n' + b"[" * 50_000 + b'\n{"loss": 0.5, "step": 2}\n')

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
+from lora_cli.inference.loading import load_run
 from lora_cli.training.pipeline import run_training
-from lora_cli.training.rundir import load_run
 from tests.helpers_text import (
     TINY_CONFIGS,
     logits_of,

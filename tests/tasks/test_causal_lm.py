@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from lora_cli.errors import UserInputError
+from lora_cli.inference.loading import load_run
 from lora_cli.recipe import load_recipe
 from lora_cli.tasks import causal_lm
 from lora_cli.training.pipeline import run_training
-from lora_cli.training.rundir import load_run
 from tests.helpers_text import (
     TINY_CONFIGS,
     assert_merge_and_peft_agree,
@@ -135,7 +135,7 @@ def test_train_eval_merge_peft_generate(tmp_path, tok_dir, model_type, method, t
     assert_merge_and_peft_agree(run, AutoModelForCausalLM, batch)
 
     text = causal_lm.generate(run, "the film was", max_new_tokens=4)
-    assert isinstance(text, str) and text == causal_lm.generate(run_dir, "the film was", max_new_tokens=4)
+    assert isinstance(text, str) and text == causal_lm.generate(load_run(run_dir), "the film was", max_new_tokens=4)
     many = causal_lm.generate(run, ["the film was", "the day"], max_new_tokens=3, temperature=0.7, top_p=0.9)
     assert len(many) == 2 and all(isinstance(t, str) for t in many)
     with pytest.raises(UserInputError, match="top_p"):

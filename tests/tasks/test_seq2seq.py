@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from lora_cli.errors import UserInputError
+from lora_cli.inference.loading import load_run
 from lora_cli.recipe import load_recipe
 from lora_cli.tasks import seq2seq
 from lora_cli.training.pipeline import run_training
-from lora_cli.training.rundir import load_run
 from tests.helpers_text import (
     DE_EN,
     TINY_CONFIGS,
@@ -100,7 +100,7 @@ def test_train_eval_bleu_merge_peft_generate(tmp_path, tok_dir, method):
     assert_merge_and_peft_agree(run, AutoModelForSeq2SeqLM, eval_batch(run))
 
     out = seq2seq.generate(run, "hallo welt", max_new_tokens=4)
-    assert isinstance(out, str) and out == seq2seq.generate(run_dir, ["hallo welt"], max_new_tokens=4)[0]
+    assert isinstance(out, str) and out == seq2seq.generate(load_run(run_dir), ["hallo welt"], max_new_tokens=4)[0]
     assert seq2seq.evaluate_bleu(run, limit=3)["bleu_rows"] == 3
 
 

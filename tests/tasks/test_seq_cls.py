@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from lora_cli.errors import UserInputError
+from lora_cli.inference.loading import load_run
 from lora_cli.recipe import load_recipe
 from lora_cli.tasks import seq_cls
 from lora_cli.training.pipeline import run_training
-from lora_cli.training.rundir import load_run
 from tests.helpers_text import (
     TINY_CONFIGS,
     assert_merge_and_peft_agree,
@@ -137,7 +137,7 @@ def test_pretrained_encoder_head_is_saved_and_reload_predicts_the_same(tmp_path,
     top = seq_cls.classify_text(run, texts[0], top_k=2)
     assert top[0]["label"] == expected[0] and {t["label"] for t in top} == {"pos", "neg"}
     assert top[0]["score"] >= top[1]["score"] and sum(t["score"] for t in top) == pytest.approx(1.0)
-    assert [r[0]["label"] for r in seq_cls.classify_text(run_dir, texts, top_k=1)] == expected
+    assert [r[0]["label"] for r in seq_cls.classify_text(load_run(run_dir), texts, top_k=1)] == expected
 
 
 @pytest.mark.parametrize("model_type, method, tok", [("gpt2", "adalora", "plain"), ("bert", "lokr", "bert")])

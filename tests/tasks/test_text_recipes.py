@@ -93,8 +93,8 @@ def test_minilm_recipe_loads_the_packaged_model_and_tokenizer(in_repo):
 
 @pytest.mark.slow
 def test_minilm_recipe_learns_offline(in_repo, tmp_path):
+    from lora_cli.inference.loading import load_run
     from lora_cli.training.pipeline import run_training
-    from lora_cli.training.rundir import load_run
 
     run_dir = run_training(REPO / "recipes/minilm_sentiment_lora.yaml",
                            [f"output_dir={tmp_path / 'run'}", "training.num_train_epochs=2"])

@@ -189,7 +189,7 @@ def test_adapter_from_torchrun_loads_in_peft_with_equal_logits(lora_runs):
     from peft import PeftModel
     from transformers import ViTForImageClassification
 
-    from lora_cli.training.rundir import load_run
+    from lora_cli.inference.loading import load_run
 
     run, _ = lora_runs
     ours = load_run(run, device="cpu").model

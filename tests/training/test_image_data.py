@@ -8,7 +8,7 @@ import json
 import pytest
 
 from lora_cli.training.pipeline import run_training
-from lora_cli.training.rundir import load_run
+from lora_cli.inference.loading import load_run
 from tests.training._util import loracli, write_recipe
 
 

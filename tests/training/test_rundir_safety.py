@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from transformers import TrainerCallback
 
+from lora_cli import rundir as rd
 from lora_cli.errors import LoraCliError, UserInputError
-from lora_cli.training import rundir as rd
 from lora_cli.training.pipeline import run_training
 from lora_cli.training.trainer import AdapterTrainer
 from tests.training._util import loracli, write_recipe
@@ -133,7 +133,7 @@ HOLD_LOCK = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from lora_cli.training.rundir import RunLock
+    from lora_cli.rundir import RunLock
     lock = RunLock(Path(sys.argv[1])).acquire()  # kept: the lock lives as long as its file handle
     print("locked", flush=True)
     time.sleep(120)

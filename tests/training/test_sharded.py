@@ -154,7 +154,7 @@ def test_sharded_adapter_loads_in_peft_with_equal_logits(sharded):
     from peft import PeftModel
     from transformers import ViTForImageClassification
 
-    from lora_cli.training.rundir import load_run
+    from lora_cli.inference.loading import load_run
 
     run = sharded["folder"] / "run"
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 
+from lora_cli import rundir as rd
+from lora_cli.inference.loading import load_run
 from lora_cli.recipe import load_recipe
-from lora_cli.training import rundir as rd
 from tests.training._util import METHOD_OPTIONS, METHODS, loracli, write_recipe
 
 STEPS = 6
@@ -65,7 +66,7 @@ def test_train_writes_a_complete_run_that_peft_loads(trained):
     assert rd.read_label_map(run / "adapter") == {0: "beignets", 1: "churros", 2: "macarons"}
 
     pixels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    ours = rd.load_run(run, device="cpu").model
+    ours = load_run(run, device="cpu").model
     base = AutoModelForImageClassification.from_pretrained(run / "base_model").eval()
     with torch.no_grad():
         base_logits = base(pixel_values=pixels).logits

@@ -27,10 +27,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lora_cli.devices import model_device, model_dtype
 from lora_cli.errors import LoraCliError, UserInputError
-from lora_cli.inference import metrics
-from lora_cli.inference.plots import plot_confusion_matrix
-from lora_cli.inference.predict import model_device, model_dtype
+from lora_cli.evaluation import metrics
+from lora_cli.evaluation.plots import plot_confusion_matrix
 from lora_cli.safe_text import terminal_text
 
 TOP_K = 5

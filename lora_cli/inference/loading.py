@@ -1,0 +1,83 @@
+"""Rebuilding a trained model from its run directory (every inference verb starts here).
+
+    loaded = load_run("runs/food101-lora")      # recipe, task, processor, AdapterModel, labels
+    loaded.model(pixel_values=...).logits
+
+The recipe comes from the run's ``recipe.yaml``; the base model from the hub or local
+folder the recipe names, or from the run's ``base_model/`` when it was built from a config.
+A run that cannot be rebuilt exactly (no ``base_model/`` for a random base, no label map
+for a classifier) is refused rather than rebuilt differently.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lora_cli import rundir as rd
+from lora_cli.adapters import AdapterModel
+from lora_cli.devices import resolve_device
+from lora_cli.errors import UserInputError
+from lora_cli.recipe import load_recipe
+from lora_cli.tasks import get_task
+
+
+@dataclass
+class LoadedRun:
+    """A run rebuilt for inference: its recipe, task, processor and adapted model."""
+
+    run_dir: Path
+    recipe: Any
+    model: Any  # AdapterModel
+    processor: Any
+    task: Any
+    id2label: dict[int, str] | None
+
+
+def load_run(run_dir: str | Path, adapter_dir: str | Path | None = None, device: str | None = None) -> LoadedRun:
+    """Rebuild the trained model of a run: base model + adapter (+ head), eval mode."""
+    run_dir = Path(run_dir)
+    recipe_file = run_dir / rd.RECIPE_FILE
+    if not recipe_file.is_file():
+        raise UserInputError(f"{run_dir} is not a run directory (no {rd.RECIPE_FILE}); pass the folder `loracli train` wrote")
+    holder = rd.RunLock(run_dir).holder()
+    if holder is not None:
+        warnings.warn(f"{run_dir} is being trained right now ({holder}); its adapter may change when that run ends",
+                      stacklevel=2)
+    adapter = Path(adapter_dir) if adapter_dir else run_dir / rd.ADAPTER_DIR
+    if not (adapter / "adapter_config.json").is_file():
+        status = rd.read_status(run_dir)
+        why = f" The run failed: {status.get('error')}." if status.get("state") == "failed" else ""
+        raise UserInputError(
+            f"no adapter in {adapter}: did the training finish? (expected adapter_config.json there).{why} "
+            f"Continue it with `loracli train {run_dir / rd.RECIPE_FILE} --resume` if it has checkpoints"
+        )
+    recipe = load_recipe(recipe_file)
+    task = get_task(recipe.task)
+    base_dir = run_dir / rd.BASE_MODEL_DIR
+    if not recipe.model.name_or_path and not base_dir.is_dir():
+        raise UserInputError(
+            f"{run_dir}: {rd.BASE_MODEL_DIR}/ is missing. The run's base model was built from model.config with random "
+            "weights that only that folder holds, so the run cannot be rebuilt exactly (a new random base would "
+            "give wrong predictions). Restore the folder from a copy of the run, or train again"
+        )
+    processor_dir = run_dir / rd.PROCESSOR_DIR
+    processor = task.load_processor(recipe, source=processor_dir if processor_dir.is_dir() else None)
+    id2label = _run_label_map(run_dir, adapter, recipe.task)
+    labels = [id2label[i] for i in sorted(id2label)] if id2label else None
+    model = task.build_model(recipe, labels, source=base_dir if base_dir.is_dir() else None)
+    model = AdapterModel.from_pretrained(model, adapter)
+    model.to(resolve_device(device)).eval()
+    return LoadedRun(run_dir, recipe, model, processor, task, id2label)
+
+
+def _run_label_map(run_dir: Path, adapter: Path, task: str) -> dict[int, str] | None:
+    id2label = rd.read_label_map(adapter) or rd.read_label_map(run_dir / rd.ADAPTER_DIR)
+    if id2label is None and task in rd.CLASSIFICATION_TASKS:
+        raise UserInputError(
+            f"{adapter / rd.LABEL_MAP_FILE} is missing: a {task} run needs it to build its head and name its classes. "
+            "Restore it from a copy of the run, or train again"
+        )
+    return id2label
