@@ -5,8 +5,10 @@
     console.print(predictions_table(results))
 
 A file that cannot be read (or that the processor rejects) gets its own error in the
-results; every other file is still predicted. Images go through the processor's eval
-transforms (resize, rescale, normalise: no augmentation).
+results; every other file is still predicted. Images are read by the loader training uses
+(:func:`lora_cli.tasks.images.load_image`) and go through the task's eval transforms
+(:func:`lora_cli.tasks.image_classification.transforms` with ``train=False``: resize,
+centre crop, normalise), so ``predict`` gives the model the tensors ``eval`` gives it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 from lora_cli.errors import LoraCliError, UserInputError
-from lora_cli.inference.images import ImageLoadError, expand_inputs, load_image
+from lora_cli.tasks.images import ImageLoadError, expand_inputs, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -153,11 +155,19 @@ def _predict_batch(model, processor, images, owners, id2label, top_k) -> None:
         owner.probabilities = [float(v) for v in vals]
 
 
+def pixel_values(processor: Any, images: Sequence[Any]) -> torch.Tensor:
+    """The batch the model sees for RGB PIL images: the task's eval transforms, as in ``eval``."""
+    from lora_cli.tasks.image_classification import transforms
+
+    transform = transforms(processor, train=False)
+    return torch.stack([transform(image) for image in images])
+
+
 def class_probabilities(model: nn.Module, processor: Any, images: Sequence[Any]) -> torch.Tensor:
     """Softmax over classes (float32, on the CPU) for a list of RGB PIL images."""
-    pixel_values = processor(images=list(images), return_tensors="pt")["pixel_values"]
+    batch = pixel_values(processor, images)
     with torch.inference_mode():
-        logits = model(pixel_values=pixel_values.to(model_device(model), model_dtype(model))).logits
+        logits = model(pixel_values=batch.to(model_device(model), model_dtype(model))).logits
     if not torch.isfinite(logits).all():
         raise LoraCliError("the model produced NaN/inf logits; the weights are broken (re-train or re-merge)")
     return logits.float().softmax(dim=-1).cpu()
@@ -215,6 +225,11 @@ def write_predictions_csv(results: Sequence[FilePrediction], path: str | Path) -
     path = Path(path)
     if path.parent and not path.parent.is_dir():
         raise UserInputError(f"cannot write {path}: folder {path.parent} does not exist")
+    if path.is_dir():
+        raise UserInputError(f"--csv {path} is a folder; give a file name such as predictions.csv")
+    if path.exists() and path.resolve() in {Path(r.file).resolve() for r in results}:
+        raise UserInputError(f"--csv {path} is one of the images being predicted; writing there would destroy it. "
+                             "Give another file name, such as predictions.csv")
     k = max((len(r.labels) for r in results), default=0)
     header = ["file"]
     for rank in range(1, k + 1):

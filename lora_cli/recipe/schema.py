@@ -58,6 +58,19 @@ class DataSection(_Section):
     augment: bool = True
     """Image training augmentation (random resized crop + flip); off for data where a flip
     changes the meaning (digits, text in images)."""
+    missing_labels: str = "error"
+    """Rows whose label is empty or missing (an empty CSV cell, a JSON null or absent key,
+    -1 in a dataset's class column): ``error`` stops with the file, row and column;
+    ``drop`` leaves those rows out with a warning that counts them."""
+    unknown_eval_labels: str = "error"
+    """Validation rows (or validation class folders) of a class the training data never
+    has: ``error`` stops and names the classes and where they are; ``drop`` leaves those
+    rows out with a warning that names the classes and counts the rows."""
+    bad_images: str = "error"
+    """Images that cannot be used (missing, empty, truncated, not an image, a possible
+    decompression bomb), found by a check of every training and validation image before
+    anything is written: ``error`` stops and lists the first few with their reasons;
+    ``skip`` leaves them out with a warning that counts them."""
     text_column: str = "text"
     text_pair_column: str | None = None
     prompt_column: str | None = None
@@ -70,6 +83,18 @@ class DataSection(_Section):
     source_prefix: str | None = None
     max_length: int = Field(512, gt=0)
     max_target_length: int = Field(128, gt=0)
+
+    @field_validator("missing_labels", "unknown_eval_labels", "bad_images")
+    @classmethod
+    def _policy(cls, value: str, info) -> str:
+        """The data policies: ``error`` (the default) or the one way to go on."""
+        other = "skip" if info.field_name == "bad_images" else "drop"
+        if value not in ("error", other):
+            raise RuleError(
+                f"must be one of 'error', '{other}'",
+                f"error (the default) stops with a message; {other} leaves those rows out with a warning",
+            )
+        return value
 
 
 DATA_SOURCES = ("dataset", "imagefolder", "train_file", "builtin")

@@ -89,3 +89,36 @@ def test_expand_inputs_folders_globs_files(user_images, tmp_path):
         expand_inputs([tmp_path / "nope.jpg"])
     with pytest.raises(UserInputError, match="no image files found"):
         expand_inputs([str(tmp_path / "*.gif")])
+
+
+def test_transparency_of_palette_and_grey_images_is_composited_on_white(tmp_path):
+    pal = Image.new("P", (8, 8))
+    pal.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    pal.paste(1, (0, 0, 4, 8))
+    pal.save(tmp_path / "p.png", transparency=0)
+    arr = np.asarray(load_image(tmp_path / "p.png"))
+    assert tuple(arr[0, 0]) == (10, 200, 30) and (arr[:, 4:] == 255).all()
+    Image.new("L", (8, 8), 0).save(tmp_path / "l.png", transparency=0)
+    assert (np.asarray(load_image(tmp_path / "l.png")) == 255).all()
+
+
+def test_inference_images_is_the_tasks_loader():
+    from lora_cli.inference import images as old
+    from lora_cli.tasks import images as shared
+
+    assert old.load_image is shared.load_image and old.expand_inputs is shared.expand_inputs
+    assert old.ImageLoadError is shared.ImageLoadError
+
+
+def test_expand_inputs_does_not_loop_on_symlinks(tmp_path):
+    import os
+
+    folder = tmp_path / "pics"
+    (folder / "a" / "b").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(folder / "a" / "x.png")
+    Image.new("RGB", (4, 4)).save(folder / "a" / "b" / "y.png")
+    os.symlink("..", folder / "a" / "b" / "up")  # two loops: exponential for glob.glob's **
+    os.symlink("../..", folder / "a" / "b" / "top")
+    expected = [folder / "a" / "b" / "y.png", folder / "a" / "x.png"]
+    assert expand_inputs([folder]) == expected
+    assert expand_inputs([str(folder / "**" / "*.png")]) == expected

@@ -36,11 +36,14 @@ def test_folder_of_mixed_images_four_predictions_one_error(adapter_model, proces
 
 
 def test_predictions_match_a_direct_forward(adapter_model, processor, user_folder):
-    from lora_cli.inference.images import load_image
+    # predict feeds the model the task's eval transforms (what `eval` uses), not the HF processor
+    from lora_cli.tasks.image_classification import transforms
+    from lora_cli.tasks.images import load_image
 
-    files = sorted(user_folder.glob("*.png"))
+    files = sorted(user_folder.glob("*.png")) + [user_folder / "d_rotated.jpg"]
     results = predict_files(adapter_model, processor, files, ID2LABEL, top_k=3, batch_size=8)
-    pixels = processor(images=[load_image(f) for f in files], return_tensors="pt")["pixel_values"]
+    eval_tf = transforms(processor, train=False)
+    pixels = torch.stack([eval_tf(load_image(f)) for f in files])
     with torch.no_grad():
         probs = adapter_model(pixel_values=pixels).logits.softmax(-1)
     for r, p in zip(results, probs, strict=True):

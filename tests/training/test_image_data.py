@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from lora_cli.training.pipeline import run_training
 from lora_cli.inference.loading import load_run
+from lora_cli.training.pipeline import run_training
 from tests.training._util import loracli, write_recipe
 
 
@@ -70,3 +70,16 @@ def test_builtin_digits_dry_run(monkeypatch, capsys, tmp_path, imagefolder):
                           data={"imagefolder": None, "builtin": "digits", "val_split": 0.2})
     assert loracli(monkeypatch, "train", recipe, "--dry-run") == 0
     assert "1437 train / 360 eval rows, 10 labels" in capsys.readouterr().err.replace("\n", " ")
+
+
+def test_a_missing_image_far_down_the_csv_is_found_before_training(monkeypatch, capsys, tmp_path, imagefolder):
+    rows = _rows(imagefolder, "train") * 60  # 1,440 rows: far past the first 1,000
+    rows[1234] = ("train/churros/gone.png", "churros")
+    table = imagefolder / "train.csv"
+    table.write_text("image,label\n" + "".join(f"{p},{c}\n" for p, c in rows))
+    recipe = write_recipe(tmp_path / "r.yaml", imagefolder, tmp_path / "run",
+                          data={"imagefolder": None, "train_file": str(table)})
+    assert loracli(monkeypatch, "train", recipe) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "data row 1235 (line 1236)" in err and "gone.png" in err and "data.bad_images: skip" in err
+    assert not (tmp_path / "run").exists()
