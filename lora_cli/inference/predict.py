@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lora_cli.devices import model_device, model_dtype, resolve_device
 from lora_cli.errors import LoraCliError, UserInputError
 from lora_cli.tasks.images import ImageLoadError, expand_inputs, load_image
 
@@ -48,21 +49,6 @@ class FilePrediction:
         out["top_k"] = [{"label": lab, "probability": p} for lab, p in zip(self.labels, self.probabilities, strict=True)]
         del out["labels"], out["probabilities"]
         return out
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """The requested device, else CUDA when it is usable, else the CPU."""
-    if device is not None:
-        device = torch.device(device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UserInputError("--device cuda was asked for but no CUDA device is available; use cpu")
-        return device
-    try:
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-    except Exception:  # noqa: BLE001 - a broken driver must not stop CPU inference
-        logger.warning("CUDA check failed; using the CPU", exc_info=True)
-    return torch.device("cpu")
 
 
 def load_merged(directory: str | Path, device: str | torch.device | None = None):
@@ -90,16 +76,6 @@ def label_map(model: nn.Module) -> dict[int, str]:
     return {int(k): str(v) for k, v in id2label.items()}
 
 
-def model_device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
-def model_dtype(model: nn.Module) -> torch.dtype:
-    param = next((p for p in model.parameters() if p.is_floating_point()), None)
-    return param.dtype if param is not None else torch.float32
-
-
 def predict_files(
     model: nn.Module,
     processor: Any,
@@ -111,7 +87,7 @@ def predict_files(
     """Predict every image file (folders and globs expanded), in input order.
 
     The model runs where its parameters are (move it first, e.g. with
-    :func:`resolve_device`), under ``torch.inference_mode``.
+    :func:`lora_cli.devices.resolve_device`), under ``torch.inference_mode``.
     """
     if top_k < 1:
         raise UserInputError(f"--top-k must be at least 1, got {top_k}")

@@ -384,25 +384,34 @@ def _plot(run_dir: Path) -> None:
 
 # --------------------------------------------------------------------- printing
 def _print_dry_run(recipe, model, n_train: int, n_eval: int, labels) -> None:
-    table = Table(title=f"{recipe.name}: adapted modules ({recipe.adapter.method})")
+    table = Table(title=_shown(f"{recipe.name}: adapted modules ({recipe.adapter.method})"))
     table.add_column("module")
     table.add_column("layer")
     table.add_column("adapter")
     for path, layer in model.adapter_layers():
-        table.add_row(path, type(layer.base_layer).__name__, layer.extra_repr())
+        table.add_row(_shown(path), type(layer.base_layer).__name__, _shown(layer.extra_repr()))
     console.print(table)
     trainable, total = model.get_nb_trainable_parameters()
     console.print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
     saved = model.peft_config[model.active_adapter].modules_to_save
-    console.print(f"trained in full (modules_to_save): {', '.join(saved) if saved else 'none'}")
+    console.print(_shown(f"trained in full (modules_to_save): {', '.join(saved) if saved else 'none'}"))
     label_text = f", {len(labels)} labels" if labels else ""
     console.print(f"data: {n_train} train / {n_eval} eval rows{label_text}. Dry run: nothing trained, nothing written.")
 
 
 def _print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:
-    table = Table(title=f"run {run_dir}")
+    table = Table(title=_shown(f"run {run_dir}"))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in sorted(metrics.items()):
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        table.add_row(_shown(key), f"{value:.4f}" if isinstance(value, float) else _shown(value))
     console.print(table)
+
+
+def _shown(value: object) -> str:
+    """User-derived text (paths, names) for the terminal: no control characters, no rich markup."""
+    from rich.markup import escape
+
+    from lora_cli.safe_text import terminal_text
+
+    return escape(terminal_text(value))
