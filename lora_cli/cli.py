@@ -97,10 +97,16 @@ def main_options(
         hf_logging.disable_progress_bar()
         # its load reports ("classifier.weight MISSING") describe the head loracli adds itself
         hf_logging.set_verbosity_error()
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s") if debug else _PlainFormatter())
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, handlers=[handler], force=True)
+
+
+class _PlainFormatter(logging.Formatter):
+    """``warning: message`` lines, user data neutralised (the logger's name only with --debug)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {terminal_text(record.getMessage())}"
 
 
 THIRD_PARTY_NOISE = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
