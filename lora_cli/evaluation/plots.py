@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from lora_cli.atomic import atomic_file
 from lora_cli.safe_text import plot_label, terminal_text
 
 logger = logging.getLogger(__name__)
@@ -32,12 +32,10 @@ def _pyplot():
 def _save(fig, path: Path) -> Path:
     """Write the figure beside the target, then rename: no half-written PNG on a crash."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
     try:
-        fig.savefig(tmp, dpi=fig.dpi, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=fig.dpi, bbox_inches="tight")
     finally:
-        tmp.unlink(missing_ok=True)
         fig.clf()
         _pyplot().close(fig)
     return path

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lora_cli.atomic import write_text
 from lora_cli.devices import model_device, model_dtype
 from lora_cli.errors import LoraCliError, UserInputError
 from lora_cli.evaluation import metrics
@@ -131,9 +131,7 @@ def write_report(report: Mapping[str, Any], out_dir: str | Path, name: str = "ev
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = name[len("eval"):] if name.startswith("eval") else f"_{name}"
     path = out_dir / f"{name}.json"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(report, indent=2) + "\n")
     written: dict[str, Path] = {"json": path}
     if "confusion_matrix" in report:  # classification reports only
         labels = [c["label"] for c in report["per_class"]]

@@ -20,9 +20,6 @@ into place, so a crash never leaves a half-written model where ``--out`` points.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lora_cli.atomic import atomic_dir
 from lora_cli.errors import LoraCliError, UserInputError
 
 logger = logging.getLogger(__name__)
@@ -242,27 +240,8 @@ def write_model_dir(
 ) -> Path:
     """``save_pretrained`` model (safetensors) and processor into a temp sibling, then rename."""
     out_dir = check_out_dir(out_dir, force, run_dir=run_dir)
-    parent = out_dir.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.tmp-"))
-    old: Path | None = None
-    try:
+    with atomic_dir(out_dir) as tmp:  # the user's earlier folder stays until the new one is complete
         model.save_pretrained(tmp)
         if processor is not None:
             processor.save_pretrained(tmp)
-        if out_dir.exists():
-            if any(out_dir.iterdir()):
-                old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.old-"))
-                os.replace(out_dir, old / "previous")
-            else:
-                out_dir.rmdir()
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out_dir.exists():
-            os.replace(old / "previous", out_dir)  # put the user's folder back
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     return out_dir

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lora_cli.atomic import atomic_file
 from lora_cli.devices import model_device, model_dtype, resolve_device
 from lora_cli.errors import LoraCliError, UserInputError
 from lora_cli.tasks.images import ImageLoadError, expand_inputs, load_image
@@ -211,8 +212,7 @@ def write_predictions_csv(results: Sequence[FilePrediction], path: str | Path) -
     for rank in range(1, k + 1):
         header += [f"label_{rank}", f"probability_{rank}"]
     header.append("error")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", newline="", encoding="utf-8") as handle:
+    with atomic_file(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         for r in results:
@@ -224,5 +224,4 @@ def write_predictions_csv(results: Sequence[FilePrediction], path: str | Path) -
                     row += ["", ""]
             row.append(csv_cell(r.error or ""))
             writer.writerow(row)
-    os.replace(tmp, path)
     return path

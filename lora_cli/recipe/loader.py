@@ -282,8 +282,8 @@ def _check_data(data: Any, task: Any, report: Reporter) -> None:
                            "lay it out as train/<class>/*.jpg and validation/<class>/*.jpg")
         elif not path.is_file():
             report.add(("data", key), "file not found", value, where)
-        elif path.suffix.lower() not in (".csv", ".json", ".jsonl"):
-            report.add(("data", key), "must be a .csv, .json or .jsonl file", value)
+        elif path.suffix.lower() not in (".csv", ".tsv", ".json", ".jsonl"):
+            report.add(("data", key), "must be a .csv, .tsv, .json or .jsonl file", value)
 
 
 def _check_sharding(training: Any, report: Reporter) -> None:

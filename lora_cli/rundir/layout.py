@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lora_cli.atomic import write_text
 from lora_cli.errors import UserInputError
 
 RECIPE_FILE = "recipe.yaml"
@@ -64,9 +64,7 @@ def environment(seed: int) -> dict[str, Any]:
 
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (temp file + rename)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def save_label_map(directory: Path, id2label: dict[int, str]) -> None:

@@ -40,7 +40,7 @@ def file_format(path: str) -> str:
         return "csv"
     if suffix in (".json", ".jsonl"):
         return "json"
-    raise UserInputError(f"data file {path}: unsupported format {suffix!r}; use .csv, .json or .jsonl")
+    raise UserInputError(f"data file {path}: unsupported format {suffix!r}; use .csv, .tsv, .json or .jsonl")
 
 
 def load_file_splits(data) -> dict[str, Any]:

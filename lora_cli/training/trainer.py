@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from transformers import Trainer
 
 from lora_cli import rundir as rd
 from lora_cli.adapters import AdapterModel
+from lora_cli.atomic import atomic_file, replace_dir
 from lora_cli.errors import LoraCliError
 from lora_cli.training import distributed
 
@@ -151,10 +151,9 @@ class AdapterTrainer(Trainer):
         if self.args.should_save:
             state_file = staged / "trainer_state.json"
             if state_file.is_file():  # it records best_model_checkpoint: point it at the final name
-                tmp = staged / ".trainer_state.json.tmp"
-                self.state.save_to_json(str(tmp))
-                os.replace(tmp, state_file)
-            _replace_dir(staged, final)
+                with atomic_file(state_file) as tmp:
+                    self.state.save_to_json(str(tmp))
+            replace_dir(staged, final)
             with contextlib.suppress(OSError):  # other steps may still be staged
                 staging_root.rmdir()
             rotate_checkpoints(
@@ -198,20 +197,3 @@ class AdapterTrainer(Trainer):
         if hasattr(self.train_dataset, "set_epoch"):
             self.train_dataset.set_epoch(kwargs["epoch"])
         return super()._run_epoch(*args, **kwargs)
-
-
-def _replace_dir(source: Path, target: Path) -> None:
-    """Rename ``source`` to ``target``; an existing ``target`` (the same step saved again)
-    is moved aside first and deleted only once the new folder is in place."""
-    if not target.exists():
-        os.replace(source, target)
-        return
-    aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-    os.replace(target, aside / target.name)
-    try:
-        os.replace(source, target)
-    except BaseException:
-        os.replace(aside / target.name, target)
-        raise
-    finally:
-        shutil.rmtree(aside, ignore_errors=True)

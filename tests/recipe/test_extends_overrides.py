@@ -101,10 +101,6 @@ def test_overrides_are_yaml_typed(write):
 
 
 def test_override_can_switch_the_method(write):
-    from lora_cli.adapters import available_methods
-
-    if "loha" not in available_methods():
-        pytest.skip("loha is not registered yet")
     text = VALID.replace("  lora_alpha: 8\n", "")
     recipe = load_recipe(write(text), ["adapter.alpha=4", "adapter.method=loha"])
     assert recipe.adapter.method == "loha" and recipe.adapter.options["alpha"] == 4

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from lora_cli.adapters import available_methods
 from lora_cli.errors import ProblemsError, UserInputError
 from lora_cli.recipe import RecipeError, load_recipe
 from tests.recipe._util import VALID, problems_of
@@ -229,26 +228,20 @@ def test_duplicate_keys(write):
 ADALORA = VALID.replace("  method: lora\n  r: 4\n  lora_alpha: 8\n", "  method: adalora\n  init_r: 6\n  target_r: 4\n  tinit: {tinit}\n  tfinal: {tfinal}\n")
 
 
-@pytest.fixture
-def needs_adalora():
-    if "adalora" not in available_methods():
-        pytest.skip("adalora is not registered yet")
-
-
-def test_adalora_without_total_step_validates(write, needs_adalora):
+def test_adalora_without_total_step_validates(write):
     recipe = load_recipe(write(ADALORA.format(tinit=10, tfinal=20)))
     assert "total_step" not in recipe.adapter.options
     assert recipe.adapter_config(total_step=100).total_step == 100
 
 
-def test_adalora_schedule_without_budgeting_phase(write, needs_adalora):
+def test_adalora_schedule_without_budgeting_phase(write):
     text = ADALORA.format(tinit=60, tfinal=50).replace("  target_r: 4", "  target_r: 4\n  total_step: 100")
     (line,) = problems_of(write(text))
     assert line.startswith("recipe.yaml:20: adapter.tinit:")
     assert "tinit" in line and "total_step" in line
 
 
-def test_adalora_derived_total_step_is_checked_later(write, needs_adalora):
+def test_adalora_derived_total_step_is_checked_later(write):
     recipe = load_recipe(write(ADALORA.format(tinit=60, tfinal=50)))
     with pytest.raises(RecipeError, match=r"recipe.yaml:19: adapter.tinit: .*total_step 100 was derived"):
         recipe.adapter_config(total_step=100)

@@ -32,6 +32,18 @@ def test_csv_of_relative_paths_with_custom_columns_and_a_carved_validation_split
     assert load_run(run).id2label == {0: "beignets", 1: "churros", 2: "macarons"}
 
 
+def test_a_tab_separated_file(tmp_path, imagefolder):
+    table = imagefolder / "train.tsv"
+    with table.open("w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t")
+        writer.writerow(["image", "label"])
+        writer.writerows(_rows(imagefolder, "train"))
+    recipe = write_recipe(tmp_path / "r.yaml", imagefolder, tmp_path / "run", training={"max_steps": 1},
+                          data={"imagefolder": None, "train_file": str(table), "val_split": 0.25})
+    run = run_training(recipe)
+    assert load_run(run).id2label == {0: "beignets", 1: "churros", 2: "macarons"}
+
+
 def test_jsonl_with_a_validation_file_and_sample_limits(tmp_path, imagefolder):
     for split, name in (("train", "train.jsonl"), ("validation", "val.jsonl")):
         with (imagefolder / name).open("w") as f:
