@@ -218,7 +218,7 @@ def recipes_copy(
 @app.command("eval")
 def eval_command(
     run_dir: RunArg,
-    split: Annotated[str, typer.Option("--split", help="Data split to evaluate on.")] = "validation",
+    split: Annotated[str, typer.Option("--split", help="validation or train.")] = "validation",
     limit: Annotated[int | None, typer.Option("--limit", help="Evaluate a seeded random subset of N examples.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report (without per-sample rows) as JSON.")] = False,
     adapter: Annotated[

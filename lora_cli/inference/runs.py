@@ -17,6 +17,8 @@ from lora_cli.errors import LoraCliError, UserInputError
 logger = logging.getLogger(__name__)
 
 DEFAULT_EVAL_BATCH = 32
+SPLITS = ("validation", "train")
+"""What ``eval --split`` takes: any other name would silently evaluate the validation data."""
 
 
 def _eval_batch_size(recipe: Any, requested: int | None) -> int:
@@ -57,6 +59,11 @@ def eval_run(
     from lora_cli.evaluation.report import evaluate, evaluate_lm, write_report
     from lora_cli.inference.loading import load_run
 
+    if split not in SPLITS:
+        raise UserInputError(
+            f"--split {split!r}: a run has the splits {', '.join(SPLITS)} (the recipe's training data and the "
+            "validation data it trained against); pick one of them"
+        )
     if limit is not None and limit < 1:
         raise UserInputError(f"--limit must be at least 1, got {limit}")
     if base and adapter_dir is not None:

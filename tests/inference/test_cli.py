@@ -220,3 +220,13 @@ def test_no_third_party_banner_unless_debug(run_dir, tmp_path):
     assert quiet.returncode == loud.returncode == 0, quiet.stderr + loud.stderr
     assert BANNER not in quiet.stdout + quiet.stderr
     assert BANNER in loud.stdout + loud.stderr
+
+
+@pytest.mark.parametrize("split", ["test", "../../outside"])
+def test_eval_refuses_a_split_the_run_does_not_have(run_dir, split, monkeypatch, capsys):
+    """`--split test` used to evaluate the validation data and label it test; a path-like
+    split name wrote its report outside the run."""
+    before = sorted(p.name for p in run_dir.parent.parent.iterdir())
+    assert loracli(monkeypatch, "eval", run_dir, "--split", split) == 2
+    assert "a run has the splits validation, train" in capsys.readouterr().err
+    assert sorted(p.name for p in run_dir.parent.parent.iterdir()) == before
