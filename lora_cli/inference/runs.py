@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from lora_cli import rundir as rd
 from lora_cli.errors import LoraCliError, UserInputError
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,9 @@ def eval_run(
         raise UserInputError("--base evaluates without any adapter; drop --adapter or --base")
     from lora_cli.tasks import task_collator
 
+    holder = rd.RunLock(Path(run_dir)).holder() if write else None
+    if holder is not None:  # its final evaluation would race ours for eval.json
+        raise UserInputError(f"{run_dir} is being trained right now ({holder}); evaluate it once that run ends")
     loaded = load_run(run_dir, adapter_dir=adapter_dir, device=device)
     dataset = loaded.task.eval_dataset(loaded.recipe, loaded.processor, split=split, limit=limit)
     size = _eval_batch_size(loaded.recipe, batch_size)

@@ -311,3 +311,10 @@ def test_output_dir_inside_the_data_is_refused(tmp_path, imagefolder, monkeypatc
     before = _tree(imagefolder)
     assert loracli(monkeypatch, "train", recipe) == 2  # it would have become a class folder
     assert "lies inside" in capsys.readouterr().err and _tree(imagefolder) == before
+
+
+def test_eval_waits_for_a_run_being_trained(finished_run, monkeypatch, capsys):
+    with rd.RunLock(finished_run):
+        assert loracli(monkeypatch, "eval", finished_run) == 2
+        assert "is being trained right now" in capsys.readouterr().err
+    assert loracli(monkeypatch, "eval", finished_run) == 0
