@@ -211,7 +211,11 @@ def recipes_copy(
         raise UserInputError(f"{target} already exists; choose another destination or delete it first")
     if not target.parent.is_dir():
         raise UserInputError(f"folder {target.parent} does not exist; create it first")
-    target.write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+    try:
+        with target.open("x", encoding="utf-8") as handle:  # "x": never over a file (or a link) that appeared
+            handle.write(source.read_text(encoding="utf-8"))
+    except FileExistsError:
+        raise UserInputError(f"{target} already exists; choose another destination or delete it first") from None
     err.print(f"copied {_safe(source.name)} to {_safe(target)}", highlight=False, soft_wrap=True)
 
 

@@ -11,6 +11,7 @@ for a classifier) is refused rather than rebuilt differently.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,10 +65,12 @@ def load_run(run_dir: str | Path, adapter_dir: str | Path | None = None, device:
             "give wrong predictions). Restore the folder from a copy of the run, or train again"
         )
     processor_dir = run_dir / rd.PROCESSOR_DIR
-    processor = task.load_processor(recipe, source=processor_dir if processor_dir.is_dir() else None)
+    with _damaged(processor_dir if processor_dir.is_dir() else None, "processor / tokenizer"):
+        processor = task.load_processor(recipe, source=processor_dir if processor_dir.is_dir() else None)
     id2label = _run_label_map(run_dir, adapter, recipe.task)
     labels = [id2label[i] for i in sorted(id2label)] if id2label else None
-    model = task.build_model(recipe, labels, source=base_dir if base_dir.is_dir() else None)
+    with _damaged(base_dir if base_dir.is_dir() else None, "base model"):
+        model = task.build_model(recipe, labels, source=base_dir if base_dir.is_dir() else None)
     model = AdapterModel.from_pretrained(model, adapter)
     model.to(resolve_device(device)).eval()
     return LoadedRun(run_dir, recipe, model, processor, task, id2label)
@@ -81,3 +84,20 @@ def _run_label_map(run_dir: Path, adapter: Path, task: str) -> dict[int, str] | 
             "Restore it from a copy of the run, or train again"
         )
     return id2label
+
+
+@contextlib.contextmanager
+def _damaged(folder: Path | None, what: str):
+    """A run's own folder that transformers cannot read is bad input naming that folder."""
+    try:
+        yield
+    except UserInputError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        if folder is None:
+            raise
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise UserInputError(
+            f"{folder}: the run's {what} cannot be read ({type(exc).__name__}: {first}); the folder is damaged. "
+            "Restore it from a copy of the run, or train again"
+        ) from None

@@ -69,7 +69,8 @@ def check_out_dir(out_dir: str | Path, force: bool = False, run_dir: str | Path 
 
     Never replaced, even with ``force``: the run being merged, a folder inside it that the
     run needs, an ancestor of it, any folder that holds a run, and any folder that holds
-    the working directory. An existing non-empty folder needs ``force``.
+    the working directory. An existing non-empty folder needs ``force`` and must be a model
+    folder (``config.json``), as an earlier merge left it.
     """
     from lora_cli import rundir as rd
 
@@ -104,8 +105,14 @@ def check_out_dir(out_dir: str | Path, force: bool = False, run_dir: str | Path 
             raise UserInputError(
                 f"--out {out_dir} holds the working directory {inside_cwd}; pick a folder of its own, e.g. --out merged/"
             )
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise UserInputError(f"--out {out_dir} exists and is not empty; pick another folder or pass --force")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not force:
+            raise UserInputError(f"--out {out_dir} exists and is not empty; pick another folder or pass --force")
+        if not (out_dir / "config.json").is_file():
+            raise UserInputError(
+                f"--out {out_dir} holds files but no model (no config.json): --force replaces only a model folder "
+                "that an earlier merge wrote. Move those files away or pick another folder"
+            )
     return out_dir
 
 

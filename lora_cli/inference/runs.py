@@ -151,6 +151,11 @@ def load_predictor(run_dir: str | Path | None = None, model_dir: str | Path | No
     from lora_cli.inference.loading import load_run
 
     loaded = load_run(run_dir, device=device)
+    if loaded.recipe.task != "image-classification":
+        raise UserInputError(
+            f"{run_dir} is a {loaded.recipe.task} run: give it text with --text (seq-cls, seq2seq) or --prompt "
+            "(causal-lm) instead of image paths"
+        )
     return loaded.model, loaded.processor, _id2label(loaded)
 
 

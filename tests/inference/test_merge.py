@@ -105,6 +105,10 @@ def test_existing_out_dir_needs_force(processor, tmp_path):
     with pytest.raises(UserInputError, match="not empty; pick another folder or pass --force"):
         merge_run(make_adapter_model(), processor, out, n=2)
     assert (out / "keep.txt").is_file()
+    with pytest.raises(UserInputError, match="no model .* replaces only a model folder"):
+        merge_run(make_adapter_model(), processor, out, n=2, force=True)  # user files, not a model
+    assert (out / "keep.txt").read_text() == "user data"
+    (out / "config.json").write_text("{}")  # a folder an earlier merge wrote
     merge_run(make_adapter_model(), processor, out, n=2, force=True)
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -128,3 +128,28 @@ def test_predict_text_on_an_image_run_or_with_paths_is_bad_input(monkeypatch, ca
     assert code == 2 and "no image paths" in err
     code, _, err = cli(monkeypatch, capsys, "predict", "--text", "hi")
     assert code == 2 and "--run" in err
+
+
+def test_image_paths_on_a_text_run_are_bad_input(monkeypatch, capsys, runs, tmp_path):
+    from PIL import Image
+
+    image = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(image)
+    code, _, err = cli(monkeypatch, capsys, "predict", str(image), "--run", str(runs["seq-cls"]))
+    assert code == 2 and "is a seq-cls run" in err and "--text" in err
+
+
+def test_a_damaged_processor_or_base_model_folder_is_named(monkeypatch, capsys, runs, tmp_path):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(runs["seq-cls"], run)
+    (run / "base_model" / "config.json").write_text("{not json")
+    code, _, err = cli(monkeypatch, capsys, "eval", str(run))
+    assert code == 2 and "base_model: the run's base model cannot be read" in err
+    shutil.copytree(runs["seq-cls"] / "base_model", run / "base_model", dirs_exist_ok=True)
+    for file in (run / "processor").iterdir():
+        if file.suffix == ".json":
+            file.write_text("{not json")
+    code, _, err = cli(monkeypatch, capsys, "eval", str(run))
+    assert code == 2 and f"{run / 'processor'}" in err and "could not load a tokenizer" in err
