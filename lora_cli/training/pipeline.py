@@ -6,6 +6,7 @@ created, so bad input writes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -21,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lora_cli import rundir as rd
-from lora_cli.errors import UserInputError
+from lora_cli.errors import LoraCliError, UserInputError
 from lora_cli.training import distributed
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,14 @@ def run_training(
         if is_main and (run_dir / rd.RECIPE_FILE).is_file():
             # the next `train` sees a failed run: resumable from its checkpoints, or replaced
             reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
-            rd.write_status(run_dir, "failed", error=reason[:2000])
+            with contextlib.suppress(OSError):  # the disk that failed the run may refuse this too
+                rd.write_status(run_dir, "failed", error=reason[:2000])
+        if isinstance(exc, OSError) and not isinstance(exc, LoraCliError):
+            resumable = bool(rd.checkpoints(run_dir))
+            raise LoraCliError(
+                f"could not write the run in {run_dir} ({exc}). Free some space or fix the folder's permissions, then "
+                + ("continue with `loracli train RECIPE --resume`" if resumable else "train again")
+            ) from exc
         raise
     finally:
         if lock is not None:

@@ -318,3 +318,17 @@ def test_eval_waits_for_a_run_being_trained(finished_run, monkeypatch, capsys):
         assert loracli(monkeypatch, "eval", finished_run) == 2
         assert "is being trained right now" in capsys.readouterr().err
     assert loracli(monkeypatch, "eval", finished_run) == 0
+
+
+def test_a_full_disk_writing_the_results_is_a_failure_with_a_message(tmp_path, imagefolder, monkeypatch, capsys):
+    from lora_cli.adapters import AdapterModel
+
+    def full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    recipe = write_recipe(tmp_path / "r.yaml", imagefolder, tmp_path / "run")
+    monkeypatch.setattr(AdapterModel, "save_pretrained", full)
+    assert loracli(monkeypatch, "train", recipe) == 1
+    err = capsys.readouterr().err
+    assert "could not write the run in" in err and "No space left" in err and "internal error" not in err
+    assert rd.read_status(tmp_path / "run")["state"] == "failed"
