@@ -205,13 +205,13 @@ def merge_run(
         raise UserInputError("the model has no adapter to merge (expected a loracli AdapterModel)")
 
     if verify_batch is not None and _count(verify_batch) > 0:
-        pixel_values = _rows(verify_batch, n)
+        inputs = _rows(verify_batch, n)
     else:
-        pixel_values, source = synthetic_inputs(model, processor, n), "synthetic"
+        inputs, source = synthetic_inputs(model, processor, n), "synthetic"
         logger.info("no validation images reachable; verifying the merge on %d synthetic inputs", n)
 
     model.eval()
-    reference = _logits(model, pixel_values)
+    reference = _logits(model, inputs)
     if not torch.isfinite(reference).all():
         raise MergeVerificationError(
             "the adapter model itself produces NaN/inf logits; the adapter is broken (re-train it); nothing written"
@@ -224,12 +224,12 @@ def merge_run(
     if bad:
         raise MergeVerificationError(f"merged weights contain NaN/inf (e.g. {bad[0]}); nothing written")
     merged.to(DTYPES[dtype]).eval()
-    merged_logits = _logits(merged, pixel_values)
+    merged_logits = _logits(merged, inputs)
     diff, tolerance, agreement, ok = compare_logits(reference, merged_logits, dtype)
-    report = MergeReport(str(out_dir), dtype, source, _count(pixel_values), diff, tolerance, agreement)
+    report = MergeReport(str(out_dir), dtype, source, _count(inputs), diff, tolerance, agreement)
     if not ok:
         raise MergeVerificationError(
-            f"the merged {dtype} model does not reproduce the adapter model on {_count(pixel_values)} {source} "
+            f"the merged {dtype} model does not reproduce the adapter model on {_count(inputs)} {source} "
             f"input(s): max |logit diff| {diff:.3g} > tolerance {tolerance:.3g} or top-1 agreement "
             f"{agreement:.1%}; nothing written (try --dtype float32, or report this as a bug)"
         )

@@ -24,12 +24,7 @@ TASKS = {
 def get_task(name: str) -> ModuleType:
     if name not in TASKS:
         raise UserInputError(f"task {name!r} is unknown; choose one of {', '.join(TASKS)}")
-    try:
-        return importlib.import_module(TASKS[name])
-    except ModuleNotFoundError as exc:
-        if exc.name == TASKS[name]:
-            raise UserInputError(f"task {name!r} is not available in this version of loracli") from None
-        raise
+    return importlib.import_module(TASKS[name])
 
 
 def task_collator(task: ModuleType, processor, recipe):

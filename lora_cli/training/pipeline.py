@@ -23,13 +23,12 @@ from rich.table import Table
 
 from lora_cli import rundir as rd
 from lora_cli.errors import LoraCliError, UserInputError
+from lora_cli.evaluation.plots import plot_training_curves
 from lora_cli.training import distributed
 
 logger = logging.getLogger(__name__)
 console = Console(stderr=True)
 
-# Keys of TrainingArguments that loracli sets itself.
-MANAGED = {"output_dir", "remove_unused_columns", "label_names", "disable_tqdm", "report_to", "seed"}
 
 
 def run_training(
@@ -264,10 +263,7 @@ def _snapshot_if_random(recipe, model):
 def training_arguments(recipe, run_dir: Path, model: torch.nn.Module | None = None):
     from transformers import TrainingArguments
 
-    kwargs = dict(recipe.training or {})
-    bad = sorted(MANAGED & set(kwargs))
-    if bad:
-        raise UserInputError(f"training: {', '.join(bad)} are set by loracli; remove them (use the top-level output_dir/seed)")
+    kwargs = dict(recipe.training or {})  # the keys loracli sets itself are refused by the recipe loader
     if not torch.cuda.is_available():
         for key in ("fp16", "bf16"):
             if kwargs.get(key):
@@ -379,10 +375,6 @@ def _full_evaluation(model, eval_ds, collate, labels, args, trainer_metrics) -> 
 
 
 def _plot(run_dir: Path) -> None:
-    try:
-        from lora_cli.evaluation.plots import plot_training_curves
-    except ImportError:  # plotting lands with the inference package
-        return
     try:
         plot_training_curves(run_dir / rd.METRICS_FILE, run_dir / rd.PLOTS_DIR)
     except Exception as exc:  # noqa: BLE001 - a figure must never cost the trained run
