@@ -92,7 +92,8 @@ def test_hub_model_offline_fails_fast(tmp_path, imagefolder, monkeypatch, capsys
     path.write_text(yaml.safe_dump(recipe))
     start = time.perf_counter()
     err = _assert_rejected(monkeypatch, capsys, ["train", path], "google/vit-base-patch16-224-in21k", tmp_path / "run")
-    assert time.perf_counter() - start < 5
+    # no minute of hub retries (a generous bound: CI shares two cores with other work)
+    assert time.perf_counter() - start < 20
     assert "unreachable" in err and "local" in err
 
 
