@@ -97,9 +97,20 @@ def main_options(
         hf_logging.disable_progress_bar()
         # its load reports ("classifier.weight MISSING") describe the head loracli adds itself
         hf_logging.set_verbosity_error()
+    _log_to_stderr(debug)
+
+
+def _log_to_stderr(debug: bool) -> None:
+    """One stderr handler of ours on the root logger (replacing ours from an earlier call in
+    the same process, leaving any other handler, such as pytest's, in place)."""
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "_loracli", False)]:
+        root.removeHandler(old)
     handler = logging.StreamHandler(sys.stderr)
+    handler._loracli = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s") if debug else _PlainFormatter())
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, handlers=[handler], force=True)
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
 class _PlainFormatter(logging.Formatter):
