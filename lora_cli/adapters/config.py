@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from lora_cli.adapters.registry import available_methods, get_method
 from lora_cli.errors import AdapterConfigError, LoraCliError, Problem, ProblemsError, UserInputError
 
 logger = logging.getLogger(__name__)
@@ -175,8 +176,6 @@ class AdapterConfig:
         default values are dropped (logged), unknown keys that would switch on a feature we
         do not implement raise.
         """
-        from lora_cli.adapters.registry import get_method  # local: registry imports configs
-
         data = dict(data)
         peft_type = data.pop("peft_type", None)
         target_cls = cls
@@ -271,9 +270,6 @@ class AdapterConfigFileError(AdapterConfigError):
 
 
 def _peft_types() -> list[str]:
-    # local: registry imports configs
-    from lora_cli.adapters.registry import available_methods, get_method
-
     return sorted(get_method(name).peft_type for name in available_methods())
 
 

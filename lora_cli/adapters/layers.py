@@ -14,10 +14,13 @@ finiteness check, idempotent merge/unmerge, and naming tensors for the PEFT file
 Layouts: methods work in the *canonical* layout, (out, in) or (out, in, *kernel). GPT-2's
 ``Conv1D`` and ``nn.Embedding`` store (in, out); :meth:`to_raw` / :meth:`canonical_weight`
 convert, which is all that ``fan_in_fan_out`` means.
+
+:class:`ModulesToSaveWrapper` is the other wrapper a model gets: a module trained in full.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -30,10 +33,12 @@ from lora_cli.errors import LoraCliError
 if TYPE_CHECKING:
     from lora_cli.adapters.config import AdapterConfig
 
-LINEAR, CONV1D, CONV2D, EMBEDDING = "linear", "conv1d", "conv2d", "embedding"
-NN_CONV1D = "nn_conv1d"
-"""torch's ``nn.Conv1d`` (channels first), not transformers' GPT-2 ``Conv1D`` (a linear map)."""
-CONVS = (NN_CONV1D, CONV2D)
+LINEAR, CONV2D, EMBEDDING = "linear", "conv2d", "embedding"
+HF_CONV1D = "conv1d"
+"""transformers' ``Conv1D`` (GPT-2): not a convolution but a linear map, weight stored (in, out)."""
+TORCH_CONV1D = "nn_conv1d"
+"""torch's ``nn.Conv1d``: a true convolution over (batch, channels, length)."""
+CONVS = (TORCH_CONV1D, CONV2D)
 """True convolutions: weight (out, in / groups, *kernel), run by the base's ``_conv_forward``."""
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -44,11 +49,11 @@ def layer_kind(module: nn.Module) -> str | None:
         return LINEAR
     # transformers' Conv1D (GPT-2): weight stored (in, out); matched by shape, not import.
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
-        return CONV1D
+        return HF_CONV1D
     if isinstance(module, nn.Conv2d):
         return CONV2D
     if isinstance(module, nn.Conv1d):
-        return NN_CONV1D
+        return TORCH_CONV1D
     if isinstance(module, nn.Embedding):
         return EMBEDDING
     return None
@@ -57,7 +62,7 @@ def layer_kind(module: nn.Module) -> str | None:
 class AdapterLayer(nn.Module):
     """Wraps one base module and holds any number of named adapters of one method."""
 
-    supported_kinds: ClassVar[tuple[str, ...]] = (LINEAR, CONV1D, CONV2D)
+    supported_kinds: ClassVar[tuple[str, ...]] = (LINEAR, HF_CONV1D, CONV2D)
     adapter_attrs: ClassVar[tuple[str, ...]] = ()
     """Names of the ``nn.ParameterDict`` containers keyed by adapter name."""
     disk_names: ClassVar[dict[str, str]] = {}
@@ -79,7 +84,7 @@ class AdapterLayer(nn.Module):
         weight = base_layer.weight
         if kind == LINEAR:
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        elif kind in (CONV1D, EMBEDDING):
+        elif kind in (HF_CONV1D, EMBEDDING):
             self.in_features, self.out_features = weight.shape[0], weight.shape[1]
         else:
             self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
@@ -131,7 +136,7 @@ class AdapterLayer(nn.Module):
     # ---------------------------------------------------------------- layouts
     @property
     def transposed(self) -> bool:
-        return self.kind in (CONV1D, EMBEDDING)
+        return self.kind in (HF_CONV1D, EMBEDDING)
 
     def to_raw(self, delta: Tensor) -> Tensor:
         return delta.T if self.transposed else delta
@@ -154,7 +159,7 @@ class AdapterLayer(nn.Module):
         base = self.base_layer
         if self.kind == LINEAR:
             return F.linear(x, weight, base.bias)
-        if self.kind == CONV1D:
+        if self.kind == HF_CONV1D:
             out = x.reshape(-1, x.shape[-1]) @ weight
             if base.bias is not None:
                 out = out + base.bias
@@ -240,3 +245,32 @@ class AdapterLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: {self.extra_repr_for(n)}" for n in self.r)
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """A module trained in full: one trainable copy per adapter, the original kept frozen
+    for when adapters are disabled."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disabled = False
+
+    def add(self, name: str) -> None:
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+
+    def active_module(self) -> nn.Module:
+        if self.disabled or self.active_adapter not in self.modules_to_save:
+            return self.original_module
+        return self.modules_to_save[self.active_adapter]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.active_module()(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.active_module(), name)

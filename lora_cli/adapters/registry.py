@@ -1,39 +1,81 @@
 """One table of adapter methods.
 
-A method file ends with one ``register_method(...)`` call; everything else (the model
-wrapper, the recipe schema, the CLI) finds methods here, by recipe name ("lora") or by
-PEFT type ("LORA").
+A method file ends with one ``register_method(ConfigCls, LayerCls, prefix=...)`` call;
+the method's recipe name and PEFT type come from its config class (``method`` and
+``peft_type``). Everything else (the model wrapper, the recipe schema, the CLI) finds
+methods here, by recipe name ("lora") or by PEFT type ("LORA").
+
+The table is filled by importing :mod:`lora_cli.adapters` (whose ``methods`` package
+imports every method file); this module imports no method, so configs can look methods
+up without an import cycle.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lora_cli.errors import UserInputError
+from lora_cli.errors import LoraCliError, UserInputError
 
 if TYPE_CHECKING:
-    from torch import nn
+    from torch import Tensor, nn
 
     from lora_cli.adapters.config import AdapterConfig
     from lora_cli.adapters.layers import AdapterLayer
+    from lora_cli.adapters.model import AdapterModel
+
+_NAME = re.compile(r"[a-z][a-z0-9_]*")
+_PEFT_TYPE = re.compile(r"[A-Z][A-Z0-9_]*")
+_PREFIX = re.compile(r"[a-z][a-z0-9]*_")
+
+
+class MethodState:
+    """Per-model state a method may keep beside its layers (AdaLoRA's rank allocator).
+
+    One instance per adapter, built as ``state_cls(adapter_model, adapter_name)``. The
+    defaults do nothing, so a method without such state needs no subclass.
+    """
+
+    def __init__(self, model: AdapterModel, adapter_name: str) -> None:
+        self.model = model
+        self.adapter_name = adapter_name
+
+    def regularizer(self) -> Tensor | None:
+        """A term added to the training loss, or None."""
+        return None
+
+    def export(self, state: dict[str, Tensor], config: AdapterConfig) -> tuple[dict[str, Tensor], AdapterConfig]:
+        """Adjust the state dict and config being saved."""
+        return state, config
+
+    def before_load(self, config: AdapterConfig) -> None:
+        """Reshape the layers to fit a saved adapter before its tensors are copied in."""
+
+    def update_and_allocate(self, global_step: int) -> None:
+        raise LoraCliError(f"{type(self).__name__}: this method has no rank allocation")
 
 
 @dataclass(frozen=True)
 class AdapterMethod:
-    name: str
-    """Name used in recipes (``adapter.method``)."""
-    peft_type: str
-    """PEFT's ``peft_type`` written to adapter_config.json."""
     config_cls: type[AdapterConfig]
     layer_cls: type[AdapterLayer]
     """Wraps one base module; ``layer_cls.supports(module)`` says which modules it can wrap."""
     prefix: str
     """Prefix shared by the method's parameter names (``lora_``, ``hada_``, ``lokr_``)."""
-    model_hooks: Callable[..., object] | None = None
-    """Optional per-model state (AdaLoRA's rank allocator): called as hooks(adapter_model, name)."""
+    state_cls: type[MethodState] | None = None
+    """Optional per-model state (AdaLoRA's rank allocator), see :class:`MethodState`."""
+
+    @property
+    def name(self) -> str:
+        """Name used in recipes (``adapter.method``): the config's ``method``."""
+        return self.config_cls.method
+
+    @property
+    def peft_type(self) -> str:
+        """PEFT's ``peft_type`` written to adapter_config.json: the config's ``peft_type``."""
+        return self.config_cls.peft_type
 
     def supports(self, module: nn.Module) -> bool:
         return self.layer_cls.supports(module)
@@ -42,19 +84,43 @@ class AdapterMethod:
 _METHODS: dict[str, AdapterMethod] = {}
 
 
-def register_method(method: AdapterMethod) -> AdapterMethod:
-    _METHODS[method.name] = method
+def register_method(
+    config_cls: type[AdapterConfig],
+    layer_cls: type[AdapterLayer],
+    *,
+    prefix: str,
+    state_cls: type[MethodState] | None = None,
+) -> AdapterMethod:
+    """Add a method to the table; refuses malformed names and names already taken.
+
+    A name is taken when it equals, case-insensitively, the recipe name or the PEFT type
+    of a registered method: :func:`get_method` looks methods up by either.
+    """
+    name, peft_type = getattr(config_cls, "method", None), getattr(config_cls, "peft_type", None)
+    where = getattr(config_cls, "__qualname__", repr(config_cls))
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"{where}.method must be a lower-case identifier such as 'lora', got {name!r}")
+    if not isinstance(peft_type, str) or not _PEFT_TYPE.fullmatch(peft_type):
+        raise ValueError(f"{where}.peft_type must be an upper-case identifier such as 'LORA', got {peft_type!r}")
+    if not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix):
+        raise ValueError(f"{name}: prefix must look like 'lora_' (letters and digits, then '_'), got {prefix!r}")
+    if not callable(getattr(layer_cls, "supports", None)):
+        raise TypeError(f"{name}: layer_cls must be an AdapterLayer subclass, got {layer_cls!r}")
+    keys = {name, peft_type.lower()}
+    for other in _METHODS.values():
+        taken = keys & {other.name, other.peft_type.lower()}
+        if taken:
+            raise ValueError(
+                f"cannot register {where}: {' and '.join(map(repr, sorted(taken)))} already names the "
+                f"{other.name} method ({other.config_cls.__qualname__})"
+            )
+    method = AdapterMethod(config_cls=config_cls, layer_cls=layer_cls, prefix=prefix, state_cls=state_cls)
+    _METHODS[name] = method
     return method
-
-
-def _ensure_loaded() -> None:
-    # Importing the package registers every built-in method.
-    import lora_cli.adapters.methods  # noqa: F401
 
 
 def get_method(name: str) -> AdapterMethod:
     """Look a method up by recipe name or PEFT type (case-insensitive)."""
-    _ensure_loaded()
     key = str(name).lower()
     for method in _METHODS.values():
         if key in (method.name, method.peft_type.lower()):
@@ -66,5 +132,4 @@ def get_method(name: str) -> AdapterMethod:
 
 
 def available_methods() -> list[str]:
-    _ensure_loaded()
     return sorted(_METHODS)

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import difflib
 import re
+import sys
 from collections.abc import Iterable, Mapping
 
 from torch import nn
 
 from lora_cli.adapters.config import AdapterConfig
-from lora_cli.adapters.layers import CONV1D, LINEAR, AdapterLayer, layer_kind
+from lora_cli.adapters.layers import HF_CONV1D, LINEAR, AdapterLayer, layer_kind
 from lora_cli.errors import TargetingError
+from lora_cli.hf_names import legacy_aliases
 
 ALL_LINEAR = "all-linear"
 HEAD_NAMES = ("classifier", "score", "lm_head", "qa_outputs", "cls")
@@ -84,6 +86,13 @@ def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
+def module_aliases(model: nn.Module) -> dict[str, str]:
+    """transformers-4 names of a transformers-5 model's modules (empty for other models)."""
+    if "transformers" not in sys.modules or not hasattr(model, "config"):
+        return {}
+    return legacy_aliases(model, candidate_modules(model))
+
+
 def output_layer_paths(model: nn.Module, modules: Mapping[str, nn.Module]) -> set[str]:
     """The output embedding and the classifier head: never targeted by "all-linear"."""
     skip = {p for p in modules if p.split(".")[0] in HEAD_NAMES}
@@ -114,7 +123,7 @@ def resolve_targets(
         selected = [
             p
             for p, m in modules.items()
-            if layer_kind(m) in (LINEAR, CONV1D) and p not in heads and not any(_matches_entry(p, h) for h in skip_heads)
+            if layer_kind(m) in (LINEAR, HF_CONV1D) and p not in heads and not any(_matches_entry(p, h) for h in skip_heads)
         ]
     else:
         selected = [p for p in modules if matches(p, rule, aliases)]

@@ -203,7 +203,7 @@ def load_into_fsdp(wrapped: torch.nn.Module, adapter, state: dict[str, torch.Ten
         with FSDP.summon_full_params(wrapped, writeback=True, rank0_only=False):
             adapter.load_adapter_state_dict(state)
         return
-    live = adapter._live_tensors(adapter.active_adapter)
+    live = adapter.live_adapter_tensors(adapter.active_adapter)
     if live.keys() != state.keys():
         odd = sorted(live.keys() ^ state.keys())
         raise LoraCliError(

@@ -336,7 +336,7 @@ def build_trainer(recipe, task, model, args, train_ds, eval_ds, processor, run_d
     from lora_cli.training.trainer import AdapterTrainer
 
     callbacks = [MetricsFileCallback(run_dir / rd.METRICS_FILE), NanGuardCallback()]
-    if model.hooks:
+    if model.method_state:
         callbacks.append(AdaLoraCallback(model))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     samples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * world

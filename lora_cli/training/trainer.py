@@ -27,7 +27,7 @@ from lora_cli.errors import LoraCliError
 from lora_cli.training import distributed
 
 STATE_FILE = "adapter_state.safetensors"
-HOOKS_FILE = "adapter_hooks.pt"  # method state beyond the tensors: AdaLoRA's rank allocator
+STATE_EXTRA_FILE = "adapter_hooks.pt"  # method state beyond the tensors: AdaLoRA's rank allocator (name kept for old checkpoints)
 SCHEDULER_FILE = "scheduler.pt"  # the name the Trainer reads back on --resume
 
 
@@ -38,20 +38,20 @@ def _adapter_model(trainer: Trainer) -> AdapterModel:
     return model
 
 
-def _save_hooks_state(model: AdapterModel, folder: Path) -> None:
+def _save_method_state(model: AdapterModel, folder: Path) -> None:
     """So that --resume continues AdaLoRA's importance averages and masks, not restarts them."""
-    states = {name: hooks.state_dict() for name, hooks in model.hooks.items() if hasattr(hooks, "state_dict")}
+    states = {name: state.state_dict() for name, state in model.method_state.items() if hasattr(state, "state_dict")}
     if states:
-        torch.save(states, folder / HOOKS_FILE)
+        torch.save(states, folder / STATE_EXTRA_FILE)
 
 
-def _load_hooks_state(model: AdapterModel, checkpoint: Path) -> None:
-    file = checkpoint / HOOKS_FILE
+def _load_method_state(model: AdapterModel, checkpoint: Path) -> None:
+    file = checkpoint / STATE_EXTRA_FILE
     if not file.is_file():
         return
-    for name, state in torch.load(file, weights_only=True).items():
-        if name in model.hooks:
-            model.hooks[name].load_state_dict(state)
+    for name, state in torch.load(file, map_location="cpu", weights_only=True).items():
+        if name in model.method_state:
+            model.method_state[name].load_state_dict(state)
 
 
 class AdapterTrainer(Trainer):
@@ -64,15 +64,11 @@ class AdapterTrainer(Trainer):
         accumulation steps), so 2 processes of batch b would not train as 1 of batch 2b.
         """
         adapter = _adapter_model(self)
-        hooks = adapter.hooks.get(adapter.active_adapter)
-        if hooks is None or not adapter.training:
+        if adapter.active_adapter not in adapter.method_state or not adapter.training:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        adapter.add_regularizer_to_loss = False
-        try:
+        with adapter.loss_without_regularizer():
             result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        finally:
-            adapter.add_regularizer_to_loss = True
-        penalty = None if adapter._adapters_disabled else hooks.regularizer()
+        penalty = adapter.regularizer()  # None while the adapters are disabled
         if penalty is None:
             return result
         scaled_for_ga = getattr(self, "loss_is_scaled_for_ga", None)
@@ -109,7 +105,7 @@ class AdapterTrainer(Trainer):
         state = full_state if full_state is not None else model.get_adapter_state_dict()
         save_file(state, os.path.join(output_dir, STATE_FILE), metadata={"format": "pt"})
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-        _save_hooks_state(model, Path(output_dir))
+        _save_method_state(model, Path(output_dir))
 
     # ------------------------------------------------------------ atomic checkpoints
     _staging_root: str | None = None
@@ -166,7 +162,7 @@ class AdapterTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         self._load_adapter_state(Path(resume_from_checkpoint))
-        _load_hooks_state(_adapter_model(self), Path(resume_from_checkpoint))
+        _load_method_state(_adapter_model(self), Path(resume_from_checkpoint))
 
     def _load_best_model(self) -> None:
         self._load_adapter_state(Path(self.state.best_model_checkpoint))

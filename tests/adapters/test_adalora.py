@@ -151,7 +151,7 @@ def _pattern_with_empty_module(paths: list[str], r: int) -> dict[str, list[bool]
 
 def test_pruned_ours_loads_in_peft_and_back(tmp_path):
     model = _ours(tiny_bert(), init_lora_weights=False)
-    hooks = model.hooks["default"]
+    hooks = model.method_state["default"]
     pattern = _pattern_with_empty_module(model.targets["default"], 4)
     hooks.rank_pattern = pattern
     hooks.apply_mask(pattern)
@@ -211,7 +211,7 @@ def test_rank_allocation_matches_peft_step_for_step(tmp_path):
 
     def our_step(step):
         ours.update_and_allocate(step)
-        our_patterns.append(ours.hooks["default"].rank_pattern)
+        our_patterns.append(ours.method_state["default"].rank_pattern)
 
     steps = SCHEDULE["total_step"] + 1  # budgeting, the final mask, one step past it
     _train(peft_model.base_model, peft_step, steps)  # AdaLoraModel.forward adds the penalty

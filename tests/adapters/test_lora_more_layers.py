@@ -214,7 +214,7 @@ def test_dora_on_grouped_conv_is_refused():
 
 @pytest.mark.parametrize("config_cls", [LoHaConfig, LoKrConfig], ids=["loha", "lokr"])
 def test_lycoris_methods_adapt_torch_conv1d(config_cls):
-    """LoHa and LoKr wrap nn.Conv1d too (PEFT parity: tests/adapters/test_lycoris_conv1d.py)."""
+    """LoHa and LoKr wrap nn.Conv1d too (PEFT parity: tests/adapters/test_lycoris.py)."""
     model = get_adapter_model(_conv1d(), config_cls(r=2, target_modules=["0", "2"]))
     assert sorted(model.targets["default"]) == ["0", "2"]
 

@@ -50,7 +50,7 @@ class Dump(TrainerCallback):
         out = Path(sys.argv[2]) / f"rank{os.environ.get('RANK', '0')}"
         save_file(model.get_adapter_state_dict(), str(out) + ".safetensors")
         model.save_pretrained(out)
-        (Path(str(out) + ".json")).write_text(json.dumps(model.hooks[model.active_adapter].rank_pattern))
+        (Path(str(out) + ".json")).write_text(json.dumps(model.method_state[model.active_adapter].rank_pattern))
 
 run_training(sys.argv[1], sys.argv[3:], extra_callbacks=[Dump()])
 '''

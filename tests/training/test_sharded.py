@@ -70,7 +70,7 @@ class Probe(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         model = getattr(model, "module", model)
         held = {}
-        for key, tensor in model._live_tensors(model.active_adapter).items():
+        for key, tensor in model.live_adapter_tensors(model.active_adapter).items():
             local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
             full = getattr(tensor, "ds_numel", None) or tensor.numel()
             held[key] = [local.numel(), full]

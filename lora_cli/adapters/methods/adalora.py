@@ -26,12 +26,12 @@ import torch
 from torch import Tensor, nn
 
 from lora_cli.adapters import functional as fn
-from lora_cli.adapters.checkpoint import KEY_PREFIX, remap_legacy_key
 from lora_cli.adapters.config import check_positive_int
-from lora_cli.adapters.layers import CONV1D, LINEAR, AdapterLayer
+from lora_cli.adapters.layers import HF_CONV1D, LINEAR, AdapterLayer
 from lora_cli.adapters.methods.lora import LoraConfig
-from lora_cli.adapters.model import AdapterHooks, _legacy_aliases
-from lora_cli.adapters.registry import AdapterMethod, register_method
+from lora_cli.adapters.registry import MethodState, register_method
+from lora_cli.adapters.state import KEY_PREFIX, remap_legacy_key
+from lora_cli.adapters.targeting import module_aliases
 from lora_cli.errors import AdapterStateError, LoraCliError, Problem
 
 MASK_SUFFIX = ".lora_E"
@@ -118,7 +118,7 @@ class AdaLoraConfig(LoraConfig):
 
 
 class AdaLoraLayer(AdapterLayer):
-    supported_kinds = (LINEAR, CONV1D)
+    supported_kinds = (LINEAR, HF_CONV1D)
     adapter_attrs = ("lora_A", "lora_B", "lora_E")
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -187,7 +187,7 @@ class AdaLoraLayer(AdapterLayer):
         return result
 
 
-class AdaLoraHooks(AdapterHooks):
+class AdaLoraState(MethodState):
     """The rank allocator, the orthogonality penalty, and the rank_pattern in saved files."""
 
     def __init__(self, model, adapter_name: str) -> None:
@@ -333,7 +333,7 @@ class AdaLoraHooks(AdapterHooks):
         if not config.rank_pattern:
             return
         layers = dict(self._layers())
-        renamed = {old: new for new, old in _legacy_aliases(self.model.base_model).items()}
+        renamed = {old: new for new, old in module_aliases(self.model.base_model).items()}
         normalised = {}
         for key, keep in config.rank_pattern.items():
             parts = key.split(".")
@@ -351,7 +351,4 @@ class AdaLoraHooks(AdapterHooks):
         config.rank_pattern = normalised
 
 
-register_method(AdapterMethod(
-    name="adalora", peft_type="ADALORA", config_cls=AdaLoraConfig, layer_cls=AdaLoraLayer, prefix="lora_",
-    model_hooks=AdaLoraHooks,
-))
+register_method(AdaLoraConfig, AdaLoraLayer, prefix="lora_", state_cls=AdaLoraState)

@@ -31,9 +31,9 @@ from torch import Tensor, nn
 
 from lora_cli.adapters import functional as fn
 from lora_cli.adapters.config import AdapterConfig
-from lora_cli.adapters.layers import CONVS, NN_CONV1D
-from lora_cli.adapters.methods.loha import LycorisLayer, lycoris_problems
-from lora_cli.adapters.registry import AdapterMethod, register_method
+from lora_cli.adapters.layers import CONVS, TORCH_CONV1D
+from lora_cli.adapters.lycoris import LycorisLayer, lycoris_problems
+from lora_cli.adapters.registry import register_method
 from lora_cli.errors import Problem
 
 
@@ -96,9 +96,8 @@ class LoKrLayer(LycorisLayer):
         else:
             self.lokr_w2_a[name] = self.new_param(out_k, r)
             self.lokr_w2_b[name] = self.new_param(r, in_n * math.prod(kernel))
+        self.kaiming_init(name)
         with torch.no_grad():
-            for _, param in self.adapter_tensors(name):
-                nn.init.kaiming_uniform_(param, a=math.sqrt(5))
             if config.init_weights is True:
                 nn.init.zeros_(self.lokr_w1[name] if name in self.lokr_w1 else self.lokr_w1_a[name])
             elif config.init_weights == "lycoris":
@@ -123,7 +122,7 @@ class LoKrLayer(LycorisLayer):
 
     def get_delta_weight(self, name: str) -> Tensor:
         w1, w2 = self.factors(name)
-        if self.kind == NN_CONV1D and w2.dim() == 3:
+        if self.kind == TORCH_CONV1D and w2.dim() == 3:
             w1 = w1[None]  # PEFT's full-w2 Conv1d layout (module docstring)
         return fn.kron_delta(w1, w2, self.scaling[name]).reshape(self.canonical_weight().shape)
 
@@ -139,4 +138,4 @@ class LoKrLayer(LycorisLayer):
         return result
 
 
-register_method(AdapterMethod(name="lokr", peft_type="LOKR", config_cls=LoKrConfig, layer_cls=LoKrLayer, prefix="lokr_"))
+register_method(LoKrConfig, LoKrLayer, prefix="lokr_")

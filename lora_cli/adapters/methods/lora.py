@@ -2,15 +2,13 @@
 
     y = W x + s * B (A (dropout(x)))        A: (r, in), B: (out, r), s = alpha / r
 
-rsLoRA (arXiv:2312.03732) uses s = alpha / sqrt(r). DoRA (arXiv:2402.09353) learns a
-per-row magnitude m and rescales the adapted weight to it:
-
-    y = W x + (g - 1) W x + g s B A x,      g = m / ||W + s B A||  (norm detached)
+rsLoRA (arXiv:2312.03732) uses s = alpha / sqrt(r). DoRA (``use_dora``) is a variant
+object the layer calls to create, merge, unmerge and run such an adapter: see
+:mod:`lora_cli.adapters.methods.dora`.
 
 On convolutions (``nn.Conv1d``, ``nn.Conv2d``) A is a conv with the base kernel/stride/
 padding and B a 1x1 conv; on embeddings A is a lookup table (r, num_embeddings) and B
-(dim, r). DoRA's m is per output channel (per embedding dimension) and, on convolutions,
-shaped (1, out, 1[, 1]) as PEFT stores it.
+(dim, r).
 
 On a grouped convolution (groups = G > 1) A still sees every input channel and B is a
 grouped 1x1 conv, (out, r / G, 1, 1): PEFT's layout. The dense update that makes cannot
@@ -38,15 +36,16 @@ from lora_cli.adapters.config import (
     check_rate,
 )
 from lora_cli.adapters.layers import (
-    CONV1D,
     CONV2D,
     CONVS,
     EMBEDDING,
+    HF_CONV1D,
     LINEAR,
-    NN_CONV1D,
+    TORCH_CONV1D,
     AdapterLayer,
 )
-from lora_cli.adapters.registry import AdapterMethod, register_method
+from lora_cli.adapters.methods.dora import DoraVariant, LoraVariant
+from lora_cli.adapters.registry import register_method
 from lora_cli.errors import Problem, TargetingError, UserInputError
 
 INIT_CHOICES = (True, False, "gaussian", "pissa", "pissa_niter_[N]", "olora", "orthogonal")
@@ -97,36 +96,8 @@ class LoraConfig(AdapterConfig):
         return out
 
 
-def dropout_rescale_folded(x: Tensor, dropout: nn.Module, scaling: float) -> tuple[Tensor, float]:
-    """``dropout(x)`` without its 1 / (1 - p) rescale, and ``scaling`` that carries it instead.
-
-    LoRA's dropped input only feeds linear maps, so mask * x / (1 - p) through A and s B equals
-    mask * x through A and (s / (1 - p)) B: the rescale lands on the tiny B, not on x.
-    On CPU the keep-mask comes from raw 64-bit random words, two 32-bit uniforms each, kept
-    when >= a threshold (P(keep) = 1 - p to within 2**-32): about 3x cheaper than the
-    ``bernoulli_`` behind F.dropout (see bench/README.md).
-    """
-    if not (isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0):
-        return x, scaling
-    p = dropout.p
-    if x.device.type != "cpu" or p >= 1:
-        return dropout(x), scaling
-    n = x.numel()
-    words = torch.empty((n + 1) // 2, dtype=torch.int64).random_(-(2**63), None)
-    keep = words.view(torch.int32)[:n].view(x.shape) >= round(p * 2**32) - 2**31
-    return x * keep.to(x.dtype), scaling / (1 - p)
-
-
-def add_low_rank(result: Tensor, h: Tensor, b: Tensor) -> Tensor:
-    """``result + h @ b.T`` as one addmm, without a full-size temporary, when dtypes agree."""
-    if result.dtype != h.dtype:
-        return result + F.linear(h, b).to(result.dtype)
-    out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.T)
-    return out.view(result.shape)
-
-
 class LoraLayer(AdapterLayer):
-    supported_kinds = (LINEAR, CONV1D, NN_CONV1D, CONV2D, EMBEDDING)
+    supported_kinds = (LINEAR, HF_CONV1D, TORCH_CONV1D, CONV2D, EMBEDDING)
     adapter_attrs = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
     disk_names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
 
@@ -134,10 +105,10 @@ class LoraLayer(AdapterLayer):
         super().__init__(base_layer)
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
-        self._dora_norm: dict[str, Tensor] = {}  # row norms at merge time, to unmerge DoRA
+        self.lora_variant: dict[str, LoraVariant] = {}  # adapters with a variant (DoRA) only
 
     def extra_repr_for(self, name: str) -> str:
-        dora = ", dora" if name in self.lora_magnitude_vector else ""
+        dora = ", dora" if isinstance(self.lora_variant.get(name), DoraVariant) else ""
         return f"r={self.r[name]}, scaling={self.scaling[name]:g}{dora}"
 
     @property
@@ -184,10 +155,8 @@ class LoraLayer(AdapterLayer):
             self.lora_B[name] = self.new_param(self.out_features, r)
         self._init(name, config.init_lora_weights)
         if config.use_dora:
-            with torch.no_grad():
-                norm = fn.row_norm(self.canonical_weight().float() + self.get_delta_weight(name).float())
-            shape = (1, -1, *[1] * (self.base_layer.weight.dim() - 2)) if self.kind in CONVS else (-1,)
-            self.lora_magnitude_vector[name] = nn.Parameter(norm.reshape(shape).to(self.adapter_dtype()))
+            self.lora_variant[name] = DoraVariant()
+            self.lora_variant[name].init(self, name)
 
     @torch.no_grad()
     def _init(self, name: str, init: bool | str) -> None:
@@ -234,6 +203,12 @@ class LoraLayer(AdapterLayer):
                 nn.init.zeros_(b)
 
     # -------------------------------------------------------------------- math
+    def factors(self, name: str) -> tuple[Tensor, Tensor]:
+        """A and B of adapter ``name``: ``lora_embedding_A`` / ``_B`` on an embedding."""
+        if self.kind == EMBEDDING:
+            return self.lora_embedding_A[name], self.lora_embedding_B[name]
+        return self.lora_A[name], self.lora_B[name]
+
     def get_delta_weight(self, name: str) -> Tensor:
         if self.groups > 1:
             raise UserInputError(
@@ -241,31 +216,28 @@ class LoraLayer(AdapterLayer):
                 "all input channels, which a grouped kernel cannot hold (PEFT cannot merge it either); "
                 "use the adapter unmerged, or train it without this module (exclude_modules)"
             )
-        s = self.scaling[name]
-        if self.kind == EMBEDDING:
-            return fn.lora_delta(self.lora_embedding_A[name], self.lora_embedding_B[name], s)
-        return fn.lora_delta(self.lora_A[name], self.lora_B[name], s)
+        return fn.lora_delta(*self.factors(name), self.scaling[name])
 
     def delta_forward(self, x: Tensor, names: list[str]) -> Tensor:
         result = self.base_layer(x)
         for name in names:
+            variant = self.lora_variant.get(name)
+            if variant is not None:
+                result = variant.forward(self, name, x, result)
+                continue
             if self.kind == EMBEDDING:
-                result = self._embedding_forward(x, result, name)
+                result = result + self.embedding_update(x, name).to(result.dtype)
                 continue
-            a, b, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
-            dropout = self.lora_dropout[name]
-            if name in self.lora_magnitude_vector:
-                result = self._dora_forward(x, dropout(x.to(a.dtype)), result, name, dropout)
-                continue
-            xd, s = dropout_rescale_folded(x.to(a.dtype), dropout, s)
+            a, b = self.lora_A[name], self.lora_B[name]
+            xd, s = fn.dropout_rescale_folded(x.to(a.dtype), self.lora_dropout[name], self.scaling[name])
             if self.kind in CONVS:
-                result = result + self._low_rank(xd, a, b * s).to(result.dtype)
+                result = result + self.low_rank(xd, a, b * s).to(result.dtype)
             else:
                 # (..., in) @ A.T -> (..., r) @ (s B).T -> (..., out): scaling folded into tiny B
-                result = add_low_rank(result, F.linear(xd, a), b * s)
+                result = fn.add_low_rank(result, F.linear(xd, a), b * s)
         return result
 
-    def _low_rank(self, xd: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    def low_rank(self, xd: Tensor, a: Tensor, b: Tensor) -> Tensor:
         """B(A(xd)) for Linear/Conv1D and for convolutions (A: the base's kernel, stride,
         padding and dilation over all input channels; B: 1x1, grouped like the base)."""
         if self.kind not in CONVS:
@@ -278,58 +250,31 @@ class LoraLayer(AdapterLayer):
         h = fn.conv(xd, a, stride=base.stride, padding=padding, dilation=base.dilation)
         return fn.conv(h, b, groups=base.groups)
 
-    def _dora_scale(self, name: str, a: Tensor, b: Tensor) -> Tensor:
-        """g = m / ||W + s B A|| per output row (out,), the norm detached (DoRA, section 4.3)."""
-        weight = self.canonical_weight().to(a.dtype)
-        norm = fn.row_norm(weight + fn.lora_delta(a, b, self.scaling[name])).detach()
-        return self.lora_magnitude_vector[name].reshape(-1) / norm
-
-    def _embedding_forward(self, x: Tensor, result: Tensor, name: str) -> Tensor:
-        a, b, s = self.lora_embedding_A[name], self.lora_embedding_B[name], self.scaling[name]
+    def embedding_update(self, x: Tensor, name: str) -> Tensor:
+        """s B A[x] for token ids ``x``: (..., dim), in the adapter's dtype."""
+        a, b = self.factors(name)
         base = self.base_layer
         h = F.embedding(x, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
-        update = h @ (b * s).T  # (..., dim)
-        if name in self.lora_magnitude_vector:
-            g = self._dora_scale(name, a, b)  # (dim,)
-            return (g * (result.to(a.dtype) + update)).to(result.dtype)
-        return result + update.to(result.dtype)
+        return h @ (b * self.scaling[name]).T
 
-    def _dora_forward(self, x: Tensor, xd: Tensor, result: Tensor, name: str, dropout: nn.Module) -> Tensor:
-        a, b, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
-        g = self._dora_scale(name, a, b)
-        channel = (-1, *[1] * (self.base_layer.weight.dim() - 2)) if self.kind in CONVS else (-1,)
-        if isinstance(dropout, nn.Identity) or not self.training:
-            bias = self.base_layer.bias
-            base_x = result if bias is None else result - bias.view(channel)
-        elif self.kind in CONVS:
-            base_x = self.base_layer._conv_forward(xd, self.base_layer.weight.to(a.dtype), None)
-        else:
-            base_x = F.linear(xd, self.canonical_weight().to(a.dtype))
-        g = g.view(channel)
-        update = (g - 1) * base_x.to(a.dtype) + g * self._low_rank(xd, a, b * s)
-        return result + update.to(result.dtype)
-
-    # ------------------------------------------------------- DoRA-aware merging
+    # ---------------------------------------------------- merging with a variant
     @torch.no_grad()
     def merge_one(self, name: str, safe_merge: bool) -> None:
-        if name not in self.lora_magnitude_vector:
+        variant = self.lora_variant.get(name)
+        if variant is None:
             return super().merge_one(name, safe_merge)
         weight = self.canonical_weight()
-        adapted = weight.float() + self.get_delta_weight(name).float()
-        norm = fn.row_norm(adapted)
-        g = self.lora_magnitude_vector[name].float().reshape(-1) / norm
-        new = adapted * g.view(-1, *[1] * (adapted.dim() - 1))
-        self._dora_norm[name] = norm
+        new = variant.merge_safe(self, name, weight)
         self._write_weight(self.to_raw(new).to(weight.dtype), name, safe_merge)
 
     @torch.no_grad()
     def unmerge_one(self, name: str) -> None:
-        if name not in self.lora_magnitude_vector:
+        variant = self.lora_variant.get(name)
+        if variant is None:
             return super().unmerge_one(name)
         weight = self.canonical_weight()
-        g = self.lora_magnitude_vector[name].float().reshape(-1) / self._dora_norm.pop(name)
-        old = weight.float() / g.view(-1, *[1] * (weight.dim() - 1)) - self.get_delta_weight(name).float()
+        old = variant.unmerge(self, name, weight)
         self.base_layer.weight.data.copy_(self.to_raw(old).to(weight.dtype))
 
 
-register_method(AdapterMethod(name="lora", peft_type="LORA", config_cls=LoraConfig, layer_cls=LoraLayer, prefix="lora_"))
+register_method(LoraConfig, LoraLayer, prefix="lora_")

@@ -1,0 +1,342 @@
+"""Adapter state: state dicts, saving and loading in PEFT's format, PEFT key names.
+
+File keys are ``base_model.model.<module path>.<tensor suffix>`` with the adapter name
+removed (``...q_proj.lora_A.weight``); a directory holds ``adapter_config.json`` and
+``adapter_model.safetensors`` (PEFT's legacy ``adapter_model.bin`` is read too). Two
+kinds of keys need translating on load:
+
+- module paths from transformers 4 (``vit.encoder.layer.0.attention.attention.query``),
+  renamed in transformers 5 (``vit.layers.0.attention.q_proj``);
+- PEFT's redundant copies around ``modules_to_save`` (``X.modules_to_save.bias``,
+  ``X.original_module.bias``) written with ``bias="all"``.
+
+Saving does the reverse for tools that know only current names (PEFT): target_modules
+and rank / alpha patterns written against old names are rewritten to current ones.
+:class:`AdapterStateMixin` gives :class:`~lora_cli.adapters.model.AdapterModel` these verbs.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import re
+import tempfile
+import warnings
+from collections.abc import Collection, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from lora_cli.adapters.config import CONFIG_NAME, WEIGHTS_NAME, AdapterConfig
+from lora_cli.adapters.layers import AdapterLayer
+from lora_cli.adapters.targeting import candidate_modules, matches, module_aliases
+from lora_cli.errors import AdapterStateError, UserInputError
+
+if TYPE_CHECKING:
+    from lora_cli.adapters.model import AdapterModel
+
+KEY_PREFIX = "base_model.model."
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+"""PEFT's pre-safetensors format: a ``torch.save``-d dict of tensors (a pickle)."""
+
+_RESAVE = (
+    "re-save the adapter from the model that trained it (loracli train, or PEFT's "
+    "save_pretrained(..., safe_serialization=True)), or train it again"
+)
+
+
+# ------------------------------------------------------------------ key names
+def remap_legacy_key(key: str, renamed: Mapping[str, str], wrappers: Collection[str]) -> str | None:
+    """The current name of file key ``key``; None for a key that should be skipped.
+
+    ``renamed`` maps old module paths to current ones; ``wrappers`` are the paths of
+    modules_to_save wrappers.
+    """
+    if not key.startswith(KEY_PREFIX):
+        return key
+    rest = key[len(KEY_PREFIX) :]
+    parts = rest.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        new = renamed.get(".".join(parts[:i]))
+        if new is not None:
+            parts = new.split(".") + parts[i:]
+            break
+    for i in range(len(parts) - 1, 0, -1):
+        head = ".".join(parts[:i])
+        if head in wrappers and parts[i] in ("modules_to_save", "original_module"):
+            if parts[i] == "original_module":
+                return None
+            tail = parts[i + 1 :]
+            if len(tail) > 1 and tail[0] == "default":  # live-style names with the adapter name
+                tail = tail[1:]
+            parts = parts[:i] + tail
+            break
+    return KEY_PREFIX + ".".join(parts)
+
+
+class AdapterStateMixin:
+    """The state verbs of :class:`~lora_cli.adapters.model.AdapterModel` (PEFT's names).
+
+    The host provides ``base_model``, ``peft_config``, ``targets``, ``method_state``,
+    ``active_adapter``, ``adapter_layers()``, ``_wrappers()``, ``add_adapter()`` and
+    ``_set_trainable()``.
+    """
+
+    def live_adapter_tensors(self: AdapterModel, adapter_name: str | None = None) -> dict[str, Tensor]:
+        """File key -> live parameter (not a copy) of one adapter."""
+        adapter_name = adapter_name or self.active_adapter
+        config = self.peft_config[adapter_name]
+        out: dict[str, Tensor] = {}
+        for path, layer in self.adapter_layers():
+            for suffix, param in layer.adapter_tensors(adapter_name):
+                out[f"{KEY_PREFIX}{path}.{suffix}"] = param
+        for path, wrapper in self._wrappers():
+            if adapter_name in wrapper.modules_to_save:
+                for name, tensor in wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
+                    out[f"{KEY_PREFIX}{path}.{name}"] = tensor
+        bias = getattr(config, "bias", "none")
+        if bias != "none":
+            for name, param in self.base_model.named_parameters():
+                if not name.endswith("bias") or ".original_module." in name or ".modules_to_save." in name:
+                    continue
+                if bias == "all" or (name.endswith(".base_layer.bias") and _layer_has(self.base_model, name, adapter_name)):
+                    out[f"{KEY_PREFIX}{name}"] = param
+        return out
+
+    def get_adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, Tensor]:
+        """The tensors PEFT would save for this adapter, detached, on the CPU."""
+        return {k: v.detach().to("cpu").contiguous() for k, v in self.live_adapter_tensors(adapter_name).items()}
+
+    @torch.no_grad()
+    def load_adapter_state_dict(self: AdapterModel, state: dict[str, Tensor], adapter_name: str | None = None) -> None:
+        """Copy a PEFT-format state dict into adapter ``adapter_name``; strict about shapes
+        and about adapter tensors, tolerant of PEFT's redundant copies."""
+        live = self.live_adapter_tensors(adapter_name)
+        base_params = dict(self.base_model.named_parameters())
+        wrappers = {path for path, _ in self._wrappers()}
+        renamed = {old: new for new, old in module_aliases(self.base_model).items()}
+        seen: set[str] = set()
+        unexpected: list[str] = []
+        mismatched: list[str] = []
+        for key, tensor in state.items():
+            key = remap_legacy_key(key, renamed, wrappers)
+            if key is None:  # a redundant copy PEFT writes (modules_to_save's original)
+                continue
+            target = live.get(key)
+            if target is None and key.startswith(KEY_PREFIX) and key.endswith("bias"):
+                target = base_params.get(key[len(KEY_PREFIX):])
+            if target is None:
+                unexpected.append(key)
+                continue
+            if target.shape != tensor.shape:
+                mismatched.append(f"{key}: file {tuple(tensor.shape)} vs model {tuple(target.shape)}")
+                continue
+            target.data.copy_(tensor.to(dtype=target.dtype, device=target.device))
+            seen.add(key)
+        missing = [k for k in live if k not in seen and not k.endswith("bias")]
+        problems = []
+        if mismatched:
+            problems.append("shape mismatch: " + "; ".join(mismatched[:5]))
+        if missing:
+            problems.append(f"missing {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}")
+        if unexpected:
+            problems.append(f"{len(unexpected)} tensor(s) fit no module, e.g. {', '.join(unexpected[:3])}")
+        if problems:
+            raise AdapterStateError(
+                f"the adapter does not fit this model ({'; '.join(problems)}); "
+                "was it trained on a different base model or architecture?"
+            )
+
+    # ----------------------------------------------------------- directories
+    def save_pretrained(
+        self: AdapterModel,
+        save_directory: str | os.PathLike,
+        selected_adapters: list[str] | None = None,
+        state_dict: dict[str, Tensor] | None = None,
+    ) -> None:
+        """PEFT layout: ``default`` at the root, any other adapter in a sub-folder.
+
+        ``state_dict``: the active adapter's tensors (``get_adapter_state_dict`` layout) to
+        write instead of the live ones, e.g. full copies gathered from a sharded (FSDP) model.
+        """
+        root = Path(save_directory)
+        for name in selected_adapters or list(self.peft_config):
+            target = root if name == "default" else root / name
+            given = state_dict is not None and name == self.active_adapter
+            state = dict(state_dict) if given else self.get_adapter_state_dict(name)
+            config = copy.deepcopy(self.peft_config[name])
+            if config.base_model_name_or_path is None:
+                base_config = getattr(self.base_model, "config", None)
+                config.base_model_name_or_path = getattr(base_config, "_name_or_path", None) or None
+            paths = self.targets.get(name, [])
+            config.target_modules = _portable_targets(self.base_model, config, paths)
+            aliases = module_aliases(self.base_model)
+            for field_name in ("rank_pattern", "alpha_pattern"):
+                pattern = getattr(config, field_name, None)
+                if pattern:
+                    setattr(config, field_name, _portable_patterns(pattern, paths, aliases))
+            method_state = self.method_state.get(name)
+            if method_state is not None:
+                state, config = method_state.export(state, config)
+            _atomic_save(target, state, config)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+    ) -> AdapterModel:
+        """Load a PEFT-format adapter directory onto ``model``."""
+        config = AdapterConfig.from_pretrained(model_id)
+        config.inference_mode = not is_trainable
+        instance = cls(model, config, adapter_name)
+        instance._load_weights(Path(model_id), adapter_name)
+        if not is_trainable:
+            instance.eval()
+        return instance
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
+        config = AdapterConfig.from_pretrained(model_id)
+        config.inference_mode = not is_trainable
+        self.add_adapter(adapter_name, config)
+        self._load_weights(Path(model_id), adapter_name)
+        self._set_trainable()
+
+    def _load_weights(self: AdapterModel, directory: Path, adapter_name: str) -> None:
+        state = read_adapter_weights(directory)
+        method_state = self.method_state.get(adapter_name)
+        if method_state is not None:
+            method_state.before_load(self.peft_config[adapter_name])
+        self.load_adapter_state_dict(state, adapter_name)
+
+
+class AdapterFileError(UserInputError, ValueError):
+    """An adapter weights file that cannot be read: truncated, corrupt, or not plain tensors."""
+
+
+def read_adapter_weights(directory: str | os.PathLike) -> dict[str, Tensor]:
+    """The tensors of the adapter in ``directory``: ``adapter_model.safetensors``, else
+    PEFT's legacy ``adapter_model.bin``.
+
+    Nothing is ever unpickled beyond plain tensors and containers: a ``.bin`` is read
+    only through ``torch.load(weights_only=True)`` (PEFT's own ``.bin`` files are plain
+    tensor dicts and load), and anything else in it is refused, never retried unsafely.
+    """
+    directory = Path(directory)
+    file = directory / WEIGHTS_NAME
+    if file.is_file():
+        return load_safetensors(file)
+    legacy = directory / LEGACY_WEIGHTS_NAME
+    if legacy.is_file():
+        return load_torch_tensors(legacy)
+    raise UserInputError(
+        f"no {WEIGHTS_NAME} (nor PEFT's legacy {LEGACY_WEIGHTS_NAME}) in {directory}: the adapter's weights are "
+        "missing; copy them next to its adapter_config.json, or train the adapter again"
+    )
+
+
+def load_safetensors(file: str | os.PathLike) -> dict[str, Tensor]:
+    """``safetensors.torch.load_file`` with damage reported as a :class:`AdapterFileError`
+    that names the file (truncated copies, zero-byte files, random bytes)."""
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise AdapterFileError(
+            f"{file}: truncated or corrupt safetensors file ({reason}); {_RESAVE}, "
+            "or copy the file again if it was cut short in transfer"
+        ) from None
+
+
+def load_torch_tensors(file: str | os.PathLike) -> dict[str, Tensor]:
+    """A ``torch.save``-d dict of tensors, read with ``weights_only=True`` only.
+
+    A file that needs anything more (arbitrary classes, code) is refused in our words:
+    unpickling it could run code. A damaged file is reported as truncated or corrupt.
+    """
+    convert = (
+        "re-create the weights as safetensors where the adapter was made: load the trained model there and "
+        f"call save_pretrained(out_dir, safe_serialization=True), which writes {WEIGHTS_NAME} (tensors only)"
+    )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols are not for our users
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise AdapterFileError(
+            f"{file}: refused: this pickled weights file holds more than plain tensors (or is corrupt), and "
+            "loracli never unpickles such objects, because loading them can run code. If you trust its source, "
+            f"{convert}; a PEFT adapter_model.bin that holds only tensors loads here as it is"
+        ) from None
+    except (EOFError, RuntimeError, OSError, ValueError, TypeError, AttributeError, ImportError, IndexError,
+            KeyError, MemoryError) as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc).strip() else "the data ends early"
+        raise AdapterFileError(
+            f"{file}: truncated or corrupt PyTorch weights file ({type(exc).__name__}: {reason}); "
+            f"{_RESAVE}, or copy the file again if it was cut short in transfer"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        found = type(state).__name__ if not isinstance(state, dict) else "a dict with non-tensor values"
+        raise AdapterFileError(
+            f"{file}: not an adapter state dict (expected a mapping of tensor names to tensors, found {found}); "
+            f"{_RESAVE}"
+        )
+    return state
+
+
+# ---------------------------------------------------------- portable names
+def _portable_patterns(pattern: dict[str, Any], paths: list[str], aliases: dict[str, str]) -> dict[str, Any]:
+    """rank_pattern / alpha_pattern as PEFT (current names only) will apply them: a key that
+    reaches adapted modules through their transformers-4 names also gets their current paths."""
+    out: dict[str, Any] = {}
+    for key, value in pattern.items():
+        def hit(name: str, key: str = key) -> bool:
+            return re.fullmatch(rf"(.*\.)?(?:{key})", name) is not None
+
+        via_old = [p for p in paths if p in aliases and hit(aliases[p]) and not hit(p)]
+        if not via_old or any(hit(p) for p in paths):
+            out[key] = value
+        for path in via_old:
+            out.setdefault(re.escape(path), value)
+    return out
+
+
+def _portable_targets(model: nn.Module, config: AdapterConfig, paths: list[str]):
+    """target_modules as tools that do not know old module names (PEFT) will resolve them.
+
+    A rule that matched some modules only through their transformers-4 names is rewritten
+    to current names: their leaf names when those select exactly the same modules, else
+    the full paths. "all-linear" is written out the same way (as PEFT does): PEFT's
+    "all-linear" also adapts a classifier head that ours leaves alone.
+    """
+    rule = config.target_modules
+    if rule is None or not paths:
+        return rule
+    modules = [p for p in candidate_modules(model) if isinstance(model.get_submodule(p), AdapterLayer)]
+    if {p for p in modules if matches(p, rule)} == set(paths):
+        return rule
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    candidates = [p for p in candidate_modules(model) if matches(p, leaves)]
+    return leaves if set(candidates) == set(paths) else sorted(paths)
+
+
+def _layer_has(model: nn.Module, param_name: str, adapter_name: str) -> bool:
+    layer = model.get_submodule(param_name[: -len(".base_layer.bias")])
+    return isinstance(layer, AdapterLayer) and adapter_name in layer.r
+
+
+def _atomic_save(directory: Path, state: dict[str, Tensor], config: AdapterConfig) -> None:
+    """Write both files into a temp dir beside the target, then move them in."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-adapter-") as tmp:
+        save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+        config.save_pretrained(tmp)
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            os.replace(os.path.join(tmp, name), directory / name)
