@@ -88,7 +88,6 @@ def main_options(
     ] = False,
 ) -> None:
     STATE["debug"] = debug
-    _silence_banners()
     warnings.showwarning = _show_warning
     if not debug:
         # transformers' per-file "Loading weights" bars are noise around our own progress

@@ -178,7 +178,7 @@ def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool, dry_run: bool, 
         holder = rd.RunLock(run_dir).holder()
         if holder is not None:
             raise rd.RunInUseError(run_dir, holder)
-    data_dirs = [p for p in protected[1:] if p.is_dir()]
+    data_dirs = [p for p in protected if p.is_dir()]  # the recipe is a file: data and model folders remain
     inside = next((d for d in data_dirs if rd.holds_protected(d, [run_dir], cwd=False) is not None), None)
     if inside is not None:
         raise UserInputError(

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from lora_cli.errors import UserInputError
-from lora_cli.inference.images import ImageLoadError, expand_inputs, load_image
+from lora_cli.tasks.images import ImageLoadError, expand_inputs, load_image
 from tests.inference.images_fixture import make_user_images
 
 
@@ -100,14 +100,6 @@ def test_transparency_of_palette_and_grey_images_is_composited_on_white(tmp_path
     assert tuple(arr[0, 0]) == (10, 200, 30) and (arr[:, 4:] == 255).all()
     Image.new("L", (8, 8), 0).save(tmp_path / "l.png", transparency=0)
     assert (np.asarray(load_image(tmp_path / "l.png")) == 255).all()
-
-
-def test_inference_images_is_the_tasks_loader():
-    from lora_cli.inference import images as old
-    from lora_cli.tasks import images as shared
-
-    assert old.load_image is shared.load_image and old.expand_inputs is shared.expand_inputs
-    assert old.ImageLoadError is shared.ImageLoadError
 
 
 def test_expand_inputs_does_not_loop_on_symlinks(tmp_path):

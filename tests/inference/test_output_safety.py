@@ -20,6 +20,7 @@ from lora_cli.inference.predict import (
 )
 from lora_cli.safe_text import csv_cell, plot_label, terminal_text
 from tests.helpers import class_image
+from tests.training._util import loracli
 
 HOSTILE = [
     '=HYPERLINK("http://x")',
@@ -144,15 +145,6 @@ def _hostile_run(tmp_path_factory, names):
     return run
 
 
-def _loracli(monkeypatch, *args) -> int:
-    from lora_cli import cli
-
-    monkeypatch.setattr(sys, "argv", ["loracli", *map(str, args)])
-    with pytest.raises(SystemExit) as exc:
-        cli.main()
-    return exc.value.code
-
-
 GROUPS = [HOSTILE[0:3], HOSTILE[3:6], HOSTILE[6:9]]
 
 
@@ -168,7 +160,7 @@ def test_predict_and_eval_with_hostile_class_names(group, tmp_path_factory, tmp_
     capsys.readouterr()  # whatever building the run printed
 
     # --json: the raw names
-    assert _loracli(monkeypatch, "predict", image, "--run", run, "--json", "--top-k", "3",
+    assert loracli(monkeypatch, "predict", image, "--run", run, "--json", "--top-k", "3",
                     "--csv", tmp_path / "p.csv") == 0
     captured = capsys.readouterr()
     assert sorted(p["label"] for p in json.loads(captured.out)[0]["top_k"]) == sorted(names)
@@ -176,12 +168,12 @@ def test_predict_and_eval_with_hostile_class_names(group, tmp_path_factory, tmp_
     row = next(csv.DictReader((tmp_path / "p.csv").open(encoding="utf-8")))
     assert sorted(row[f"label_{i}"] for i in (1, 2, 3)) == sorted(cells)
     # the table: visible escapes, no control characters
-    assert _loracli(monkeypatch, "predict", image, "--run", run, "--top-k", "3") == 0
+    assert loracli(monkeypatch, "predict", image, "--run", run, "--top-k", "3") == 0
     out = capsys.readouterr().out
     assert not any(c in out for c in DANGEROUS) and all(s in out for s in shown)
 
     # eval: tables, eval.json (raw names) and the confusion matrix (the plot must not crash)
-    assert _loracli(monkeypatch, "eval", run) == 0
+    assert loracli(monkeypatch, "eval", run) == 0
     captured = capsys.readouterr()
     assert not any(c in captured.out + captured.err for c in DANGEROUS)
     assert any(s in captured.out for s in shown)
