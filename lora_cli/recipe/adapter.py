@@ -1,10 +1,10 @@
 """The ``adapter`` section: a method name plus that method's config fields.
 
-Values are checked by constructing the method's config dataclass, so the recipe and the
-engine never disagree about what is valid. AdaLoRA's ``total_step`` may be left out: the
-trainer derives it from the data size, epochs and batch size and passes it to
-:meth:`Recipe.adapter_config`, which checks the ``tinit`` / ``tfinal`` schedule against it
-then. At validation time a placeholder that leaves a budgeting phase stands in.
+Validation checks the values by constructing the method's config dataclass, so the recipe
+and the engine never disagree about what is valid, and invents nothing: a field the
+pipeline derives (AdaLoRA's ``total_step``, from the data size, epochs and batch size) may
+be left out, and its checks run when :func:`resolve_adapter_config` receives it. That
+function is the one place a recipe's adapter section becomes the engine's config.
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import typing
+from collections.abc import Sequence
 from typing import Any
 
-from lora_cli.errors import AdapterConfigError, LoraCliError, UserInputError
+from lora_cli.adapters import available_methods, get_method
+from lora_cli.errors import AdapterConfigError, UserInputError
 from lora_cli.recipe.errors import (
     NO_VALUE,
     Location,
@@ -23,30 +25,23 @@ from lora_cli.recipe.errors import (
     did_you_mean,
     is_bool_word,
 )
-from lora_cli.recipe.schema import ADAPTER_BOOKKEEPING
+from lora_cli.recipe.schema import ADAPTER_BOOKKEEPING, AdapterSection
+from lora_cli.recipe.training import takes_bool
 
-PLANNED_METHODS = ("lora", "loha", "lokr", "adalora")
-
-
-def available() -> list[str]:
-    from lora_cli.adapters import available_methods
-
-    return available_methods()
+DERIVED = ("total_step",)
+"""Config fields the pipeline derives when the recipe leaves them out (AdaLoRA's schedule
+length: the optimizer steps of the run)."""
 
 
 def resolve_method(name: Any):
     """The registered AdapterMethod for a recipe's ``adapter.method``, or an error message + hint."""
-    from lora_cli.adapters import get_method
-
     if not isinstance(name, str):
-        return None, "must be a method name", f"choose one of {', '.join(available())}"
+        return None, "must be a method name", f"choose one of {', '.join(available_methods())}"
     try:
         return get_method(name), None, None
     except UserInputError:
         pass
-    choices = available()
-    if name.lower() in PLANNED_METHODS:
-        return None, "is not available in this version of loracli yet", f"available: {', '.join(choices)}"
+    choices = available_methods()
     hint = did_you_mean(name.lower(), choices) or f"choose one of {', '.join(choices)}"
     return None, "is not a known adapter method", hint
 
@@ -69,8 +64,6 @@ def _bool_problem(config_cls: type, key: str, value: Any) -> bool:
     The engine treats any non-empty string as true, so ``use_dora: no`` (a string in YAML
     1.2) would switch DoRA on.
     """
-    from lora_cli.recipe.training import takes_bool
-
     annotation = _annotations(config_cls).get(key)
     if annotation is None or not takes_bool(annotation):
         return False
@@ -79,13 +72,6 @@ def _bool_problem(config_cls: type, key: str, value: Any) -> bool:
     allowed = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
     only_bool = all(a is bool for a in allowed)
     return only_bool and not isinstance(value, bool) and not (value is None and type(None) in typing.get_args(annotation))
-
-
-def _placeholder_total_step(options: dict) -> int:
-    tinit, tfinal = options.get("tinit", 0), options.get("tfinal", 0)
-    if all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (tinit, tfinal)):
-        return tinit + tfinal + 1
-    return 1_000_000
 
 
 def _plain(value: Any) -> Any:
@@ -126,54 +112,111 @@ def check_adapter(raw: Any, report: Reporter) -> tuple[str, dict[str, Any]] | No
         else:
             options[key] = value
     before = len(report.problems)
-    config = _construct(method, options, None, report)
-    if config is None or len(report.problems) > before:
+    deferred = _deferred(method, options)
+    config = _construct(method, options, report, deferred=deferred)
+    if len(report.problems) > before:
         return None
-    fields = {f.name for f in dataclasses.fields(config)}
-    normalised = {name: _plain(getattr(config, name)) for name in allowed if name in fields}
-    if "total_step" in fields and options.get("total_step") is None:
-        normalised.pop("total_step", None)
+    if config is None:  # valid, but for the fields the pipeline derives: normalise from the defaults
+        normalised = {name: _plain(value) for name, value in _defaults(method.config_cls).items() if name in allowed}
+        normalised.update({name: _plain(value) for name, value in options.items()})
+    else:
+        fields = {f.name for f in dataclasses.fields(config)}
+        normalised = {name: _plain(getattr(config, name)) for name in allowed if name in fields}
+    for name in deferred:
+        normalised.pop(name, None)
     return method.name, normalised
 
 
-def _construct(method, options: dict, total_step: int | None, report: Reporter):
-    kwargs = dict(options)
-    derived = False
-    if "total_step" in method.config_cls.field_names() and kwargs.get("total_step") is None:
-        derived = total_step is not None
-        kwargs["total_step"] = total_step if derived else _placeholder_total_step(kwargs)
+def _deferred(method, options: dict) -> tuple[str, ...]:
+    """The derived fields (``DERIVED``) this method has and the recipe leaves to the pipeline."""
+    names = method.config_cls.field_names()
+    return tuple(name for name in DERIVED if name in names and options.get(name) is None)
+
+
+def _defaults(config_cls: type) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(config_cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def _construct(method, options: dict, report: Reporter, *, deferred: tuple[str, ...] = (),
+               derived: dict[str, Any] | None = None):
+    """The config, or None with the problems reported at the recipe's adapter lines.
+
+    ``deferred`` fields are absent on purpose (the pipeline derives them): the engine's
+    "is required" for them is not a problem yet. ``derived`` are values the pipeline
+    worked out; problems they cause say so.
+    """
+    derived = derived or {}
     try:
-        return method.config_cls(**kwargs)
+        return method.config_cls(**options, **derived)
     except AdapterConfigError as exc:
         for problem in exc.problems:
             field = str(problem.key).split("[")[0].split(".")[0]
+            if field in deferred and problem.value is None:
+                continue
             hint = problem.hint
-            if derived and field in ("total_step", "tinit", "tfinal"):
-                note = f"total_step {total_step} was derived from the data size, epochs and batch size"
-                hint = f"{hint}; {note}" if hint else note
-            value = problem.value
+            for name, value in derived.items():
+                if name in str(problem.key) or name in problem.message:
+                    note = f"{name} {value} was derived from the data size, epochs and batch size"
+                    hint = f"{hint}; {note}" if hint else note
             path = ("adapter", field) if field in options else ("adapter",)
-            report.add(path, f"{problem.key} {problem.message}" if path == ("adapter",) else problem.message, value, hint)
+            message = f"{problem.key} {problem.message}" if path == ("adapter",) else problem.message
+            report.add(path, message, problem.value, hint)
     except (TypeError, ValueError, UserInputError) as exc:
         report.add(("adapter",), f"invalid {method.name} settings: {exc}", NO_VALUE)
     return None
 
 
-def build_adapter_config(recipe, total_step: int | None = None):
-    """The adapter config dataclass for a validated recipe (see Recipe.adapter_config)."""
-    from lora_cli.adapters import get_method
+def resolve_adapter_config(
+    section: AdapterSection,
+    *,
+    total_step: int | None,
+    targets: Sequence[str] | None = None,
+    heads: Sequence[str] = (),
+    task_type: str | None = None,
+    base_model: str | None = None,
+):
+    """The engine's config for a validated adapter section: the one place it is built.
 
-    method = get_method(recipe.adapter.method)
-    source = str(recipe.source) if recipe.source else recipe.name
-    locations = getattr(recipe, "_locations", None) or {(): Location(source, None)}
-    report = Reporter(locations, source)
-    needs_step = "total_step" in method.config_cls.field_names()
-    if needs_step and recipe.adapter.options.get("total_step") is None and total_step is None:
-        raise LoraCliError(
-            f"{method.name} needs total_step: pass recipe.adapter_config(total_step=...) with the number "
-            "of optimizer steps, or set adapter.total_step in the recipe"
-        )
-    config = _construct(method, recipe.adapter.options, total_step, report)
+    Filled in where the recipe leaves them out: ``total_step`` (the run's optimizer steps,
+    for methods with a schedule), ``targets`` (the model's default target modules, None
+    when loracli has none), ``task_type`` (the task's PEFT type) and ``base_model``. The
+    trained ``heads`` join ``modules_to_save``. A derived value that breaks the method's
+    rules is a RecipeError at the recipe's adapter lines.
+    """
+    method = get_method(section.method)
+    options = dict(section.options)
+    derived: dict[str, Any] = {}
+    for name in _deferred(method, options):
+        if total_step is None:
+            raise UserInputError(
+                f"adapter: {method.name} needs {name}; set adapter.{name} in the recipe, or let `loracli train` "
+                "derive it from the data size, epochs and batch size"
+            )
+        derived[name] = total_step
+    if options.get("target_modules") is None:
+        if targets is None:
+            raise UserInputError(
+                "adapter.target_modules is not set and loracli has no default for this model type; list the layers "
+                "to adapt (e.g. target_modules: [q_proj, v_proj]) or use target_modules: all-linear"
+            )
+        options["target_modules"] = list(targets)
+    saved = list(options.get("modules_to_save") or [])
+    missing = [h for h in heads if h not in saved]
+    if missing:
+        options["modules_to_save"] = saved + missing
+    if task_type:
+        options["task_type"] = task_type
+    if base_model:
+        options["base_model_name_or_path"] = base_model
+    source = section.source or "recipe"
+    report = Reporter(section.locations or {(): Location(source, None)}, source)
+    config = _construct(method, options, report, derived=derived)
     if config is None:
         raise RecipeError(report.problems, source=source)
     return config

@@ -48,6 +48,7 @@ def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recip
     recipe = _validate(data, report)
     recipe._source = path.resolve()
     recipe._locations = locations
+    recipe.adapter._source, recipe.adapter._locations = shown, locations
     return recipe
 
 
@@ -122,6 +123,7 @@ def _validate(data: dict, report: Reporter) -> Recipe:
     _check_model(data.get("model"), data.get("task"), report)
     _check_data(data.get("data"), data.get("task"), report)
     _check_sharding(data.get("training"), report)
+    _check_adapter_with_training(adapter, data.get("training"), report)
     report.raise_if_any()
     assert adapter is not None and training is not None
     plain["adapter"] = {"method": adapter[0], "options": adapter[1]}
@@ -304,3 +306,22 @@ def _check_sharding(training: Any, report: Reporter) -> None:
         if importlib.util.find_spec("deepspeed") is None:
             report.add(("training", "deepspeed"), "needs the deepspeed package, which is not installed",
                        training["deepspeed"], "pip install deepspeed (or remove training.deepspeed)")
+
+
+SCORES_WHOLE_GRADIENTS = ("adalora",)
+"""Methods whose rank allocator scores whole gradients, which FSDP and DeepSpeed shard."""
+
+
+def _check_adapter_with_training(adapter: tuple[str, dict] | None, training: Any, report: Reporter) -> None:
+    """Settings of two sections that cannot go together."""
+    if adapter is None or not isinstance(training, dict) or adapter[0] not in SCORES_WHOLE_GRADIENTS:
+        return
+    for key in ("fsdp", "deepspeed"):
+        if training.get(key):
+            report.add(
+                ("training", key),
+                f"cannot shard adapter.method {adapter[0]}: AdaLoRA's rank allocator scores whole gradients, which FSDP "
+                "and DeepSpeed split across processes",
+                training[key],
+                "train AdaLoRA with plain DDP (remove training.fsdp / training.deepspeed) or pick method lora",
+            )

@@ -7,10 +7,14 @@ its PEFT-named options, ``training`` a plain mapping of ``TrainingArguments`` fi
 
 from __future__ import annotations
 
+import copy
+import unicodedata
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+
+from lora_cli.recipe.yamlio import dump
 
 Task = Literal["image-classification", "causal-lm", "seq-cls", "seq2seq"]
 TASKS: tuple[str, ...] = ("image-classification", "causal-lm", "seq-cls", "seq2seq")
@@ -102,10 +106,26 @@ DATA_PATHS = ("imagefolder", "train_file", "validation_file")
 
 
 class AdapterSection(_Section):
-    """``method`` plus that method's config fields (PEFT's names), already validated."""
+    """``method`` plus that method's config fields (PEFT's names), already validated.
+
+    :func:`lora_cli.recipe.adapter.resolve_adapter_config` turns it into the engine's config.
+    """
 
     method: str = "lora"
     options: dict[str, Any] = Field(default_factory=dict)
+
+    _source: str | None = PrivateAttr(default=None)
+    _locations: dict = PrivateAttr(default_factory=dict)
+
+    @property
+    def source(self) -> str | None:
+        """The recipe file, as the user named it (for messages)."""
+        return self._source
+
+    @property
+    def locations(self) -> dict:
+        """{key path: Location} of the recipe's lines, to place problems found later."""
+        return self._locations
 
 
 class RuleError(ValueError):
@@ -126,8 +146,6 @@ RUN_NAME_HINT = (
 
 
 def _control_char(text: str) -> str | None:
-    import unicodedata
-
     return next((c for c in text if unicodedata.category(c) == "Cc" or c in "\u2028\u2029"), None)
 
 
@@ -221,27 +239,12 @@ class Recipe(_Section):
         model_type = (self.model.config or {}).get("model_type", "model")
         return f"{model_type} from config"
 
-    def adapter_config(self, total_step: int | None = None):
-        """The adapter config instance (``lora_cli.adapters`` dataclass) for this recipe.
-
-        ``total_step``: AdaLoRA's schedule length, which the trainer derives from the data
-        size, epochs and batch size. It fills ``total_step`` when the recipe left it out and
-        is then checked against ``tinit`` / ``tfinal`` (a RecipeError pointing at the recipe's
-        adapter lines when the schedule leaves no budgeting phase). Methods without a
-        total_step field ignore it.
-        """
-        from lora_cli.recipe.adapter import build_adapter_config
-
-        return build_adapter_config(self, total_step)
-
     def to_dict(self) -> dict[str, Any]:
         """Plain data in the recipe's YAML layout (adapter options flattened, ``None`` defaults left out)."""
         return dump_recipe_dict(self)
 
     def to_yaml(self) -> str:
         """The resolved recipe as YAML that :func:`load_recipe` reads back to an equal Recipe."""
-        from lora_cli.recipe.yamlio import dump
-
         head = "# Resolved by loracli (defaults, extends and overrides applied)"
         if self._source is not None:
             head += f" from {self._source}"
@@ -260,8 +263,6 @@ def _section_dict(section: BaseModel) -> dict[str, Any]:
 
 def dump_recipe_dict(recipe: Recipe) -> dict[str, Any]:
     """The recipe as plain dicts and lists, in its YAML layout."""
-    import copy
-
     return copy.deepcopy(
         {
             "name": recipe.name,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import math
 import types
 import typing
 from typing import Any
@@ -77,6 +78,23 @@ def training_defaults() -> dict[str, Any]:
     return {
         f.name: f.default for f in dataclasses.fields(TrainingArguments) if f.default is not dataclasses.MISSING
     }
+
+
+def optimizer_steps(training: dict[str, Any], n_train: int, world_size: int = 1) -> int:
+    """The optimizer steps the Trainer takes over ``n_train`` rows, by its own rule.
+
+    ``training`` is the recipe's section; fields it leaves out take TrainingArguments'
+    defaults. Fractional epochs count as the Trainer counts them. (AdaLoRA's schedule
+    spans exactly these steps.)
+    """
+    settings = training_defaults() | dict(training)
+    if settings["max_steps"] and settings["max_steps"] > 0:
+        return int(settings["max_steps"])
+    batch = settings["per_device_train_batch_size"] * max(world_size, 1)
+    batches = n_train // batch if settings["dataloader_drop_last"] else math.ceil(n_train / batch)
+    accumulate = settings["gradient_accumulation_steps"]
+    per_epoch = max(batches // accumulate + int(batches % accumulate > 0), 1)
+    return math.ceil(settings["num_train_epochs"] * per_epoch)
 
 
 def _enum_values(cls: type[enum.Enum]) -> list[str]:

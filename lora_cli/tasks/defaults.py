@@ -7,8 +7,6 @@ transformers 5 through the engine's name aliases.
 
 from __future__ import annotations
 
-from lora_cli.errors import UserInputError
-
 DEFAULT_TARGETS = {
     "t5": ["q", "v"],
     "mt5": ["q", "v"],
@@ -25,11 +23,8 @@ DEFAULT_TARGETS = {
 }
 
 
-def default_target_modules(model) -> list[str]:
+def default_target_modules(model) -> list[str] | None:
+    """The model type's default target modules; None when loracli has none for it."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in DEFAULT_TARGETS:
-        raise UserInputError(
-            f"adapter.target_modules is not set and loracli has no default for model type {model_type!r}; "
-            "list the layers to adapt (e.g. target_modules: [q_proj, v_proj]) or use target_modules: all-linear"
-        )
-    return list(DEFAULT_TARGETS[model_type])
+    targets = DEFAULT_TARGETS.get(model_type)
+    return list(targets) if targets is not None else None

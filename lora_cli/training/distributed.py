@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from lora_cli.errors import LoraCliError, UserInputError
+from lora_cli.errors import LoraCliError
 
 
 def world_size() -> int:
@@ -54,18 +54,13 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def distributed_defaults(kwargs: dict[str, Any], adapter: dict[str, Any]) -> dict[str, Any]:
+def distributed_defaults(kwargs: dict[str, Any], adapter_config) -> dict[str, Any]:
     """``kwargs`` (the recipe's ``training`` section) plus what a multi-process run needs.
 
-    ``adapter`` is the recipe's adapter section as plain data. Keys the recipe sets win.
+    ``adapter_config`` is the run's engine config. Keys the recipe sets win. (Methods that
+    cannot be sharded are refused by the recipe loader.)
     """
     sharding = bool(kwargs.get("fsdp") or kwargs.get("deepspeed"))
-    if sharding and adapter.get("method") == "adalora":
-        raise UserInputError(
-            "adapter.method adalora with training.fsdp/deepspeed: AdaLoRA's rank allocator scores whole "
-            "gradients, which FSDP and DeepSpeed split across processes; train AdaLoRA with plain DDP "
-            "(remove training.fsdp / training.deepspeed) or pick method lora"
-        )
     out = dict(kwargs)
     if out.get("fsdp") and not accelerate_runs_fsdp():
         warnings.warn(
@@ -82,7 +77,7 @@ def distributed_defaults(kwargs: dict[str, Any], adapter: dict[str, Any]) -> dic
         out.setdefault("use_cpu", True)
         out.setdefault("ddp_backend", "gloo")
     if not sharding:
-        out.setdefault("ddp_find_unused_parameters", float(adapter.get("module_dropout") or 0.0) > 0.0)
+        out.setdefault("ddp_find_unused_parameters", float(getattr(adapter_config, "module_dropout", 0.0) or 0.0) > 0.0)
     return out
 
 

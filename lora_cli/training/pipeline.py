@@ -7,10 +7,9 @@ created, so bad input writes nothing.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import copy
 import inspect
 import logging
-import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -19,16 +18,30 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from transformers import PrinterCallback, TrainingArguments, set_seed
 
 from lora_cli import rundir as rd
+from lora_cli.adapters import get_adapter_model
 from lora_cli.errors import LoraCliError, UserInputError
 from lora_cli.evaluation.plots import plot_training_curves
+from lora_cli.evaluation.report import evaluate, write_report
+from lora_cli.recipe import load_recipe, optimizer_steps, resolve_adapter_config
+from lora_cli.safe_text import terminal_text
+from lora_cli.tasks import get_task, task_collator
+from lora_cli.tasks.defaults import default_target_modules
 from lora_cli.training import distributed
+from lora_cli.training.callbacks import (
+    AdaLoraCallback,
+    MetricsFileCallback,
+    NanGuardCallback,
+    RichProgressCallback,
+)
+from lora_cli.training.trainer import AdapterTrainer
 
 logger = logging.getLogger(__name__)
 console = Console(stderr=True)
-
 
 
 def run_training(
@@ -40,12 +53,6 @@ def run_training(
     extra_callbacks: Sequence[Any] = (),
 ) -> Path | None:
     """Train as the recipe says; return the run directory (None for a dry run)."""
-    from transformers import set_seed
-
-    from lora_cli.adapters import get_adapter_model
-    from lora_cli.recipe import load_recipe
-    from lora_cli.tasks import get_task
-
     if resume and overwrite:
         raise UserInputError("--resume continues the run and --overwrite replaces it; pass only one of them")
     recipe = load_recipe(recipe_path, overrides)
@@ -67,8 +74,17 @@ def run_training(
     model = task.build_model(recipe, labels)
     base_state = _snapshot_if_random(recipe, model)
 
-    args = training_arguments(recipe, run_dir, model)
-    adapter_config = resolve_adapter_config(recipe, task, model, n_train=len(splits.train), args=args)
+    # optimizer steps -> adapter config -> training arguments: each needs the one before
+    total_step = optimizer_steps(recipe.training, len(splits.train), distributed.world_size())
+    adapter_config = resolve_adapter_config(
+        recipe.adapter,
+        total_step=total_step,
+        targets=default_target_modules(model),
+        heads=task.heads(model),
+        task_type=task.PEFT_TASK_TYPE,
+        base_model=recipe.model.name_or_path,
+    )
+    args = training_arguments(recipe, run_dir, adapter_config, model)
     model = get_adapter_model(model, adapter_config)
     train_ds, eval_ds = task.prepare(splits, processor, recipe)
 
@@ -144,8 +160,6 @@ def _train_and_save(recipe, task, model, args, train_ds, eval_ds, processor, lab
         if labels:
             rd.save_label_map(adapter_dir, dict(enumerate(labels)))
         if report is not None:
-            from lora_cli.evaluation.report import write_report
-
             write_report(report, run_dir)
         else:
             rd.write_json(run_dir / rd.EVAL_FILE, metrics)
@@ -223,8 +237,6 @@ RESUME_MAY_CHANGE = {"num_train_epochs", "max_steps", "logging_steps", "save_ste
 def _check_same_recipe(recipe, run_dir: Path) -> None:
     """--resume continues the run that was started: a changed model, data or adapter would
     silently mix two experiments in one run directory."""
-    from lora_cli.recipe import load_recipe
-
     saved_file = run_dir / rd.RECIPE_FILE
     if not saved_file.is_file():
         return
@@ -255,13 +267,10 @@ def _snapshot_if_random(recipe, model):
     """Models built from model.config have random weights: keep a copy to save beside the adapter."""
     if recipe.model.name_or_path:
         return None
-    import copy
-
     return copy.deepcopy(model)
 
 
-def training_arguments(recipe, run_dir: Path, model: torch.nn.Module | None = None):
-    from transformers import TrainingArguments
+def training_arguments(recipe, run_dir: Path, adapter_config, model: torch.nn.Module | None = None):
 
     kwargs = dict(recipe.training or {})  # the keys loracli sets itself are refused by the recipe loader
     if not torch.cuda.is_available():
@@ -275,7 +284,7 @@ def training_arguments(recipe, run_dir: Path, model: torch.nn.Module | None = No
         kwargs.setdefault("dataloader_pin_memory", False)
     kwargs.setdefault("logging_steps", 10)
     kwargs.setdefault("save_total_limit", 3)
-    kwargs = distributed.distributed_defaults(kwargs, recipe.to_dict().get("adapter") or {})
+    kwargs = distributed.distributed_defaults(kwargs, adapter_config)
     if model is not None:
         kwargs = distributed.fsdp_wrap_defaults(kwargs, model)
     try:
@@ -292,49 +301,7 @@ def training_arguments(recipe, run_dir: Path, model: torch.nn.Module | None = No
         raise UserInputError(f"training: {exc}") from exc
 
 
-def optimizer_steps(n_train: int, args) -> int:
-    """Optimizer steps the Trainer will take (for AdaLoRA's total_step)."""
-    if args.max_steps and args.max_steps > 0:
-        return args.max_steps
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    batch = args.per_device_train_batch_size * max(world, 1)
-    batches = n_train // batch if args.dataloader_drop_last else math.ceil(n_train / batch)
-    per_epoch = max(batches // args.gradient_accumulation_steps + int(batches % args.gradient_accumulation_steps > 0), 1)
-    return math.ceil(args.num_train_epochs * per_epoch)  # the Trainer's rule, fractional epochs too
-
-
-def resolve_adapter_config(recipe, task, model, n_train: int, args):
-    """The recipe's adapter config plus what loracli derives: default targets, the trained
-    head in modules_to_save, the PEFT task type, AdaLoRA's total_step."""
-    from lora_cli.tasks.defaults import default_target_modules
-
-    config = recipe.adapter_config(total_step=optimizer_steps(n_train, args))
-    changes: dict[str, Any] = {}
-    if config.target_modules is None:
-        changes["target_modules"] = default_target_modules(model)
-    heads = task.heads(model)
-    missing = [h for h in heads if h not in (config.modules_to_save or [])]
-    if missing:
-        changes["modules_to_save"] = list(config.modules_to_save or []) + missing
-    if config.task_type is None and task.PEFT_TASK_TYPE:
-        changes["task_type"] = task.PEFT_TASK_TYPE
-    if recipe.model.name_or_path:
-        changes["base_model_name_or_path"] = recipe.model.name_or_path
-    return dataclasses.replace(config, **changes) if changes else config
-
-
 def build_trainer(recipe, task, model, args, train_ds, eval_ds, processor, run_dir, extra_callbacks=()):
-    from transformers import PrinterCallback
-
-    from lora_cli.tasks import task_collator
-    from lora_cli.training.callbacks import (
-        AdaLoraCallback,
-        MetricsFileCallback,
-        NanGuardCallback,
-        RichProgressCallback,
-    )
-    from lora_cli.training.trainer import AdapterTrainer
-
     callbacks = [MetricsFileCallback(run_dir / rd.METRICS_FILE), NanGuardCallback()]
     if model.method_state:
         callbacks.append(AdaLoraCallback(model))
@@ -366,8 +333,6 @@ def _accepts_loss_kwargs(base) -> bool:
 
 def _full_evaluation(model, eval_ds, collate, labels, args, trainer_metrics) -> dict[str, Any]:
     """Classification runs get the same eval.json + confusion matrix as `loracli eval`."""
-    from lora_cli.evaluation.report import evaluate
-
     model.eval()
     report = evaluate(model, eval_ds, collate, dict(enumerate(labels)), args.per_device_eval_batch_size)
     report["split"], report["variant"], report["trainer"] = "validation", "adapter", trainer_metrics
@@ -410,8 +375,4 @@ def _print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:
 
 def _shown(value: object) -> str:
     """User-derived text (paths, names) for the terminal: no control characters, no rich markup."""
-    from rich.markup import escape
-
-    from lora_cli.safe_text import terminal_text
-
     return escape(terminal_text(value))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_cli.recipe import load_recipe
+from lora_cli.recipe import load_recipe, resolve_adapter_config
 from lora_cli.recipe.yamlio import parse_value
 from tests.recipe._util import VALID
 
@@ -18,7 +18,7 @@ def test_valid_recipe_loads_with_defaults(write):
     assert recipe.data.image_column == "image" and recipe.data.eval_split == "validation"
     assert recipe.adapter.method == "lora" and recipe.adapter.options["r"] == 4
     assert recipe.training == {"learning_rate": 0.005, "num_train_epochs": 1}
-    config = recipe.adapter_config()
+    config = resolve_adapter_config(recipe.adapter, total_step=None)
     assert (config.r, config.lora_alpha, config.target_modules) == (4, 8, ["query", "value"])
     assert recipe.model_label() == "vit from config"
 
@@ -57,7 +57,7 @@ def test_to_yaml_round_trips(write, tmp_path):
     assert "\nextends:" not in text and "lora_dropout: 0.05" in text
     again = load_recipe(write(text, "resolved.yaml"))
     assert again == recipe
-    assert again.adapter_config() == recipe.adapter_config()
+    assert resolve_adapter_config(again.adapter, total_step=None) == resolve_adapter_config(recipe.adapter, total_step=None)
     assert again.seed == 7 and again.training["warmup_steps"] == 3
     assert again.adapter.options["use_rslora"] is False  # defaults are written out
 

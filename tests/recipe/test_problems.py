@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lora_cli.errors import ProblemsError, UserInputError
-from lora_cli.recipe import RecipeError, load_recipe
+from lora_cli.recipe import RecipeError, load_recipe, resolve_adapter_config
 from tests.recipe._util import VALID, problems_of
 
 
@@ -231,7 +231,7 @@ ADALORA = VALID.replace("  method: lora\n  r: 4\n  lora_alpha: 8\n", "  method: 
 def test_adalora_without_total_step_validates(write):
     recipe = load_recipe(write(ADALORA.format(tinit=10, tfinal=20)))
     assert "total_step" not in recipe.adapter.options
-    assert recipe.adapter_config(total_step=100).total_step == 100
+    assert resolve_adapter_config(recipe.adapter, total_step=100).total_step == 100
 
 
 def test_adalora_schedule_without_budgeting_phase(write):
@@ -244,7 +244,23 @@ def test_adalora_schedule_without_budgeting_phase(write):
 def test_adalora_derived_total_step_is_checked_later(write):
     recipe = load_recipe(write(ADALORA.format(tinit=60, tfinal=50)))
     with pytest.raises(RecipeError, match=r"recipe.yaml:19: adapter.tinit: .*total_step 100 was derived"):
-        recipe.adapter_config(total_step=100)
+        resolve_adapter_config(recipe.adapter, total_step=100)
+
+
+def test_adalora_refuses_sharding_at_the_training_line(write):
+    """AdaLoRA scores whole gradients: FSDP / DeepSpeed are refused before anything loads."""
+    text = ADALORA.format(tinit=1, tfinal=1) + "  fsdp: full_shard\n"
+    (line,) = problems_of(write(text))
+    assert line.startswith(f"recipe.yaml:{len(text.splitlines())}: training.fsdp:")  # the line that asks for it
+    assert "AdaLoRA's rank allocator" in line and "plain DDP" in line
+    assert load_recipe(write(VALID + "  fsdp: full_shard\n")).training["fsdp"] == "full_shard"  # LoRA shards
+
+
+def test_adalora_total_step_is_not_invented_at_validation(write):
+    """Every other AdaLoRA problem is still found without a total_step (no placeholder stands in)."""
+    text = ADALORA.format(tinit=1, tfinal=1).replace("  target_r: 4", "  target_r: 4\n  beta1: 1.5")
+    (line,) = problems_of(write(text))
+    assert "adapter.beta1" in line and "total_step" not in line
 
 
 def test_imagefolder_needs_a_train_subfolder(write, tmp_path):

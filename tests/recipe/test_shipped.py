@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lora_cli.adapters import available_methods
-from lora_cli.recipe import load_recipe, shipped_recipes
+from lora_cli.recipe import load_recipe, resolve_adapter_config, shipped_recipes
 from lora_cli.recipe.schema import TASKS
 
 SHIPPED = shipped_recipes()
@@ -23,7 +23,7 @@ def test_shipped_recipe_validates(name):
     recipe = load_recipe(path)
     assert recipe.name and recipe.task in TASKS
     assert recipe.adapter.method == method
-    assert recipe.adapter_config(total_step=10_000).method == method
+    assert resolve_adapter_config(recipe.adapter, total_step=10_000).method == method
     assert isinstance(recipe.training["learning_rate"], float)
 
 
@@ -63,6 +63,6 @@ def test_adalora_total_step_is_derived_later():
     recipe = load_recipe(SHIPPED["food101_adalora"])
     assert "total_step" not in recipe.adapter.options
     assert "total_step" not in recipe.to_yaml()
-    assert recipe.adapter_config(total_step=5000).total_step == 5000
+    assert resolve_adapter_config(recipe.adapter, total_step=5000).total_step == 5000
     with pytest.raises(Exception, match="needs total_step"):
-        recipe.adapter_config()
+        resolve_adapter_config(recipe.adapter, total_step=None)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lora_cli.errors import UserInputError
-from lora_cli.recipe import load_recipe, recipes_dir
+from lora_cli.recipe import load_recipe, recipes_dir, resolve_adapter_config
 from lora_cli.tasks import seq_cls
 from lora_cli.tasks import text_common as tc
 
@@ -35,7 +35,7 @@ def test_text_recipe_validates(in_repo, name):
     recipe = load_recipe(REPO / "recipes" / f"{name}.yaml")
     assert (recipe.task, recipe.model.name_or_path) == (task, model)
     assert recipe.adapter.method == "lora" and recipe.adapter.options["target_modules"] == targets
-    config = recipe.adapter_config()
+    config = resolve_adapter_config(recipe.adapter, total_step=None)
     assert config.task_type is None  # filled from the task by the pipeline
     assert recipe.model.tokenizer == model
 

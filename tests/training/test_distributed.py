@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_cli.errors import UserInputError
+from lora_cli.adapters import LoHaConfig, LoraConfig
 from lora_cli.training import distributed
 from tests.helpers import make_imagefolder
 from tests.training._dist import (
@@ -111,22 +111,17 @@ def lora_runs(tmp_path_factory, data):
 def test_defaults_for_a_cpu_multi_processrun(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    out = distributed.distributed_defaults({"learning_rate": 1e-3}, {"method": "lora"})
+    out = distributed.distributed_defaults({"learning_rate": 1e-3}, LoraConfig())
     assert out == {"learning_rate": 1e-3, "use_cpu": True, "ddp_backend": "gloo", "ddp_find_unused_parameters": False}
     # LoHa/LoKr module_dropout skips whole adapters at random: DDP must look for unused parameters
-    assert distributed.distributed_defaults({}, {"method": "loha", "module_dropout": 0.1})["ddp_find_unused_parameters"]
+    assert distributed.distributed_defaults({}, LoHaConfig(module_dropout=0.1))["ddp_find_unused_parameters"]
     # the recipe's own choice wins
-    assert distributed.distributed_defaults({"ddp_find_unused_parameters": True}, {})["ddp_find_unused_parameters"]
+    assert distributed.distributed_defaults({"ddp_find_unused_parameters": True}, LoraConfig())["ddp_find_unused_parameters"]
 
 
 def test_single_process_is_left_alone(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert distributed.distributed_defaults({"learning_rate": 1e-3}, {"method": "lora"}) == {"learning_rate": 1e-3}
-
-
-def test_adalora_refuses_sharding():
-    with pytest.raises(UserInputError, match="AdaLoRA's rank allocator .* plain DDP"):
-        distributed.distributed_defaults({"fsdp": "full_shard"}, {"method": "adalora"})
+    assert distributed.distributed_defaults({"learning_rate": 1e-3}, LoraConfig()) == {"learning_rate": 1e-3}
 
 
 def test_fsdp_without_cuda_warns_and_falls_back_to_ddp(monkeypatch):
@@ -134,12 +129,12 @@ def test_fsdp_without_cuda_warns_and_falls_back_to_ddp(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(distributed, "accelerate_runs_fsdp", lambda: False)
     with pytest.warns(UserWarning, match="FSDP only on GPUs"):
-        out = distributed.distributed_defaults({"fsdp": True, "fsdp_config": {"version": 2}}, {"method": "lora"})
+        out = distributed.distributed_defaults({"fsdp": True, "fsdp_config": {"version": 2}}, LoraConfig())
     assert "fsdp" not in out and "fsdp_config" not in out  # really DDP: accelerate would refuse FSDP here
     assert out["ddp_find_unused_parameters"] is False
     monkeypatch.setenv("WORLD_SIZE", "1")  # one process: no FSDP either, and no DDP settings
     with pytest.warns(UserWarning, match="FSDP only on GPUs"):
-        assert distributed.distributed_defaults({"fsdp": True}, {"method": "lora"}) == {}
+        assert distributed.distributed_defaults({"fsdp": True}, LoraConfig()) == {}
 
 
 def test_fsdp_wrapping_leaves_out_the_class_that_holds_the_input_embeddings():
