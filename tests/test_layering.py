@@ -28,6 +28,7 @@ MAY_IMPORT = {
     "inference": {"errors", "atomic", "safe_text", "hub", "devices", "rundir", "adapters", "recipe", "tasks", "evaluation",
                   "hf_names"},
     "cli": {"*"},
+    "commands": {"*"},
     "__main__": {"cli"},
     "__init__": set(),
 }
