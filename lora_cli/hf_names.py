@@ -70,3 +70,14 @@ def legacy_aliases(model: nn.Module, paths: Iterable[str]) -> dict[str, str]:
         if old != path:
             out[path] = old
     return out
+
+
+CLASSIFICATION_HEADS = ("classifier", "score", "head", "classification_head", "pre_classifier")
+"""Top-level children of transformers' ``*ForImageClassification`` and
+``*ForSequenceClassification`` models that hold the classification head: new weights,
+sized for the recipe's labels, trained in full and saved beside the adapter."""
+
+
+def classification_heads(model: nn.Module) -> list[str]:
+    """The names of ``model``'s top-level classification head modules, in model order."""
+    return [name for name, _ in model.named_children() if name in CLASSIFICATION_HEADS]

@@ -87,3 +87,8 @@ def make_imagefolder(root: Path, per_class: tuple[int, int] = (8, 4), classes=CL
             for i in range(count):
                 class_image(label, rng, size).save(folder / f"{name}_{i}.png")
     return root
+
+
+def data_and_seed(recipe) -> tuple:
+    """``(recipe.data, recipe.seed)``: the sections a task's data functions take."""
+    return recipe.data, recipe.seed

@@ -157,9 +157,9 @@ def require_method(method: str) -> None:
 
 def eval_batch(run, n: int = 6) -> dict[str, torch.Tensor]:
     """A padded batch of the run's own validation rows."""
-    ds = run.task.eval_dataset(run.recipe, run.processor, split="validation", limit=n)
+    ds = run.task.eval_dataset(run.recipe.data, run.recipe.seed, run.processor, split="validation", limit=n)
     rows = [ds[i] for i in range(len(ds))]
-    batch = run.task.make_collator(run.processor, run.recipe)(rows)
+    batch = run.task.make_collator(run.processor, run.recipe.data)(rows)
     assert (batch["attention_mask"] == 0).any(), "the batch should contain padding"
     return batch
 

@@ -22,6 +22,7 @@ from lora_cli.adapters import AdapterModel
 from lora_cli.devices import resolve_device
 from lora_cli.errors import UserInputError
 from lora_cli.recipe import load_recipe
+from lora_cli.task_kinds import TASK_KINDS
 from lora_cli.tasks import get_task
 
 
@@ -66,11 +67,11 @@ def load_run(run_dir: str | Path, adapter_dir: str | Path | None = None, device:
         )
     processor_dir = run_dir / rd.PROCESSOR_DIR
     with _damaged(processor_dir if processor_dir.is_dir() else None, "processor / tokenizer"):
-        processor = task.load_processor(recipe, source=processor_dir if processor_dir.is_dir() else None)
+        processor = task.load_processor(recipe.model, source=processor_dir if processor_dir.is_dir() else None)
     id2label = _run_label_map(run_dir, adapter, recipe.task)
     labels = [id2label[i] for i in sorted(id2label)] if id2label else None
     with _damaged(base_dir if base_dir.is_dir() else None, "base model"):
-        model = task.build_model(recipe, labels, source=base_dir if base_dir.is_dir() else None)
+        model = task.build_model(recipe.model, labels, source=base_dir if base_dir.is_dir() else None)
     model = AdapterModel.from_pretrained(model, adapter)
     model.to(resolve_device(device)).eval()
     return LoadedRun(run_dir, recipe, model, processor, task, id2label)
@@ -78,7 +79,7 @@ def load_run(run_dir: str | Path, adapter_dir: str | Path | None = None, device:
 
 def _run_label_map(run_dir: Path, adapter: Path, task: str) -> dict[int, str] | None:
     id2label = rd.read_label_map(adapter) or rd.read_label_map(run_dir / rd.ADAPTER_DIR)
-    if id2label is None and task in rd.CLASSIFICATION_TASKS:
+    if id2label is None and TASK_KINDS[task].labels:
         raise UserInputError(
             f"{adapter / rd.LABEL_MAP_FILE} is missing: a {task} run needs it to build its head and name its classes. "
             "Restore it from a copy of the run, or train again"

@@ -69,24 +69,23 @@ def eval_run(
         raise UserInputError(f"--limit must be at least 1, got {limit}")
     if base and adapter_dir is not None:
         raise UserInputError("--base evaluates without any adapter; drop --adapter or --base")
-    from lora_cli.tasks import task_collator
-
     holder = rd.RunLock(Path(run_dir)).holder() if write else None
     if holder is not None:  # its final evaluation would race ours for eval.json
         raise UserInputError(f"{run_dir} is being trained right now ({holder}); evaluate it once that run ends")
     loaded = load_run(run_dir, adapter_dir=adapter_dir, device=device)
-    dataset = loaded.task.eval_dataset(loaded.recipe, loaded.processor, split=split, limit=limit)
-    size = _eval_batch_size(loaded.recipe, batch_size)
-    collate = task_collator(loaded.task, loaded.processor, loaded.recipe)
+    recipe, task = loaded.recipe, loaded.task
+    dataset = task.eval_dataset(recipe.data, recipe.seed, loaded.processor, split=split, limit=limit)
+    size = _eval_batch_size(recipe, batch_size)
+    collate = task.make_collator(loaded.processor, recipe.data)
     context = loaded.model.disable_adapter() if base else contextlib.nullcontext()
     with context:
         if loaded.id2label:
             report = evaluate(loaded.model, dataset, collate, _id2label(loaded), size)
         else:  # generative tasks: loss, perplexity (and BLEU where the task has it)
             report = evaluate_lm(loaded.model, dataset, collate, size)
-            bleu = getattr(loaded.task, "evaluate_bleu", None)
-            if bleu is not None:
-                report.update(bleu(loaded, split=split, limit=limit or 100))
+            if task.generation_metrics is not None:
+                report.update(task.generation_metrics(loaded.model, loaded.processor, recipe.data, recipe.seed,
+                                                      split=split, limit=limit or 100))
     report["split"] = split
     report["limit"] = limit
     report["variant"] = "base" if base else ("adapter" if adapter_dir is None else str(adapter_dir))
@@ -105,13 +104,12 @@ def eval_run(
 def verification_batch(loaded: Any, n: int):
     """(inputs, source): up to ``n`` collated validation rows, or the task's synthetic inputs
     (source "synthetic") when the data is not reachable."""
-    from lora_cli.tasks import task_collator
-
+    recipe, task = loaded.recipe, loaded.task
     try:
-        dataset = loaded.task.eval_dataset(loaded.recipe, loaded.processor, split="validation", limit=n)
+        dataset = task.eval_dataset(recipe.data, recipe.seed, loaded.processor, split="validation", limit=n)
         rows = [dataset[i] for i in range(min(n, len(dataset)))]
         if rows:
-            return task_collator(loaded.task, loaded.processor, loaded.recipe)(rows), "validation"
+            return task.make_collator(loaded.processor, recipe.data)(rows), "validation"
     except (LoraCliError, OSError, ValueError, KeyError, ImportError) as exc:
         logger.info("validation data not reachable (%s); using synthetic inputs", exc)
     return loaded.task.synthetic_batch(loaded.processor, n), "synthetic"
@@ -151,7 +149,7 @@ def load_predictor(run_dir: str | Path | None = None, model_dir: str | Path | No
     from lora_cli.inference.loading import load_run
 
     loaded = load_run(run_dir, device=device)
-    if loaded.recipe.task != "image-classification":
+    if loaded.task.KIND.inputs != "images":
         raise UserInputError(
             f"{run_dir} is a {loaded.recipe.task} run: give it text with --text (seq-cls, seq2seq) or --prompt "
             "(causal-lm) instead of image paths"
@@ -172,14 +170,16 @@ def predict_text(
     from lora_cli.inference.loading import load_run
 
     loaded = load_run(run_dir, device=device)
-    task = loaded.recipe.task
-    if task == "seq-cls":
-        labels = loaded.task.classify_text(loaded, texts, top_k=top_k)
+    task = loaded.task
+    if task.classify_text is not None:
+        labels = task.classify_text(loaded, texts, top_k=top_k)
         return [{"text": t, "top_k": row} for t, row in zip(texts, labels)]
-    if task in ("causal-lm", "seq2seq"):
+    if task.generate is not None:
         kwargs = {"temperature": temperature, "top_p": top_p}
         if max_new_tokens is not None:
             kwargs["max_new_tokens"] = max_new_tokens
-        outputs = loaded.task.generate(loaded, texts, **kwargs)
+        outputs = task.generate(loaded, texts, **kwargs)
         return [{"text": t, "generated": g} for t, g in zip(texts, outputs)]
-    raise UserInputError(f"--text/--prompt are for text runs; {run_dir} is a {task} run: pass image paths instead")
+    raise UserInputError(
+        f"--text/--prompt are for text runs; {run_dir} is a {task.KIND.name} run: pass image paths instead"
+    )

@@ -1,11 +1,17 @@
 """Recipes: YAML -> typed, validated :class:`Recipe` (extends, overrides, one error for all problems)."""
 
 from lora_cli.recipe.adapter import resolve_adapter_config
+from lora_cli.recipe.data import (
+    CausalLMData,
+    DataSection,
+    ImageData,
+    Seq2SeqData,
+    SeqClsData,
+)
 from lora_cli.recipe.errors import RecipeError, RecipeProblem
 from lora_cli.recipe.loader import load_recipe
 from lora_cli.recipe.schema import (
     AdapterSection,
-    DataSection,
     ModelSection,
     Recipe,
     dump_recipe_dict,
@@ -15,7 +21,11 @@ from lora_cli.recipe.training import optimizer_steps
 
 __all__ = [
     "AdapterSection",
+    "CausalLMData",
     "DataSection",
+    "ImageData",
+    "Seq2SeqData",
+    "SeqClsData",
     "ModelSection",
     "Recipe",
     "RecipeError",

@@ -16,18 +16,20 @@ from typing import Any
 from pydantic import ValidationError
 
 from lora_cli.recipe.adapter import check_adapter
+from lora_cli.recipe.data import (
+    DATA_PATHS,
+    DATA_SECTIONS,
+    DATA_SOURCES,
+    DataSection,
+    data_section_for,
+    without_flat_defaults,
+)
 from lora_cli.recipe.errors import Location, RecipeError, RecipeProblem, Reporter, did_you_mean
 from lora_cli.recipe.overrides import apply_overrides
-from lora_cli.recipe.schema import (
-    DATA_PATHS,
-    DATA_SOURCES,
-    TASKS,
-    DataSection,
-    ModelSection,
-    Recipe,
-)
+from lora_cli.recipe.schema import ModelSection, Recipe
 from lora_cli.recipe.training import check_training
 from lora_cli.recipe.yamlio import read_recipe_file
+from lora_cli.task_kinds import IMAGE_CLASSIFICATION, TASK_KINDS, TASKS, TEXT_TASKS
 
 MAX_EXTENDS = 16
 """Longest chain of ``extends:`` files (each file is also held to yamlio's limits)."""
@@ -115,8 +117,9 @@ def _validate(data: dict, report: Reporter) -> Recipe:
     training = check_training(data.get("training"), report)
     plain = {k: v for k, v in data.items() if k not in ("adapter", "training")}
     _absolute_paths(plain)
+    section = _validate_data(plain.get("data"), data.get("task"), report)
     try:
-        Recipe.model_validate(plain)
+        Recipe.model_validate({**plain, "data": section or DataSection.model_construct()} if "data" in plain else plain)
     except ValidationError as exc:
         for error in exc.errors():
             _pydantic_problem(error, report)
@@ -125,10 +128,26 @@ def _validate(data: dict, report: Reporter) -> Recipe:
     _check_sharding(data.get("training"), report)
     _check_adapter_with_training(adapter, data.get("training"), report)
     report.raise_if_any()
-    assert adapter is not None and training is not None
+    assert adapter is not None and training is not None and section is not None
     plain["adapter"] = {"method": adapter[0], "options": adapter[1]}
     plain["training"] = training
+    plain["data"] = section
     return Recipe.model_validate(plain)
+
+
+def _validate_data(raw: Any, task: Any, report: Reporter) -> DataSection | None:
+    """The task's own data section, problems reported at their lines (None when any)."""
+    if not isinstance(raw, dict):
+        return None  # missing or not a mapping: the Recipe model reports it
+    if task not in TASK_KINDS:
+        return None  # the task's problem is reported; its data keys cannot be judged
+    cls = data_section_for(task)
+    try:
+        return cls.model_validate(without_flat_defaults(raw, cls))
+    except ValidationError as exc:
+        for error in exc.errors():
+            _pydantic_problem({**error, "loc": ("data", *error["loc"])}, report, task=task)
+    return None
 
 
 def _check_finite(value: Any, path: tuple, report: Reporter) -> None:
@@ -170,28 +189,37 @@ _MESSAGES = {
 }
 
 
-def _pydantic_problem(error: dict, report: Reporter) -> None:
+def _pydantic_problem(error: dict, report: Reporter, task: str | None = None) -> None:
     loc = tuple(p for p in error["loc"] if not isinstance(p, int))
     kind = error["type"]
     value = error.get("input")
     message = _MESSAGES.get(kind)
     hint = None
     if kind == "extra_forbidden":
-        known = _fields_at(loc[:-1])
+        known = _fields_at(loc[:-1], task)
         hint = did_you_mean(loc[-1], known) or f"valid keys: {', '.join(known)}"
         if loc == ("extends",):
             hint = None
+        elif loc[:-1] == ("data",) and task is not None:
+            owners = [t for t, c in DATA_SECTIONS.items() if loc[-1] in c.model_fields]
+            if owners:  # a key of another task's data
+                message = f"is not a {task} data setting"
+                hint = f"it is for task {' / '.join(owners)}; remove it"
     elif kind == "missing":
         report.add(loc, "is required", hint=_missing_hint(loc))
         return
     elif kind == "literal_error":
-        choices = TASKS if loc == ("task",) else ("digits",)
+        choices = ("digits",)
         message = "must be one of " + ", ".join(repr(c) for c in choices)
         hint = did_you_mean(value, choices) if isinstance(value, str) else None
-    elif kind == "value_error":  # a schema rule (run name, output_dir): RuleError carries message and fix
+    elif kind == "value_error":  # a schema rule (run name, task, data columns): RuleError carries message and fix
         rule = (error.get("ctx") or {}).get("error")
         message = getattr(rule, "message", None) or str(rule or error["msg"])
         hint = getattr(rule, "hint", None)
+        field = getattr(rule, "field", None)
+        if field is not None:
+            loc = (*loc, field)
+            value = (value or {}).get(field) if isinstance(value, dict) else value
     elif kind in ("greater_than", "less_than", "greater_than_equal", "less_than_equal"):
         message = error["msg"].replace("Input should be", "must be")
         if loc == ("data", "val_split"):
@@ -210,13 +238,13 @@ def _missing_hint(loc: tuple) -> str | None:
     }.get(loc)
 
 
-def _fields_at(loc: tuple) -> list[str]:
+def _fields_at(loc: tuple, task: str | None = None) -> list[str]:
     if loc == ():
         return [*Recipe.model_fields]
     if loc == ("model",):
         return [*ModelSection.model_fields]
     if loc == ("data",):
-        return [*DataSection.model_fields]
+        return [*data_section_for(task).model_fields]
     return []
 
 
@@ -245,7 +273,7 @@ def _check_model(model: Any, task: Any, report: Reporter) -> None:
                     did_you_mean(model_type, known) or "e.g. vit, bert, gpt2, t5",
                 )
     processor = model.get("processor")
-    if processor and task in ("causal-lm", "seq-cls", "seq2seq"):
+    if processor and task in TEXT_TASKS:
         report.add(("model", "processor"), f"is for image models; task {task} uses a tokenizer", processor,
                    "remove it, or set model.tokenizer")
 
@@ -264,10 +292,10 @@ def _check_data(data: Any, task: Any, report: Reporter) -> None:
         report.add(("data", "validation_file"), "needs data.train_file too", data["validation_file"])
     if task not in TASKS:
         task = None
-    if data.get("builtin") is not None and task not in (None, "image-classification"):
+    if data.get("builtin") is not None and task not in (None, IMAGE_CLASSIFICATION):
         report.add(("data", "builtin"), "'digits' is an image dataset; it needs task image-classification",
                    data["builtin"])
-    if data.get("imagefolder") is not None and task not in (None, "image-classification"):
+    if data.get("imagefolder") is not None and task not in (None, IMAGE_CLASSIFICATION):
         report.add(("data", "imagefolder"), "needs task image-classification", data["imagefolder"])
     for key in DATA_PATHS:
         value = data.get(key)

@@ -16,8 +16,9 @@ from typing import Any
 
 import yaml
 
+from lora_cli.recipe.data import data_section_for
 from lora_cli.recipe.errors import Location, Reporter, did_you_mean
-from lora_cli.recipe.schema import DataSection, ModelSection, Recipe
+from lora_cli.recipe.schema import ModelSection, Recipe
 
 FREE_FORM = {("model", "config"), ("model", "processor")}
 
@@ -59,7 +60,7 @@ def _known_children(parent: tuple[str, ...], data: dict) -> list[str] | None:
     if parent == ("model",):
         return [*ModelSection.model_fields]
     if parent == ("data",):
-        return [*DataSection.model_fields]
+        return [*data_section_for(data.get("task")).model_fields]
     if parent == ("training",):
         from lora_cli.recipe.training import training_fields
 

@@ -10,15 +10,14 @@ from __future__ import annotations
 import copy
 import unicodedata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, field_validator
 
+from lora_cli.recipe.data import DataSection, RuleError
+from lora_cli.recipe.errors import did_you_mean
 from lora_cli.recipe.yamlio import dump
-
-Task = Literal["image-classification", "causal-lm", "seq-cls", "seq2seq"]
-TASKS: tuple[str, ...] = ("image-classification", "causal-lm", "seq-cls", "seq2seq")
-TEXT_TASKS = ("causal-lm", "seq-cls", "seq2seq")
+from lora_cli.task_kinds import TASK_KINDS, TASKS, TEXT_TASKS
 
 # Fields of the adapter config that loracli fills in itself.
 ADAPTER_BOOKKEEPING = ("task_type", "base_model_name_or_path", "revision", "inference_mode")
@@ -43,68 +42,6 @@ class ModelSection(_Section):
     """Text tasks: tokenizer path or hub id; defaults to name_or_path."""
 
 
-class DataSection(_Section):
-    """Where the examples come from (exactly one source) and which columns mean what."""
-
-    dataset: str | None = None
-    dataset_config: str | None = None
-    imagefolder: str | None = None
-    train_file: str | None = None
-    validation_file: str | None = None
-    builtin: Literal["digits"] | None = None
-    image_column: str = "image"
-    label_column: str = "label"
-    train_split: str = "train"
-    eval_split: str | None = "validation"
-    val_split: float = Field(0.1, gt=0, lt=1)
-    max_train_samples: int | None = Field(None, gt=0)
-    max_eval_samples: int | None = Field(None, gt=0)
-    augment: bool = True
-    """Image training augmentation (random resized crop + flip); off for data where a flip
-    changes the meaning (digits, text in images)."""
-    missing_labels: str = "error"
-    """Rows whose label is empty or missing (an empty CSV cell, a JSON null or absent key,
-    -1 in a dataset's class column): ``error`` stops with the file, row and column;
-    ``drop`` leaves those rows out with a warning that counts them."""
-    unknown_eval_labels: str = "error"
-    """Validation rows (or validation class folders) of a class the training data never
-    has: ``error`` stops and names the classes and where they are; ``drop`` leaves those
-    rows out with a warning that names the classes and counts the rows."""
-    bad_images: str = "error"
-    """Images that cannot be used (missing, empty, truncated, not an image, a possible
-    decompression bomb), found by a check of every training and validation image before
-    anything is written: ``error`` stops and lists the first few with their reasons;
-    ``skip`` leaves them out with a warning that counts them."""
-    text_column: str = "text"
-    text_pair_column: str | None = None
-    prompt_column: str | None = None
-    completion_column: str | None = None
-    completion_only_loss: bool = False
-    source_column: str | None = None
-    target_column: str | None = None
-    source_lang: str | None = None
-    target_lang: str | None = None
-    source_prefix: str | None = None
-    max_length: int = Field(512, gt=0)
-    max_target_length: int = Field(128, gt=0)
-
-    @field_validator("missing_labels", "unknown_eval_labels", "bad_images")
-    @classmethod
-    def _policy(cls, value: str, info) -> str:
-        """The data policies: ``error`` (the default) or the one way to go on."""
-        other = "skip" if info.field_name == "bad_images" else "drop"
-        if value not in ("error", other):
-            raise RuleError(
-                f"must be one of 'error', '{other}'",
-                f"error (the default) stops with a message; {other} leaves those rows out with a warning",
-            )
-        return value
-
-
-DATA_SOURCES = ("dataset", "imagefolder", "train_file", "builtin")
-DATA_PATHS = ("imagefolder", "train_file", "validation_file")
-
-
 class AdapterSection(_Section):
     """``method`` plus that method's config fields (PEFT's names), already validated.
 
@@ -126,15 +63,6 @@ class AdapterSection(_Section):
     def locations(self) -> dict:
         """{key path: Location} of the recipe's lines, to place problems found later."""
         return self._locations
-
-
-class RuleError(ValueError):
-    """A field value a rule refuses: the message and the fix (the loader shows both)."""
-
-    def __init__(self, message: str, hint: str | None = None):
-        super().__init__(message if hint is None else f"{message} ({hint})")
-        self.message = message
-        self.hint = hint
 
 
 RUN_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
@@ -184,16 +112,24 @@ class Recipe(_Section):
     """A fully resolved, validated recipe."""
 
     name: str = Field(min_length=1)
-    task: Task
+    task: str
     output_dir: str | None = None
     seed: int = 42
     model: ModelSection
-    data: DataSection
+    data: SerializeAsAny[DataSection]
+    """The task's own data section (``recipe.data.data_section_for(task)``), set by the loader."""
     adapter: AdapterSection = Field(default_factory=AdapterSection)
     training: dict[str, Any] = Field(default_factory=dict)
 
     _source: Path | None = PrivateAttr(default=None)
     _locations: dict = PrivateAttr(default_factory=dict)
+
+    @field_validator("task")
+    @classmethod
+    def _task(cls, value: str) -> str:
+        if value not in TASK_KINDS:
+            raise RuleError(f"must be one of {', '.join(repr(t) for t in TASKS)}", did_you_mean(value, TASKS))
+        return value
 
     @field_validator("name")
     @classmethod

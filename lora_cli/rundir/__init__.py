@@ -39,7 +39,6 @@ from lora_cli.rundir.layout import (
     BASE_MODEL_DIR,
     CHECKPOINT_PREFIX,
     CHECKPOINTS_DIR,
-    CLASSIFICATION_TASKS,
     ENV_FILE,
     EVAL_FILE,
     LABEL_MAP_FILE,
@@ -59,7 +58,7 @@ from lora_cli.rundir.layout import (
 )
 
 __all__ = [
-    "ADAPTER_DIR", "BASE_MODEL_DIR", "CHECKPOINTS_DIR", "CHECKPOINT_PREFIX", "CLASSIFICATION_TASKS", "ENV_FILE",
+    "ADAPTER_DIR", "BASE_MODEL_DIR", "CHECKPOINTS_DIR", "CHECKPOINT_PREFIX", "ENV_FILE",
     "EVAL_FILE", "LABEL_MAP_FILE", "LOCK_FILE", "METRICS_FILE", "PLOTS_DIR", "PROCESSOR_DIR", "RECIPE_FILE",
     "STAGING_DIR", "STATUS_FILE", "RunInUseError", "RunLock", "check_replaceable", "checkpoint_problem",
     "checkpoints", "clear_run_dir", "environment", "find_run_below", "holds_protected", "is_run_dir",

@@ -93,10 +93,6 @@ def read_label_map(directory: Path) -> dict[int, str] | None:
 
 
 
-CLASSIFICATION_TASKS = ("image-classification", "seq-cls")
-"""Tasks whose runs need a label map to build their head."""
-
-
 def read_status(run_dir: Path) -> dict[str, Any]:
     try:
         data = json.loads((run_dir / STATUS_FILE).read_text(encoding="utf-8"))

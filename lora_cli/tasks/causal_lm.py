@@ -19,48 +19,34 @@ import torch
 
 from lora_cli.devices import model_device
 from lora_cli.errors import UserInputError
+from lora_cli.recipe import CausalLMData, ModelSection
+from lora_cli.task_kinds import CAUSAL_LM, TASK_KINDS
 from lora_cli.tasks import data as data_mod
 from lora_cli.tasks import text_common as tc
 from lora_cli.tasks.text_common import load_processor, make_collator, synthetic_batch  # noqa: F401 - the task interface
 
-NAME = "causal-lm"
-PEFT_TASK_TYPE = "CAUSAL_LM"
+KIND = TASK_KINDS[CAUSAL_LM]
+generation_metrics = None
+classify_text = None
 
 
 # ------------------------------------------------------------------------- data
-def _columns(recipe) -> dict[str, str | None]:
-    data = recipe.data
-    if (data.prompt_column is None) != (data.completion_column is None):
-        raise UserInputError(
-            "data.prompt_column and data.completion_column go together: set both (prompt/completion pairs) "
-            "or neither (plain text from data.text_column)"
-        )
-    if data.prompt_column:
-        return {"data.prompt_column": data.prompt_column, "data.completion_column": data.completion_column}
-    if data.completion_only_loss:
-        raise UserInputError(
-            "data.completion_only_loss needs prompt/completion data: set data.prompt_column and data.completion_column"
-        )
-    return {"data.text_column": data.text_column}
+def load_raw(data: CausalLMData, seed: int) -> tuple[data_mod.Splits, None]:
+    return tc.load_splits(data, seed, data.columns()), None
 
 
-def load_raw(recipe) -> tuple[data_mod.Splits, None]:
-    return tc.load_splits(recipe, _columns(recipe)), None
-
-
-def build_model(recipe, labels=None, source=None):
+def build_model(model: ModelSection, labels=None, source=None):
     from transformers import AutoModelForCausalLM
 
-    return tc.build_model(recipe, AutoModelForCausalLM, source)
+    return tc.build_model(model, AutoModelForCausalLM, source)
 
 
 def heads(model) -> list[str]:
     return []
 
 
-def encode(row: dict[str, Any], tokenizer, recipe) -> dict[str, list[int]]:
+def encode(row: dict[str, Any], tokenizer, data: CausalLMData) -> dict[str, list[int]]:
     """One row -> input_ids and labels (-100 on the prompt with completion_only_loss)."""
-    data = recipe.data
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if data.prompt_column:
         prompt = tokenizer(str(row[data.prompt_column]))["input_ids"]
@@ -77,16 +63,16 @@ def encode(row: dict[str, Any], tokenizer, recipe) -> dict[str, list[int]]:
     return {"input_ids": ids, "labels": list(ids)}
 
 
-def _tokenize(ds, tokenizer, recipe):
-    out = tc.tokenize_map(ds, lambda row: encode(row, tokenizer, recipe), desc="tokenizing")
+def _tokenize(ds, tokenizer, data: CausalLMData):
+    out = tc.tokenize_map(ds, lambda row: encode(row, tokenizer, data), desc="tokenizing")
     return out.filter(lambda row: any(v != tc.IGNORE_INDEX for v in row["labels"][1:]), desc="dropping rows with no target")
 
 
-def prepare(splits: data_mod.Splits, processor, recipe):
-    train, eval_ds = _tokenize(splits.train, processor, recipe), _tokenize(splits.eval, processor, recipe)
+def prepare(splits: data_mod.Splits, processor, data: CausalLMData, seed: int):
+    train, eval_ds = _tokenize(splits.train, processor, data), _tokenize(splits.eval, processor, data)
     if len(train) == 0:
         raise UserInputError(
-            f"data: no training row has a token to learn (data.max_length={recipe.data.max_length} "
+            f"data: no training row has a token to learn (data.max_length={data.max_length} "
             "may cut every completion off); raise data.max_length or shorten the prompts"
         )
     return train, eval_ds
@@ -121,10 +107,10 @@ def compute_metrics(eval_pred) -> dict[str, float]:
     return {"perplexity": math.exp(min(mean, 700.0)), "token_nll": mean}
 
 
-def eval_dataset(recipe, processor, split: str = "validation", limit: int | None = None):
-    splits, _ = load_raw(recipe)
+def eval_dataset(data: CausalLMData, seed: int, processor, split: str = "validation", limit: int | None = None):
+    splits, _ = load_raw(data, seed)
     ds = splits.train if split == "train" else splits.eval
-    return _tokenize(data_mod.limit(ds, limit, recipe.seed), processor, recipe)
+    return _tokenize(data_mod.limit(ds, limit, seed), processor, data)
 
 
 # ------------------------------------------------------------------ predict

@@ -8,8 +8,8 @@ padded with -100; the model derives its decoder inputs from them.
 
 Metrics. The Trainer's evaluation reports eval_loss and teacher-forced token accuracy,
 which cost one forward pass. BLEU needs generation, which is slow, so it is computed once
-at the end of training on a few validation rows (:func:`final_metrics`, ``eval_bleu`` in
-eval.json) and by :func:`evaluate_bleu` for `loracli eval`, not at every evaluation step.
+at the end of training on a few validation rows (:func:`generation_metrics`, ``eval_bleu`` in
+eval.json) and once by `loracli eval`, not at every evaluation step.
 """
 
 from __future__ import annotations
@@ -22,16 +22,18 @@ import torch
 
 from lora_cli.devices import model_device
 from lora_cli.errors import UserInputError
+from lora_cli.recipe import ModelSection, Seq2SeqData
+from lora_cli.recipe.data import TRANSLATION_COLUMN
+from lora_cli.task_kinds import SEQ2SEQ, TASK_KINDS
 from lora_cli.tasks import data as data_mod
 from lora_cli.tasks import text_common as tc
 from lora_cli.tasks.text_common import load_processor, make_collator  # noqa: F401 - the task interface
 
 logger = logging.getLogger(__name__)
 
-NAME = "seq2seq"
-PEFT_TASK_TYPE = "SEQ_2_SEQ_LM"
-TRANSLATION_COLUMN = "translation"
+KIND = TASK_KINDS[SEQ2SEQ]
 BLEU_ROWS = 32  # rows generated for the end-of-training BLEU
+
 LANGUAGES = {
     "de": "German", "en": "English", "fr": "French", "ro": "Romanian", "cs": "Czech", "ru": "Russian",
     "fi": "Finnish", "tr": "Turkish", "es": "Spanish", "it": "Italian", "nl": "Dutch", "pt": "Portuguese",
@@ -40,34 +42,18 @@ LANGUAGES = {
 
 
 # ------------------------------------------------------------------------- data
-def _mode(recipe) -> str:
-    data = recipe.data
-    if data.source_column or data.target_column:
-        if not (data.source_column and data.target_column):
-            raise UserInputError("data.source_column and data.target_column go together: set both")
-        return "columns"
-    if data.source_lang and data.target_lang:
-        return "translation"
-    raise UserInputError(
-        "data: seq2seq needs data.source_column + data.target_column, or data.source_lang + data.target_lang "
-        f"for rows with a {TRANSLATION_COLUMN!r} column of {{lang: text}} records (WMT16 style)"
-    )
-
-
-def source_prefix(recipe) -> str:
-    data = recipe.data
+def source_prefix(data: Seq2SeqData) -> str:
     if data.source_prefix is not None:
         return data.source_prefix
-    if _mode(recipe) == "translation":
+    if data.mode == "translation":
         src = LANGUAGES.get(data.source_lang, data.source_lang)
         tgt = LANGUAGES.get(data.target_lang, data.target_lang)
         return f"translate {src} to {tgt}: "
     return ""
 
 
-def pairs(row: dict[str, Any], recipe) -> tuple[str, str]:
-    data = recipe.data
-    if _mode(recipe) == "columns":
+def pairs(row: dict[str, Any], data: Seq2SeqData) -> tuple[str, str]:
+    if data.mode == "columns":
         return str(row[data.source_column]), str(row[data.target_column])
     record = row[TRANSLATION_COLUMN]
     missing = [lang for lang in (data.source_lang, data.target_lang) if lang not in record]
@@ -79,30 +65,25 @@ def pairs(row: dict[str, Any], recipe) -> tuple[str, str]:
     return str(record[data.source_lang]), str(record[data.target_lang])
 
 
-def load_raw(recipe) -> tuple[data_mod.Splits, None]:
-    data = recipe.data
-    if _mode(recipe) == "columns":
-        columns = {"data.source_column": data.source_column, "data.target_column": data.target_column}
-    else:
-        columns = {"data.source_lang (needs a translation column)": TRANSLATION_COLUMN}
-    return tc.load_splits(recipe, columns), None
+def load_raw(data: Seq2SeqData, seed: int) -> tuple[data_mod.Splits, None]:
+    return tc.load_splits(data, seed, data.columns()), None
 
 
-def build_model(recipe, labels=None, source=None):
+def build_model(model: ModelSection, labels=None, source=None):
     from transformers import AutoModelForSeq2SeqLM
 
-    return tc.build_model(recipe, AutoModelForSeq2SeqLM, source)
+    return tc.build_model(model, AutoModelForSeq2SeqLM, source)
 
 
 def heads(model) -> list[str]:
     return []
 
 
-def _tokenize(ds, tokenizer, recipe):
-    data, prefix = recipe.data, source_prefix(recipe)
+def _tokenize(ds, tokenizer, data: Seq2SeqData):
+    prefix = source_prefix(data)
 
     def encode(row: dict[str, Any]) -> dict[str, list[int]]:
-        src, tgt = pairs(row, recipe)
+        src, tgt = pairs(row, data)
         ids = tokenizer(prefix + src, truncation=True, max_length=data.max_length)["input_ids"]
         labels = tokenizer(text_target=tgt, truncation=True, max_length=data.max_target_length)["input_ids"]
         return {"input_ids": ids, "labels": labels}
@@ -110,8 +91,8 @@ def _tokenize(ds, tokenizer, recipe):
     return tc.tokenize_map(ds, encode, desc="tokenizing")
 
 
-def prepare(splits: data_mod.Splits, processor, recipe):
-    return _tokenize(splits.train, processor, recipe), _tokenize(splits.eval, processor, recipe)
+def prepare(splits: data_mod.Splits, processor, data: Seq2SeqData, seed: int):
+    return _tokenize(splits.train, processor, data), _tokenize(splits.eval, processor, data)
 
 
 # ------------------------------------------------------------------ metrics
@@ -137,10 +118,10 @@ def compute_metrics(eval_pred) -> dict[str, float]:
     return {"token_accuracy": float((preds[mask] == labels[mask]).mean()) if mask.any() else 0.0}
 
 
-def eval_dataset(recipe, processor, split: str = "validation", limit: int | None = None):
-    splits, _ = load_raw(recipe)
+def eval_dataset(data: Seq2SeqData, seed: int, processor, split: str = "validation", limit: int | None = None):
+    splits, _ = load_raw(data, seed)
     ds = splits.train if split == "train" else splits.eval
-    return _tokenize(data_mod.limit(ds, limit, recipe.seed), processor, recipe)
+    return _tokenize(data_mod.limit(ds, limit, seed), processor, data)
 
 
 def synthetic_batch(processor, n: int = 4) -> dict[str, torch.Tensor]:
@@ -169,43 +150,46 @@ def generate(run, text: str | list[str], max_new_tokens: int = 128,
              temperature: float | None = None, top_p: float | None = None) -> str | list[str]:
     """The run's output for ``text`` (the recipe's source prefix is added). Greedy by default."""
     texts = [text] if isinstance(text, str) else list(text)
-    prefix = source_prefix(run.recipe)
+    prefix = source_prefix(run.recipe.data)
     out = generate_texts(run.model, run.processor, [prefix + t for t in texts], max_new_tokens,
                          temperature, top_p, max_length=run.recipe.data.max_length)
     return out[0] if isinstance(text, str) else out
 
 
-def bleu(model, tokenizer, recipe, rows, max_new_tokens: int | None = None) -> dict[str, float]:
+def bleu(model, tokenizer, data: Seq2SeqData, rows, max_new_tokens: int | None = None) -> dict[str, float]:
     """sacreBLEU of greedy outputs for raw ``rows`` against their targets."""
     import sacrebleu
 
-    prefix = source_prefix(recipe)
-    sources, refs = zip(*(pairs(row, recipe) for row in rows)) if len(rows) else ((), ())
+    prefix = source_prefix(data)
+    sources, refs = zip(*(pairs(row, data) for row in rows)) if len(rows) else ((), ())
     if not sources:
         return {}
     hyps = generate_texts(model, tokenizer, [prefix + s for s in sources],
-                          max_new_tokens or recipe.data.max_target_length, max_length=recipe.data.max_length)
+                          max_new_tokens or data.max_target_length, max_length=data.max_length)
     return {"bleu": float(sacrebleu.corpus_bleu(hyps, [list(refs)]).score), "bleu_rows": len(hyps)}
 
 
-def _raw_rows(recipe, split: str, limit: int | None):
-    splits, _ = load_raw(recipe)
+def _raw_rows(data: Seq2SeqData, seed: int, split: str, limit: int | None):
+    splits, _ = load_raw(data, seed)
     ds = splits.train if split == "train" else splits.eval
-    ds = data_mod.limit(ds, limit, recipe.seed)
+    ds = data_mod.limit(ds, limit, seed)
     return [ds[i] for i in range(len(ds))]
 
 
-def evaluate_bleu(run, split: str = "validation", limit: int | None = 100) -> dict[str, float]:
-    """BLEU of the run's greedy outputs on ``limit`` rows of ``split`` (for `loracli eval`)."""
-    return bleu(run.model, run.processor, run.recipe, _raw_rows(run.recipe, split, limit))
-
-
-def final_metrics(model, processor, recipe, eval_ds=None) -> dict[str, float]:
-    """Extra end-of-training metrics: BLEU on up to BLEU_ROWS validation rows, prefixed eval_."""
+def generation_metrics(model, processor, data: Seq2SeqData, seed: int, split: str = "validation",
+                       limit: int | None = BLEU_ROWS) -> dict[str, float]:
+    """BLEU of greedy outputs on ``limit`` rows of ``split`` (``train`` runs it once at the end)."""
     was_training = model.training
     model.eval()
     try:
-        scores = bleu(model, processor, recipe, _raw_rows(recipe, "validation", BLEU_ROWS))
+        return bleu(model, processor, data, _raw_rows(data, seed, split, limit))
     finally:
         model.train(was_training)
-    return {f"eval_{k}": v for k, v in scores.items()}
+
+
+def evaluate_bleu(run, split: str = "validation", limit: int | None = 100) -> dict[str, float]:
+    """BLEU of a loaded run's greedy outputs on ``limit`` rows of ``split``."""
+    return generation_metrics(run.model, run.processor, run.recipe.data, run.recipe.seed, split, limit)
+
+
+classify_text = None

@@ -18,47 +18,47 @@ import torch
 
 from lora_cli.devices import model_device
 from lora_cli.errors import UserInputError
+from lora_cli.hf_names import classification_heads
+from lora_cli.recipe import ModelSection, SeqClsData
+from lora_cli.task_kinds import SEQ_CLS, TASK_KINDS
 from lora_cli.tasks import data as data_mod
 from lora_cli.tasks import text_common as tc
 from lora_cli.tasks.text_common import load_processor, make_collator, synthetic_batch  # noqa: F401 - the task interface
 
-NAME = "seq-cls"
-PEFT_TASK_TYPE = "SEQ_CLS"
-# Top-level heads of transformers' *ForSequenceClassification models.
-HEAD_NAMES = ("classifier", "score", "classification_head", "pre_classifier")
+KIND = TASK_KINDS[SEQ_CLS]
+generation_metrics = None
+generate = None
+preprocess_logits_for_metrics = None
 
 
 # ------------------------------------------------------------------------- data
-def load_raw(recipe) -> tuple[data_mod.Splits, list[str]]:
-    data = recipe.data
+def load_raw(data: SeqClsData, seed: int) -> tuple[data_mod.Splits, list[str]]:
     columns = {"data.text_column": data.text_column, "data.label_column": data.label_column}
     if data.text_pair_column:
         columns["data.text_pair_column"] = data.text_pair_column
-    splits = tc.load_splits(recipe, columns, stratify=data.label_column)
+    splits = tc.load_splits(data, seed, columns, stratify=data.label_column)
     labels = data_mod.encode_labels(splits, data.label_column)
     return splits, labels
 
 
-def build_model(recipe, labels: list[str] | None, source=None):
+def build_model(model: ModelSection, labels: list[str] | None, source=None):
     from transformers import AutoModelForSequenceClassification
 
     if not labels:
         raise UserInputError("seq-cls needs the label names (adapter/label_map.json is missing from the run)")
     id2label = dict(enumerate(labels))
     kwargs: dict[str, Any] = {"num_labels": len(labels), "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
-    if recipe.model.name_or_path and not source:
+    if model.name_or_path and not source:
         kwargs["ignore_mismatched_sizes"] = True  # a pretrained head with other classes is replaced
-    return tc.build_model(recipe, AutoModelForSequenceClassification, source, **kwargs)
+    return tc.build_model(model, AutoModelForSequenceClassification, source, **kwargs)
 
 
 def heads(model) -> list[str]:
     """The new classification head(s): trained in full and saved beside the adapter."""
-    return [name for name, _ in model.named_children() if name in HEAD_NAMES]
+    return classification_heads(model)
 
 
-def _tokenize(ds, tokenizer, recipe):
-    data = recipe.data
-
+def _tokenize(ds, tokenizer, data: SeqClsData):
     def encode(row: dict[str, Any]) -> dict[str, Any]:
         pair = str(row[data.text_pair_column]) if data.text_pair_column else None
         enc = tokenizer(str(row[data.text_column]), pair, truncation=True, max_length=data.max_length)
@@ -70,8 +70,8 @@ def _tokenize(ds, tokenizer, recipe):
     return tc.tokenize_map(ds, encode, desc="tokenizing")
 
 
-def prepare(splits: data_mod.Splits, processor, recipe):
-    return _tokenize(splits.train, processor, recipe), _tokenize(splits.eval, processor, recipe)
+def prepare(splits: data_mod.Splits, processor, data: SeqClsData, seed: int):
+    return _tokenize(splits.train, processor, data), _tokenize(splits.eval, processor, data)
 
 
 # ------------------------------------------------------------------ metrics
@@ -89,10 +89,10 @@ def compute_metrics(eval_pred) -> dict[str, float]:
     }
 
 
-def eval_dataset(recipe, processor, split: str = "validation", limit: int | None = None):
-    splits, _ = load_raw(recipe)
+def eval_dataset(data: SeqClsData, seed: int, processor, split: str = "validation", limit: int | None = None):
+    splits, _ = load_raw(data, seed)
     ds = splits.train if split == "train" else splits.eval
-    return _tokenize(data_mod.limit(ds, limit, recipe.seed), processor, recipe)
+    return _tokenize(data_mod.limit(ds, limit, seed), processor, data)
 
 
 # ------------------------------------------------------------------ predict

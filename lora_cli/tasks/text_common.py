@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 
 from lora_cli.errors import UserInputError
 from lora_cli.hub import require_hub
+from lora_cli.recipe import DataSection, ModelSection
 from lora_cli.tasks import data as data_mod
 
 logger = logging.getLogger(__name__)
@@ -58,8 +58,8 @@ def resolve_path(value: str | Path, key: str) -> str:
     return str(folder)
 
 
-def model_path(recipe, source: str | Path | None = None) -> str | None:
-    path = source or recipe.model.name_or_path
+def model_path(model: ModelSection, source: str | Path | None = None) -> str | None:
+    path = source or model.name_or_path
     if not path:
         return None
     resolved = resolve_path(path, "model.name_or_path")
@@ -68,29 +68,29 @@ def model_path(recipe, source: str | Path | None = None) -> str | None:
 
 
 # ---------------------------------------------------------------- tokenizer
-def load_tokenizer(recipe, source: str | Path | None = None):
-    """The recipe's tokenizer (model.tokenizer, else model.name_or_path), or the run's saved one.
+def load_tokenizer(model: ModelSection, source: str | Path | None = None):
+    """The model section's tokenizer (model.tokenizer, else model.name_or_path), or the run's saved one.
 
     Tokenizers without a pad token (GPT-2, DialoGPT) pad with their end-of-sequence token:
     padded positions are masked out of attention and loss either way.
     """
     from transformers import AutoTokenizer
 
-    path = source or recipe.model.tokenizer or recipe.model.name_or_path
+    path = source or model.tokenizer or model.name_or_path
     if not path:
         raise UserInputError(
             "model.tokenizer: a text model built from model.config needs a tokenizer; "
             "set model.tokenizer to a tokenizer folder (or hub id), e.g. one saved with save_pretrained"
         )
-    own = recipe.model.tokenizer and recipe.model.tokenizer != recipe.model.name_or_path
+    own = model.tokenizer and model.tokenizer != model.name_or_path
     key = "model.tokenizer" if own and not source else "model.name_or_path"
     resolved = resolve_path(path, key)
     require_hub(resolved, key, local_hint=MODEL_HINT)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             resolved,
-            revision=None if source else recipe.model.revision,
-            trust_remote_code=recipe.model.trust_remote_code,
+            revision=None if source else model.revision,
+            trust_remote_code=model.trust_remote_code,
         )
     except (OSError, ValueError) as exc:
         raise UserInputError(f"{key}: could not load a tokenizer from {resolved!r}: {exc}") from exc
@@ -106,10 +106,9 @@ def load_tokenizer(recipe, source: str | Path | None = None):
 
 
 # -------------------------------------------------------------------- model
-def build_model(recipe, auto_cls, source: str | Path | None = None, **kwargs: Any):
+def build_model(model_cfg: ModelSection, auto_cls, source: str | Path | None = None, **kwargs: Any):
     """``auto_cls`` (an ``AutoModelFor...``) from a pretrained path, the run's base_model/, or model.config."""
-    model_cfg = recipe.model
-    path = model_path(recipe, source)
+    path = model_path(model_cfg, source)
     if path:
         try:
             model = auto_cls.from_pretrained(
@@ -121,20 +120,19 @@ def build_model(recipe, auto_cls, source: str | Path | None = None, **kwargs: An
         except ValueError as exc:
             raise UserInputError(f"model.name_or_path: {path!r} cannot be loaded as {auto_cls.__name__}: {exc}") from exc
     else:
-        model = auto_cls.from_config(_config_from_recipe(recipe, **kwargs))
-    _sync_pad_token(model, recipe)
-    warn_fan_in_fan_out(recipe, model)
+        model = auto_cls.from_config(_config_from_section(model_cfg, **kwargs))
+    _sync_pad_token(model, model_cfg)
     return model
 
 
-def _config_from_recipe(recipe, **kwargs: Any):
+def _config_from_section(model_cfg: ModelSection, **kwargs: Any):
     from transformers import AutoConfig
 
-    cfg = dict(recipe.model.config or {})
+    cfg = dict(model_cfg.config or {})
     model_type = cfg.pop("model_type", None)
     if not model_type:
         raise UserInputError("model.config: needs a model_type (e.g. gpt2, opt, bert, t5)")
-    tokenizer = load_tokenizer(recipe)
+    tokenizer = load_tokenizer(model_cfg)
     vocab = len(tokenizer)
     if "vocab_size" in cfg and int(cfg["vocab_size"]) < vocab:
         raise UserInputError(
@@ -153,41 +151,29 @@ def _config_from_recipe(recipe, **kwargs: Any):
     return config
 
 
-def _sync_pad_token(model, recipe) -> None:
+def _sync_pad_token(model, model_cfg: ModelSection) -> None:
     """Pretrained models whose config has no pad id (GPT-2) get the tokenizer's."""
     if getattr(model.config, "pad_token_id", None) is None:
-        tokenizer = load_tokenizer(recipe)
+        tokenizer = load_tokenizer(model_cfg)
         model.config.pad_token_id = tokenizer.pad_token_id
         generation = getattr(model, "generation_config", None)
         if generation is not None and generation.pad_token_id is None:
             generation.pad_token_id = tokenizer.pad_token_id
 
 
-def warn_fan_in_fan_out(recipe, model) -> None:
-    """fan_in_fan_out describes GPT-2's Conv1D, which the engine detects by itself; elsewhere it is wrong."""
-    if not recipe.adapter.options.get("fan_in_fan_out"):
-        return
-    if not any(type(m).__name__ == "Conv1D" for m in model.modules()):
-        warnings.warn(
-            f"adapter.fan_in_fan_out: true is for models with GPT-2-style Conv1D layers; "
-            f"{type(model).__name__} has none, so it is ignored (set it to false)",
-            stacklevel=3,
-        )
-
-
 # --------------------------------------------------------------------- data
-def load_splits(recipe, columns: dict[str, str | None], stratify: str | None = None) -> data_mod.Splits:
+def load_splits(data: DataSection, seed: int, columns: dict[str, str | None],
+                stratify: str | None = None) -> data_mod.Splits:
     """Train/eval splits from data.train_file (CSV/JSON/JSONL) or data.dataset, columns checked."""
-    data = recipe.data
     if data.train_file:
         available = data_mod.load_file_splits(data)
     elif data.dataset:
         available = data_mod.load_hub_splits(data)
     else:
-        raise UserInputError(f"data: task {recipe.task} reads text; set data.train_file (CSV/JSON/JSONL) or data.dataset")
+        raise UserInputError(f"data: task {data.TASK} reads text; set data.train_file (CSV/JSON/JSONL) or data.dataset")
     for ds in available.values():
         data_mod.require_columns(ds, columns)
-    return data_mod.choose_splits(available, data, recipe.seed, stratify=stratify)
+    return data_mod.choose_splits(available, data, seed, stratify=stratify)
 
 
 def tokenize_map(ds, fn, desc: str):
@@ -241,12 +227,12 @@ def sampling_kwargs(max_new_tokens: int, temperature: float | None, top_p: float
 # ------------------------------------------------------------- task interface pieces
 # Shared by the text task modules, which re-export them as their own.
 
-def load_processor(recipe, source: str | Path | None = None):
+def load_processor(model: ModelSection, source: str | Path | None = None):
     """The task's processor is its tokenizer."""
-    return load_tokenizer(recipe, source)
+    return load_tokenizer(model, source)
 
 
-def make_collator(processor, recipe=None):
+def make_collator(processor, data: DataSection | None = None):
     """Pads a batch of token-id rows with the tokenizer's pad id (labels with -100)."""
     pad_id = processor.pad_token_id
 

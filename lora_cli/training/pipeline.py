@@ -29,7 +29,7 @@ from lora_cli.evaluation.plots import plot_training_curves
 from lora_cli.evaluation.report import evaluate, write_report
 from lora_cli.recipe import load_recipe, optimizer_steps, resolve_adapter_config
 from lora_cli.safe_text import terminal_text
-from lora_cli.tasks import get_task, task_collator
+from lora_cli.tasks import get_task
 from lora_cli.tasks.defaults import default_target_modules
 from lora_cli.training import distributed
 from lora_cli.training.callbacks import (
@@ -68,10 +68,10 @@ def run_training(
             raise UserInputError(f"--resume: no checkpoint in {run_dir / rd.CHECKPOINTS_DIR}; train without --resume")
     set_seed(recipe.seed)
 
-    processor = task.load_processor(recipe)
-    splits, labels = task.load_raw(recipe)
+    processor = task.load_processor(recipe.model)
+    splits, labels = task.load_raw(recipe.data, recipe.seed)
     set_seed(recipe.seed)
-    model = task.build_model(recipe, labels)
+    model = task.build_model(recipe.model, labels)
     base_state = _snapshot_if_random(recipe, model)
 
     # optimizer steps -> adapter config -> training arguments: each needs the one before
@@ -81,12 +81,12 @@ def run_training(
         total_step=total_step,
         targets=default_target_modules(model),
         heads=task.heads(model),
-        task_type=task.PEFT_TASK_TYPE,
+        task_type=task.KIND.peft_task_type,
         base_model=recipe.model.name_or_path,
     )
     args = training_arguments(recipe, run_dir, adapter_config, model)
     model = get_adapter_model(model, adapter_config)
-    train_ds, eval_ds = task.prepare(splits, processor, recipe)
+    train_ds, eval_ds = task.prepare(splits, processor, recipe.data, recipe.seed)
 
     if dry_run:
         _print_dry_run(recipe, model, len(splits.train), len(splits.eval), labels)
@@ -146,9 +146,9 @@ def _train_and_save(recipe, task, model, args, train_ds, eval_ds, processor, lab
         raise
 
     metrics = trainer.evaluate()
-    final_metrics = getattr(task, "final_metrics", None)  # e.g. seq2seq BLEU: generation, once at the end
-    if final_metrics is not None:
-        metrics.update(final_metrics(model, processor, recipe, eval_ds))
+    if task.generation_metrics is not None:  # e.g. seq2seq BLEU: generation, once at the end
+        scores = task.generation_metrics(model, processor, recipe.data, recipe.seed)
+        metrics.update({f"eval_{k}": v for k, v in scores.items()})
     adapter_dir = run_dir / rd.ADAPTER_DIR
     full_state = distributed.sharded_adapter_state(trainer)  # collective: FSDP / ZeRO-3 shards gathered
     report = None
@@ -176,8 +176,7 @@ def _protected_paths(recipe, recipe_path) -> list[Path]:
     paths = [Path(recipe_path)]
     if recipe.source is not None:
         paths.append(recipe.source)
-    data = recipe.data
-    paths += [Path(p) for p in (data.imagefolder, data.train_file, data.validation_file) if p]
+    paths += [Path(p) for p in recipe.data.local_paths()]
     for name in (recipe.model.name_or_path, recipe.model.tokenizer):
         if name and Path(name).expanduser().exists():
             paths.append(Path(name))
@@ -307,16 +306,16 @@ def build_trainer(recipe, task, model, args, train_ds, eval_ds, processor, run_d
         callbacks.append(AdaLoraCallback(model))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     samples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
-    callbacks.append(RichProgressCallback(console, samples_per_step, unit="images" if recipe.task == "image-classification" else "samples"))
+    callbacks.append(RichProgressCallback(console, samples_per_step, unit=task.KIND.unit))
     callbacks += list(extra_callbacks)
     trainer = AdapterTrainer(
         model=model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        data_collator=task_collator(task, processor, recipe),
+        data_collator=task.make_collator(processor, recipe.data),
         compute_metrics=task.compute_metrics,
-        preprocess_logits_for_metrics=getattr(task, "preprocess_logits_for_metrics", None),
+        preprocess_logits_for_metrics=task.preprocess_logits_for_metrics,
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)

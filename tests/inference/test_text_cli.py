@@ -97,8 +97,8 @@ def test_merge_writes_a_plain_transformers_folder_with_equal_logits(monkeypatch,
     assert code == 0, err
     assert "verified on" in err and "validation" in err
     run = load_run(runs[task], device="cpu")
-    ds = run.task.eval_dataset(run.recipe, run.processor, limit=4)
-    batch = run.task.make_collator(run.processor, run.recipe)([ds[i] for i in range(len(ds))])
+    ds = run.task.eval_dataset(run.recipe.data, run.recipe.seed, run.processor, limit=4)
+    batch = run.task.make_collator(run.processor, run.recipe.data)([ds[i] for i in range(len(ds))])
     merged = getattr(transformers, auto).from_pretrained(out_dir).eval()
     torch.testing.assert_close(logits_of(merged, batch), logits_of(run.model, batch), atol=1e-4, rtol=1e-4)
     assert (out_dir / "tokenizer_config.json").is_file()

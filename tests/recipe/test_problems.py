@@ -290,3 +290,18 @@ def test_sharding_settings(write, monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
     got = bad(write, "  num_train_epochs: 1", "  num_train_epochs: 1\n  deepspeed: {zero_optimization: {stage: 3}}")
     assert any("needs the deepspeed package" in p and "pip install deepspeed" in p for p in got), got
+
+
+def test_a_key_of_another_tasks_data_is_named_with_its_task(write):
+    (line,) = problems_of(write(VALID.replace("  val_split: 0.2", "  val_split: 0.2\n  prompt_column: q")))
+    assert line.startswith("recipe.yaml:15: data.prompt_column: is not a image-classification data setting")
+    assert "it is for task causal-lm" in line
+
+
+def test_run_recipes_of_the_flat_data_section_still_load(write):
+    """recipe.yaml of runs from the single flat data section lists every task's keys at their defaults."""
+    flat = "  text_column: text\n  max_length: 512\n  max_target_length: 128\n  completion_only_loss: false\n"
+    recipe = load_recipe(write(VALID.replace("  val_split: 0.2", "  val_split: 0.2\n" + flat)))
+    assert recipe == load_recipe(write(VALID, "plain.yaml"))
+    with pytest.raises(RecipeError, match="data.max_length: is not a image-classification data setting"):
+        load_recipe(write(VALID.replace("  val_split: 0.2", "  val_split: 0.2\n  max_length: 64"), "changed.yaml"))

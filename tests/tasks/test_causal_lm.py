@@ -9,10 +9,12 @@ import warnings
 import pytest
 import torch
 
+from lora_cli.adapters import get_adapter_model
 from lora_cli.errors import UserInputError
 from lora_cli.inference.loading import load_run
-from lora_cli.recipe import load_recipe
+from lora_cli.recipe import RecipeError, load_recipe, resolve_adapter_config
 from lora_cli.tasks import causal_lm
+from lora_cli.tasks.defaults import default_target_modules
 from lora_cli.training.pipeline import run_training
 from tests.helpers_text import (
     TINY_CONFIGS,
@@ -45,11 +47,11 @@ def _recipe(tmp_path, tok_dir, model_type="gpt2", method="lora", data=None, adap
 # ------------------------------------------------------------------ data
 def test_completion_only_collate_masks_exactly_prompt_and_padding(tmp_path, tok_dir):
     recipe = load_recipe(_recipe(tmp_path, tok_dir, data={**PC, "completion_only_loss": True}))
-    tok = causal_lm.load_processor(recipe)
+    tok = causal_lm.load_processor(recipe.model)
     rows = [{"prompt": "the film was", "completion": " good"},
             {"prompt": "the day", "completion": " very nice and fine"}]
-    encoded = [causal_lm.encode(r, tok, recipe) for r in rows]
-    batch = causal_lm.make_collator(tok, recipe)(encoded)
+    encoded = [causal_lm.encode(r, tok, recipe.data) for r in rows]
+    batch = causal_lm.make_collator(tok, recipe.data)(encoded)
     prompt_lens = [len(tok(r["prompt"])["input_ids"]) for r in rows]
     lengths = [len(e["input_ids"]) for e in encoded]
     assert prompt_lens == [3, 2] and lengths == [5, 7]  # prompt + completion + </s>
@@ -66,11 +68,11 @@ def test_completion_only_collate_masks_exactly_prompt_and_padding(tmp_path, tok_
 
 def test_full_loss_keeps_prompt_labels_and_eos_even_when_pad_is_eos(tmp_path, tok_dir):
     recipe = load_recipe(_recipe(tmp_path, tok_dir, data=PC))
-    tok = causal_lm.load_processor(recipe)
+    tok = causal_lm.load_processor(recipe.model)
     tok.pad_token = tok.eos_token  # GPT-2 style: padding with the EOS token
-    enc = [causal_lm.encode({"prompt": "the day", "completion": " good"}, tok, recipe),
-           causal_lm.encode({"prompt": "the film was very", "completion": " good"}, tok, recipe)]
-    batch = causal_lm.make_collator(tok, recipe)(enc)
+    enc = [causal_lm.encode({"prompt": "the day", "completion": " good"}, tok, recipe.data),
+           causal_lm.encode({"prompt": "the film was very", "completion": " good"}, tok, recipe.data)]
+    batch = causal_lm.make_collator(tok, recipe.data)(enc)
     assert batch["labels"][0].tolist() == enc[0]["input_ids"] + [-100, -100]
     assert batch["labels"][0, 3] == tok.eos_token_id
 
@@ -80,34 +82,46 @@ def test_text_column_truncates_to_max_length(tmp_path, tok_dir):
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", task="causal-lm",
                                       model={"config": TINY_CONFIGS["gpt2"], "tokenizer": str(tok_dir)},
                                       data={"train_file": str(tmp_path / "t.csv"), "max_length": 8}))
-    tok = causal_lm.load_processor(recipe)
-    long = causal_lm.encode({"text": "good " * 50}, tok, recipe)
-    short = causal_lm.encode({"text": "the day"}, tok, recipe)
+    tok = causal_lm.load_processor(recipe.model)
+    long = causal_lm.encode({"text": "good " * 50}, tok, recipe.data)
+    short = causal_lm.encode({"text": "the day"}, tok, recipe.data)
     assert len(long["input_ids"]) == 8 and long["labels"] == long["input_ids"]
     assert short["input_ids"][-1] == tok.eos_token_id and len(short["input_ids"]) == 3
 
 
 @pytest.mark.parametrize("data, match", [
-    ({"prompt_column": "prompt"}, "go together"),
-    ({"completion_only_loss": True}, "needs prompt/completion"),
-    ({"text_column": "body"}, "no column 'body'"),
+    ({"prompt_column": "prompt"}, r"recipe\.yaml:\d+: data\.prompt_column: needs data\.completion_column too: .*go together"),
+    ({"completion_only_loss": True}, r"recipe\.yaml:\d+: data\.completion_only_loss: needs prompt/completion data"),
 ])
-def test_bad_data_sections_fail_clearly(tmp_path, tok_dir, data, match):
-    recipe = load_recipe(_recipe(tmp_path, tok_dir, data=data))
-    with pytest.raises(UserInputError, match=match):
-        causal_lm.load_raw(recipe)
+def test_bad_data_sections_are_recipe_errors(tmp_path, tok_dir, data, match):
+    """Column rules are checked when the recipe loads, at the recipe's line, before any data."""
+    with pytest.raises(RecipeError, match=match):
+        load_recipe(_recipe(tmp_path, tok_dir, data=data))
+
+
+def test_a_missing_text_column_fails_clearly(tmp_path, tok_dir):
+    recipe = load_recipe(_recipe(tmp_path, tok_dir, data={"text_column": "body"}))
+    with pytest.raises(UserInputError, match="no column 'body'"):
+        causal_lm.load_raw(recipe.data, recipe.seed)
+
+
+def _adapt(recipe):
+    model = causal_lm.build_model(recipe.model)
+    config = resolve_adapter_config(recipe.adapter, total_step=None, targets=default_target_modules(model))
+    return get_adapter_model(model, config)
 
 
 def test_fan_in_fan_out_warns_only_without_conv1d(tmp_path, tok_dir):
+    """The engine, which knows whether it adapted a GPT-2 Conv1D, warns about a needless fan_in_fan_out."""
     opt = load_recipe(_recipe(tmp_path, tok_dir, "opt", adapter={"fan_in_fan_out": True}))
     with pytest.warns(UserWarning, match="fan_in_fan_out.*ignored"):
-        causal_lm.build_model(opt)
+        _adapt(opt)
     gpt2 = load_recipe(_recipe(tmp_path, tok_dir, "gpt2", adapter={"fan_in_fan_out": True}))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        model = causal_lm.build_model(gpt2)
-    assert model.config.vocab_size == len(causal_lm.load_processor(gpt2))
-    assert model.config.pad_token_id == causal_lm.load_processor(gpt2).pad_token_id
+        model = _adapt(gpt2).get_base_model()
+    assert model.config.vocab_size == len(causal_lm.load_processor(gpt2.model))
+    assert model.config.pad_token_id == causal_lm.load_processor(gpt2.model).pad_token_id
 
 
 # ----------------------------------------------------------- end to end

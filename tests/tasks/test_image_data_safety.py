@@ -24,7 +24,7 @@ from lora_cli.recipe import load_recipe
 from lora_cli.tasks import data as data_mod
 from lora_cli.tasks import image_classification as ic
 from lora_cli.tasks.images import ImageLoadError, check_image, expand_inputs, load_image
-from tests.helpers import class_image, make_imagefolder, tiny_vit
+from tests.helpers import class_image, data_and_seed, make_imagefolder, tiny_vit
 from tests.training._util import loracli, write_recipe
 
 
@@ -110,9 +110,9 @@ def test_eval_and_predict_give_the_same_tensors_for_awkward_images(tmp_path):
         old.unlink()
     files = _special_images(images / "validation" / "a")
     recipe = _recipe(tmp_path, images)
-    processor = ic.load_processor(recipe)
+    processor = ic.load_processor(recipe.model)
 
-    eval_ds = ic.eval_dataset(recipe, processor)
+    eval_ds = ic.eval_dataset(recipe.data, recipe.seed, processor)
     rows = [eval_ds[i] for i in range(len(eval_ds))]
     assert len(rows) == len(files) + 1  # the special images + validation/b's one
     from_eval = torch.stack([r["pixel_values"] for r in rows[: len(files)]])
@@ -181,12 +181,12 @@ def test_bad_images_skip_leaves_them_out_with_a_counted_warning(tmp_path, caplog
     (images / "validation" / "beignets" / "cut.png").write_bytes(
         (images / "validation" / "beignets" / "beignets_0.png").read_bytes()[:120])
     with caplog.at_level(logging.WARNING):
-        splits, labels = ic.load_raw(_recipe(tmp_path, images, bad_images="skip"))
+        splits, labels = ic.load_raw(*data_and_seed(_recipe(tmp_path, images, bad_images="skip")))
     assert (len(splits.train), len(splits.eval)) == (24, 12)
     assert "left out 4 of the 28 training images" in caplog.text
     assert "left out 1 of the 13 validation images" in caplog.text and "cut.png" in caplog.text
     with pytest.raises(UserInputError, match="bad_images"):
-        ic.load_raw(_recipe(tmp_path, images))
+        ic.load_raw(*data_and_seed(_recipe(tmp_path, images)))
 
 
 def test_bad_image_bytes_in_a_hub_dataset_are_found(tmp_path, monkeypatch):
@@ -207,8 +207,8 @@ def test_bad_image_bytes_in_a_hub_dataset_are_found(tmp_path, monkeypatch):
     monkeypatch.setattr(data_mod, "load_hub_splits", lambda data: dict(hub))
     images = make_imagefolder(tmp_path / "unused", per_class=(1, 1))
     with pytest.raises(UserInputError, match=r"1 of the 6 training images cannot be read: training row 4: corrupt"):
-        ic.load_raw(_recipe(tmp_path, images, imagefolder=None, dataset="someone/food"))
-    splits, _ = ic.load_raw(_recipe(tmp_path, images, imagefolder=None, dataset="someone/food", bad_images="skip"))
+        ic.load_raw(*data_and_seed(_recipe(tmp_path, images, imagefolder=None, dataset="someone/food")))
+    splits, _ = ic.load_raw(*data_and_seed(_recipe(tmp_path, images, imagefolder=None, dataset="someone/food", bad_images="skip")))
     assert len(splits.train) == 5
 
 
@@ -218,7 +218,7 @@ def test_an_empty_class_folder_is_refused_with_its_name(tmp_path, monkeypatch, c
     (images / "train" / "eclairs").mkdir()
     (images / "train" / "eclairs" / "notes.txt").write_text("todo")
     with pytest.raises(UserInputError, match=r"class folder\(s\) with no images: .*train/eclairs"):
-        ic.load_raw(_recipe(tmp_path, images))
+        ic.load_raw(*data_and_seed(_recipe(tmp_path, images)))
     assert loracli(monkeypatch, "train", _cli_recipe(tmp_path, images)) == 2
     assert "eclairs" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
@@ -232,9 +232,9 @@ def test_a_validation_class_folder_absent_from_train(tmp_path, caplog):
         class_image(0, np.random.default_rng(i)).save(extra / f"e{i}.png")
     with pytest.raises(UserInputError, match=r"unknown_eval_labels: .*validation has class folder\(s\) 'eclairs' "
                                              r"\(2 images\) that .*train lacks.*unknown_eval_labels: drop"):
-        ic.load_raw(_recipe(tmp_path, images))
+        ic.load_raw(*data_and_seed(_recipe(tmp_path, images)))
     with caplog.at_level(logging.WARNING):
-        splits, labels = ic.load_raw(_recipe(tmp_path, images, unknown_eval_labels="drop"))
+        splits, labels = ic.load_raw(*data_and_seed(_recipe(tmp_path, images, unknown_eval_labels="drop")))
     assert labels == ["beignets", "churros", "macarons"] and len(splits.eval) == 12
     assert "left out 2 validation images" in caplog.text and "'eclairs'" in caplog.text
 
@@ -249,9 +249,9 @@ def test_a_validation_file_label_absent_from_train(tmp_path, caplog):
     data = {"imagefolder": None, "train_file": str(images / "train.csv"), "validation_file": str(images / "val.csv")}
     with pytest.raises(UserInputError, match=r"1 validation row\(s\) of .*val\.csv have label\(s\) 'eclairs' that "
                                              r".*train\.csv never has"):
-        ic.load_raw(_recipe(tmp_path, images, **data))
+        ic.load_raw(*data_and_seed(_recipe(tmp_path, images, **data)))
     with caplog.at_level(logging.WARNING):
-        splits, labels = ic.load_raw(_recipe(tmp_path, images, unknown_eval_labels="drop", **data))
+        splits, labels = ic.load_raw(*data_and_seed(_recipe(tmp_path, images, unknown_eval_labels="drop", **data)))
     assert "eclairs" not in labels and len(splits.eval) == 2 and "'eclairs'" in caplog.text
 
 
@@ -266,11 +266,11 @@ def test_missing_labels_name_the_file_row_and_column(tmp_path, monkeypatch, caps
     data = {"imagefolder": None, "train_file": str(images / "train.csv"), "val_split": 0.3}
     with pytest.raises(UserInputError, match=r"missing_labels: .*train\.csv: 2 of its 9 rows have no label in column "
                                              r"'label' \(data row 3 \(line 4\), data row 6 \(line 7\)\)"):
-        ic.load_raw(_recipe(tmp_path, images, **data))
+        ic.load_raw(*data_and_seed(_recipe(tmp_path, images, **data)))
     assert loracli(monkeypatch, "train", write_recipe(tmp_path / "r.yaml", images, tmp_path / "run", data=data)) == 2
     assert "data row 3" in capsys.readouterr().err and not (tmp_path / "run").exists()
     with caplog.at_level(logging.WARNING):
-        splits, labels = ic.load_raw(_recipe(tmp_path, images, missing_labels="drop", **data))
+        splits, labels = ic.load_raw(*data_and_seed(_recipe(tmp_path, images, missing_labels="drop", **data)))
     assert len(splits.train) + len(splits.eval) == 7 and "None" not in labels
     assert "left out 2 of its 9 rows" in caplog.text
 
@@ -284,7 +284,7 @@ def test_missing_labels_in_jsonl_count_lines(tmp_path):
     (images / "t.jsonl").write_text("".join(json.dumps(o) + "\n" for o in objs))
     with pytest.raises(UserInputError, match=r"t\.jsonl: 2 of its 6 rows have no label in column 'label' "
                                              r"\(line 2, line 4\)"):
-        ic.load_raw(_recipe(tmp_path, images, imagefolder=None, train_file=str(images / "t.jsonl")))
+        ic.load_raw(*data_and_seed(_recipe(tmp_path, images, imagefolder=None, train_file=str(images / "t.jsonl"))))
 
 
 # ------------------------------------------------------ 5. mixed label types
@@ -302,7 +302,7 @@ def test_mixed_label_types_follow_one_rule(tmp_path):
                                             for f, v in zip(val, ["1.0", "one"], strict=True)))
     recipe = _recipe(tmp_path, images, imagefolder=None, train_file=str(images / "t.jsonl"),
                      validation_file=str(images / "v.jsonl"))
-    splits, labels = ic.load_raw(recipe)
+    splits, labels = ic.load_raw(recipe.data, recipe.seed)
     assert labels == ["1", "2", "one"]
     assert splits.train["label"] == [0, 0, 0, 2, 1, 1, 2, 1] and splits.eval["label"] == [0, 2]
 
@@ -310,7 +310,7 @@ def test_mixed_label_types_follow_one_rule(tmp_path):
                                             for f, v in zip(files, [True, 1, 0, False, 1, 1, 0, 0], strict=True)))
     with pytest.raises(UserInputError, match=r"data.label_column 'label': mixes true/false \(.*t\.jsonl line 1: "
                                              r"True\) with other labels"):
-        ic.load_raw(recipe)
+        ic.load_raw(recipe.data, recipe.seed)
 
 
 # --------------------------------------------------------- 7. symlink loops
@@ -319,7 +319,7 @@ def test_symlink_loops_neither_hang_nor_crash(tmp_path, caplog):
     images = make_imagefolder(tmp_path / "images", per_class=(2, 1))
     os.symlink("..", images / "train" / "churros" / "loop")
     with caplog.at_level(logging.WARNING):
-        splits, labels = ic.load_raw(_recipe(tmp_path, images))
+        splits, labels = ic.load_raw(*data_and_seed(_recipe(tmp_path, images)))
     assert len(splits.train) == 6 and "churros/loop/ (a folder)" in caplog.text
 
     found = expand_inputs([images])
@@ -328,7 +328,7 @@ def test_symlink_loops_neither_hang_nor_crash(tmp_path, caplog):
 
     os.symlink(".", images / "train" / "again")
     with pytest.raises(UserInputError, match=r"train/again is a symbolic link to .*a loop"):
-        ic.load_raw(_recipe(tmp_path, images))
+        ic.load_raw(*data_and_seed(_recipe(tmp_path, images)))
 
 
 # ------------------------------------------------ 8. every CSV row is checked
@@ -341,9 +341,9 @@ def test_a_missing_image_far_down_a_csv(tmp_path, caplog):
     with pytest.raises(UserInputError, match=r"1 of the 1400 rows of .*big\.csv name no readable image in column "
                                              r"'image': data row 1301 \(line 1302\): image file "
                                              r"'train/churros/gone\.png' not found"):
-        ic.load_raw(_recipe(tmp_path, images, **data))
+        ic.load_raw(*data_and_seed(_recipe(tmp_path, images, **data)))
     with caplog.at_level(logging.WARNING):
-        splits, _ = ic.load_raw(_recipe(tmp_path, images, bad_images="skip", **data))
+        splits, _ = ic.load_raw(*data_and_seed(_recipe(tmp_path, images, bad_images="skip", **data)))
     assert len(splits.train) + len(splits.eval) == 1399 and "gone.png" in caplog.text
 
 

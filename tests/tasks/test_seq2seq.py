@@ -9,7 +9,7 @@ import torch
 
 from lora_cli.errors import UserInputError
 from lora_cli.inference.loading import load_run
-from lora_cli.recipe import load_recipe
+from lora_cli.recipe import RecipeError, load_recipe
 from lora_cli.tasks import seq2seq
 from lora_cli.training.pipeline import run_training
 from tests.helpers_text import (
@@ -43,15 +43,15 @@ def _recipe(tmp_path, tok_dir, data, method="lora", adapter=None, training=None)
 
 def test_translation_records_get_the_prefix_and_labels_pad_with_minus_100(tmp_path, tok_dir):
     recipe = load_recipe(_recipe(tmp_path, tok_dir, WMT))
-    assert seq2seq.source_prefix(recipe) == "translate German to English: "
-    tok = seq2seq.load_processor(recipe)
-    splits, labels = seq2seq.load_raw(recipe)
+    assert seq2seq.source_prefix(recipe.data) == "translate German to English: "
+    tok = seq2seq.load_processor(recipe.model)
+    splits, labels = seq2seq.load_raw(recipe.data, recipe.seed)
     assert labels is None
-    train, _ = seq2seq.prepare(splits, tok, recipe)
+    train, _ = seq2seq.prepare(splits, tok, recipe.data, recipe.seed)
     rows = [train[i] for i in range(4)]
     first = tok.decode(rows[0]["input_ids"], skip_special_tokens=True)
     assert first.startswith("translate german to english: ")  # the tokenizer lower-cases
-    batch = seq2seq.make_collator(tok, recipe)(rows)
+    batch = seq2seq.make_collator(tok, recipe.data)(rows)
     for i, row in enumerate(rows):
         n = len(row["labels"])
         assert batch["labels"][i, :n].tolist() == row["labels"] and row["labels"][-1] == tok.eos_token_id
@@ -66,22 +66,27 @@ def test_column_pairs_and_custom_prefix(tmp_path, tok_dir):
         tmp_path / "r.yaml", task="seq2seq", model={"config": TINY_CONFIGS["t5"], "tokenizer": str(tok_dir)},
         data={"train_file": str(tmp_path / "pairs.csv"), "source_column": "de", "target_column": "en",
               "source_prefix": "to english: ", "max_target_length": 2}))
-    tok = seq2seq.load_processor(recipe)
-    splits, _ = seq2seq.load_raw(recipe)
-    assert seq2seq.pairs(splits.train[0], recipe) in DE_EN
-    train, _ = seq2seq.prepare(splits, tok, recipe)
+    tok = seq2seq.load_processor(recipe.model)
+    splits, _ = seq2seq.load_raw(recipe.data, recipe.seed)
+    assert seq2seq.pairs(splits.train[0], recipe.data) in DE_EN
+    train, _ = seq2seq.prepare(splits, tok, recipe.data, recipe.seed)
     assert max(len(r["labels"]) for r in train) == 2  # max_target_length truncates targets
 
 
 @pytest.mark.parametrize("data, match", [
-    ({"source_column": "de"}, "go together"),
-    ({}, "needs data.source_column"),
-    ({"source_lang": "de", "target_lang": "fr"}, "has no 'fr'"),
+    ({"source_column": "de"}, r"r\.yaml:\d+: data\.source_column: needs data\.target_column too: they go together"),
+    ({}, r"r\.yaml:\d+: data: seq2seq needs data\.source_column"),
 ])
-def test_bad_data_sections_fail_clearly(tmp_path, tok_dir, data, match):
-    recipe = load_recipe(_recipe(tmp_path, tok_dir, data))
-    with pytest.raises(UserInputError, match=match):
-        seq2seq.eval_dataset(recipe, seq2seq.load_processor(recipe))
+def test_bad_data_sections_are_recipe_errors(tmp_path, tok_dir, data, match):
+    """Column rules are checked when the recipe loads, at the recipe's line, before any data."""
+    with pytest.raises(RecipeError, match=match):
+        load_recipe(_recipe(tmp_path, tok_dir, data))
+
+
+def test_a_translation_record_without_the_language_fails_clearly(tmp_path, tok_dir):
+    recipe = load_recipe(_recipe(tmp_path, tok_dir, {"source_lang": "de", "target_lang": "fr"}))
+    with pytest.raises(UserInputError, match="has no 'fr'"):
+        seq2seq.eval_dataset(recipe.data, recipe.seed, seq2seq.load_processor(recipe.model))
 
 
 @pytest.mark.parametrize("method", ["lora", "adalora"])

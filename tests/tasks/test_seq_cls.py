@@ -75,10 +75,10 @@ def test_labels_become_class_names_and_metrics_are_accuracy_and_macro_f1(tmp_pat
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", task="seq-cls",
                                       model={"config": TINY_CONFIGS["bert"], "tokenizer": str(bert_tok)},
                                       data=_data(tmp_path, text_pair_column="pair")))
-    splits, labels = seq_cls.load_raw(recipe)
+    splits, labels = seq_cls.load_raw(recipe.data, recipe.seed)
     assert labels == ["neg", "pos"]
-    tok = seq_cls.load_processor(recipe)
-    train, _ = seq_cls.prepare(splits, tok, recipe)
+    tok = seq_cls.load_processor(recipe.model)
+    train, _ = seq_cls.prepare(splits, tok, recipe.data, recipe.seed)
     row = train[0]
     assert set(row) == {"input_ids", "token_type_ids", "labels"} and row["labels"] in (0, 1)
     assert row["input_ids"][0] == tok.cls_token_id and 1 in row["token_type_ids"]  # the pair is encoded
@@ -97,7 +97,7 @@ def test_missing_label_column_is_named(tmp_path, bert_tok):
                                       model={"config": TINY_CONFIGS["bert"], "tokenizer": str(bert_tok)},
                                       data=_data(tmp_path, label_column="sentiment")))
     with pytest.raises(UserInputError, match="data.label_column: the data has no column 'sentiment'"):
-        seq_cls.load_raw(recipe)
+        seq_cls.load_raw(recipe.data, recipe.seed)
 
 
 # ----------------------------------------------------------- end to end
@@ -107,7 +107,7 @@ def test_pretrained_encoder_head_is_saved_and_reload_predicts_the_same(tmp_path,
                                data=_data(tmp_path), adapter={"target_modules": ["query", "key", "value", "dense"]},
                                training={"max_steps": 12, "learning_rate": 2e-2})
     recipe = load_recipe(recipe_path)
-    tok = seq_cls.load_processor(recipe)
+    tok = seq_cls.load_processor(recipe.model)
     texts = [r["text"] for r in sentiment_rows(8)]
     batch = dict(tok(texts, padding=True, return_tensors="pt"))
     keep = KeepLogits(batch)
@@ -121,13 +121,13 @@ def test_pretrained_encoder_head_is_saved_and_reload_predicts_the_same(tmp_path,
 
     run = load_run(run_dir, device="cpu")
     torch.testing.assert_close(logits_of(run.model, batch), keep.logits, atol=1e-5, rtol=1e-5)
-    fresh = seq_cls.build_model(run.recipe, ["neg", "pos"])  # what a reload without the head would use
+    fresh = seq_cls.build_model(run.recipe.model, ["neg", "pos"])  # what a reload without the head would use
     assert not torch.allclose(fresh.classifier.weight, run.model.get_base_model().classifier.weight)
 
     report = json.loads((run_dir / "eval.json").read_text())
     metrics = report.get("trainer", report)  # the Trainer's metrics, inside the full report when there is one
     assert 0 <= metrics["eval_f1_macro"] <= 1 and metrics["eval_accuracy"] > 0
-    ds = seq_cls.eval_dataset(run.recipe, run.processor)
+    ds = seq_cls.eval_dataset(run.recipe.data, run.recipe.seed, run.processor)
     eval_b = seq_cls.make_collator(run.processor)([ds[i] for i in range(len(ds))])
     preds = logits_of(run.model, eval_b).argmax(-1)
     assert float((preds == eval_b["labels"]).float().mean()) == pytest.approx(metrics["eval_accuracy"])

@@ -76,16 +76,16 @@ def test_pypi_model_paths_resolve_to_the_package_folder():
 def test_offline_hub_id_fails_fast(in_repo):
     recipe = load_recipe(REPO / "recipes/bert_seqcls_lora.yaml")
     with pytest.raises(UserInputError, match="model.name_or_path: 'bert-base-uncased' is not a local path"):
-        seq_cls.load_processor(recipe)
+        seq_cls.load_processor(recipe.model)
 
 
 def test_minilm_recipe_loads_the_packaged_model_and_tokenizer(in_repo):
     recipe = load_recipe(REPO / "recipes/minilm_sentiment_lora.yaml")
-    splits, labels = seq_cls.load_raw(recipe)
+    splits, labels = seq_cls.load_raw(recipe.data, recipe.seed)
     assert labels == ["negative", "positive"] and (len(splits.train), len(splits.eval)) == (160, 40)
-    tok = seq_cls.load_processor(recipe)
+    tok = seq_cls.load_processor(recipe.model)
     assert tok.tokenize("The film was wonderful.") == ["the", "film", "was", "wonderful", "."]
-    model = seq_cls.build_model(recipe, labels)
+    model = seq_cls.build_model(recipe.model, labels)
     assert model.config.num_hidden_layers == 6 and seq_cls.heads(model) == ["classifier"]
     probs = seq_cls.class_probabilities(model.eval(), tok, ["The film was wonderful."])
     assert probs.shape == (1, 2)

@@ -56,8 +56,8 @@ def test_training_augmentation_depends_on_seed_epoch_and_row_only(imagefolder):
     from lora_cli.tasks import image_classification as ic
 
     recipe = load_recipe(write_recipe(imagefolder / "r.yaml", imagefolder, imagefolder / "run", data={"augment": True}))
-    splits, _ = ic.load_raw(recipe)
-    train, _ = ic.prepare(splits, ic.load_processor(recipe), recipe)
+    splits, _ = ic.load_raw(recipe.data, recipe.seed)
+    train, _ = ic.prepare(splits, ic.load_processor(recipe.model), recipe.data, recipe.seed)
     first = train[3]["pixel_values"]
     torch.manual_seed(123)  # the global RNG does not matter
     assert torch.equal(train[3]["pixel_values"], first)
