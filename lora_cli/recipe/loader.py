@@ -28,7 +28,7 @@ from lora_cli.recipe.errors import Location, RecipeError, RecipeProblem, Reporte
 from lora_cli.recipe.overrides import apply_overrides
 from lora_cli.recipe.schema import ModelSection, Recipe
 from lora_cli.recipe.training import check_training
-from lora_cli.recipe.yamlio import read_recipe_file
+from lora_cli.recipe.yamlfile import read_recipe_file
 from lora_cli.task_kinds import IMAGE_CLASSIFICATION, TASK_KINDS, TASKS, TEXT_TASKS
 
 MAX_EXTENDS = 16
