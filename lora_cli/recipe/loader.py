@@ -15,11 +15,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from lora_cli.recipe import checks
 from lora_cli.recipe.adapter import check_adapter
 from lora_cli.recipe.data import (
     DATA_PATHS,
     DATA_SECTIONS,
-    DATA_SOURCES,
     DataSection,
     data_section_for,
     without_flat_defaults,
@@ -29,7 +29,7 @@ from lora_cli.recipe.overrides import apply_overrides
 from lora_cli.recipe.schema import ModelSection, Recipe
 from lora_cli.recipe.training import check_training
 from lora_cli.recipe.yamlfile import read_recipe_file
-from lora_cli.task_kinds import IMAGE_CLASSIFICATION, TASK_KINDS, TASKS, TEXT_TASKS
+from lora_cli.task_kinds import TASK_KINDS, TASKS
 
 MAX_EXTENDS = 16
 """Longest chain of ``extends:`` files (each file is also held to yamlio's limits)."""
@@ -123,10 +123,10 @@ def _validate(data: dict, report: Reporter) -> Recipe:
     except ValidationError as exc:
         for error in exc.errors():
             _pydantic_problem(error, report)
-    _check_model(data.get("model"), data.get("task"), report)
-    _check_data(data.get("data"), data.get("task"), report)
-    _check_sharding(data.get("training"), report)
-    _check_adapter_with_training(adapter, data.get("training"), report)
+    checks.check_model(data.get("model"), data.get("task"), report)
+    checks.check_data(data.get("data"), data.get("task"), report)
+    checks.check_sharding(data.get("training"), report)
+    checks.check_adapter_with_training(adapter, data.get("training"), report)
     report.raise_if_any()
     assert adapter is not None and training is not None and section is not None
     plain["adapter"] = {"method": adapter[0], "options": adapter[1]}
@@ -246,110 +246,3 @@ def _fields_at(loc: tuple, task: str | None = None) -> list[str]:
     if loc == ("data",):
         return [*data_section_for(task).model_fields]
     return []
-
-
-def _check_model(model: Any, task: Any, report: Reporter) -> None:
-    if not isinstance(model, dict):
-        return
-    given = [k for k in ("name_or_path", "config") if model.get(k) is not None]
-    if len(given) != 1:
-        report.add(
-            ("model",),
-            "needs exactly one of name_or_path or config" + (" (both are set)" if given else ""),
-            hint="name_or_path for a pretrained model, config for a random-init model built offline",
-        )
-    config = model.get("config")
-    if isinstance(config, dict):
-        model_type = config.get("model_type")
-        if not isinstance(model_type, str):
-            report.add(("model", "config"), "needs a model_type key", hint="e.g. `model_type: vit`", value=model_type)
-        else:
-            from transformers import CONFIG_MAPPING
-
-            known = list(CONFIG_MAPPING.keys())
-            if model_type not in known:
-                report.add(
-                    ("model", "config", "model_type"), "is not a transformers model type", model_type,
-                    did_you_mean(model_type, known) or "e.g. vit, bert, gpt2, t5",
-                )
-    processor = model.get("processor")
-    if processor and task in TEXT_TASKS:
-        report.add(("model", "processor"), f"is for image models; task {task} uses a tokenizer", processor,
-                   "remove it, or set model.tokenizer")
-
-
-def _check_data(data: Any, task: Any, report: Reporter) -> None:
-    if not isinstance(data, dict):
-        return
-    given = [k for k in DATA_SOURCES if data.get(k) is not None]
-    if len(given) != 1:
-        report.add(
-            ("data",),
-            "needs exactly one data source" + (f" (set: {', '.join(given)})" if given else ""),
-            hint="set one of dataset (hub id), imagefolder, train_file or builtin",
-        )
-    if data.get("validation_file") is not None and data.get("train_file") is None:
-        report.add(("data", "validation_file"), "needs data.train_file too", data["validation_file"])
-    if task not in TASKS:
-        task = None
-    if data.get("builtin") is not None and task not in (None, IMAGE_CLASSIFICATION):
-        report.add(("data", "builtin"), "'digits' is an image dataset; it needs task image-classification",
-                   data["builtin"])
-    if data.get("imagefolder") is not None and task not in (None, IMAGE_CLASSIFICATION):
-        report.add(("data", "imagefolder"), "needs task image-classification", data["imagefolder"])
-    for key in DATA_PATHS:
-        value = data.get(key)
-        if not isinstance(value, str) or not value:
-            continue
-        path = Path(value).expanduser().absolute()
-        where = f"looked for {path}; paths are relative to the current directory"
-        if key == "imagefolder":
-            if not path.is_dir():
-                report.add(("data", key), "folder not found", value,
-                           f"{where}; it needs train/ (and validation/) sub-folders")
-            elif not (path / "train").is_dir():
-                report.add(("data", key), "has no train/ sub-folder", value,
-                           "lay it out as train/<class>/*.jpg and validation/<class>/*.jpg")
-        elif not path.is_file():
-            report.add(("data", key), "file not found", value, where)
-        elif path.suffix.lower() not in (".csv", ".tsv", ".json", ".jsonl"):
-            report.add(("data", key), "must be a .csv, .tsv, .json or .jsonl file", value)
-
-
-def _check_sharding(training: Any, report: Reporter) -> None:
-    """training.deepspeed / training.fsdp_config given as files: they exist, and DeepSpeed is installed."""
-    if not isinstance(training, dict):
-        return
-    for key in ("deepspeed", "fsdp_config"):
-        value = training.get(key)
-        if not isinstance(value, str) or not value or value.lstrip().startswith("{"):
-            continue  # a mapping in the recipe, or inline JSON
-        path = Path(value).expanduser().absolute()
-        if not path.is_file():
-            report.add(("training", key), "file not found", value,
-                       f"looked for {path}; paths are relative to the current directory (or give the settings as a mapping)")
-    if training.get("deepspeed"):
-        import importlib.util
-
-        if importlib.util.find_spec("deepspeed") is None:
-            report.add(("training", "deepspeed"), "needs the deepspeed package, which is not installed",
-                       training["deepspeed"], "pip install deepspeed (or remove training.deepspeed)")
-
-
-SCORES_WHOLE_GRADIENTS = ("adalora",)
-"""Methods whose rank allocator scores whole gradients, which FSDP and DeepSpeed shard."""
-
-
-def _check_adapter_with_training(adapter: tuple[str, dict] | None, training: Any, report: Reporter) -> None:
-    """Settings of two sections that cannot go together."""
-    if adapter is None or not isinstance(training, dict) or adapter[0] not in SCORES_WHOLE_GRADIENTS:
-        return
-    for key in ("fsdp", "deepspeed"):
-        if training.get(key):
-            report.add(
-                ("training", key),
-                f"cannot shard adapter.method {adapter[0]}: AdaLoRA's rank allocator scores whole gradients, which FSDP "
-                "and DeepSpeed split across processes",
-                training[key],
-                "train AdaLoRA with plain DDP (remove training.fsdp / training.deepspeed) or pick method lora",
-            )

@@ -31,7 +31,7 @@ from lora_cli.recipe import load_recipe, optimizer_steps, resolve_adapter_config
 from lora_cli.safe_text import terminal_text
 from lora_cli.tasks import get_task
 from lora_cli.tasks.defaults import default_target_modules
-from lora_cli.training import distributed
+from lora_cli.training import distributed, preflight
 from lora_cli.training.callbacks import (
     AdaLoraCallback,
     MetricsFileCallback,
@@ -58,11 +58,11 @@ def run_training(
     recipe = load_recipe(recipe_path, overrides)
     task = get_task(recipe.task)
     run_dir = Path(recipe.output_path)
-    replace = _check_run_dir(run_dir, resume=resume, overwrite=overwrite, dry_run=dry_run,
-                             protected=_protected_paths(recipe, recipe_path))
+    replace = preflight.check_run_dir(run_dir, resume=resume, overwrite=overwrite, dry_run=dry_run,
+                                      protected=preflight.protected_paths(recipe, recipe_path))
     checkpoint = None
     if resume:
-        _check_same_recipe(recipe, run_dir)
+        preflight.check_same_recipe(recipe, run_dir)
         checkpoint = rd.latest_checkpoint(run_dir, report=True)
         if checkpoint is None:
             raise UserInputError(f"--resume: no checkpoint in {run_dir / rd.CHECKPOINTS_DIR}; train without --resume")
@@ -171,97 +171,6 @@ def _train_and_save(recipe, task, model, args, train_ds, eval_ds, processor, lab
 
 
 # ------------------------------------------------------------------------ steps
-def _protected_paths(recipe, recipe_path) -> list[Path]:
-    """What the command reads, and so may never sit inside a folder it replaces."""
-    paths = [Path(recipe_path)]
-    if recipe.source is not None:
-        paths.append(recipe.source)
-    paths += [Path(p) for p in recipe.data.local_paths()]
-    for name in (recipe.model.name_or_path, recipe.model.tokenizer):
-        if name and Path(name).expanduser().exists():
-            paths.append(Path(name))
-    return paths
-
-
-def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool, dry_run: bool, protected: Sequence[Path]) -> bool:
-    """Refuse what would mix or destroy data; return True when the folder is to be cleared first."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserInputError(f"output_dir {run_dir} is a file; pick a folder path (e.g. output_dir=runs/other)")
-    if run_dir.is_dir() and not dry_run:
-        holder = rd.RunLock(run_dir).holder()
-        if holder is not None:
-            raise rd.RunInUseError(run_dir, holder)
-    data_dirs = [p for p in protected if p.is_dir()]  # the recipe is a file: data and model folders remain
-    inside = next((d for d in data_dirs if rd.holds_protected(d, [run_dir], cwd=False) is not None), None)
-    if inside is not None:
-        raise UserInputError(
-            f"output_dir {run_dir} lies inside {inside}, which this run reads (data or model); its files would mix "
-            "with the data. Pick an output_dir outside it (e.g. output_dir=runs/my-run)"
-        )
-    entries = [p for p in run_dir.iterdir() if p.name != rd.LOCK_FILE] if run_dir.is_dir() else []
-    if resume:
-        if not rd.is_run_dir(run_dir) or not (run_dir / rd.CHECKPOINTS_DIR).is_dir():
-            raise UserInputError(f"--resume: {run_dir} is not a run with a checkpoints/ folder; nothing to resume")
-        return False
-    if not entries:
-        return False
-    if overwrite:
-        rd.check_replaceable(run_dir, "--overwrite", protected)
-        return True
-    if dry_run:
-        return False
-    state = rd.read_status(run_dir).get("state")
-    has_checkpoints = bool(rd.checkpoints(run_dir))
-    if rd.is_run_dir(run_dir) and state in ("failed", "running") and not has_checkpoints:
-        # a run that died before its first checkpoint holds nothing to keep: start it again
-        rd.check_replaceable(run_dir, "output_dir", protected)
-        warnings.warn(f"{run_dir} holds a run that {'failed' if state == 'failed' else 'was stopped'} before its "
-                      "first checkpoint; starting it again", stacklevel=3)
-        return True
-    if state in ("failed", "running") and has_checkpoints:
-        raise UserInputError(
-            f"the run in {run_dir} stopped before it finished; continue it from its newest checkpoint with --resume, "
-            "replace it with --overwrite, or pick another output_dir (e.g. output_dir=runs/other as an override)"
-        )
-    raise UserInputError(
-        f"the run directory {run_dir} already exists; continue it with --resume, replace it with --overwrite, "
-        "or pick another output_dir (e.g. output_dir=runs/other as an override)"
-    )
-
-
-# What may change when a run is continued: how long it trains, and how often it logs/saves.
-RESUME_MAY_CHANGE = {"num_train_epochs", "max_steps", "logging_steps", "save_steps", "eval_steps", "save_total_limit"}
-
-
-def _check_same_recipe(recipe, run_dir: Path) -> None:
-    """--resume continues the run that was started: a changed model, data or adapter would
-    silently mix two experiments in one run directory."""
-    saved_file = run_dir / rd.RECIPE_FILE
-    if not saved_file.is_file():
-        return
-    saved, current = _flatten(load_recipe(saved_file).to_dict()), _flatten(recipe.to_dict())
-    changed = sorted(
-        k for k in saved.keys() | current.keys()
-        if saved.get(k) != current.get(k) and not (k.startswith("training.") and k.split(".", 1)[1] in RESUME_MAY_CHANGE)
-    )
-    if changed:
-        shown = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:5])
-        raise UserInputError(
-            f"--resume: the recipe differs from the one {run_dir} was started with ({shown}); only the run length "
-            f"and logging/saving intervals may change. Resume with the original settings, or start a new run "
-            f"(--overwrite, or output_dir=runs/other)"
-        )
-
-
-def _flatten(data, prefix: str = "") -> dict:
-    if not isinstance(data, dict):
-        return {prefix: data}
-    out = {}
-    for key, value in data.items():
-        out.update(_flatten(value, f"{prefix}{key}." if isinstance(value, dict) and value else f"{prefix}{key}"))
-    return {k.rstrip("."): v for k, v in out.items()}
-
-
 def _snapshot_if_random(recipe, model):
     """Models built from model.config have random weights: keep a copy to save beside the adapter."""
     if recipe.model.name_or_path:

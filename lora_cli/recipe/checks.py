@@ -1,0 +1,121 @@
+"""Rules between keys and sections that a single field's type cannot state.
+
+Exactly one model and one data source, data paths that exist, keys that fit the task,
+sharding files that exist, and settings of two sections that cannot go together. Each
+adds to the loader's :class:`~lora_cli.recipe.errors.Reporter`, so every problem is
+reported at once with its file and line.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from lora_cli.recipe.data import DATA_PATHS, DATA_SOURCES
+from lora_cli.recipe.errors import Reporter, did_you_mean
+from lora_cli.task_kinds import IMAGE_CLASSIFICATION, TASKS, TEXT_TASKS
+
+
+def check_model(model: Any, task: Any, report: Reporter) -> None:
+    if not isinstance(model, dict):
+        return
+    given = [k for k in ("name_or_path", "config") if model.get(k) is not None]
+    if len(given) != 1:
+        report.add(
+            ("model",),
+            "needs exactly one of name_or_path or config" + (" (both are set)" if given else ""),
+            hint="name_or_path for a pretrained model, config for a random-init model built offline",
+        )
+    config = model.get("config")
+    if isinstance(config, dict):
+        model_type = config.get("model_type")
+        if not isinstance(model_type, str):
+            report.add(("model", "config"), "needs a model_type key", hint="e.g. `model_type: vit`", value=model_type)
+        else:
+            from transformers import CONFIG_MAPPING
+
+            known = list(CONFIG_MAPPING.keys())
+            if model_type not in known:
+                report.add(
+                    ("model", "config", "model_type"), "is not a transformers model type", model_type,
+                    did_you_mean(model_type, known) or "e.g. vit, bert, gpt2, t5",
+                )
+    processor = model.get("processor")
+    if processor and task in TEXT_TASKS:
+        report.add(("model", "processor"), f"is for image models; task {task} uses a tokenizer", processor,
+                   "remove it, or set model.tokenizer")
+
+
+def check_data(data: Any, task: Any, report: Reporter) -> None:
+    if not isinstance(data, dict):
+        return
+    given = [k for k in DATA_SOURCES if data.get(k) is not None]
+    if len(given) != 1:
+        report.add(
+            ("data",),
+            "needs exactly one data source" + (f" (set: {', '.join(given)})" if given else ""),
+            hint="set one of dataset (hub id), imagefolder, train_file or builtin",
+        )
+    if data.get("validation_file") is not None and data.get("train_file") is None:
+        report.add(("data", "validation_file"), "needs data.train_file too", data["validation_file"])
+    if task not in TASKS:
+        task = None
+    if data.get("builtin") is not None and task not in (None, IMAGE_CLASSIFICATION):
+        report.add(("data", "builtin"), "'digits' is an image dataset; it needs task image-classification",
+                   data["builtin"])
+    if data.get("imagefolder") is not None and task not in (None, IMAGE_CLASSIFICATION):
+        report.add(("data", "imagefolder"), "needs task image-classification", data["imagefolder"])
+    for key in DATA_PATHS:
+        value = data.get(key)
+        if not isinstance(value, str) or not value:
+            continue
+        path = Path(value).expanduser().absolute()
+        where = f"looked for {path}; paths are relative to the current directory"
+        if key == "imagefolder":
+            if not path.is_dir():
+                report.add(("data", key), "folder not found", value,
+                           f"{where}; it needs train/ (and validation/) sub-folders")
+            elif not (path / "train").is_dir():
+                report.add(("data", key), "has no train/ sub-folder", value,
+                           "lay it out as train/<class>/*.jpg and validation/<class>/*.jpg")
+        elif not path.is_file():
+            report.add(("data", key), "file not found", value, where)
+        elif path.suffix.lower() not in (".csv", ".tsv", ".json", ".jsonl"):
+            report.add(("data", key), "must be a .csv, .tsv, .json or .jsonl file", value)
+
+
+def check_sharding(training: Any, report: Reporter) -> None:
+    """training.deepspeed / training.fsdp_config given as files: they exist, and DeepSpeed is installed."""
+    if not isinstance(training, dict):
+        return
+    for key in ("deepspeed", "fsdp_config"):
+        value = training.get(key)
+        if not isinstance(value, str) or not value or value.lstrip().startswith("{"):
+            continue  # a mapping in the recipe, or inline JSON
+        path = Path(value).expanduser().absolute()
+        if not path.is_file():
+            report.add(("training", key), "file not found", value,
+                       f"looked for {path}; paths are relative to the current directory (or give the settings as a mapping)")
+    if training.get("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        report.add(("training", "deepspeed"), "needs the deepspeed package, which is not installed",
+                   training["deepspeed"], "pip install deepspeed (or remove training.deepspeed)")
+
+
+SCORES_WHOLE_GRADIENTS = ("adalora",)
+"""Methods whose rank allocator scores whole gradients, which FSDP and DeepSpeed shard."""
+
+
+def check_adapter_with_training(adapter: tuple[str, dict] | None, training: Any, report: Reporter) -> None:
+    """Settings of two sections that cannot go together."""
+    if adapter is None or not isinstance(training, dict) or adapter[0] not in SCORES_WHOLE_GRADIENTS:
+        return
+    for key in ("fsdp", "deepspeed"):
+        if training.get(key):
+            report.add(
+                ("training", key),
+                f"cannot shard adapter.method {adapter[0]}: AdaLoRA's rank allocator scores whole gradients, which FSDP "
+                "and DeepSpeed split across processes",
+                training[key],
+                "train AdaLoRA with plain DDP (remove training.fsdp / training.deepspeed) or pick method lora",
+            )
