@@ -4,7 +4,9 @@ Reads and writes PEFT's on-disk format. Depends on torch and safetensors only.
 Importing this package registers every built-in method (:mod:`lora_cli.adapters.methods`).
 """
 
+from lora_cli.adapters.combine import AdapterCombineMixin, CombineError
 from lora_cli.adapters.config import AdapterConfig
+from lora_cli.adapters.convert import ConversionReport, save_as_lora, to_lora
 from lora_cli.adapters.layers import AdapterLayer, ModulesToSaveWrapper
 from lora_cli.adapters.methods.adalora import AdaLoraConfig
 from lora_cli.adapters.methods.loha import LoHaConfig
@@ -21,10 +23,13 @@ from lora_cli.adapters.registry import (
 
 __all__ = [
     "AdaLoraConfig",
+    "AdapterCombineMixin",
     "AdapterConfig",
     "AdapterLayer",
     "AdapterMethod",
     "AdapterModel",
+    "CombineError",
+    "ConversionReport",
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",
@@ -35,4 +40,6 @@ __all__ = [
     "get_adapter_model",
     "get_method",
     "register_method",
+    "save_as_lora",
+    "to_lora",
 ]

@@ -39,6 +39,18 @@ def lora_delta(lora_a: Tensor, lora_b: Tensor, scaling: float) -> Tensor:
     return (lora_b @ lora_a) * scaling
 
 
+def grouped_lora_weight(lora_a: Tensor, lora_b: Tensor, weight_shape: tuple[int, ...]) -> Tensor:
+    """PEFT 0.21's "LoRA weight" of a grouped conv, which DoRA's norm reads there.
+
+    B (out, r / G, 1, ...) is read as a (out / G, r) matrix and A (r, in, *kernel) as
+    (r, in * kernel), and their product is laid out as the grouped weight (out, in / G,
+    *kernel). It is not the adapter's update (that is dense across groups and fits no
+    grouped kernel); it only fixes what a DoRA magnitude in a PEFT file is relative to.
+    """
+    r = lora_a.shape[0]
+    return (lora_b.reshape(-1, r) @ lora_a.reshape(r, -1)).reshape(weight_shape)
+
+
 def dropout_rescale_folded(x: Tensor, dropout: nn.Module, scaling: float) -> tuple[Tensor, float]:
     """``dropout(x)`` without its 1 / (1 - p) rescale, and ``scaling`` that carries it instead.
 
@@ -51,8 +63,8 @@ def dropout_rescale_folded(x: Tensor, dropout: nn.Module, scaling: float) -> tup
     if not (isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0):
         return x, scaling
     p = dropout.p
-    if x.device.type != "cpu" or p >= 1:
-        return dropout(x), scaling
+    if x.device.type != "cpu" or p >= 1 or torch.compiler.is_compiling():
+        return dropout(x), scaling  # compiled, dropout fuses into the kernels (random_ would break the graph)
     n = x.numel()
     words = torch.empty((n + 1) // 2, dtype=torch.int64).random_(-(2**63), None)
     keep = words.view(torch.int32)[:n].view(x.shape) >= round(p * 2**32) - 2**31
@@ -68,8 +80,8 @@ def add_low_rank(result: Tensor, h: Tensor, b: Tensor) -> Tensor:
 
 
 def conv(x: Tensor, weight: Tensor, **kwargs) -> Tensor:
-    """``F.conv1d`` or ``F.conv2d``, picked by the kernel's rank: (out, in, k) or (out, in, kh, kw)."""
-    op = {3: F.conv1d, 4: F.conv2d}[weight.dim()]
+    """``F.conv1d``, ``F.conv2d`` or ``F.conv3d``, picked by the kernel's rank: (out, in, *kernel)."""
+    op = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[weight.dim()]
     return op(x, weight, **kwargs)
 
 

@@ -33,13 +33,15 @@ from lora_cli.errors import LoraCliError
 if TYPE_CHECKING:
     from lora_cli.adapters.config import AdapterConfig
 
-LINEAR, CONV2D, EMBEDDING = "linear", "conv2d", "embedding"
+LINEAR, CONV2D, CONV3D, EMBEDDING = "linear", "conv2d", "conv3d", "embedding"
 HF_CONV1D = "conv1d"
 """transformers' ``Conv1D`` (GPT-2): not a convolution but a linear map, weight stored (in, out)."""
 TORCH_CONV1D = "nn_conv1d"
 """torch's ``nn.Conv1d``: a true convolution over (batch, channels, length)."""
-CONVS = (TORCH_CONV1D, CONV2D)
+CONVS = (TORCH_CONV1D, CONV2D, CONV3D)
 """True convolutions: weight (out, in / groups, *kernel), run by the base's ``_conv_forward``."""
+MHA = "multihead_attention"
+"""``nn.MultiheadAttention`` with one packed ``in_proj_weight`` (3 * dim, dim) and its ``out_proj``."""
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -54,8 +56,12 @@ def layer_kind(module: nn.Module) -> str | None:
         return CONV2D
     if isinstance(module, nn.Conv1d):
         return TORCH_CONV1D
+    if isinstance(module, nn.Conv3d):
+        return CONV3D
     if isinstance(module, nn.Embedding):
         return EMBEDDING
+    if isinstance(module, nn.MultiheadAttention):
+        return MHA
     return None
 
 
@@ -81,11 +87,13 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
-        weight = base_layer.weight
+        weight = self.base_weight()
         if kind == LINEAR:
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         elif kind in (HF_CONV1D, EMBEDDING):
             self.in_features, self.out_features = weight.shape[0], weight.shape[1]
+        elif kind == MHA:
+            self.out_features, self.in_features = weight.shape  # (3 * dim, dim)
         else:
             self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
 
@@ -102,7 +110,35 @@ class AdapterLayer(nn.Module):
     # --------------------------------------------------------------- subclass API
     @classmethod
     def supports(cls, module: nn.Module) -> bool:
-        return layer_kind(module) in cls.supported_kinds
+        return cls.refusal(module) is None
+
+    @classmethod
+    def refusal(cls, module: nn.Module) -> str | None:
+        """Why this method cannot wrap ``module`` (with the fix), or None when it can."""
+        kind = layer_kind(module)
+        if kind in cls.supported_kinds:
+            return None
+        if kind is None:
+            return (
+                "it is not a layer an adapter can wrap (a container, or a layer type no method adapts); "
+                "name the Linear / Conv / Embedding layers inside it instead"
+            )
+        return "this method has no adapter for this layer type; use LoRA for it, or leave it out"
+
+    @classmethod
+    def wrap(cls, module: nn.Module) -> AdapterLayer:
+        """A new layer of this method around ``module``; a method with a special layer for
+        some kind (LoRA's MultiheadAttention) picks it here."""
+        return cls(module)
+
+    def merge_targets(self) -> list[Tensor]:
+        """The base tensors merging writes (a safe merge that fails restores them)."""
+        return [self.base_weight()]
+
+    def base_weight(self) -> Tensor:
+        """The base tensor the adapter updates: ``weight``, or an attention's ``in_proj_weight``."""
+        base = self.base_layer
+        return base.in_proj_weight if layer_kind(base) == MHA else base.weight
 
     def add(self, name: str, config: AdapterConfig, r: int, alpha: float) -> None:
         """Create adapter ``name``'s parameters (rank ``r``, ``alpha`` already per-module)."""
@@ -118,7 +154,7 @@ class AdapterLayer(nn.Module):
         The default folds every delta into the weight and runs the base op once:
         one full-size matmul instead of two.
         """
-        weight = self.base_layer.weight
+        weight = self.base_weight()
         delta = sum(self.to_raw(self.training_delta(n)) for n in names)
         return self.apply_weight(x, weight + delta.to(weight.dtype))
 
@@ -142,16 +178,16 @@ class AdapterLayer(nn.Module):
         return delta.T if self.transposed else delta
 
     def canonical_weight(self) -> Tensor:
-        weight = self.base_layer.weight
+        weight = self.base_weight()
         return weight.T if self.transposed else weight
 
     def adapter_dtype(self) -> torch.dtype:
         """Adapters stay in float32 on half-precision bases (stable optimiser updates)."""
-        dtype = self.base_layer.weight.dtype
+        dtype = self.base_weight().dtype
         return torch.float32 if dtype in HALF_DTYPES else dtype
 
     def new_param(self, *shape: int) -> nn.Parameter:
-        weight = self.base_layer.weight
+        weight = self.base_weight()
         return nn.Parameter(torch.empty(*shape, device=weight.device, dtype=self.adapter_dtype()))
 
     def apply_weight(self, x: Tensor, weight: Tensor) -> Tensor:
@@ -166,6 +202,8 @@ class AdapterLayer(nn.Module):
             return out.reshape(*x.shape[:-1], weight.shape[1])
         if self.kind in CONVS:
             return base._conv_forward(x, weight, base.bias)
+        if self.kind == MHA:
+            raise LoraCliError("an attention layer runs through its own forward, not apply_weight")
         return F.embedding(
             x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
         )
@@ -203,13 +241,13 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def merge_one(self, name: str, safe_merge: bool) -> None:
-        weight = self.base_layer.weight
+        weight = self.base_weight()
         delta = self.to_raw(self.get_delta_weight(name)).to(weight.dtype)
         self._write_weight(weight + delta, name, safe_merge)
 
     @torch.no_grad()
     def unmerge_one(self, name: str) -> None:
-        weight = self.base_layer.weight
+        weight = self.base_weight()
         weight.data -= self.to_raw(self.get_delta_weight(name)).to(weight.dtype)
 
     def _write_weight(self, new_weight: Tensor, name: str, safe_merge: bool) -> None:
@@ -218,7 +256,7 @@ class AdapterLayer(nn.Module):
                 f"merging adapter {name!r} would put NaN/inf into {type(self.base_layer).__name__} weights; "
                 "the adapter is broken (check the training loss); nothing was merged"
             )
-        self.base_layer.weight.data.copy_(new_weight)
+        self.base_weight().data.copy_(new_weight)
 
     # ------------------------------------------------------------ bookkeeping
     def adapter_tensors(self, name: str) -> Iterator[tuple[str, nn.Parameter]]:

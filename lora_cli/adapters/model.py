@@ -23,15 +23,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lora_cli.adapters.combine import AdapterCombineMixin
 from lora_cli.adapters.config import AdapterConfig
-from lora_cli.adapters.layers import AdapterLayer, ModulesToSaveWrapper
+from lora_cli.adapters.layers import HF_CONV1D, AdapterLayer, ModulesToSaveWrapper
 from lora_cli.adapters.registry import MethodState, get_method
 from lora_cli.adapters.state import AdapterStateMixin
 from lora_cli.adapters.targeting import module_aliases, resolve_modules_to_save, resolve_targets
-from lora_cli.errors import LoraCliError, UserInputError
+from lora_cli.errors import LoraCliError, TargetingError, UserInputError
 
 
-class AdapterModel(AdapterStateMixin, nn.Module):
+class AdapterModel(AdapterStateMixin, AdapterCombineMixin, nn.Module):
     """A model with named adapters of one method. Calls go through to the base model;
     saving, loading and state dicts come from :class:`AdapterStateMixin`."""
 
@@ -144,16 +145,19 @@ class AdapterModel(AdapterStateMixin, nn.Module):
                 f"so a {method.name} adapter cannot be added"
             )
         aliases = module_aliases(self.base_model)
-        paths = resolve_targets(self.base_model, config, method.supports, aliases)
+        paths = resolve_targets(self.base_model, config, method.layer_cls.refusal, aliases)
         created: list[str] = []
         try:
             for path in paths:
                 module = self.base_model.get_submodule(path)
                 if not isinstance(module, AdapterLayer):
-                    module = method.layer_cls(module)
+                    module = method.layer_cls.wrap(module)
                     self.base_model.set_submodule(path, module)
                 r, alpha = _rank_and_alpha(config, path, aliases.get(path))
-                module.add(adapter_name, config, r, alpha)
+                try:
+                    module.add(adapter_name, config, r, alpha)
+                except TargetingError as exc:  # the layer's reason, with where it is
+                    raise TargetingError(f"target module {path}: {exc}; nothing was adapted") from None
                 created.append(path)
             for path in resolve_modules_to_save(self.base_model, config.modules_to_save or [], aliases):
                 module = self.base_model.get_submodule(path)
@@ -168,6 +172,7 @@ class AdapterModel(AdapterStateMixin, nn.Module):
             raise
         self.peft_config[adapter_name] = config
         self.targets[adapter_name] = paths
+        _warn_fan_in_fan_out(self.base_model, config, paths)
         if method.state_cls is not None:
             self.method_state[adapter_name] = method.state_cls(self, adapter_name)
         self._set_trainable()
@@ -250,7 +255,7 @@ class AdapterModel(AdapterStateMixin, nn.Module):
         # A refused safe merge must leave the weights bit-identical; subtracting the deltas
         # again (or dividing DoRA's scale back out) only restores them up to rounding.
         saved = (
-            [(layer, layer.base_layer.weight.detach().clone(), list(layer.merged_adapters)) for layer in layers]
+            [(layer, [t.detach().clone() for t in layer.merge_targets()], list(layer.merged_adapters)) for layer in layers]
             if safe_merge
             else []
         )
@@ -261,8 +266,9 @@ class AdapterModel(AdapterStateMixin, nn.Module):
                 merged.append(layer)
         except Exception:
             with torch.no_grad():
-                for layer, weight, state in saved:
-                    layer.base_layer.weight.copy_(weight)
+                for layer, tensors, state in saved:
+                    for live, kept in zip(layer.merge_targets(), tensors, strict=True):
+                        live.copy_(kept)
                     layer.merged_adapters = state
             if not saved:
                 for layer in merged:  # all or nothing
@@ -284,7 +290,8 @@ class AdapterModel(AdapterStateMixin, nn.Module):
         return self._unload(keep_heads=False)
 
     def _unload(self, keep_heads: bool) -> nn.Module:
-        for path, layer in list(self.adapter_layers()):
+        # innermost first: an attention's out_proj layer lives inside the attention's layer
+        for path, layer in reversed(list(self.adapter_layers())):
             self.base_model.set_submodule(path, layer.base_layer)
         for path, wrapper in list(self._wrappers()):
             module = wrapper.active_module() if keep_heads else wrapper.original_module
@@ -307,6 +314,21 @@ def get_adapter_model(model: nn.Module, config: AdapterConfig, adapter_name: str
     if isinstance(model, AdapterModel):
         raise UserInputError("the model already has adapters; use model.add_adapter(name, config) instead")
     return AdapterModel(model, config, adapter_name)
+
+
+def _warn_fan_in_fan_out(model: nn.Module, config: AdapterConfig, paths: list[str]) -> None:
+    """fan_in_fan_out describes GPT-2's Conv1D, whose (in, out) layout the engine detects by
+    itself; set on a config that adapted no such layer it means a mistake."""
+    if not getattr(config, "fan_in_fan_out", False):
+        return
+    kinds = {model.get_submodule(p).kind for p in paths}
+    if HF_CONV1D not in kinds:
+        warnings.warn(
+            "adapter.fan_in_fan_out: true is for models with GPT-2-style Conv1D layers; none of the "
+            f"{len(paths)} adapted layer(s) of {type(model).__name__} is one, so it is ignored (set it to false)",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def _rank_and_alpha(config: AdapterConfig, path: str, old_path: str | None = None) -> tuple[int, float]:

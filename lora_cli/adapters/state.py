@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from lora_cli.adapters.autobase import load_base_model
 from lora_cli.adapters.config import CONFIG_NAME, WEIGHTS_NAME, AdapterConfig
 from lora_cli.adapters.layers import AdapterLayer
 from lora_cli.adapters.targeting import candidate_modules, matches, module_aliases
@@ -188,13 +189,22 @@ class AdapterStateMixin:
     @classmethod
     def from_pretrained(
         cls,
-        model: nn.Module,
-        model_id: str | os.PathLike,
+        model: nn.Module | str | os.PathLike | None = None,
+        model_id: str | os.PathLike | None = None,
         adapter_name: str = "default",
         is_trainable: bool = False,
+        **base_kwargs: Any,
     ) -> AdapterModel:
-        """Load a PEFT-format adapter directory onto ``model``."""
+        """Load a PEFT-format adapter directory onto ``model``, or with no model onto the base it
+        names, as PEFT's AutoPeftModel does (:mod:`.autobase`; ``base_kwargs`` go to its loader).
+        ``is_trainable=False`` (the default) freezes the adapter, as in PEFT."""
+        if model_id is None and isinstance(model, (str, os.PathLike)):
+            model, model_id = None, model
+        if model_id is None:
+            raise UserInputError("from_pretrained needs the adapter folder: from_pretrained([base_model,] adapter_dir)")
         config = AdapterConfig.from_pretrained(model_id)
+        if model is None:
+            model = load_base_model(config, Path(model_id), **base_kwargs)
         config.inference_mode = not is_trainable
         instance = cls(model, config, adapter_name)
         instance._load_weights(Path(model_id), adapter_name)

@@ -6,6 +6,8 @@ Rules (PEFT's, so recipes and adapter files mean the same thing in both tools):
   ``"." + entry`` (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``);
 - a string: a regular expression that must match the whole path;
 - ``"all-linear"``: every Linear / Conv1D except the output layer and the classifier head;
+- every module a list entry or a regex selects must be one the method can wrap: otherwise
+  the call fails and names it (PEFT 0.21 raises too); nothing is left out silently;
 - ``exclude_modules`` removes matches by the same rules;
 - ``layers_to_transform`` keeps modules whose layer index (the number after
   ``layers_pattern``, or after any module-list name) is listed.
@@ -20,12 +22,13 @@ from __future__ import annotations
 import difflib
 import re
 import sys
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 
 from torch import nn
 
 from lora_cli.adapters.config import AdapterConfig
-from lora_cli.adapters.layers import HF_CONV1D, LINEAR, AdapterLayer, layer_kind
+from lora_cli.adapters.layers import HF_CONV1D, LINEAR, MHA, AdapterLayer, layer_kind
 from lora_cli.errors import TargetingError
 from lora_cli.hf_names import legacy_aliases
 
@@ -106,10 +109,16 @@ def output_layer_paths(model: nn.Module, modules: Mapping[str, nn.Module]) -> se
 def resolve_targets(
     model: nn.Module,
     config: AdapterConfig,
-    supports,
+    refusal: Callable[[nn.Module], str | None],
     aliases: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """Module paths to adapt, in model order. ``supports(module)`` says what can be wrapped."""
+    """Module paths to adapt, in model order.
+
+    ``refusal(module)`` says why the method cannot wrap a module (None: it can). As in PEFT
+    0.21, every module a list entry or a regex selects must be adaptable, or the whole call
+    fails naming each one; nothing is dropped silently. "all-linear" picks only Linear /
+    Conv1D layers (see :func:`_all_linear`).
+    """
     modules = candidate_modules(model)
     rule = config.target_modules
     if rule is None:
@@ -119,12 +128,7 @@ def resolve_targets(
         )
     skip_heads = set(config.modules_to_save or [])
     if rule == ALL_LINEAR or rule == [ALL_LINEAR]:
-        heads = output_layer_paths(model, modules)
-        selected = [
-            p
-            for p, m in modules.items()
-            if layer_kind(m) in (LINEAR, HF_CONV1D) and p not in heads and not any(_matches_entry(p, h) for h in skip_heads)
-        ]
+        selected = _all_linear(model, modules, skip_heads)
     else:
         selected = [p for p in modules if matches(p, rule, aliases)]
     if not selected:
@@ -143,22 +147,56 @@ def resolve_targets(
             f"target_modules {rule!r} matched modules, but exclude_modules / layers_to_transform / "
             "modules_to_save removed all of them"
         )
+    refused = [(p, _mha_out_proj_refusal(modules, p) or refusal(modules[p])) for p in selected]
+    refused = [(p, why) for p, why in refused if why]
+    if refused:
+        shown = "; ".join(f"{p} ({type(modules[p]).__name__}): {why}" for p, why in refused[:5])
+        more = f" (and {len(refused) - 5} more)" if len(refused) > 5 else ""
+        raise TargetingError(
+            f"target_modules {rule!r} selects module(s) the {config.method or 'adapter'} method cannot adapt: "
+            f"{shown}{more}. Nothing was adapted; change target_modules, or add these paths to exclude_modules"
+        )
+    return selected
 
-    # A rule that names a container (an attention block) rather than a layer is a mistake.
-    unsupported = [p for p in selected if not supports(modules[p])]
-    if isinstance(rule, list):
-        selected = [p for p in selected if supports(modules[p])]
-        if not selected:
-            bad = ", ".join(f"{p} ({type(modules[p]).__name__})" for p in unsupported[:5])
-            if all(layer_kind(modules[p]) is not None for p in unsupported):
-                fix = "this method has no adapter for these layer types; target other layers or use LoRA"
-            else:
-                fix = "name the Linear/Conv/Embedding layers inside them instead"
-            raise TargetingError(f"target_modules {rule!r} matched only modules this method cannot adapt: {bad}; {fix}")
-    else:
-        selected = [p for p in selected if supports(modules[p])]
-        if not selected:
-            raise TargetingError(f"target_modules {rule!r} matched no layer this method can adapt")
+
+def _is_mha_out_proj(modules: Mapping[str, nn.Module], path: str) -> bool:
+    parent, _, leaf = path.rpartition(".")
+    return leaf == "out_proj" and layer_kind(modules.get(parent)) == MHA
+
+
+def _mha_out_proj_refusal(modules: Mapping[str, nn.Module], path: str) -> str | None:
+    if not _is_mha_out_proj(modules, path):
+        return None
+    parent = path.rpartition(".")[0]
+    return (
+        "it is the output projection of an nn.MultiheadAttention, whose forward reads its weight directly, "
+        f"so an adapter on it alone would never run (PEFT 0.21 adapts it anyway, to no effect); target the "
+        f"attention module itself ({parent!r}), which LoRA adapts as in_proj and out_proj together"
+    )
+
+
+def _all_linear(model: nn.Module, modules: Mapping[str, nn.Module], skip_heads: set[str]) -> list[str]:
+    """PEFT's "all-linear": every Linear / Conv1D but the output layer and the heads.
+
+    An nn.MultiheadAttention's ``out_proj`` is left out, with a warning: PEFT 0.21 adapts
+    it, but the attention's forward never calls it, so that adapter has no effect.
+    """
+    heads = output_layer_paths(model, modules)
+    selected, dead = [], []
+    for path, module in modules.items():
+        if layer_kind(module) not in (LINEAR, HF_CONV1D) or path in heads:
+            continue
+        if any(_matches_entry(path, h) for h in skip_heads):
+            continue
+        (dead if _is_mha_out_proj(modules, path) else selected).append(path)
+    if dead:
+        parents = ", ".join(p.rpartition(".")[0] for p in dead[:5])
+        warnings.warn(
+            f"target_modules 'all-linear' leaves out {', '.join(dead[:5])}: an nn.MultiheadAttention reads its "
+            "out_proj weight directly, so an adapter there would do nothing (PEFT 0.21 adapts it anyway, to "
+            f"no effect). To adapt the attention, list it in target_modules ({parents}) instead of 'all-linear'",
+            stacklevel=4,
+        )
     return selected
 
 

@@ -80,14 +80,14 @@ def assert_merge_matches_peft(ours, x, build_base, folder, atol: float = 1e-5) -
             return model(x)
 
     layers = dict(ours.adapter_layers())
-    pristine = {p: layer.base_layer.weight.detach().clone() for p, layer in layers.items()}
+    pristine = {p: layer.base_weight().detach().clone() for p, layer in layers.items()}
     unmerged = out(ours)
     ours.merge_adapter()
-    assert all(not torch.equal(layer.base_layer.weight, pristine[p]) for p, layer in layers.items())
+    assert all(not torch.equal(layer.base_weight(), pristine[p]) for p, layer in layers.items())
     torch.testing.assert_close(out(ours), unmerged, atol=atol, rtol=0)
     ours.unmerge_adapter()
     for path, layer in layers.items():
-        torch.testing.assert_close(layer.base_layer.weight, pristine[path], atol=atol, rtol=0)
+        torch.testing.assert_close(layer.base_weight(), pristine[path], atol=atol, rtol=0)
     torch.testing.assert_close(out(ours), unmerged, atol=atol, rtol=0)
 
     ours.save_pretrained(folder)
@@ -95,7 +95,14 @@ def assert_merge_matches_peft(ours, x, build_base, folder, atol: float = 1e-5) -
     plain = ours.merge_and_unload(safe_merge=True)
     torch.testing.assert_close(out(plain), unmerged, atol=atol, rtol=0)
     for path in layers:
-        torch.testing.assert_close(plain.get_submodule(path).weight, theirs.get_submodule(path).weight, atol=atol, rtol=0)
+        torch.testing.assert_close(merged_weight(plain, path), merged_weight(theirs, path), atol=atol, rtol=0)
+
+
+def merged_weight(model, path: str) -> torch.Tensor:
+    """The weight an adapter at ``path`` (live path, ``...attn.base_layer.out_proj`` for an
+    attention's out_proj) was merged into, in a plain model: ``in_proj_weight`` of attention."""
+    module = model.get_submodule(path.replace(".base_layer.", "."))
+    return module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else module.weight
 
 
 def assert_module_dropout_only_in_training(layer, x) -> None:
@@ -130,5 +137,53 @@ class Conv1dNet(nn.Module):
     def forward(self, input_values, labels=None):
         h = torch.relu(self.conv2(torch.relu(self.conv1(input_values))))
         logits = self.classifier(h.mean(dim=-1))
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return Output(logits, loss)
+
+
+class Conv3dNet(nn.Module):
+    """A video classifier of two ``nn.Conv3d`` layers and a head, called like a transformers model."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv1 = nn.Conv3d(3, 6, 3, padding=1)
+        self.conv2 = nn.Conv3d(6, 6, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
+        self.classifier = nn.Linear(6, 3)
+
+    def forward(self, input_values, labels=None):
+        h = torch.relu(self.conv2(torch.relu(self.conv1(input_values))))
+        logits = self.classifier(h.mean(dim=(2, 3, 4)))
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return Output(logits, loss)
+
+
+class GroupedConvNet(nn.Module):
+    """A classifier whose first layer is a grouped ``nn.Conv2d`` (groups=2)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.grouped = nn.Conv2d(4, 8, 3, padding=1, groups=2)
+        self.classifier = nn.Linear(8, 3)
+
+    def forward(self, input_values, labels=None):
+        logits = self.classifier(torch.relu(self.grouped(input_values)).mean(dim=(2, 3)))
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return Output(logits, loss)
+
+
+class AttentionNet(nn.Module):
+    """Self-attention with ``nn.MultiheadAttention`` (batch first) over a sequence, then a head."""
+
+    def __init__(self, seed: int = 0, dim: int = 8) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.classifier = nn.Linear(dim, 3)
+
+    def forward(self, input_values, labels=None):
+        h, _ = self.attn(input_values, input_values, input_values, need_weights=False)
+        logits = self.classifier(h.mean(dim=1))
         loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
         return Output(logits, loss)

@@ -174,10 +174,14 @@ def test_modules_to_save_matches_on_a_dot_boundary(tmp_path):
         get_adapter_model(_TwoHeads(), LoraConfig(target_modules=["body"], modules_to_save=["clasifier"]))
 
 
-def test_dora_on_grouped_conv_is_refused():
+def test_dora_on_grouped_conv_runs_unmerged_only():
+    """DoRA on a grouped conv is supported (PEFT parity: test_lora_more_layers.py); like
+    every LoRA there it cannot be merged."""
     grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
-    with pytest.raises(TargetingError, match="use_dora is not supported on grouped convolutions"):
-        get_adapter_model(grouped, LoraConfig(target_modules=["0"], use_dora=True))
+    model = get_adapter_model(grouped, LoraConfig(target_modules=["0"], use_dora=True, init_lora_weights=False))
+    assert model.targets["default"] == ["0"]
+    with pytest.raises(UserInputError, match="grouped convolution .* cannot be merged"):
+        model.merge_adapter()
 
 
 # ----------------------------------------------------------------------- multi-adapter

@@ -1,7 +1,8 @@
 """LoRA on the layers PEFT 0.21 adapts beyond Linear / Conv2d / Embedding, checked against PEFT.
 
 DoRA on Conv2d, Conv1d and Embedding; LoRA and DoRA on ``torch.nn.Conv1d`` (channels
-first, not GPT-2's Conv1D); LoRA on grouped convolutions, which neither tool can merge.
+first, not GPT-2's Conv1D) and ``nn.Conv3d``; LoRA and DoRA on grouped convolutions, which
+neither tool can merge; ``lora_bias``; ``nn.MultiheadAttention`` (more in test_lora_mha.py).
 Every case starts from non-zero adapter weights (``init_lora_weights=False``, then every
 trainable tensor perturbed), so a wrong key, shape or formula changes the outputs.
 """
@@ -49,6 +50,22 @@ def _grouped1d():
     return nn.Sequential(nn.Conv1d(4, 6, 3, padding=1, groups=2), nn.ReLU(), nn.Conv1d(6, 4, 1))
 
 
+def _conv3d():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv3d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv3d(6, 4, (1, 3, 3), stride=(1, 2, 2)))
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(self.attn(x, x, x, need_weights=False)[0])
+
+
 def _randn(*shape):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(1))
 
@@ -59,6 +76,8 @@ MODELS = {
     "embedding": (_embedding, ["0"], lambda: torch.randint(0, 12, (2, 5), generator=torch.Generator().manual_seed(1))),
     "grouped2d": (_grouped2d, ["0"], lambda: _randn(2, 4, 6, 6)),
     "grouped1d": (_grouped1d, ["0"], lambda: _randn(2, 4, 10)),
+    "conv3d": (_conv3d, ["0", "2"], lambda: _randn(2, 3, 4, 6, 6)),
+    "attention": (_Attention, ["attn"], lambda: _randn(2, 5, 8)),
 }
 GROUPED = ("grouped2d", "grouped1d")
 
@@ -70,10 +89,24 @@ CASES = [
     ("embedding", {"use_dora": True}),
     ("grouped2d", {}),
     ("grouped1d", {"r": 6}),
+    ("conv3d", {}),
+    ("conv3d", {"use_dora": True}),
+    ("grouped2d", {"use_dora": True}),
+    ("grouped1d", {"r": 6, "use_dora": True}),
+    ("attention", {}),
+    ("attention", {"use_rslora": True, "r": 3}),
+    ("conv2d", {"lora_bias": True}),
+    ("conv3d", {"lora_bias": True}),
+    ("grouped2d", {"lora_bias": True}),
 ]
 MERGEABLE = [c for c in CASES if c[0] not in GROUPED]
 # DoRA feeds dropout(x) through nn.Dropout as PEFT does, so the same seed gives the same masks
-TRAINING = CASES + [("conv2d", {"use_dora": True, "lora_dropout": 0.2}), ("conv1d", {"use_dora": True, "lora_dropout": 0.2})]
+TRAINING = CASES + [
+    ("conv2d", {"use_dora": True, "lora_dropout": 0.2}),
+    ("conv1d", {"use_dora": True, "lora_dropout": 0.2}),
+    ("conv3d", {"use_dora": True, "lora_dropout": 0.2}),
+    ("grouped2d", {"use_dora": True, "lora_dropout": 0.2}),
+]
 
 
 def _id(case):
@@ -152,17 +185,20 @@ def test_merge_roundtrip_and_merged_weights_match_peft(case, tmp_path):
 
 
 @pytest.mark.parametrize("name", GROUPED)
-def test_grouped_conv_is_never_merged(name, tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"use_dora": True}, {"lora_bias": True}], ids=["lora", "dora", "lora_bias"])
+def test_grouped_conv_is_never_merged(name, extra, tmp_path):
     """The update of a grouped conv's LoRA is dense across groups: it has no place in the
-    grouped kernel. Merging is refused, all or nothing, as PEFT refuses it."""
+    grouped kernel. Merging is refused, all or nothing, as PEFT refuses it (DoRA too)."""
     x = MODELS[name][2]()
-    ours = _ours(name, {"r": 6} if name == "grouped1d" else {})
+    ours = _ours(name, ({"r": 6} if name == "grouped1d" else {}) | extra)
     weight = ours.base_model.get_submodule("0").base_layer.weight.detach().clone()
+    bias = ours.base_model.get_submodule("0").base_layer.bias.detach().clone()
     unmerged = _out(ours, x)
     for merge in (ours.merge_adapter, lambda: ours.merge_adapter(safe_merge=True), ours.merge_and_unload):
         with pytest.raises(UserInputError, match="grouped convolution .* cannot be merged"):
             merge()
         assert torch.equal(ours.base_model.get_submodule("0").base_layer.weight, weight)
+        assert torch.equal(ours.base_model.get_submodule("0").base_layer.bias, bias)
         torch.testing.assert_close(_out(ours, x), unmerged, atol=0, rtol=0)
     ours.save_pretrained(tmp_path)
     with pytest.raises(NotImplementedError, match="groups > 1"):
@@ -186,7 +222,7 @@ def test_training_gradients_match_peft(case, tmp_path):
         torch.manual_seed(5)
         model(x).square().mean().backward()
     their_grads = {
-        re.sub(r"(\.lora_\w+\.default)\.weight$", r"\1", n): p.grad
+        re.sub(r"\.lora_B\.default\.bias$", ".lora_B_bias.default", re.sub(r"(\.lora_\w+\.default)\.weight$", r"\1", n)): p.grad
         for n, p in theirs.base_model.model.named_parameters() if p.requires_grad
     }
     our_grads = {n: p.grad for n, p in ours.base_model.named_parameters() if p.requires_grad}
@@ -205,11 +241,6 @@ def test_grouped_conv_rank_must_be_a_multiple_of_groups():
         get_adapter_model(_grouped2d(), LoraConfig(**kw))
     with pytest.raises(ValueError, match="rank is divisible by groups"):
         peft.get_peft_model(_grouped2d(), peft.LoraConfig(**kw))
-
-
-def test_dora_on_grouped_conv_is_refused():
-    with pytest.raises(TargetingError, match="use_dora is not supported on grouped convolutions.*groups=2"):
-        get_adapter_model(_grouped1d(), LoraConfig(r=4, target_modules=["0"], use_dora=True))
 
 
 @pytest.mark.parametrize("config_cls", [LoHaConfig, LoKrConfig], ids=["loha", "lokr"])

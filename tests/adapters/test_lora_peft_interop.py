@@ -67,6 +67,8 @@ CASES = [
     ("vit", {"target_modules": "all-linear"}),
     ("gpt2", {"target_modules": "all-linear"}),
     ("vit", {"target_modules": r".*layers\.1\..*(q_proj|k_proj)", "exclude_modules": ["k_proj"]}),
+    ("vit", {"target_modules": ["q_proj", "v_proj", "projection"], "lora_bias": True}),
+    ("gpt2", {"target_modules": ["c_attn"], "lora_bias": True, "use_rslora": True}),
 ]
 
 
@@ -178,8 +180,9 @@ def test_peft_adapter_with_transformers4_names_loads(tmp_path):
         ("vit", {"target_modules": ["q_proj", "v_proj"], "use_dora": True}),
         ("gpt2", {"target_modules": ["c_attn"], "use_dora": True, "use_rslora": True}),
         ("bert", {"target_modules": ["query", "word_embeddings"], "bias": "all", "modules_to_save": ["classifier"]}),
+        ("vit", {"target_modules": ["q_proj", "projection"], "lora_bias": True}),
     ],
-    ids=["vit-dora", "gpt2-dora-rslora", "bert-embedding-bias-head"],
+    ids=["vit-dora", "gpt2-dora-rslora", "bert-embedding-bias-head", "vit-lora_bias"],
 )
 def test_training_gradients_match_peft(name, kw, tmp_path):
     """Same weights, same batch, same dropout draws: every trainable tensor gets PEFT's gradient."""
@@ -195,7 +198,7 @@ def test_training_gradients_match_peft(name, kw, tmp_path):
         torch.manual_seed(5)
         model(**inputs).loss.backward()
     their_grads = {
-        re.sub(r"(\.lora_\w+\.default)\.weight$", r"\1", n): p.grad
+        re.sub(r"\.lora_B\.default\.bias$", ".lora_B_bias.default", re.sub(r"(\.lora_\w+\.default)\.weight$", r"\1", n)): p.grad
         for n, p in theirs.base_model.model.named_parameters() if p.requires_grad
     }
     our_grads = {n: p.grad for n, p in ours.base_model.named_parameters() if p.requires_grad}

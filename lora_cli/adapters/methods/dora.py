@@ -7,7 +7,9 @@
 variant changes how one adapter is created (``init``), folded into and out of the base
 weight (``merge_safe``, ``unmerge``) and run (``forward``). m is PEFT's
 ``lora_magnitude_vector``: (out,) on Linear, Conv1D and embeddings (one per embedding
-dimension), (1, out, 1[, 1]) on convolutions, as PEFT stores it.
+dimension), (1, out, 1[, 1]) on convolutions, as PEFT stores it. On a grouped conv the
+norm is taken of PEFT 0.21's reading of B and A (``LoraLayer.dora_delta``); such an
+adapter runs unmerged only, as every LoRA on a grouped conv.
 """
 
 from __future__ import annotations
@@ -50,15 +52,16 @@ class DoraVariant(LoraVariant):
 
     def init(self, layer: LoraLayer, name: str) -> None:
         with torch.no_grad():
-            norm = fn.row_norm(layer.canonical_weight().float() + layer.get_delta_weight(name).float())
-        shape = (1, -1, *[1] * (layer.base_layer.weight.dim() - 2)) if layer.kind in CONVS else (-1,)
+            a, b = layer.factors(name)
+            norm = fn.row_norm(layer.canonical_weight().float() + layer.dora_delta(name, a, b).float())
+        shape = (1, -1, *[1] * (layer.base_weight().dim() - 2)) if layer.kind in CONVS else (-1,)
         layer.lora_magnitude_vector[name] = nn.Parameter(norm.reshape(shape).to(layer.adapter_dtype()))
 
     @staticmethod
     def scale(layer: LoraLayer, name: str, a: Tensor, b: Tensor) -> Tensor:
         """g = m / ||W + s B A|| per output row (out,), the norm detached."""
         weight = layer.canonical_weight().to(a.dtype)
-        norm = fn.row_norm(weight + fn.lora_delta(a, b, layer.scaling[name])).detach()
+        norm = fn.row_norm(weight + layer.dora_delta(name, a, b)).detach()
         return layer.lora_magnitude_vector[name].reshape(-1) / norm
 
     def merge_safe(self, layer: LoraLayer, name: str, weight: Tensor) -> Tensor:

@@ -12,7 +12,11 @@ padding and B a 1x1 conv; on embeddings A is a lookup table (r, num_embeddings) 
 
 On a grouped convolution (groups = G > 1) A still sees every input channel and B is a
 grouped 1x1 conv, (out, r / G, 1, 1): PEFT's layout. The dense update that makes cannot
-live in the grouped kernel, so such an adapter is never merged; it has no DoRA either.
+live in the grouped kernel, so such an adapter is never merged (DoRA included).
+
+``lora_bias``: lora_B gets a bias b (out,), y = W x + s (B A x + b); merging adds s b to
+the base bias (a base without a bias cannot merge it). ``nn.MultiheadAttention`` has its
+own layer: :mod:`lora_cli.adapters.methods.lora_mha`.
 """
 
 from __future__ import annotations
@@ -37,16 +41,18 @@ from lora_cli.adapters.config import (
 )
 from lora_cli.adapters.layers import (
     CONV2D,
+    CONV3D,
     CONVS,
     EMBEDDING,
     HF_CONV1D,
     LINEAR,
     TORCH_CONV1D,
     AdapterLayer,
+    layer_kind,
 )
 from lora_cli.adapters.methods.dora import DoraVariant, LoraVariant
 from lora_cli.adapters.registry import register_method
-from lora_cli.errors import Problem, TargetingError, UserInputError
+from lora_cli.errors import LoraCliError, Problem, TargetingError, UserInputError
 
 INIT_CHOICES = (True, False, "gaussian", "pissa", "pissa_niter_[N]", "olora", "orthogonal")
 BIAS_CHOICES = ("none", "all", "lora_only")
@@ -76,7 +82,7 @@ class LoraConfig(AdapterConfig):
     use_dora: bool = False
     """Weight-decomposed LoRA: learn a magnitude per output row."""
     lora_bias: bool = False
-    """A trainable bias on lora_B (not supported)."""
+    """A trainable bias on lora_B, merged into the base bias (not with DoRA or SVD-based inits)."""
 
     def problems(self) -> list[Problem]:
         out = super().problems()
@@ -91,15 +97,33 @@ class LoraConfig(AdapterConfig):
             out.append(Problem("init_lora_weights", f"must be one of {shown}", init))
         elif init == "orthogonal" and isinstance(self.r, int) and self.r % 2:
             out.append(Problem("init_lora_weights", "'orthogonal' needs an even r", init, hint=f"r is {self.r}"))
-        if self.lora_bias:
-            out.append(Problem("lora_bias", "is not supported by loracli", True, hint="set lora_bias: false"))
+        if not isinstance(self.lora_bias, bool):
+            out.append(Problem("lora_bias", "must be true or false", self.lora_bias))
+        elif self.lora_bias and (self.use_dora or not isinstance(init, bool)):  # PEFT 0.21 refuses both
+            other = "cannot be combined with use_dora" if self.use_dora else f"needs init_lora_weights true or false, not {init!r}"
+            out.append(Problem("lora_bias", other, True, hint="set lora_bias: false, or change the other option"))
         return out
 
 
 class LoraLayer(AdapterLayer):
-    supported_kinds = (LINEAR, HF_CONV1D, TORCH_CONV1D, CONV2D, EMBEDDING)
-    adapter_attrs = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-    disk_names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+    supported_kinds = (LINEAR, HF_CONV1D, TORCH_CONV1D, CONV2D, CONV3D, EMBEDDING)
+    adapter_attrs = (
+        "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "lora_B_bias"
+    )
+    disk_names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_B_bias": "lora_B.bias"}
+    kind_layers: ClassVar[dict[str, type[LoraLayer]]] = {}
+    """Layer classes for kinds that need their own (``MHA``), filled by their modules."""
+
+    @classmethod
+    def refusal(cls, module: nn.Module) -> str | None:
+        special = cls.kind_layers.get(layer_kind(module))
+        if special is not None and special is not cls:
+            return special.refusal(module)
+        return super().refusal(module)
+
+    @classmethod
+    def wrap(cls, module: nn.Module) -> AdapterLayer:
+        return cls.kind_layers.get(layer_kind(module), cls)(module)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -118,13 +142,13 @@ class LoraLayer(AdapterLayer):
 
     # ------------------------------------------------------------------ params
     def add(self, name: str, config: LoraConfig, r: int, alpha: float) -> None:
+        if config.lora_bias and self.kind == EMBEDDING:
+            raise TargetingError(
+                f"lora_bias is not supported on the embedding {self.base_layer} (PEFT refuses it too); "
+                "set lora_bias: false or exclude this module (exclude_modules)"
+            )
         if self.groups > 1:
             where = f"{self.base_layer} (groups={self.groups})"
-            if config.use_dora:
-                raise TargetingError(
-                    f"use_dora is not supported on grouped convolutions such as {where}; "
-                    "set use_dora: false or exclude this module (exclude_modules)"
-                )
             if r % self.groups:
                 raise TargetingError(
                     f"LoRA on the grouped convolution {where} needs r divisible by groups, got r={r}; "
@@ -153,6 +177,8 @@ class LoraLayer(AdapterLayer):
         else:
             self.lora_A[name] = self.new_param(r, self.in_features)
             self.lora_B[name] = self.new_param(self.out_features, r)
+        if config.lora_bias:
+            self.lora_B_bias[name] = self.new_param(self.out_features)
         self._init(name, config.init_lora_weights)
         if config.use_dora:
             self.lora_variant[name] = DoraVariant()
@@ -182,7 +208,7 @@ class LoraLayer(AdapterLayer):
             a.copy_(fa)
             b.copy_(fb)
             residual = weight.float() - s * (fb @ fa)
-            self.base_layer.weight.data.copy_(self.to_raw(residual).to(weight.dtype))
+            self.base_weight().data.copy_(self.to_raw(residual).to(weight.dtype))
         elif init == "orthogonal":
             if a.dim() != 2:  # PEFT refuses it on convolutions too
                 raise TargetingError(
@@ -201,6 +227,9 @@ class LoraLayer(AdapterLayer):
                 nn.init.kaiming_uniform_(b, a=math.sqrt(5))
             else:
                 nn.init.zeros_(b)
+        if name in self.lora_B_bias:  # as nn.Linear draws a bias for B's fan-in; zero for a zero delta
+            bound = 1 / math.sqrt(b[0].numel()) if init is False else 0.0
+            nn.init.uniform_(self.lora_B_bias[name], -bound, bound)
 
     # -------------------------------------------------------------------- math
     def factors(self, name: str) -> tuple[Tensor, Tensor]:
@@ -217,6 +246,21 @@ class LoraLayer(AdapterLayer):
                 "use the adapter unmerged, or train it without this module (exclude_modules)"
             )
         return fn.lora_delta(*self.factors(name), self.scaling[name])
+
+    def dora_delta(self, name: str, a: Tensor, b: Tensor) -> Tensor:
+        """The s B A that DoRA's norm ||W + s B A|| uses: the delta, or on a grouped conv,
+        where no dense delta fits the kernel, PEFT 0.21's reading of B and A (see
+        ``fn.grouped_lora_weight``), so that DoRA files mean the same in both tools."""
+        if self.groups > 1:
+            return fn.grouped_lora_weight(a, b, self.base_weight().shape) * self.scaling[name]
+        return fn.lora_delta(a, b, self.scaling[name])
+
+    def bias_update(self, name: str, like: Tensor) -> Tensor | None:
+        """s b, shaped to add to an output like ``like`` (channel dim 1 on convs), or None."""
+        if name not in self.lora_B_bias:
+            return None
+        bias = self.lora_B_bias[name] * self.scaling[name]
+        return bias.view(-1, *[1] * (like.dim() - 2)) if self.kind in CONVS else bias
 
     def delta_forward(self, x: Tensor, names: list[str]) -> Tensor:
         result = self.base_layer(x)
@@ -235,6 +279,9 @@ class LoraLayer(AdapterLayer):
             else:
                 # (..., in) @ A.T -> (..., r) @ (s B).T -> (..., out): scaling folded into tiny B
                 result = fn.add_low_rank(result, F.linear(xd, a), b * s)
+            bias = self.bias_update(name, result)
+            if bias is not None:
+                result = result + bias.to(result.dtype)
         return result
 
     def low_rank(self, xd: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -258,9 +305,15 @@ class LoraLayer(AdapterLayer):
         return h @ (b * self.scaling[name]).T
 
     # ---------------------------------------------------- merging with a variant
+    def merge_targets(self) -> list[Tensor]:
+        bias = getattr(self.base_layer, "bias", None)
+        return super().merge_targets() + ([bias] if len(self.lora_B_bias) and bias is not None else [])
+
     @torch.no_grad()
     def merge_one(self, name: str, safe_merge: bool) -> None:
         variant = self.lora_variant.get(name)
+        if name in self.lora_B_bias:
+            self._merge_bias(name, safe_merge, sign=1)
         if variant is None:
             return super().merge_one(name, safe_merge)
         weight = self.canonical_weight()
@@ -268,13 +321,30 @@ class LoraLayer(AdapterLayer):
         self._write_weight(self.to_raw(new).to(weight.dtype), name, safe_merge)
 
     @torch.no_grad()
+    def _merge_bias(self, name: str, safe_merge: bool, sign: int) -> None:
+        """Add (sign 1) or subtract s b from the base bias; checked before the weight moves."""
+        bias = self.base_layer.bias
+        if bias is None:
+            raise LoraCliError(
+                f"adapter {name!r} has a lora_bias, but {self.base_layer} has no bias to merge it into; "
+                "use the adapter unmerged (PEFT cannot merge it either), or train it with lora_bias: false"
+            )
+        self.get_delta_weight(name)  # refuses grouped convs before anything is written
+        new = bias + sign * (self.lora_B_bias[name] * self.scaling[name]).to(bias.dtype)
+        if safe_merge and not torch.isfinite(new).all():
+            raise LoraCliError(f"merging adapter {name!r} would put NaN/inf into the bias; nothing was merged")
+        bias.copy_(new)
+
+    @torch.no_grad()
     def unmerge_one(self, name: str) -> None:
         variant = self.lora_variant.get(name)
+        if name in self.lora_B_bias:
+            self._merge_bias(name, False, sign=-1)
         if variant is None:
             return super().unmerge_one(name)
         weight = self.canonical_weight()
         old = variant.unmerge(self, name, weight)
-        self.base_layer.weight.data.copy_(self.to_raw(old).to(weight.dtype))
+        self.base_weight().data.copy_(self.to_raw(old).to(weight.dtype))
 
 
 register_method(LoraConfig, LoraLayer, prefix="lora_")
