@@ -17,6 +17,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from lora_cli import __version__
+from lora_cli.commands import export as export_command
+from lora_cli.commands import push as push_command
+from lora_cli.commands import tune as tune_command
 from lora_cli.errors import LoraCliError, UserInputError
 from lora_cli.safe_text import terminal_text
 
@@ -272,6 +275,62 @@ def merge(
     err.print(f"[green]ok[/green] {_safe(report.describe())}{note}", highlight=False, soft_wrap=True)
 
 
+
+@app.command()
+def combine(
+    runs: Annotated[list[Path], typer.Argument(help="Two or more LoRA run directories.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the new run.", show_default=False)],
+    weights: Annotated[
+        str | None, typer.Option("--weights", help="One weight per run, e.g. 0.7,0.3 (default: equal, summing to 1).")
+    ] = None,
+    how: Annotated[
+        str, typer.Option("--how", help="linear, cat, svd, ties, ties_svd, dare_linear, dare_ties, dare_linear_svd, "
+                                        "dare_ties_svd, magnitude_prune or magnitude_prune_svd (PEFT's names).")
+    ] = "svd",
+    density: Annotated[
+        float | None, typer.Option("--density", help="ties / dare / magnitude_prune: fraction of entries kept.")
+    ] = None,
+    majority_sign: Annotated[
+        str, typer.Option("--majority-sign", help="ties kinds: elect signs by 'total' or 'frequency'.")
+    ] = "total",
+    rank: Annotated[int | None, typer.Option("--rank", help="svd kinds: rank of the result (default: largest).")] = None,
+    svd_clamp: Annotated[
+        float | None, typer.Option("--svd-clamp", help="svd kinds: clamp factors at this quantile, e.g. 0.99.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it is a run directory.")] = False,
+) -> None:
+    """Combine trained LoRA runs into a new run that eval, merge and predict take like any run.
+
+    Example: loracli combine runs/a runs/b --weights 0.7,0.3 --how ties --density 0.5 --out runs/ab
+    """
+    from lora_cli.inference.combine import combine_runs, parse_weights
+
+    report = combine_runs(runs, out, weights=parse_weights(weights, len(runs)), how=how, density=density,
+                          majority_sign_method=majority_sign, svd_rank=rank, svd_clamp=svd_clamp, overwrite=overwrite)
+    err.print(f"[green]ok[/green] {_safe(report.describe())}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def convert(
+    run_dir: RunArg,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the new run.", show_default=False)],
+    to: Annotated[str, typer.Option("--to", help="Target method (lora).")] = "lora",
+    rank: Annotated[int | None, typer.Option("--rank", help="Fixed LoRA rank for every layer.")] = None,
+    energy: Annotated[
+        float | None,
+        typer.Option("--energy", help="Per layer, the smallest rank keeping this fraction of the energy, e.g. 0.99."),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it is a run directory.")] = False,
+) -> None:
+    """Convert a LoHa / LoKr run to plain LoRA (SVD per layer), reporting the error it introduces.
+
+    Example: loracli convert runs/food-loha --to lora --energy 0.99 --out runs/food-lora
+    """
+    from lora_cli.inference.convert import convert_run
+
+    report = convert_run(run_dir, out, to=to, rank=rank, energy=energy, overwrite=overwrite)
+    err.print(f"[green]ok[/green] {_safe(report.describe())}", highlight=False, soft_wrap=True)
+
 @app.command()
 def predict(
     paths: Annotated[
@@ -337,6 +396,11 @@ def predict(
     failed = sum(not r.ok for r in results)
     if failed:  # after printing every other file's prediction
         raise LoraCliError(f"{failed} of {len(results)} file(s) could not be predicted (errors above)")
+
+
+app.command("export")(export_command.export)
+app.command("push")(push_command.push)
+app.command("tune")(tune_command.tune)
 
 
 def main() -> None:

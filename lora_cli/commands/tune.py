@@ -1,0 +1,66 @@
+"""`loracli tune`: hyperparameter search with Optuna over a recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from lora_cli.safe_text import terminal_text
+
+err = Console(stderr=True)
+
+
+def _safe(value: object) -> str:
+    return escape(terminal_text(value))
+
+
+def tune(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)],
+    space: Annotated[
+        list[str],
+        typer.Option("--space", help="key=int(low,high[,log]), key=float(low,high[,log]) or key=cat(a,b,...); repeat.",
+                     show_default=False),
+    ],
+    trials: Annotated[int, typer.Option("--trials", help="Finished trials the search ends with (a resumed search counts earlier ones).")] = 10,
+    metric: Annotated[str, typer.Option("--metric", help="Evaluation metric to optimise, e.g. eval_accuracy.")] = "eval_accuracy",
+    direction: Annotated[str, typer.Option("--direction", help="maximize or minimize.")] = "maximize",
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Search folder (default: the recipe's output_dir + -tune); the same --out continues a search.", show_default=False)
+    ] = None,
+) -> None:
+    """Search hyperparameters with Optuna: each trial is a run directory, weak trials are pruned, the study resumes.
+
+    Ends with a results table, results.csv, param_importances.png and best_recipe.yaml in the search folder.
+
+    Example: loracli tune recipes/quickstart.yaml --trials 20 --space 'adapter.r=int(4,64,log)' --space 'training.learning_rate=float(1e-4,1e-2,log)' --space 'adapter.method=cat(lora,loha,lokr)' --metric eval_accuracy
+    """
+    from lora_cli.training.tune import parse_space
+    from lora_cli.training.tune import tune as run_tune
+
+    result = run_tune(recipe, space, trials, metric, direction=direction, out=out)
+    study = result.study
+    keys = [parse_space(s).key for s in space]
+    table = Table(title=f"{len(study.trials)} trial(s), {direction} {_safe(metric)}", title_justify="left")
+    for column in ["trial", "state", *keys, _safe(metric)]:
+        table.add_column(_safe(column))
+    best = _best_number(study)
+    for t in study.trials:
+        cells = [str(t.number) + (" *" if t.number == best else ""), t.state.name.lower()]
+        cells += [_safe(f"{t.params[k]:.4g}" if isinstance(t.params.get(k), float) else t.params.get(k, "")) for k in keys]
+        cells.append("" if t.value is None else f"{t.value:.4f}")
+        table.add_row(*cells)
+    Console().print(table)
+    written = ", ".join(_safe(p) for p in result.written)
+    err.print(f"[green]ok[/green] search in {_safe(result.out)}: wrote {written}", highlight=False, soft_wrap=True)
+
+
+def _best_number(study) -> int | None:
+    try:
+        return study.best_trial.number
+    except ValueError:
+        return None

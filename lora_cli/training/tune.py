@@ -1,0 +1,309 @@
+"""`loracli tune`: hyperparameter search with Optuna, every trial an ordinary run directory.
+
+    study = tune("recipes/quickstart.yaml", trials=20, out="runs/quickstart-tune", metric="eval_accuracy",
+                 space=["adapter.r=int(4,64,log)", "adapter.method=cat(lora,loha,lokr)"])
+
+The search folder:
+
+    <out>/study.db          Optuna's SQLite storage: a killed search continues with the same --out
+    <out>/tune.json         recipe, space, metric and direction; a different search is refused there
+    <out>/trial-0000/ ...   one run directory per trial, trained by the normal pipeline
+    <out>/results.csv       one row per trial: state, parameters, value, run directory
+    <out>/param_importances.png   Optuna's importance figure (from 2 completed trials on)
+    <out>/best_recipe.yaml  the recipe with the best trial's values: `loracli train` runs it
+
+Each trial trains through :func:`lora_cli.training.pipeline.run_training` with its sampled
+values as overrides. :class:`PruningCallback` reports every evaluation to Optuna and stops
+a trial the pruner gives up on; the run still ends as a complete run directory, and the
+trial is then recorded as pruned (``optuna.TrialPruned``). A search space item is
+``key=int(low,high[,log])``, ``key=float(low,high[,log])`` or ``key=cat(a,b,...)``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.util
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from lora_cli import rundir as rd
+from lora_cli.adapters import available_methods, get_method
+from lora_cli.atomic import atomic_file, write_text
+from lora_cli.errors import LoraCliError, UserInputError
+from lora_cli.recipe import load_recipe
+from lora_cli.recipe.yamlio import parse_value
+from lora_cli.training.pipeline import run_training
+
+SPACE_HINT = ("write key=int(low,high[,log]), key=float(low,high[,log]) or key=cat(a,b,...), e.g. "
+              "--space 'adapter.r=int(4,64,log)' --space 'training.learning_rate=float(1e-4,1e-2,log)'")
+_ITEM = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*=\s*(int|float|cat)\s*\((.*)\)\s*$")
+# options one method names differently from another (PEFT's names)
+RENAMES = {"lora_alpha": "alpha", "alpha": "lora_alpha"}
+STUDY_FILE, SETTINGS_FILE, RESULTS_FILE = "study.db", "tune.json", "results.csv"
+IMPORTANCE_FILE, BEST_FILE = "param_importances.png", "best_recipe.yaml"
+
+
+@dataclass
+class TuneResult:
+    study: Any  # optuna.Study
+    out: Path
+    written: list[Path]
+
+
+@dataclass(frozen=True)
+class Param:
+    key: str
+    kind: str  # int, float or cat
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple = ()
+
+    def suggest(self, trial: Any) -> Any:
+        if self.kind == "int":
+            return trial.suggest_int(self.key, int(self.low), int(self.high), log=self.log)
+        if self.kind == "float":
+            return trial.suggest_float(self.key, float(self.low), float(self.high), log=self.log)
+        return trial.suggest_categorical(self.key, list(self.choices))
+
+
+def parse_space(item: str) -> Param:
+    """One ``--space`` item; a UserInputError naming it and the fix when it is malformed."""
+    def bad(why: str) -> UserInputError:
+        return UserInputError(f"--space {item!r}: {why}; {SPACE_HINT}")
+
+    match = _ITEM.match(item)
+    if not match:
+        raise bad("is not of the form key=kind(...)")
+    key, kind, body = match.groups()
+    if any(not part for part in key.split(".")):
+        raise bad("has an empty key part")
+    args = [a.strip() for a in body.split(",")]
+    if kind == "cat":
+        if not args or any(not a for a in args):
+            raise bad("cat() needs one or more comma-separated choices")
+        choices = tuple(parse_value(a) for a in args)
+        if any(not isinstance(c, (str, int, float, bool)) for c in choices) or len(set(choices)) != len(choices):
+            raise bad("cat() choices must be distinct plain values")
+        return Param(key, kind, choices=choices)
+    log = len(args) == 3 and args[2] == "log"
+    if len(args) not in (2, 3) or (len(args) == 3 and not log):
+        raise bad(f"{kind}() takes low,high or low,high,log")
+    try:
+        low, high = (int(a) if kind == "int" else float(a) for a in args[:2])
+    except ValueError:
+        raise bad(f"{kind}() bounds must be {'whole numbers' if kind == 'int' else 'numbers'}") from None
+    if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
+        raise bad(f"the low bound must be below the high bound (got {low} and {high})")
+    if log and low <= 0:
+        raise bad("a log scale needs a low bound above 0")
+    return Param(key, kind, low, high, log)
+
+
+def trial_overrides(recipe: Any, values: dict[str, Any]) -> list[str]:
+    """The overrides that train ``values`` (key -> sampled value) on ``recipe``.
+
+    A sampled ``adapter.method`` replaces the whole adapter section: the other methods name
+    some options differently (``lora_alpha`` / ``alpha``) or lack them; those are renamed or
+    left at the new method's defaults.
+    """
+    method = values.get("adapter.method", recipe.adapter.method)
+    if method == recipe.adapter.method:
+        return [f"{k}={json.dumps(v)}" for k, v in values.items()]
+    if method not in available_methods():
+        raise UserInputError(f"--space adapter.method: {method!r} is not a method; choose from "
+                             f"{', '.join(available_methods())}")
+    fields = {f.name for f in dataclasses.fields(get_method(method).config_cls)}
+    section: dict[str, Any] = {"method": method}
+    for key, value in recipe.adapter.options.items():
+        name = key if key in fields else RENAMES.get(key)
+        if value is not None and name in fields and name not in section:
+            section[name] = value
+    for key, value in values.items():
+        if key.startswith("adapter.") and key != "adapter.method":
+            section[key.split(".", 1)[1]] = value
+    rest = [f"{k}={json.dumps(v)}" for k, v in values.items() if not k.startswith("adapter.")]
+    return [f"adapter={json.dumps(section)}", *rest]
+
+
+class PruningCallback(TrainerCallback):
+    """Report each evaluation's metric to the Optuna trial; stop the run when it should be pruned."""
+
+    def __init__(self, trial: Any, metric: str) -> None:
+        self.trial, self.metric, self.pruned, self.reported = trial, metric, False, 0
+        self.steps: set[int] = set()
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        value = metric_value(metrics or {}, self.metric)
+        if value is None or state.global_step in self.steps:  # the final evaluate() repeats the last step
+            return control
+        self.steps.add(state.global_step)
+        self.trial.report(value, step=state.global_step)
+        self.reported += 1
+        if self.trial.should_prune():
+            self.pruned = True
+            control.should_training_stop = True
+        return control
+
+
+def metric_value(metrics: dict[str, Any], metric: str) -> float | None:
+    for key in (metric, f"eval_{metric}", metric.removeprefix("eval_")):
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def _final_metrics(run_dir: Path) -> dict[str, Any]:
+    try:
+        report = json.loads((run_dir / rd.EVAL_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {**report, **report.get("trainer", {})} if isinstance(report, dict) else {}
+
+
+def _check_out(out: Path, settings: dict[str, Any], recipe_path: Path) -> None:
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise UserInputError(f"--out {out} is {'a symlink' if out.is_symlink() else 'a file'}; give a folder path")
+    if rd.holds_protected(out, [recipe_path]) is not None:
+        raise UserInputError(f"--out {out} holds the recipe or the working directory; pick a folder of its own")
+    saved_file = out / SETTINGS_FILE
+    if saved_file.is_file():
+        saved = json.loads(saved_file.read_text(encoding="utf-8"))
+        if saved != settings:
+            changed = ", ".join(k for k in settings if saved.get(k) != settings[k])
+            raise UserInputError(f"--out {out} holds another search ({changed} differ); repeat its arguments to "
+                                 "continue it, or pick a new --out")
+    elif out.is_dir() and any(out.iterdir()):
+        raise UserInputError(f"--out {out} exists, is not empty and holds no search ({SETTINGS_FILE}); pick a new folder")
+
+
+def tune(recipe_path: str | Path, space: list[str], trials: int, metric: str, direction: str = "maximize",
+         out: str | Path | None = None, pruner: Any = None) -> TuneResult:
+    """Run (or continue) the search until ``trials`` trials have finished."""
+    if importlib.util.find_spec("optuna") is None:
+        raise UserInputError("loracli tune needs Optuna: pip install 'loracli[tune]'")
+    import optuna
+
+    recipe_path = Path(recipe_path)
+    params = [parse_space(s) for s in space]
+    if not params:
+        raise UserInputError(f"tune needs at least one --space; {SPACE_HINT}")
+    dupes = {p.key for p in params if [q.key for q in params].count(p.key) > 1}
+    if dupes:
+        raise UserInputError(f"--space names {', '.join(sorted(dupes))} more than once; give each key one range")
+    if direction not in ("maximize", "minimize"):
+        raise UserInputError(f"--direction {direction!r}: choose maximize or minimize")
+    if trials < 1:
+        raise UserInputError(f"--trials must be at least 1, got {trials}")
+    recipe = load_recipe(recipe_path)
+    out = Path(out) if out is not None else Path(f"{recipe.output_path}-tune")
+    for param in params:  # every bound must make a valid recipe: fail before the first trial
+        for value in (param.choices or (param.low, param.high)):
+            v = int(value) if param.kind == "int" else value
+            load_recipe(recipe_path, trial_overrides(recipe, {param.key: v}) + [f"output_dir={out / 'check'}"])
+    settings = {"recipe": str(recipe_path.resolve()), "space": space, "metric": metric, "direction": direction}
+    _check_out(out, settings, recipe_path)
+    out.mkdir(parents=True, exist_ok=True)
+    with rd.RunLock(out):
+        rd.write_json(out / SETTINGS_FILE, settings)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(
+            study_name="loracli-tune", storage=f"sqlite:///{(out / STUDY_FILE).resolve()}", load_if_exists=True,
+            direction=direction, sampler=optuna.samplers.TPESampler(seed=recipe.seed),
+            pruner=pruner or optuna.pruners.MedianPruner(n_startup_trials=2))
+        for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            study.tell(stale.number, state=optuna.trial.TrialState.FAIL)  # a killed search's trial
+        done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        remaining = trials - len(study.get_trials(deepcopy=False, states=done))
+
+        def objective(trial):
+            values = {p.key: p.suggest(trial) for p in params}
+            run_dir = out / f"trial-{trial.number:04d}"
+            trial.set_user_attr("run_dir", str(run_dir))
+            callback = PruningCallback(trial, metric)
+            try:
+                run_training(recipe_path, trial_overrides(recipe, values) + [f"output_dir={run_dir}"],
+                             extra_callbacks=[callback])
+            except UserInputError:
+                raise
+            except LoraCliError as exc:  # e.g. a NaN loss at these values: this trial fails, the search goes on
+                trial.set_user_attr("error", str(exc)[:500])
+                warnings.warn(f"trial {trial.number} ({run_dir}) failed: {exc}", stacklevel=2)
+                return float("nan")
+            final = _final_metrics(run_dir)
+            value = metric_value(final, metric)
+            if value is None:
+                names = ", ".join(sorted(k for k, v in final.items() if isinstance(v, (int, float))))
+                raise UserInputError(f"--metric {metric}: trial {trial.number} ({run_dir}) reported no such metric; "
+                                     f"it reported {names or 'none'}. Pick one of them")
+            if callback.pruned:
+                raise optuna.TrialPruned(f"stopped after {callback.reported} evaluation(s)")
+            return value
+
+        if remaining > 0:
+            study.optimize(objective, n_trials=remaining, catch=(), gc_after_trial=True)
+        written = [write_results(study, params, out), write_importance(study, out),
+                   write_best_recipe(study, recipe, recipe_path, out)]
+    return TuneResult(study, out, [p for p in written if p is not None])
+
+
+def write_results(study: Any, params: list[Param], out: Path) -> Path:
+    path = out / RESULTS_FILE
+    with atomic_file(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["trial", "state", *[p.key for p in params], "value", "run_dir"])
+        for t in study.trials:
+            writer.writerow([t.number, t.state.name.lower(), *[t.params.get(p.key, "") for p in params],
+                             "" if t.value is None else t.value, t.user_attrs.get("run_dir", "")])
+    return path
+
+
+def write_importance(study: Any, out: Path) -> Path | None:
+    """Optuna's parameter-importance figure; None (and a warning) below two completed trials."""
+    import optuna
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len(complete) < 2:
+        warnings.warn(f"{len(complete)} completed trial(s): the importance figure needs at least 2, so "
+                      f"{out / IMPORTANCE_FILE} is not drawn; run more --trials with the same --out", stacklevel=2)
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from optuna.visualization.matplotlib import plot_param_importances
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # optuna marks its matplotlib figures experimental
+            axes = plot_param_importances(study)
+        with atomic_file(out / IMPORTANCE_FILE) as tmp:
+            axes.figure.savefig(tmp, dpi=120, bbox_inches="tight")
+        matplotlib.pyplot.close(axes.figure)
+    except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # e.g. every trial sampled the same values
+        warnings.warn(f"could not compute parameter importances ({exc}); {out / IMPORTANCE_FILE} is not drawn",
+                      stacklevel=2)
+        return None
+    return out / IMPORTANCE_FILE
+
+
+def write_best_recipe(study: Any, recipe: Any, recipe_path: Path, out: Path) -> Path | None:
+    """The recipe with the best trial's values applied, as YAML ``loracli train`` reads."""
+    try:
+        best = study.best_trial
+    except ValueError:
+        return None
+    overrides = trial_overrides(recipe, best.params) + [f"output_dir={recipe.output_path}-best"]
+    text = load_recipe(recipe_path, overrides).to_yaml()
+    head = f"# Best of {len(study.trials)} trial(s): trial {best.number}, {study.direction.name.lower()}d value {best.value}\n"
+    path = write_text(out / BEST_FILE, head + text)
+    load_recipe(path)  # it must train as written
+    return path

@@ -1,0 +1,77 @@
+"""`loracli convert`: a LoHa / LoKr run -> a LoRA run that the verbs and PEFT take."""
+
+from __future__ import annotations
+
+import json
+
+import peft
+import pytest
+import torch
+
+from lora_cli import rundir as rd
+from lora_cli.inference.loading import load_run
+from tests.helpers import make_imagefolder
+from tests.inference.runs_fixture import folder_bytes, make_run
+from tests.training._util import loracli
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("convert")
+    images = make_imagefolder(root / "images")
+    return {m: make_run(root, m, images, method=m, seed=3) for m in ("loha", "lokr", "lora")}
+
+
+def _pixels(n=4):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("method", ["loha", "lokr"])
+@pytest.mark.parametrize("choice", [["--energy", "0.95"], ["--rank", "2"]])
+def test_converted_run_loads_in_peft_within_the_reported_error(method, choice, runs, tmp_path, monkeypatch, capsys):
+    from transformers import ViTForImageClassification
+
+    out = tmp_path / f"{method}-lora"
+    assert loracli(monkeypatch, "convert", runs[method], "--to", "lora", *choice, "--out", out) == 0
+    assert "max relative error" in capsys.readouterr().err
+    record = json.loads((out / "convert.json").read_text())
+    assert record["from"] == method and 0 < record["max_relative_error"] < 1
+    if choice[0] == "--rank":
+        assert {layer["rank"] for layer in record["layers"].values()} == {2}
+
+    source = load_run(runs[method], device="cpu").model
+    converted = load_run(out, device="cpu").model
+    assert converted.peft_config["default"].peft_type == "LORA"
+    base = ViTForImageClassification.from_pretrained(out / rd.BASE_MODEL_DIR)
+    theirs = peft.PeftModel.from_pretrained(base, out / rd.ADAPTER_DIR).eval()
+    with torch.no_grad():
+        reference = source(pixel_values=_pixels()).logits
+        ours = converted(pixel_values=_pixels()).logits
+        torch.testing.assert_close(theirs(pixel_values=_pixels()).logits, ours, atol=1e-5, rtol=1e-5)
+        # a layer's error moves its output by at most that fraction of the adapter's contribution
+        with source.disable_adapter():
+            plain = source(pixel_values=_pixels()).logits
+    adapter_effect = (reference - plain).norm()
+    assert (ours - reference).norm() <= 3 * record["max_relative_error"] * adapter_effect + 1e-5
+
+    assert loracli(monkeypatch, "eval", out, "--json") == 0
+    assert json.loads(capsys.readouterr().out)["num_samples"] == 12
+
+
+def test_refusals_write_nothing(runs, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "x"
+    cases = [
+        ([runs["lora"], "--rank", "2"], "LoRA already"),
+        ([runs["loha"], "--rank", "2", "--energy", "0.9"], "exactly one"),
+        ([runs["loha"]], "exactly one"),
+        ([runs["loha"], "--energy", "1.5"], "energy is the fraction"),
+        ([runs["loha"], "--rank", "2", "--to", "loha"], "convert to lora only"),
+    ]
+    for args, match in cases:
+        assert loracli(monkeypatch, "convert", *args, "--out", out) == 2
+        assert match in capsys.readouterr().err
+        assert not out.exists()
+    before = folder_bytes(runs["loha"])
+    assert loracli(monkeypatch, "convert", runs["loha"], "--rank", "2", "--out", runs["loha"], "--overwrite") == 2
+    assert "source run" in capsys.readouterr().err
+    assert folder_bytes(runs["loha"]) == before
