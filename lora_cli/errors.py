@@ -6,6 +6,8 @@ argument) is exit code 2, any other :class:`LoraCliError` (a failure during the 
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,3 +64,14 @@ class TargetingError(UserInputError, ValueError):
 
 class AdapterStateError(LoraCliError, ValueError):
     """An adapter file does not fit the model (missing, unexpected or mis-shaped tensors)."""
+
+
+def close_matches(word: object, choices: Iterable[object], n: int = 1, cutoff: float = 0.6) -> list[str]:
+    """Up to ``n`` of ``choices`` spelled like ``word``, closest first: the one "did you mean" rule."""
+    return difflib.get_close_matches(str(word), [str(c) for c in choices], n=n, cutoff=cutoff)
+
+
+def did_you_mean(word: object, choices: Iterable[object], prefix: str = "") -> str | None:
+    """``did you mean 'x'?`` for the closest choice, or None when nothing is close."""
+    close = close_matches(word, choices)
+    return f"did you mean {prefix}{close[0]}?" if close else None

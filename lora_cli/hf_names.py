@@ -78,6 +78,13 @@ CLASSIFICATION_HEADS = ("classifier", "score", "head", "classification_head", "p
 sized for the recipe's labels, trained in full and saved beside the adapter."""
 
 
+ALL_LINEAR_SKIPPED_HEADS = ("classifier", "score", "lm_head", "qa_outputs", "cls")
+"""Top-level heads that ``target_modules: all-linear`` leaves alone (besides the model's
+output embeddings): PEFT's sequence-classification heads (``classifier``, ``score``) and
+the output layers of the LM, QA and pre-training heads. A task's other heads
+(:data:`CLASSIFICATION_HEADS`) are in ``modules_to_save``, which all-linear skips too."""
+
+
 def classification_heads(model: nn.Module) -> list[str]:
     """The names of ``model``'s top-level classification head modules, in model order."""
     return [name for name, _ in model.named_children() if name in CLASSIFICATION_HEADS]

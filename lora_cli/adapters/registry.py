@@ -12,12 +12,11 @@ up without an import cycle.
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lora_cli.errors import LoraCliError, UserInputError
+from lora_cli.errors import LoraCliError, UserInputError, close_matches
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -126,7 +125,7 @@ def get_method(name: str) -> AdapterMethod:
         if key in (method.name, method.peft_type.lower()):
             return method
     choices = sorted(_METHODS)
-    close = difflib.get_close_matches(key, choices, n=1)
+    close = close_matches(key, choices)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise UserInputError(f"unknown adapter method {name!r}: choose one of {', '.join(choices)}{hint}")
 

@@ -19,7 +19,6 @@ old name matches the module too, so recipes written for transformers 4 keep work
 
 from __future__ import annotations
 
-import difflib
 import re
 import sys
 import warnings
@@ -29,12 +28,10 @@ from torch import nn
 
 from lora_cli.adapters.config import AdapterConfig
 from lora_cli.adapters.layers import HF_CONV1D, LINEAR, MHA, AdapterLayer, layer_kind
-from lora_cli.errors import TargetingError
-from lora_cli.hf_names import legacy_aliases
+from lora_cli.errors import TargetingError, close_matches
+from lora_cli.hf_names import ALL_LINEAR_SKIPPED_HEADS, legacy_aliases
 
 ALL_LINEAR = "all-linear"
-HEAD_NAMES = ("classifier", "score", "lm_head", "qa_outputs", "cls")
-"""Top-level heads that "all-linear" leaves alone: they are trained in full, if at all."""
 INTERNAL_PARTS = ("base_layer", "original_module", "modules_to_save")
 LAYER_LIST_NAMES = ("layers", "layer", "h", "blocks", "block")
 
@@ -98,7 +95,7 @@ def module_aliases(model: nn.Module) -> dict[str, str]:
 
 def output_layer_paths(model: nn.Module, modules: Mapping[str, nn.Module]) -> set[str]:
     """The output embedding and the classifier head: never targeted by "all-linear"."""
-    skip = {p for p in modules if p.split(".")[0] in HEAD_NAMES}
+    skip = {p for p in modules if p.split(".")[0] in ALL_LINEAR_SKIPPED_HEADS}
     get_out = getattr(model, "get_output_embeddings", None)
     out_module = get_out() if callable(get_out) else None
     if out_module is not None:
@@ -205,7 +202,7 @@ def _nothing_matched(rule, modules: Mapping[str, nn.Module], aliases) -> str:
     entries = [rule] if isinstance(rule, str) else list(rule)
     hints = []
     for entry in entries:
-        close = difflib.get_close_matches(entry.rsplit(".", 1)[-1], leaves, n=3, cutoff=0.4)
+        close = close_matches(entry.rsplit(".", 1)[-1], leaves, n=3, cutoff=0.4)
         if close:
             hints.append(f"{entry!r}: closest module names are {', '.join(close)}")
     text = f"target_modules {rule!r} matched no module of the model."
@@ -223,7 +220,7 @@ def resolve_modules_to_save(model: nn.Module, names: Iterable[str], aliases: Map
     for name in names:
         hits = [p for p in modules if matches(p, [name], aliases)]
         if not hits:
-            close = difflib.get_close_matches(name, sorted({p.rsplit(".", 1)[-1] for p in modules}), n=3)
+            close = close_matches(name, sorted({p.rsplit(".", 1)[-1] for p in modules}), n=3)
             hint = f" (closest: {', '.join(close)})" if close else ""
             raise TargetingError(f"modules_to_save entry {name!r} matched no module of the model{hint}")
         # the outermost match wins: a wrapped head is saved whole, not its children twice

@@ -16,15 +16,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from lora_cli.adapters import available_methods, get_method
-from lora_cli.errors import AdapterConfigError, UserInputError
-from lora_cli.recipe.errors import (
-    NO_VALUE,
-    Location,
-    RecipeError,
-    Reporter,
-    did_you_mean,
-    is_bool_word,
-)
+from lora_cli.errors import AdapterConfigError, UserInputError, did_you_mean
+from lora_cli.recipe.errors import NO_VALUE, Location, RecipeError, Reporter, is_bool_word
 from lora_cli.recipe.schema import ADAPTER_BOOKKEEPING, AdapterSection
 from lora_cli.recipe.training import takes_bool
 

@@ -12,8 +12,9 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+from lora_cli.errors import did_you_mean
 from lora_cli.recipe.data import DATA_PATHS, DATA_SOURCES
-from lora_cli.recipe.errors import Reporter, did_you_mean
+from lora_cli.recipe.errors import Reporter
 from lora_cli.task_kinds import IMAGE_CLASSIFICATION, TASKS, TEXT_TASKS
 
 

@@ -62,14 +62,6 @@ class RecipeError(ProblemsError):
         super().__init__(problems, header=header)
 
 
-def did_you_mean(word: str, choices, prefix: str = "") -> str | None:
-    """``did you mean 'x'?`` for the closest choice, or None when nothing is close."""
-    import difflib
-
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f"did you mean {prefix}{close[0]}?" if close else None
-
-
 NO_VALUE = object()
 
 YAML11_BOOL_WORDS = frozenset({"yes", "no", "on", "off", "y", "n"})

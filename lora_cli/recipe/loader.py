@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from lora_cli.errors import did_you_mean
 from lora_cli.recipe import checks
 from lora_cli.recipe.adapter import check_adapter
 from lora_cli.recipe.data import (
@@ -24,7 +25,7 @@ from lora_cli.recipe.data import (
     data_section_for,
     without_flat_defaults,
 )
-from lora_cli.recipe.errors import Location, RecipeError, RecipeProblem, Reporter, did_you_mean
+from lora_cli.recipe.errors import Location, RecipeError, RecipeProblem, Reporter
 from lora_cli.recipe.overrides import apply_overrides
 from lora_cli.recipe.schema import ModelSection, Recipe
 from lora_cli.recipe.training import check_training

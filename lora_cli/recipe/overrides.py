@@ -16,8 +16,9 @@ from typing import Any
 
 import yaml
 
+from lora_cli.errors import did_you_mean
 from lora_cli.recipe.data import data_section_for
-from lora_cli.recipe.errors import Location, Reporter, did_you_mean
+from lora_cli.recipe.errors import Location, Reporter
 from lora_cli.recipe.schema import ModelSection, Recipe
 
 FREE_FORM = {("model", "config"), ("model", "processor")}

@@ -14,8 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, field_validator
 
+from lora_cli.errors import did_you_mean
 from lora_cli.recipe.data import DataSection, RuleError
-from lora_cli.recipe.errors import did_you_mean
 from lora_cli.recipe.yamlio import dump
 from lora_cli.task_kinds import TASK_KINDS, TASKS, TEXT_TASKS
 

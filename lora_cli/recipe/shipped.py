@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lora_cli
-from lora_cli.errors import UserInputError
-from lora_cli.recipe.errors import did_you_mean
+from lora_cli.errors import UserInputError, did_you_mean
 
 
 def recipes_dir() -> Path:

@@ -15,7 +15,8 @@ import types
 import typing
 from typing import Any
 
-from lora_cli.recipe.errors import Reporter, did_you_mean, is_bool_word
+from lora_cli.errors import did_you_mean
+from lora_cli.recipe.errors import Reporter, is_bool_word
 
 # Keys loracli sets itself, and what to do instead.
 CONTROLLED = {
