@@ -14,12 +14,15 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
 from lora_cli import __version__
+from lora_cli.commands import combine as combine_command
+from lora_cli.commands import convert as convert_command
 from lora_cli.commands import export as export_command
 from lora_cli.commands import push as push_command
 from lora_cli.commands import tune as tune_command
+from lora_cli.commands.output import err, shown
+from lora_cli.commands.recipes import recipes_app
 from lora_cli.errors import LoraCliError, UserInputError
 from lora_cli.safe_text import terminal_text
 
@@ -31,16 +34,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-recipes_app = typer.Typer(help="List, show and copy the shipped recipes.", no_args_is_help=False)
-app.add_typer(recipes_app, name="recipes")
 
-err = Console(stderr=True)
 STATE = {"debug": False}
-
-
-def _safe(value: object, keep_newlines: bool = False) -> str:
-    """User-derived text for rich: control characters / bidi overrides shown escaped, markup escaped."""
-    return escape(terminal_text(value, keep_newlines=keep_newlines))
 
 
 # Start-up lines third-party packages log on import, not addressed to our users: DeepSpeed
@@ -130,10 +125,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     loracli user can act on) only with --debug, which also shows where a warning came from."""
     ours = Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent)
     if STATE["debug"]:
-        err.print(f"[yellow]warning:[/yellow] {_safe(str(message))} ({_safe(str(filename))}:{lineno}, "
+        err.print(f"[yellow]warning:[/yellow] {shown(str(message))} ({shown(str(filename))}:{lineno}, "
                   f"{category.__name__})", highlight=False, soft_wrap=True)
     elif ours or not issubclass(category, THIRD_PARTY_NOISE):
-        err.print(f"[yellow]warning:[/yellow] {_safe(str(message))}", highlight=False, soft_wrap=True)
+        err.print(f"[yellow]warning:[/yellow] {shown(str(message))}", highlight=False, soft_wrap=True)
 
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
@@ -175,61 +170,11 @@ def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
 
     loaded = load_recipe(recipe, overrides or [])
     err.print(
-        f"[green]ok[/green] {_safe(recipe)}: {_safe(loaded.task)} / {_safe(loaded.adapter.method)} / "
-        f"{_safe(loaded.model_label())} -> {_safe(loaded.output_path)}",
+        f"[green]ok[/green] {shown(recipe)}: {shown(loaded.task)} / {shown(loaded.adapter.method)} / "
+        f"{shown(loaded.model_label())} -> {shown(loaded.output_path)}",
         highlight=False,
         soft_wrap=True,
     )
-
-
-@recipes_app.callback(invoke_without_command=True)
-def recipes_list(ctx: typer.Context) -> None:
-    """List the shipped recipes (show one with `recipes show NAME`, copy with `recipes copy NAME DEST`)."""
-    if ctx.invoked_subcommand is not None:
-        return
-    from rich.table import Table
-
-    from lora_cli.recipe.shipped import describe, recipes_dir, shipped_recipes
-
-    recipes = shipped_recipes()
-    if not recipes:
-        raise UserInputError(f"no shipped recipes found in {recipes_dir()}")
-    table = Table(title="Shipped recipes", title_justify="left")
-    table.add_column("name", style="bold cyan", no_wrap=True)
-    table.add_column("description")
-    for name, path in recipes.items():
-        table.add_row(_safe(name), _safe(describe(path)))
-    Console().print(table)
-
-
-@recipes_app.command("show")
-def recipes_show(name: Annotated[str, typer.Argument(help="Recipe name, e.g. quickstart.", show_default=False)]) -> None:
-    """Print a shipped recipe, comments included."""
-    from lora_cli.recipe.shipped import find_shipped
-
-    typer.echo(find_shipped(name).read_text(encoding="utf-8"), nl=False)
-
-
-@recipes_app.command("copy")
-def recipes_copy(
-    name: Annotated[str, typer.Argument(help="Recipe name, e.g. quickstart.", show_default=False)],
-    dest: Annotated[Path, typer.Argument(help="File (or existing folder) to copy it to.", show_default=False)],
-) -> None:
-    """Copy a shipped recipe to DEST to edit it; never overwrites."""
-    from lora_cli.recipe.shipped import find_shipped
-
-    source = find_shipped(name)
-    target = dest / source.name if dest.is_dir() else dest
-    if target.exists():
-        raise UserInputError(f"{target} already exists; choose another destination or delete it first")
-    if not target.parent.is_dir():
-        raise UserInputError(f"folder {target.parent} does not exist; create it first")
-    try:
-        with target.open("x", encoding="utf-8") as handle:  # "x": never over a file (or a link) that appeared
-            handle.write(source.read_text(encoding="utf-8"))
-    except FileExistsError:
-        raise UserInputError(f"{target} already exists; choose another destination or delete it first") from None
-    err.print(f"copied {_safe(source.name)} to {_safe(target)}", highlight=False, soft_wrap=True)
 
 
 @app.command("eval")
@@ -255,7 +200,7 @@ def eval_command(
         typer.echo(json.dumps(summary(report), indent=2))
     else:
         Console().print(*report_tables(report))
-    written = " and ".join(_safe(p) for p in paths.values())
+    written = " and ".join(shown(p) for p in paths.values())
     err.print(f"wrote {written}", highlight=False, soft_wrap=True)
 
 
@@ -272,64 +217,9 @@ def merge(
 
     report = merge_from_run(run_dir, out, dtype=dtype, n=n, force=force)
     note = " [yellow](synthetic inputs: no validation data reachable)[/yellow]" if report.inputs == "synthetic" else ""
-    err.print(f"[green]ok[/green] {_safe(report.describe())}{note}", highlight=False, soft_wrap=True)
+    err.print(f"[green]ok[/green] {shown(report.describe())}{note}", highlight=False, soft_wrap=True)
 
 
-
-@app.command()
-def combine(
-    runs: Annotated[list[Path], typer.Argument(help="Two or more LoRA run directories.", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", help="Folder for the new run.", show_default=False)],
-    weights: Annotated[
-        str | None, typer.Option("--weights", help="One weight per run, e.g. 0.7,0.3 (default: equal, summing to 1).")
-    ] = None,
-    how: Annotated[
-        str, typer.Option("--how", help="linear, cat, svd, ties, ties_svd, dare_linear, dare_ties, dare_linear_svd, "
-                                        "dare_ties_svd, magnitude_prune or magnitude_prune_svd (PEFT's names).")
-    ] = "svd",
-    density: Annotated[
-        float | None, typer.Option("--density", help="ties / dare / magnitude_prune: fraction of entries kept.")
-    ] = None,
-    majority_sign: Annotated[
-        str, typer.Option("--majority-sign", help="ties kinds: elect signs by 'total' or 'frequency'.")
-    ] = "total",
-    rank: Annotated[int | None, typer.Option("--rank", help="svd kinds: rank of the result (default: largest).")] = None,
-    svd_clamp: Annotated[
-        float | None, typer.Option("--svd-clamp", help="svd kinds: clamp factors at this quantile, e.g. 0.99.")
-    ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it is a run directory.")] = False,
-) -> None:
-    """Combine trained LoRA runs into a new run that eval, merge and predict take like any run.
-
-    Example: loracli combine runs/a runs/b --weights 0.7,0.3 --how ties --density 0.5 --out runs/ab
-    """
-    from lora_cli.inference.combine import combine_runs, parse_weights
-
-    report = combine_runs(runs, out, weights=parse_weights(weights, len(runs)), how=how, density=density,
-                          majority_sign_method=majority_sign, svd_rank=rank, svd_clamp=svd_clamp, overwrite=overwrite)
-    err.print(f"[green]ok[/green] {_safe(report.describe())}", highlight=False, soft_wrap=True)
-
-
-@app.command()
-def convert(
-    run_dir: RunArg,
-    out: Annotated[Path, typer.Option("--out", help="Folder for the new run.", show_default=False)],
-    to: Annotated[str, typer.Option("--to", help="Target method (lora).")] = "lora",
-    rank: Annotated[int | None, typer.Option("--rank", help="Fixed LoRA rank for every layer.")] = None,
-    energy: Annotated[
-        float | None,
-        typer.Option("--energy", help="Per layer, the smallest rank keeping this fraction of the energy, e.g. 0.99."),
-    ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it is a run directory.")] = False,
-) -> None:
-    """Convert a LoHa / LoKr run to plain LoRA (SVD per layer), reporting the error it introduces.
-
-    Example: loracli convert runs/food-loha --to lora --energy 0.99 --out runs/food-lora
-    """
-    from lora_cli.inference.convert import convert_run
-
-    report = convert_run(run_dir, out, to=to, rank=rank, energy=energy, overwrite=overwrite)
-    err.print(f"[green]ok[/green] {_safe(report.describe())}", highlight=False, soft_wrap=True)
 
 @app.command()
 def predict(
@@ -371,8 +261,8 @@ def predict(
             for row in rows:
                 answer = row.get("generated") or ", ".join(f"{r['label']}: {r['score']:.3f}" for r in row["top_k"])
                 # generated text keeps its line breaks; escapes and bidi overrides are shown, not obeyed
-                shown = f"[bold]{_safe(row['text'], keep_newlines=True)}[/bold] -> {_safe(answer, keep_newlines=True)}"
-                Console().print(shown, soft_wrap=True)
+                line = f"[bold]{shown(row['text'], keep_newlines=True)}[/bold] -> {shown(answer, keep_newlines=True)}"
+                Console().print(line, soft_wrap=True)
         return
     if not paths:
         raise UserInputError("pass image paths (or --text / --prompt for text runs)")
@@ -392,12 +282,15 @@ def predict(
     else:
         Console().print(predictions_table(results))
     if csv_file is not None:
-        err.print(f"wrote {_safe(write_predictions_csv(results, csv_file))}", highlight=False, soft_wrap=True)
+        err.print(f"wrote {shown(write_predictions_csv(results, csv_file))}", highlight=False, soft_wrap=True)
     failed = sum(not r.ok for r in results)
     if failed:  # after printing every other file's prediction
         raise LoraCliError(f"{failed} of {len(results)} file(s) could not be predicted (errors above)")
 
 
+app.add_typer(recipes_app, name="recipes")
+app.command("combine")(combine_command.combine)
+app.command("convert")(convert_command.convert)
 app.command("export")(export_command.export)
 app.command("push")(push_command.push)
 app.command("tune")(tune_command.tune)
@@ -422,25 +315,25 @@ def _report(exc: BaseException) -> int:
     if hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):
         import io
 
-        shown = io.StringIO()  # click echoes the bad argument as typed: neutralise it
-        exc.show(file=shown)
-        sys.stderr.write(terminal_text(shown.getvalue(), keep_newlines=True))
+        usage = io.StringIO()  # click echoes the bad argument as typed: neutralise it
+        exc.show(file=usage)
+        sys.stderr.write(terminal_text(usage.getvalue(), keep_newlines=True))
         sys.stderr.flush()
         return exc.exit_code
     if STATE["debug"]:
         err.print_exception(show_locals=False)
     if isinstance(exc, UserInputError):
-        err.print(f"[bold red]error:[/bold red] {_safe(exc, keep_newlines=True)}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/bold red] {shown(exc, keep_newlines=True)}", highlight=False, soft_wrap=True)
         return exc.exit_code
     if isinstance(exc, LoraCliError):
-        err.print(f"[bold red]failed:[/bold red] {_safe(exc, keep_newlines=True)}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]failed:[/bold red] {shown(exc, keep_newlines=True)}", highlight=False, soft_wrap=True)
         return exc.exit_code
     if isinstance(exc, KeyboardInterrupt):
         err.print("interrupted")
         return 130
     if not STATE["debug"]:
         err.print(
-            f"[bold red]internal error:[/bold red] {type(exc).__name__}: {_safe(exc, keep_newlines=True)}\n"
+            f"[bold red]internal error:[/bold red] {type(exc).__name__}: {shown(exc, keep_newlines=True)}\n"
             "(run again with --debug for the traceback)",
             highlight=False,
             soft_wrap=True,

@@ -6,12 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
-from lora_cli.safe_text import terminal_text
-
-err = Console(stderr=True)
+from lora_cli.commands.output import err, shown
 
 
 def export(
@@ -37,4 +33,4 @@ def export(
 
     report = export_run(run_dir, out, fmt=fmt, n=n, force=force, exporter=exporter, opset=opset)
     note = " [yellow](synthetic inputs: no validation data reachable)[/yellow]" if report.inputs == "synthetic" else ""
-    err.print(f"[green]ok[/green] {escape(terminal_text(report.describe()))}{note}", highlight=False, soft_wrap=True)
+    err.print(f"[green]ok[/green] {shown(report.describe())}{note}", highlight=False, soft_wrap=True)

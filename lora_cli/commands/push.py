@@ -6,12 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
-from lora_cli.safe_text import terminal_text
-
-err = Console(stderr=True)
+from lora_cli.commands.output import err
 
 
 def push(
@@ -50,4 +46,4 @@ def push(
         message = f"dry run: wrote {len(result['files'])} file(s) to {result['dry_run']} ({shown}); nothing uploaded"
     else:
         message = f"pushed {len(result['files'])} file(s) to {result['url']}"
-    err.print(f"[green]ok[/green] {escape(terminal_text(message))}", highlight=False, soft_wrap=True)
+    err.print(f"[green]ok[/green] {shown(message)}", highlight=False, soft_wrap=True)

@@ -7,16 +7,9 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
-from lora_cli.safe_text import terminal_text
-
-err = Console(stderr=True)
-
-
-def _safe(value: object) -> str:
-    return escape(terminal_text(value))
+from lora_cli.commands.output import err, shown
 
 
 def tune(
@@ -45,18 +38,18 @@ def tune(
     result = run_tune(recipe, space, trials, metric, direction=direction, out=out)
     study = result.study
     keys = [parse_space(s).key for s in space]
-    table = Table(title=f"{len(study.trials)} trial(s), {direction} {_safe(metric)}", title_justify="left")
-    for column in ["trial", "state", *keys, _safe(metric)]:
-        table.add_column(_safe(column))
+    table = Table(title=f"{len(study.trials)} trial(s), {direction} {shown(metric)}", title_justify="left")
+    for column in ["trial", "state", *keys, shown(metric)]:
+        table.add_column(shown(column))
     best = _best_number(study)
     for t in study.trials:
         cells = [str(t.number) + (" *" if t.number == best else ""), t.state.name.lower()]
-        cells += [_safe(f"{t.params[k]:.4g}" if isinstance(t.params.get(k), float) else t.params.get(k, "")) for k in keys]
+        cells += [shown(f"{t.params[k]:.4g}" if isinstance(t.params.get(k), float) else t.params.get(k, "")) for k in keys]
         cells.append("" if t.value is None else f"{t.value:.4f}")
         table.add_row(*cells)
     Console().print(table)
-    written = ", ".join(_safe(p) for p in result.written)
-    err.print(f"[green]ok[/green] search in {_safe(result.out)}: wrote {written}", highlight=False, soft_wrap=True)
+    written = ", ".join(shown(p) for p in result.written)
+    err.print(f"[green]ok[/green] search in {shown(result.out)}: wrote {written}", highlight=False, soft_wrap=True)
 
 
 def _best_number(study) -> int | None:

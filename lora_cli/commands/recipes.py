@@ -1,0 +1,64 @@
+"""`loracli recipes`: list, show and copy the shipped recipes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from lora_cli.commands.output import err, shown
+from lora_cli.errors import UserInputError
+
+recipes_app = typer.Typer(help="List, show and copy the shipped recipes.", no_args_is_help=False)
+
+
+@recipes_app.callback(invoke_without_command=True)
+def recipes_list(ctx: typer.Context) -> None:
+    """List the shipped recipes (show one with `recipes show NAME`, copy with `recipes copy NAME DEST`)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.table import Table
+
+    from lora_cli.recipe.shipped import describe, recipes_dir, shipped_recipes
+
+    recipes = shipped_recipes()
+    if not recipes:
+        raise UserInputError(f"no shipped recipes found in {recipes_dir()}")
+    table = Table(title="Shipped recipes", title_justify="left")
+    table.add_column("name", style="bold cyan", no_wrap=True)
+    table.add_column("description")
+    for name, path in recipes.items():
+        table.add_row(shown(name), shown(describe(path)))
+    Console().print(table)
+
+
+@recipes_app.command("show")
+def recipes_show(name: Annotated[str, typer.Argument(help="Recipe name, e.g. quickstart.", show_default=False)]) -> None:
+    """Print a shipped recipe, comments included."""
+    from lora_cli.recipe.shipped import find_shipped
+
+    typer.echo(find_shipped(name).read_text(encoding="utf-8"), nl=False)
+
+
+@recipes_app.command("copy")
+def recipes_copy(
+    name: Annotated[str, typer.Argument(help="Recipe name, e.g. quickstart.", show_default=False)],
+    dest: Annotated[Path, typer.Argument(help="File (or existing folder) to copy it to.", show_default=False)],
+) -> None:
+    """Copy a shipped recipe to DEST to edit it; never overwrites."""
+    from lora_cli.recipe.shipped import find_shipped
+
+    source = find_shipped(name)
+    target = dest / source.name if dest.is_dir() else dest
+    if target.exists():
+        raise UserInputError(f"{target} already exists; choose another destination or delete it first")
+    if not target.parent.is_dir():
+        raise UserInputError(f"folder {target.parent} does not exist; create it first")
+    try:
+        with target.open("x", encoding="utf-8") as handle:  # "x": never over a file (or a link) that appeared
+            handle.write(source.read_text(encoding="utf-8"))
+    except FileExistsError:
+        raise UserInputError(f"{target} already exists; choose another destination or delete it first") from None
+    err.print(f"copied {shown(source.name)} to {shown(target)}", highlight=False, soft_wrap=True)
