@@ -17,9 +17,11 @@ from rich.console import Console
 
 from lora_cli import __version__
 from lora_cli.commands import combine as combine_command
+from lora_cli.commands import compare as compare_command
 from lora_cli.commands import convert as convert_command
 from lora_cli.commands import export as export_command
 from lora_cli.commands import push as push_command
+from lora_cli.commands import sweep as sweep_command
 from lora_cli.commands import tune as tune_command
 from lora_cli.commands.output import err, shown
 from lora_cli.commands.recipes import recipes_app
@@ -294,6 +296,8 @@ app.command("convert")(convert_command.convert)
 app.command("export")(export_command.export)
 app.command("push")(push_command.push)
 app.command("tune")(tune_command.tune)
+app.command("compare")(compare_command.compare)
+app.command("sweep")(sweep_command.sweep)
 
 
 def main() -> None:

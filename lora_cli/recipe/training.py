@@ -21,12 +21,11 @@ from lora_cli.recipe.errors import Reporter, is_bool_word
 # Keys loracli sets itself, and what to do instead.
 CONTROLLED = {
     "output_dir": "loracli sets it; use the top-level output_dir",
-    "logging_dir": "loracli sets it inside the run directory; use the top-level output_dir",
+    "logging_dir": "TensorBoard logs go to <run>/logs/tensorboard; set TENSORBOARD_LOGGING_DIR to put them elsewhere",
     "remove_unused_columns": "loracli sets it automatically for the task",
     "label_names": "loracli sets it automatically for the task",
     "seed": "use the top-level seed",
     "resume_from_checkpoint": "use `loracli train --resume`",
-    "report_to": "loracli sets it; metrics go to metrics.jsonl and plots/ in the run directory",
     "disable_tqdm": "loracli sets it; it shows its own progress",
 }
 
@@ -158,6 +157,9 @@ def check_training(raw: Any, report: Reporter) -> dict[str, Any] | None:
         if key in CONTROLLED:
             report.add(path, "cannot be set in training", value, CONTROLLED[key])
             continue
+        if key == "report_to":
+            check_report_to(value, report)
+            continue
         if key not in fields:
             hint = did_you_mean(key, fields) or "see transformers.TrainingArguments for the field names"
             report.add(path, "is not a TrainingArguments field", value, hint)
@@ -182,6 +184,59 @@ def check_training(raw: Any, report: Reporter) -> dict[str, Any] | None:
     if len(report.problems) == before:
         _check_best_model(raw, report)
     return dict(raw) if len(report.problems) == before else None
+
+
+TRACKERS = {
+    # name in report_to: (modules any of which makes it usable, what to install)
+    "tensorboard": (("tensorboard", "tensorboardX"), "pip install 'loracli[track]' (or pip install tensorboard)"),
+    "mlflow": (("mlflow",), "pip install 'loracli[track]' (or pip install mlflow)"),
+    "wandb": (("wandb",), "pip install wandb"),
+    "trackio": (("trackio",), "pip install trackio"),
+    "comet_ml": (("comet_ml",), "pip install comet_ml"),
+    "clearml": (("clearml",), "pip install clearml"),
+    "neptune": (("neptune",), "pip install neptune"),
+    "dvclive": (("dvclive",), "pip install dvclive"),
+    "swanlab": (("swanlab",), "pip install swanlab"),
+    "codecarbon": (("codecarbon",), "pip install codecarbon"),
+}
+"""The experiment trackers ``training.report_to`` passes on to the Trainer (README, tracking)."""
+
+
+def report_to_names(value: Any) -> list[str]:
+    """``training.report_to`` as a list of tracker names (``none`` / missing: empty)."""
+    names = [value] if isinstance(value, str) else list(value or [])
+    return [n for n in names if n != "none"]
+
+
+def check_report_to(value: Any, report: Reporter) -> None:
+    """``report_to``: one tracker name, ``none``, or a list of names, each a known tracker."""
+    path = ("training", "report_to")
+    choices = [*TRACKERS, "none"]
+    if value is None:
+        return
+    if not (isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value))):
+        report.add(path, "must be a tracker name or a list of them", value, "e.g. `report_to: tensorboard` or "
+                   "`report_to: [tensorboard, mlflow]`; one of " + ", ".join(choices))
+        return
+    for name in [value] if isinstance(value, str) else value:
+        if name == "all":
+            report.add(path, "cannot be 'all'", value, "name the trackers to use, e.g. [tensorboard, mlflow]: 'all' "
+                       "would report to whatever happens to be installed")
+        elif name not in choices:
+            report.add(path, f"names an unknown tracker {name!r}", value,
+                       did_you_mean(name, choices) or "use one of " + ", ".join(choices))
+
+
+def missing_trackers(value: Any) -> list[tuple[str, str]]:
+    """(tracker, install hint) for each tracker in ``report_to`` whose package is not installed."""
+    import importlib.util
+
+    missing = []
+    for name in report_to_names(value):
+        modules, hint = TRACKERS.get(name, ((name,), f"pip install {name}"))
+        if not any(importlib.util.find_spec(m) is not None for m in modules):
+            missing.append((name, hint))
+    return missing
 
 
 def _check_best_model(raw: dict, report: Reporter) -> None:

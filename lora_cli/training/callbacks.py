@@ -1,17 +1,23 @@
-"""Trainer callbacks: AdaLoRA's budget step, the metrics file, rich progress, NaN guard."""
+"""Trainer callbacks: AdaLoRA's budget step, the metrics file, rich progress, NaN guard,
+and the training loop's time, throughput and peak memory (train.json)."""
 
 from __future__ import annotations
 
 import json
 import math
+import resource
+import sys
 import time
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import TrainerCallback
 
 from lora_cli.errors import LoraCliError
+from lora_cli.evaluation.compare import TRAIN_STATS_FILE
+from lora_cli.rundir import write_json
 
 
 class AdaLoraCallback(TrainerCallback):
@@ -117,3 +123,56 @@ class RichProgressCallback(TrainerCallback):
             self._refresh(state)
             self.progress.stop()
             self.progress = None
+
+
+def peak_memory() -> tuple[int, str]:
+    """(bytes, kind): CUDA's peak allocated memory on this process's device when training on
+    CUDA (``cuda_max_allocated``), else the process's peak resident set size (``peak_rss``:
+    ``ru_maxrss``, kilobytes on Linux, bytes on macOS)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated()), "cuda_max_allocated"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024), "peak_rss"
+
+
+class TrainStatsCallback(TrainerCallback):
+    """Writes train.json when training ends: wall time of the training loop (evaluations and
+    checkpoints during it included), samples seen, samples per second, peak memory, and the
+    trainable-parameter counts. A resumed run records the part it trained."""
+
+    def __init__(self, run_dir: Path, n_train: int, samples_per_step: int) -> None:
+        self.path = Path(run_dir) / TRAIN_STATS_FILE
+        self.n_train = n_train
+        self.samples_per_step = samples_per_step
+        self.start, self.start_step, self.start_epoch = 0.0, 0, 0.0
+        self.params: dict[str, float] = {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats()
+        if model is not None and hasattr(model, "get_nb_trainable_parameters"):
+            trainable, total = model.get_nb_trainable_parameters()
+            self.params = {"trainable_params": trainable, "all_params": total,
+                           "trainable_percent": 100 * trainable / total if total else 0.0}
+        self.start, self.start_step, self.start_epoch = time.perf_counter(), state.global_step, state.epoch or 0.0
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        wall = time.perf_counter() - self.start
+        steps = state.global_step - self.start_step
+        epochs = (state.epoch or 0.0) - self.start_epoch
+        # epochs x rows counts a short last batch right; steps x batch is the fallback
+        samples = round(epochs * self.n_train) if epochs > 0 and self.n_train else steps * self.samples_per_step
+        memory, kind = peak_memory()
+        write_json(self.path, {
+            "wall_time_s": round(wall, 3),
+            "optimizer_steps": steps,
+            "resumed_from_step": self.start_step,
+            "train_samples": samples,
+            "samples_per_second": round(samples / wall, 3) if wall > 0 else None,
+            "peak_memory_bytes": memory,
+            "peak_memory_kind": kind,
+            "device": "cuda" if kind == "cuda_max_allocated" else "cpu",
+            **self.params,
+        })

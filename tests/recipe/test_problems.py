@@ -62,7 +62,7 @@ def test_unknown_training_key(write):
         ("remove_unused_columns", "sets it automatically"),
         ("label_names", "sets it automatically"),
         ("seed", "use the top-level seed"),
-        ("report_to", "metrics.jsonl"),
+        ("logging_dir", "TENSORBOARD_LOGGING_DIR"),
         ("disable_tqdm", "its own progress"),
     ],
 )

@@ -6,7 +6,7 @@ import pytest
 
 from lora_cli.adapters import available_methods
 from lora_cli.recipe import load_recipe, resolve_adapter_config, shipped_recipes
-from lora_cli.recipe.schema import TASKS
+from lora_cli.task_kinds import TASKS
 
 SHIPPED = shipped_recipes()
 

@@ -1,0 +1,207 @@
+"""The grid of ``loracli sweep``: axes -> points, each a list of recipe overrides.
+
+    loracli sweep recipes/quickstart.yaml adapter.method=lora,loha,lokr,adalora adapter.r=8,16
+
+An item with commas outside brackets and quotes is an axis; one without is a fixed
+override every point gets. Points are the cartesian product of the axes, each trained as
+its own run directory ``<sweep>/<point>`` (``<sweep>`` defaults to ``runs/<name>-sweep``).
+
+When a point changes ``adapter.method``, the base recipe's options that only the old
+method knows are carried over where the new one has the same knob, and dropped otherwise
+(each carried or dropped option is listed in the plan):
+
+    lora_alpha <-> alpha               the same scale, named per method
+    r -> init_r, target_r (AdaLoRA)    init_r = r (LoRA's parameter count), target_r = 2r/3
+    init_r -> r (from AdaLoRA)
+    anything else the new method lacks  dropped (lora_dropout, use_dora, tinit, ...)
+
+Options set by an axis or a fixed override are never translated: a value the point's
+method refuses is that point's recipe error.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_cli import rundir as rd
+from lora_cli.atomic import write_text
+from lora_cli.errors import UserInputError
+from lora_cli.recipe import load_recipe
+from lora_cli.recipe.adapter import allowed_fields, resolve_method
+from lora_cli.recipe.overrides import parse_override
+from lora_cli.recipe.schema import RUN_NAME_CHARS, RUN_NAME_MAX
+from lora_cli.recipe.yamlio import dump
+
+METHOD_KEY = "adapter.method"
+POINT_RECIPES = "recipes"
+"""``<sweep>/recipes/<point>.yaml``: the recipes of the points that change the method."""
+SAME_KNOB = {"lora_alpha": "alpha", "alpha": "lora_alpha"}
+
+
+@dataclass
+class Point:
+    """One run of the sweep."""
+
+    name: str
+    values: dict[str, str]  # axis key -> value as typed
+    run_dir: Path
+    recipe: Path  # the recipe file `loracli train` gets
+    overrides: list[str]  # what `loracli train RECIPE ...` gets (output_dir and name included)
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None  # the recipe error of an invalid point
+
+
+def split_values(text: str) -> list[str]:
+    """``a,b,[c, d]`` -> ``['a', 'b', '[c, d]']``: commas inside brackets or quotes stay."""
+    parts, depth, quote, current = [], 0, None, ""
+    for char in text:
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(current.strip())
+            current = ""
+            continue
+        current += char
+    parts.append(current.strip())
+    return parts
+
+
+def parse_axes(items: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """(axes {key: values}, fixed overrides); malformed items are one UserInputError."""
+    axes: dict[str, list[str]] = {}
+    fixed: list[str] = []
+    problems = []
+    for item in items:
+        if item.startswith("~"):
+            fixed.append(item)
+            continue
+        parsed = parse_override(item)
+        if isinstance(parsed, str):
+            problems.append(f"{item!r} {parsed}")
+            continue
+        key, text = item.split("=", 1)
+        values = split_values(text)
+        if len(values) == 1:
+            fixed.append(item)
+        elif any(not v for v in values):
+            problems.append(f"{item!r} has an empty value (write key=a,b,c)")
+        elif key.strip() in axes:
+            problems.append(f"{item!r} repeats the axis {key.strip()}; give all its values in one item")
+        else:
+            axes[key.strip()] = values
+    if problems:
+        raise UserInputError("sweep: " + "; ".join(problems))
+    if not axes:
+        raise UserInputError("sweep: no axis given; name one as key=value1,value2, e.g. adapter.method=lora,loha")
+    return axes, fixed
+
+
+def _safe_name(text: str) -> str:
+    """Run-name characters only: each run of others becomes one ``-``."""
+    return re.sub("-{2,}", "-", "".join(c if c in RUN_NAME_CHARS else "-" for c in text)).strip("-.") or "x"
+
+
+def point_name(values: dict[str, str]) -> str:
+    """``lora_r-8``: the method's value alone, other axes as ``<last key part>-<value>``."""
+    parts = [v if k == METHOD_KEY else f"{k.split('.')[-1]}-{v}" for k, v in values.items()]
+    return _safe_name("_".join(parts))[:RUN_NAME_MAX]
+
+
+def written_options(recipe) -> dict[str, Any]:
+    """The adapter options the recipe (or a fixed override) sets, defaults left out."""
+    written = {path[1] for path in recipe.adapter.locations if len(path) >= 2 and path[0] == "adapter"}
+    return {k: v for k, v in recipe.adapter.options.items() if k in written and k != "method"}
+
+
+def method_translation(options: dict[str, Any], method: str, given: set[str]) -> tuple[dict[str, Any], list[str]]:
+    """(options for ``method``, notes): ``options`` (another method's) carried over."""
+    new, _, _ = resolve_method(method)
+    if new is None:
+        return dict(options), []  # the point's recipe error names the method
+    allowed = set(allowed_fields(new))
+    kept, notes = {}, []
+    for key, value in options.items():
+        twin = SAME_KNOB.get(key) or ("r" if key == "init_r" else None)
+        if key in allowed and not (method == "adalora" and key == "r"):
+            kept[key] = value
+        elif twin in allowed and twin not in options and f"adapter.{twin}" not in given:
+            kept[twin] = value
+            notes.append(f"{key} {value} -> {twin} {value}")
+        elif not (method == "adalora" and key == "r"):
+            notes.append(f"dropped {key} {value} ({method} has no such option)")
+    rank = options.get("r")
+    if method == "adalora" and isinstance(rank, int) and not {"init_r", "target_r"} & set(options):
+        for key, value in (("init_r", rank), ("target_r", max(1, round(2 * rank / 3)))):
+            if f"adapter.{key}" not in given:
+                kept[key] = value
+                notes.append(f"r {rank} -> {key} {value}")
+    return kept, notes
+
+
+def plan(recipe_path: Path, items: list[str], sweep_dir: Path | None = None) -> tuple[Path, list[Point]]:
+    """The sweep folder and its points, each validated (an invalid point carries its error).
+
+    A point that changes the method trains from ``<sweep>/recipes/<point>.yaml``: the base
+    recipe resolved, its adapter section carried over (overrides cannot remove keys the
+    new method lacks). The others train from the recipe itself."""
+    axes, fixed = parse_axes(items)
+    base = load_recipe(recipe_path, fixed)  # a broken base recipe or fixed override stops the sweep here
+    sweep_dir = Path(sweep_dir) if sweep_dir is not None else base.output_path.parent / f"{base.name}-sweep"
+    if sweep_dir.exists() and not sweep_dir.is_dir():
+        raise UserInputError(f"sweep folder {sweep_dir} is a file; pick another with --out DIR")
+    options = written_options(base)
+    given = set(axes)
+    points, seen = [], set()
+    for combo in itertools.product(*axes.values()):
+        values = dict(zip(axes, combo))
+        name = point_name(values)
+        while name in seen:
+            name += "-"
+        seen.add(name)
+        source, overrides, notes = Path(recipe_path), list(fixed), []
+        method = parse_override(f"{METHOD_KEY}={values[METHOD_KEY]}")[1] if METHOD_KEY in values else base.adapter.method
+        if method != base.adapter.method:
+            adapter, notes = method_translation(options, str(method), given)
+            source, overrides = _point_recipe(base, sweep_dir, name, {"method": method, **adapter}), []
+        overrides += [f"{k}={v}" for k, v in values.items() if k != METHOD_KEY or source == Path(recipe_path)]
+        run_name = _safe_name(f"{base.name}-{name}")[:RUN_NAME_MAX]
+        # JSON strings are YAML double-quoted scalars: any path reads back as itself
+        overrides += [f"name={run_name}", f"output_dir={json.dumps(str(sweep_dir / name))}"]
+        point = Point(name, values, sweep_dir / name, source, overrides, notes)
+        try:
+            load_recipe(source, overrides)
+        except UserInputError as exc:
+            point.error = str(exc)
+        points.append(point)
+    return sweep_dir, points
+
+
+def _point_recipe(base, sweep_dir: Path, name: str, adapter: dict[str, Any]) -> Path:
+    data = base.to_dict()
+    data["adapter"] = adapter
+    path = sweep_dir / POINT_RECIPES / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, f"# loracli sweep point {name}, from {base.source}\n" + dump(data))
+    return path
+
+
+def is_done(point: Point) -> bool:
+    """The point's run directory holds a completed run of exactly this point's recipe."""
+    run = point.run_dir
+    if rd.read_status(run).get("state") != "completed" or not (run / rd.RECIPE_FILE).is_file():
+        return False
+    try:
+        return load_recipe(run / rd.RECIPE_FILE) == load_recipe(point.recipe, point.overrides)
+    except UserInputError:
+        return False
