@@ -92,3 +92,17 @@ def make_imagefolder(root: Path, per_class: tuple[int, int] = (8, 4), classes=CL
 def data_and_seed(recipe) -> tuple:
     """``(recipe.data, recipe.seed)``: the sections a task's data functions take."""
     return recipe.data, recipe.seed
+
+
+def guide_transforms(processor, train: bool):
+    """The Food-101 guide's per-image torchvision v1 path (PIL in, normalised tensor out): the
+    reference the cached uint8 pipeline is measured against."""
+    from torchvision import transforms as T
+
+    from lora_cli.tasks.image_classification import _sizes
+
+    resize, crop = _sizes(processor)
+    normalize = T.Normalize(mean=processor.image_mean, std=processor.image_std)
+    if train:
+        return T.Compose([T.RandomResizedCrop(crop), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+    return T.Compose([T.Resize(resize), T.CenterCrop(crop), T.ToTensor(), normalize])

@@ -7,7 +7,7 @@
 A file that cannot be read (or that the processor rejects) gets its own error in the
 results; every other file is still predicted. Images are read by the loader training uses
 (:func:`lora_cli.tasks.images.load_image`) and go through the task's eval transforms
-(:func:`lora_cli.tasks.image_classification.transforms` with ``train=False``: resize,
+(:func:`lora_cli.tasks.image_classification.eval_pixels`: decoded as the eval cache decodes, resize,
 centre crop, normalise), so ``predict`` gives the model the tensors ``eval`` gives it.
 """
 
@@ -27,6 +27,7 @@ from torch import nn
 from lora_cli.atomic import atomic_file
 from lora_cli.devices import model_device, model_dtype, resolve_device
 from lora_cli.errors import LoraCliError, UserInputError
+from lora_cli.tasks.image_classification import eval_pixels
 from lora_cli.tasks.images import ImageLoadError, expand_inputs, load_image
 
 logger = logging.getLogger(__name__)
@@ -133,11 +134,8 @@ def _predict_batch(model, processor, images, owners, id2label, top_k) -> None:
 
 
 def pixel_values(processor: Any, images: Sequence[Any]) -> torch.Tensor:
-    """The batch the model sees for RGB PIL images: the task's eval transforms, as in ``eval``."""
-    from lora_cli.tasks.image_classification import transforms
-
-    transform = transforms(processor, train=False)
-    return torch.stack([transform(image) for image in images])
+    """The batch the model sees for RGB PIL images: decoded as the eval cache decodes, as in ``eval``."""
+    return torch.stack([eval_pixels(processor, image) for image in images])
 
 
 def class_probabilities(model: nn.Module, processor: Any, images: Sequence[Any]) -> torch.Tensor:

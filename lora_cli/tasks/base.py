@@ -36,6 +36,10 @@ class Task(Protocol):
     too slow for every evaluation, so ``train`` runs it once at the end and ``eval`` once. None
     when the task has none."""
 
+    device_inputs: Callable[[Any], Callable[[dict[str, Any]], dict[str, Any]]] | None
+    """``processor -> (batch -> batch)`` that finishes a compact batch on the model's device
+    (normalising uint8 pixels on the GPU), or None when batches need no finishing."""
+
     classify_text: Callable[..., Any] | None
     """Text classification for ``predict --text``: ``(run, texts, top_k) -> [[{label, score}]]``."""
 
@@ -57,8 +61,9 @@ class Task(Protocol):
     def prepare(self, splits: Splits, processor: Any, data: DataSection, seed: int) -> tuple[Any, Any]:
         """The train and eval datasets the Trainer reads."""
 
-    def make_collator(self, processor: Any, data: DataSection | None = None) -> Collate:
-        """Rows -> one batch of tensors."""
+    def make_collator(self, processor: Any, data: DataSection | None = None, compact: bool = False) -> Collate:
+        """Rows -> one batch of tensors. ``compact``: leave the inputs in their transport form
+        (uint8 pixels), for :attr:`device_inputs` to finish on the model's device."""
 
     def compute_metrics(self, eval_pred: Any) -> dict[str, float]:
         """The Trainer's eval predictions -> metrics."""

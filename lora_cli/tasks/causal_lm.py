@@ -27,6 +27,7 @@ from lora_cli.tasks.text_common import load_processor, make_collator, synthetic_
 
 KIND = TASK_KINDS[CAUSAL_LM]
 generation_metrics = None
+device_inputs = None
 classify_text = None
 
 

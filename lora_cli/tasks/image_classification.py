@@ -1,13 +1,14 @@
 """Image classification: images + labels -> a ViT-style model with a new head.
 
-dataset -> label maps -> image processor -> on-the-fly transforms -> collate -> model -> accuracy
+source rows (``image_data``) -> decoded once into datasets' on-disk cache as uint8
+(``image_cache``: train at 8/7 of the crop, eval resized + center-cropped) -> uint8 rows
+with RandomResizedCrop + flip keyed by (seed, epoch, row) (``image_batches``) -> collate
+-> ``(x / 255 - mean) / std`` (on the GPU when there is one) -> model -> accuracy.
 
-Transforms follow the Food-101 LoRA guide: train RandomResizedCrop + RandomHorizontalFlip
-+ normalize; eval Resize + CenterCrop + normalize, with size/mean/std from the model's
-own image processor. They run on the fly (``set_transform``), so the dataset keeps its
-image column and the Trainer is told not to drop it. Every image is decoded by
-:func:`lora_cli.tasks.images.load_image`, the loader ``predict`` uses too, and ``predict``
-applies the same eval transforms: the same file gives the same tensor in every verb.
+The augmentation is the Food-101 LoRA guide's (torchvision's RandomResizedCrop defaults and
+a horizontal flip; eval Resize + CenterCrop), with size/mean/std from the model's own
+image processor. ``predict`` decodes each image the way the eval cache does
+(:func:`eval_pixels`): the same file gives the same tensor in every verb.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from lora_cli.hub import require_hub
 from lora_cli.recipe import ImageData, ModelSection
 from lora_cli.task_kinds import IMAGE_CLASSIFICATION, TASK_KINDS
 from lora_cli.tasks import data as data_mod
-from lora_cli.tasks import image_data, images
+from lora_cli.tasks import image_batches, image_cache, image_data, images
 
 logger = logging.getLogger(__name__)
 
@@ -114,74 +115,67 @@ def _sizes(processor) -> tuple[tuple[int, int], tuple[int, int]]:
     return resize, crop
 
 
-def transforms(processor, train: bool, augment: bool = True):
-    """RGB PIL image -> normalised tensor; ``train=False`` is what eval and predict both use."""
-    from torchvision import transforms as T
+def _mean_std(processor) -> tuple[list[float], list[float]]:
+    return (list(getattr(processor, "image_mean", None) or [0.5, 0.5, 0.5]),
+            list(getattr(processor, "image_std", None) or [0.5, 0.5, 0.5]))
 
+
+def _eval_batches(ds, processor, data: ImageData) -> image_batches.ImageBatches:
+    """Eval rows: decoded once at the processor's resize, center-cropped, cached as uint8."""
     resize, crop = _sizes(processor)
-    mean = getattr(processor, "image_mean", None) or [0.5, 0.5, 0.5]
-    std = getattr(processor, "image_std", None) or [0.5, 0.5, 0.5]
-    normalize = T.Normalize(mean=mean, std=std)
-    if train and augment:
-        return T.Compose([T.RandomResizedCrop(crop), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
-    return T.Compose([T.Resize(resize), T.CenterCrop(crop), T.ToTensor(), normalize])
-
-
-def with_transforms(ds, processor, data: ImageData, train: bool):
-    """Rows as ``{"pixel_values", "labels"}``: each image decoded by the shared loader, then ``transforms``."""
-    tf = transforms(processor, train, augment=data.augment)
-    image_col, label_col = data.image_column, data.label_column
-
-    def apply(batch: dict[str, list]) -> dict[str, list]:
-        return {
-            "pixel_values": [tf(images.load_image(img)) for img in batch[image_col]],
-            "labels": batch[label_col],
-        }
-
-    ds = ds.with_transform(apply)
-    return ds
-
-
-class SeededAugmentation(torch.utils.data.Dataset):
-    """Training rows whose random crops and flips depend only on (seed, epoch, row).
-
-    Drawn from the global RNG, augmentations would depend on when the data loader makes
-    each batch (it prefetches one ahead), and a run resumed mid-epoch would see other
-    crops than the run that never stopped. The Trainer calls ``set_epoch``.
-    """
-
-    def __init__(self, ds, seed: int) -> None:
-        self.ds, self.seed, self.epoch = ds, seed, 0
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __getitem__(self, index):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, self.epoch, int(index))) % 2**63)
-            return self.ds[index]
+    cached = image_cache.decode_cache(ds, data.image_column, size=resize, center_crop=crop, draft=False)
+    return image_batches.ImageBatches(cached, crop, train=False, label_column=data.label_column)
 
 
 def prepare(splits: data_mod.Splits, processor, data: ImageData, seed: int):
-    train = with_transforms(splits.train, processor, data, True)
-    if data.augment:
-        train = SeededAugmentation(train, seed)
-    return train, with_transforms(splits.eval, processor, data, False)
+    """Train and eval datasets of uint8 rows, decoded once into datasets' on-disk cache.
+
+    Training rows are cached with their short side at 8/7 of the crop (256 for 224) and get
+    RandomResizedCrop + flip keyed by (seed, epoch, row) (:class:`image_batches.ImageBatches`);
+    with ``data.augment: false`` they are prepared like the eval rows.
+    """
+    if not data.augment:
+        return _eval_batches(splits.train, processor, data), _eval_batches(splits.eval, processor, data)
+    _, crop = _sizes(processor)
+    cached = image_cache.decode_cache(splits.train, data.image_column, size=image_cache.train_short_side(crop))
+    train = image_batches.ImageBatches(cached, crop, train=True, seed=seed, label_column=data.label_column)
+    return train, _eval_batches(splits.eval, processor, data)
 
 
-def make_collator(processor=None, data: ImageData | None = None):
-    """Stacks image tensors and labels (the processor has no say)."""
+def make_collator(processor, data: ImageData | None = None, compact: bool = False):
+    """Stacks rows into a batch. ``compact``: pixels stay uint8 (a quarter of float32's bytes)
+    for :func:`device_inputs` to normalise on the GPU; otherwise they are normalised here."""
+    if compact:
+        return image_batches.collate
+    mean, std = _mean_std(processor)
+
+    def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = image_batches.collate(rows)
+        batch["pixel_values"] = image_batches.normalize_pixels(batch["pixel_values"], mean, std)
+        return batch
+
     return collate
 
 
-def collate(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    return {
-        "pixel_values": torch.stack([row["pixel_values"] for row in batch]),
-        "labels": torch.tensor([int(row["labels"]) for row in batch]),
-    }
+def device_inputs(processor):
+    """Normalises a compact batch where it arrived (the model's device): ``(x / 255 - mean) / std``."""
+    mean, std = _mean_std(processor)
+
+    def transform(batch: dict[str, Any]) -> dict[str, Any]:
+        pixels = batch.get("pixel_values")
+        if pixels is not None and pixels.dtype == torch.uint8:
+            batch = {**batch, "pixel_values": image_batches.normalize_pixels(pixels, mean, std)}
+        return batch
+
+    return transform
+
+
+def eval_pixels(processor, image: Any) -> torch.Tensor:
+    """One image (file, bytes or PIL image) as the model sees it in eval and predict: float (3, H, W)."""
+    resize, crop = _sizes(processor)
+    mean, std = _mean_std(processor)
+    pixels = torch.from_numpy(image_cache.decode_one(image, resize, crop, draft=False)).permute(2, 0, 1)
+    return image_batches.normalize_pixels(pixels, mean, std)
 
 
 def compute_metrics(eval_pred) -> dict[str, float]:
@@ -192,13 +186,13 @@ def compute_metrics(eval_pred) -> dict[str, float]:
 
 
 def eval_dataset(data: ImageData, seed: int, processor, split: str = "validation", limit: int | None = None):
-    """The recipe's evaluation data with eval transforms (for `loracli eval` / merge checks)."""
+    """The recipe's evaluation data, cached and center-cropped (for `loracli eval` / merge checks)."""
     splits, _ = image_data.load_splits(data, seed)
     ds = splits.train if split == "train" else splits.eval
     ds = data_mod.limit(ds, limit, seed)
     what = "training" if split == "train" else "validation"
     ds = images.check_dataset(ds, data.image_column, data.bad_images, what)  # only the rows used
-    return with_transforms(ds, processor, data, train=False)
+    return _eval_batches(ds, processor, data)
 
 
 def synthetic_batch(processor, n: int = 4) -> dict[str, torch.Tensor]:

@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 KIND = TASK_KINDS[SEQ2SEQ]
 BLEU_ROWS = 32  # rows generated for the end-of-training BLEU
+device_inputs = None
 
 LANGUAGES = {
     "de": "German", "en": "English", "fr": "French", "ro": "Romanian", "cs": "Czech", "ru": "Russian",

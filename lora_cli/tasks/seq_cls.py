@@ -27,6 +27,7 @@ from lora_cli.tasks.text_common import load_processor, make_collator, synthetic_
 
 KIND = TASK_KINDS[SEQ_CLS]
 generation_metrics = None
+device_inputs = None
 generate = None
 preprocess_logits_for_metrics = None
 

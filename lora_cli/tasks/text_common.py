@@ -232,7 +232,7 @@ def load_processor(model: ModelSection, source: str | Path | None = None):
     return load_tokenizer(model, source)
 
 
-def make_collator(processor, data: DataSection | None = None):
+def make_collator(processor, data: DataSection | None = None, compact: bool = False):
     """Pads a batch of token-id rows with the tokenizer's pad id (labels with -100)."""
     pad_id = processor.pad_token_id
 

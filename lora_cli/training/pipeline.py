@@ -29,6 +29,7 @@ from lora_cli.evaluation.plots import plot_training_curves
 from lora_cli.evaluation.report import evaluate, write_report
 from lora_cli.recipe import load_recipe, optimizer_steps, resolve_adapter_config
 from lora_cli.safe_text import terminal_text
+from lora_cli.task_kinds import TASK_KINDS
 from lora_cli.tasks import get_task
 from lora_cli.tasks.defaults import default_target_modules
 from lora_cli.training import distributed, preflight
@@ -37,7 +38,10 @@ from lora_cli.training.callbacks import (
     MetricsFileCallback,
     NanGuardCallback,
     RichProgressCallback,
+    TrainStatsCallback,
 )
+from lora_cli.training.hardware import hardware_defaults
+from lora_cli.training.tracking import check_trackers, configure_trackers, tracking_arguments
 from lora_cli.training.trainer import AdapterTrainer
 
 logger = logging.getLogger(__name__)
@@ -154,7 +158,7 @@ def _train_and_save(recipe, task, model, args, train_ds, eval_ds, processor, lab
     report = None
     if labels and (trainer.is_world_process_zero() or distributed.is_sharded(trainer)):
         # a sharded model's forward is collective: every process runs it, rank 0 writes
-        report = _full_evaluation(model, eval_ds, trainer.data_collator, labels, args, metrics)
+        report = _full_evaluation(model, eval_ds, task.make_collator(processor, recipe.data), labels, args, metrics)
     if trainer.is_world_process_zero():
         model.save_pretrained(adapter_dir, state_dict=full_state)
         if labels:
@@ -181,6 +185,8 @@ def _snapshot_if_random(recipe, model):
 def training_arguments(recipe, run_dir: Path, adapter_config, model: torch.nn.Module | None = None):
 
     kwargs = dict(recipe.training or {})  # the keys loracli sets itself are refused by the recipe loader
+    check_trackers(recipe)  # a tracker that cannot log fails here, before anything is written
+    kwargs.update(tracking_arguments(recipe))
     if not torch.cuda.is_available():
         for key in ("fp16", "bf16"):
             if kwargs.get(key):
@@ -192,6 +198,7 @@ def training_arguments(recipe, run_dir: Path, adapter_config, model: torch.nn.Mo
         kwargs.setdefault("dataloader_pin_memory", False)
     kwargs.setdefault("logging_steps", 10)
     kwargs.setdefault("save_total_limit", 3)
+    kwargs = hardware_defaults(kwargs, TASK_KINDS[recipe.task], processes=distributed.world_size())
     kwargs = distributed.distributed_defaults(kwargs, adapter_config)
     if model is not None:
         kwargs = distributed.fsdp_wrap_defaults(kwargs, model)
@@ -201,7 +208,6 @@ def training_arguments(recipe, run_dir: Path, adapter_config, model: torch.nn.Mo
             remove_unused_columns=False,  # on-the-fly transforms need the raw image/text columns
             label_names=["labels"],
             disable_tqdm=True,
-            report_to="none",
             seed=recipe.seed,
             **kwargs,
         )
@@ -216,18 +222,22 @@ def build_trainer(recipe, task, model, args, train_ds, eval_ds, processor, run_d
     world = int(os.environ.get("WORLD_SIZE", "1"))
     samples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
     callbacks.append(RichProgressCallback(console, samples_per_step, unit=task.KIND.unit))
+    callbacks.append(TrainStatsCallback(run_dir, len(train_ds), samples_per_step))  # train.json
     callbacks += list(extra_callbacks)
+    compact = torch.cuda.is_available() and task.device_inputs is not None
     trainer = AdapterTrainer(
         model=model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        data_collator=task.make_collator(processor, recipe.data),
+        data_collator=task.make_collator(processor, recipe.data, compact=compact),
         compute_metrics=task.compute_metrics,
         preprocess_logits_for_metrics=task.preprocess_logits_for_metrics,
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)
+    trainer.input_transform = task.device_inputs(processor) if compact else None  # uint8 -> normalised on the GPU
+    configure_trackers(trainer, recipe, run_dir)  # tracker files into run_dir/logs, the recipe logged to them
     trainer.model_accepts_loss_kwargs = _accepts_loss_kwargs(model.get_base_model())
     return trainer
 

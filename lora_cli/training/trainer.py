@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -55,6 +57,13 @@ def _load_method_state(model: AdapterModel, checkpoint: Path) -> None:
 
 
 class AdapterTrainer(Trainer):
+    input_transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    """Finishes each batch once it is on the model's device (uint8 pixels -> normalised floats)."""
+
+    def _prepare_inputs(self, inputs):
+        inputs = super()._prepare_inputs(inputs)
+        return self.input_transform(inputs) if self.input_transform is not None else inputs
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The task loss plus the adapter's regularizer (AdaLoRA's orthogonality penalty),
         weighted once per optimizer step whatever the number of processes and accumulation steps.

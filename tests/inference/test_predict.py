@@ -36,14 +36,18 @@ def test_folder_of_mixed_images_four_predictions_one_error(adapter_model, proces
 
 
 def test_predictions_match_a_direct_forward(adapter_model, processor, user_folder):
-    # predict feeds the model the task's eval transforms (what `eval` uses), not the HF processor
-    from lora_cli.tasks.image_classification import transforms
-    from lora_cli.tasks.images import load_image
+    # predict feeds the model what `eval` feeds it (the eval cache's decode), not the HF processor
+    import datasets
+
+    from lora_cli.recipe import ImageData
+    from lora_cli.tasks import image_classification as ic
 
     files = sorted(user_folder.glob("*.png")) + [user_folder / "d_rotated.jpg"]
     results = predict_files(adapter_model, processor, files, ID2LABEL, top_k=3, batch_size=8)
-    eval_tf = transforms(processor, train=False)
-    pixels = torch.stack([eval_tf(load_image(f)) for f in files])
+    rows = datasets.Dataset.from_dict({"image": [str(f) for f in files], "label": [0] * len(files)})
+    rows = rows.cast_column("image", datasets.Image(decode=False))
+    eval_rows = ic._eval_batches(rows, processor, ImageData(imagefolder="unused"))
+    pixels = ic.make_collator(processor)([eval_rows[i] for i in range(len(files))])["pixel_values"]
     with torch.no_grad():
         probs = adapter_model(pixel_values=pixels).logits.softmax(-1)
     for r, p in zip(results, probs, strict=True):

@@ -115,7 +115,7 @@ def test_eval_and_predict_give_the_same_tensors_for_awkward_images(tmp_path):
     eval_ds = ic.eval_dataset(recipe.data, recipe.seed, processor)
     rows = [eval_ds[i] for i in range(len(eval_ds))]
     assert len(rows) == len(files) + 1  # the special images + validation/b's one
-    from_eval = torch.stack([r["pixel_values"] for r in rows[: len(files)]])
+    from_eval = ic.make_collator(processor)(rows[: len(files)])["pixel_values"]  # the batch eval gives the model
     from_predict = pixel_values(processor, [load_image(f) for f in files])
     assert torch.equal(from_eval, from_predict)
 
