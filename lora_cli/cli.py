@@ -186,7 +186,7 @@ def eval_command(
     limit: Annotated[int | None, typer.Option("--limit", help="Evaluate a seeded random subset of N examples.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report (without per-sample rows) as JSON.")] = False,
     adapter: Annotated[
-        Path | None, typer.Option("--adapter", help="Evaluate this PEFT-format adapter folder instead of the run's.")
+        Path | None, typer.Option("--adapter", help="Evaluate this PEFT-format adapter (a folder, or a hub id user/repo) instead of the run's.")
     ] = None,
     base: Annotated[bool, typer.Option("--base", help="Evaluate the base model, adapter disabled.")] = False,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Default: the recipe's eval batch size.")] = None,

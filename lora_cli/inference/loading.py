@@ -21,6 +21,7 @@ from lora_cli import rundir as rd
 from lora_cli.adapters import AdapterModel
 from lora_cli.devices import resolve_device
 from lora_cli.errors import UserInputError
+from lora_cli.hub import require_hub
 from lora_cli.recipe import load_recipe
 from lora_cli.task_kinds import TASK_KINDS
 from lora_cli.tasks import get_task
@@ -48,7 +49,7 @@ def load_run(run_dir: str | Path, adapter_dir: str | Path | None = None, device:
     if holder is not None:
         warnings.warn(f"{run_dir} is being trained right now ({holder}); its adapter may change when that run ends",
                       stacklevel=2)
-    adapter = Path(adapter_dir) if adapter_dir else run_dir / rd.ADAPTER_DIR
+    adapter = adapter_folder(adapter_dir) if adapter_dir else run_dir / rd.ADAPTER_DIR
     if not (adapter / "adapter_config.json").is_file():
         status = rd.read_status(run_dir)
         why = f" The run failed: {status.get('error')}." if status.get("state") == "failed" else ""
@@ -75,6 +76,19 @@ def load_run(run_dir: str | Path, adapter_dir: str | Path | None = None, device:
     model = AdapterModel.from_pretrained(model, adapter)
     model.to(resolve_device(device)).eval()
     return LoadedRun(run_dir, recipe, model, processor, task, id2label)
+
+
+def adapter_folder(adapter: str | Path) -> Path:
+    """A PEFT-format adapter: a local folder, or a hub repo id (``user/repo``) fetched into the
+    hub cache. Offline, a hub id that is not cached fails at once with what to do instead."""
+    local = Path(adapter).expanduser()
+    text = str(adapter)
+    if local.exists() or text.count("/") != 1 or text.startswith((".", "/", "~")):
+        return local
+    require_hub(text, "--adapter", local_hint="Give the path of a local adapter folder (with adapter_config.json).")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(text, allow_patterns=["adapter_config.json", "*.safetensors", "*.json"]))
 
 
 def _run_label_map(run_dir: Path, adapter: Path, task: str) -> dict[int, str] | None:

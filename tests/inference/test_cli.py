@@ -232,3 +232,12 @@ def test_eval_refuses_a_split_the_run_does_not_have(run_dir, split, monkeypatch,
     assert loracli(monkeypatch, "eval", run_dir, "--split", split) == 2
     assert "a run has the splits validation, train" in capsys.readouterr().err
     assert sorted(p.name for p in run_dir.parent.parent.iterdir()) == before
+
+
+def test_eval_adapter_from_the_hub_fails_fast_offline(run_dir, monkeypatch, capsys):
+    """--adapter takes a hub id too; offline and not cached, it fails at once saying why."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert loracli(monkeypatch, "eval", run_dir, "--adapter", "someone/food101-lora") == 2
+    err = capsys.readouterr().err
+    assert "--adapter: 'someone/food101-lora'" in err and "offline mode is set" in err
+    assert not list(run_dir.glob("eval_adapter-someone*")) and not list(run_dir.glob("eval_adapter-food101*"))
