@@ -5,14 +5,21 @@ No test touches a hub: the environment says offline before transformers is impor
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "HF_DATASETS_CACHE" not in os.environ:  # the decode caches tests build stay out of the user's cache
+    _datasets_cache = tempfile.mkdtemp(prefix="loracli-tests-datasets-")
+    os.environ["HF_DATASETS_CACHE"] = _datasets_cache
+    atexit.register(shutil.rmtree, _datasets_cache, ignore_errors=True)
 
 import numpy as np
 import pytest

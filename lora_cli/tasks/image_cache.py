@@ -188,6 +188,23 @@ def content_key(ds, image_column: str) -> str:
     return digest.hexdigest()
 
 
+def default_cache_dir() -> Path:
+    import datasets
+
+    return Path(datasets.config.HF_DATASETS_CACHE) / "loracli-decoded"
+
+
+def checked_marker(ds, image_column: str, max_pixels: int, cache_dir: str | Path | None = None) -> Path:
+    """The file that says every image of ``ds[image_column]`` (as they are now) decoded cleanly.
+
+    Keyed like the decode cache (:func:`content_key`): an edited, added or removed image
+    changes the key, so its check runs again. ``train`` writes it after a clean check, and the
+    next run (or ``eval``) skips decoding every image just to check it.
+    """
+    key = hashlib.sha256(f"{CACHE_VERSION}|{content_key(ds, image_column)}|{max_pixels}".encode()).hexdigest()[:32]
+    return (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / f"checked-{key}"
+
+
 def _file_key(path: str | None) -> bytes:
     if not path:
         return b"N"
@@ -223,7 +240,7 @@ def decode_cache(ds, image_column: str, *, size: Size, center_crop: tuple[int, i
               "storage": storage, "draft": draft, "max_pixels": max_pixels,
               "quality": jpeg_quality if storage == "jpeg" else None}
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:32]
-    folder = Path(cache_dir) if cache_dir is not None else Path(datasets.config.HF_DATASETS_CACHE) / "loracli-decoded"
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
     column = RAW_COLUMN if storage == "raw" else JPEG_COLUMN
     features = datasets.Features({column: datasets.Value("binary"), HEIGHT: datasets.Value("int32"),

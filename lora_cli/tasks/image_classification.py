@@ -50,9 +50,22 @@ def load_raw(data: ImageData, seed: int) -> tuple[data_mod.Splits, list[str]]:
     """
     splits, labels = image_data.load_splits(data, seed)
     for attr, what in (("train", "training"), ("eval", "validation")):
-        setattr(splits, attr, images.check_dataset(getattr(splits, attr), data.image_column, data.bad_images, what))
+        setattr(splits, attr, _checked(getattr(splits, attr), data, what))
     image_data.warn_classes_without_training_rows(splits, data.label_column, labels)
     return splits, labels
+
+
+def _checked(ds, data: ImageData, what: str):
+    """``ds`` with every image decode-checked (``data.bad_images``), unless the same images
+    (same files, sizes and modification times, or bytes) passed the check before."""
+    marker = image_cache.checked_marker(ds, data.image_column, images.MAX_IMAGE_PIXELS)
+    if marker.is_file():
+        return ds
+    checked = images.check_dataset(ds, data.image_column, data.bad_images, what)
+    if len(checked) == len(ds):  # all good: the next run need not decode them to check
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    return checked
 
 
 # ------------------------------------------------------------- processor, model
@@ -191,7 +204,7 @@ def eval_dataset(data: ImageData, seed: int, processor, split: str = "validation
     ds = splits.train if split == "train" else splits.eval
     ds = data_mod.limit(ds, limit, seed)
     what = "training" if split == "train" else "validation"
-    ds = images.check_dataset(ds, data.image_column, data.bad_images, what)  # only the rows used
+    ds = _checked(ds, data, what)  # only the rows used
     return _eval_batches(ds, processor, data)
 
 

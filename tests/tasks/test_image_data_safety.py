@@ -356,3 +356,20 @@ def test_the_policies_default_to_error_and_refuse_other_values(tmp_path):
         _recipe(tmp_path, images, bad_images="ignore")
     with pytest.raises(UserInputError, match=r"data\.missing_labels: must be one of 'error', 'drop'"):
         _recipe(tmp_path, images, missing_labels="skip")
+
+
+def test_images_checked_once_are_not_decoded_again_until_they_change(tmp_path, monkeypatch):
+    """A second run (or eval) of the same images skips the decode check; an edited file is checked again."""
+    images = make_imagefolder(tmp_path / "images")
+    recipe = _recipe(tmp_path, images)
+    ic.load_raw(*data_and_seed(recipe))
+    calls = []
+    real = ic.images.check_image
+    monkeypatch.setattr(ic.images, "check_image", lambda *a, **k: calls.append(a) or real(*a, **k))
+    ic.load_raw(*data_and_seed(recipe))
+    assert calls == []  # the same files: nothing decoded to check them
+    victim = next((images / "validation").rglob("*.png"))
+    victim.write_bytes(victim.read_bytes()[:120])  # now truncated
+    with pytest.raises(UserInputError, match="data.bad_images: 1 of the .* validation images cannot be read"):
+        ic.load_raw(*data_and_seed(recipe))
+    assert calls  # checked again, and the broken file found
