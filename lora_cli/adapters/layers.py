@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lora_cli.adapters import mixed
 from lora_cli.errors import LoraCliError
 
 if TYPE_CHECKING:
@@ -87,6 +88,8 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        self.batch_adapters: list[str] | None = None
+        """One adapter name per row while a mixed batch runs (set by the model), else None."""
         weight = self.base_weight()
         if kind == LINEAR:
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
@@ -162,6 +165,17 @@ class AdapterLayer(nn.Module):
         """Delta used in forward; methods with rank dropout override it."""
         return self.get_delta_weight(name)
 
+    def mixed_batch_refusal(self, names: list[str]) -> str | None:
+        """Why this layer cannot run a mixed batch of adapters ``names`` (with the fix), or None."""
+        return (
+            f"{type(self).__name__} has no per-row adapters (only LoRA layers do, as in PEFT); "
+            "run one adapter at a time with set_adapter instead"
+        )
+
+    def add_update(self, result: Tensor, x: Tensor, name: str) -> Tensor:
+        """``result`` plus adapter ``name``'s update of input ``x`` (for mixed batches)."""
+        raise NotImplementedError
+
     def skip_in_forward(self, name: str) -> bool:
         """Methods with module dropout return True to skip an adapter for one step."""
         return False
@@ -214,6 +228,8 @@ class AdapterLayer(nn.Module):
             if self.merged_adapters:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if self.batch_adapters is not None:
+            return mixed.layer_rows(self, x, self.batch_adapters, *args, **kwargs)
         names = [
             n for n in self.active_adapters if n in self.r and n not in self.merged_adapters and not self.skip_in_forward(n)
         ]
@@ -295,6 +311,8 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.disabled = False
+        self.batch_adapters: list[str] | None = None
+        """One adapter name per row while a mixed batch runs (set by the model), else None."""
 
     def add(self, name: str) -> None:
         self.modules_to_save[name] = copy.deepcopy(self.original_module)
@@ -305,7 +323,9 @@ class ModulesToSaveWrapper(nn.Module):
         return self.modules_to_save[self.active_adapter]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.active_module()(*args, **kwargs)
+        if self.batch_adapters is None or self.disabled:
+            return self.active_module()(*args, **kwargs)
+        return mixed.module_rows(self, self.batch_adapters, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:

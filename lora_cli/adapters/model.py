@@ -26,13 +26,14 @@ from torch import Tensor, nn
 from lora_cli.adapters.combine import AdapterCombineMixin
 from lora_cli.adapters.config import AdapterConfig
 from lora_cli.adapters.layers import HF_CONV1D, AdapterLayer, ModulesToSaveWrapper
+from lora_cli.adapters.mixed import MultiAdapterMixin
 from lora_cli.adapters.registry import MethodState, get_method
 from lora_cli.adapters.state import AdapterStateMixin
 from lora_cli.adapters.targeting import module_aliases, resolve_modules_to_save, resolve_targets
 from lora_cli.errors import LoraCliError, TargetingError, UserInputError
 
 
-class AdapterModel(AdapterStateMixin, AdapterCombineMixin, nn.Module):
+class AdapterModel(MultiAdapterMixin, AdapterStateMixin, AdapterCombineMixin, nn.Module):
     """A model with named adapters of one method. Calls go through to the base model;
     saving, loading and state dicts come from :class:`AdapterStateMixin`."""
 
@@ -43,7 +44,7 @@ class AdapterModel(AdapterStateMixin, AdapterCombineMixin, nn.Module):
         self.method_state: dict[str, MethodState] = {}  # AdaLoRA's rank allocator, per adapter
         self.targets: dict[str, list[str]] = {}
         self._method = get_method(config.peft_type)
-        self.active_adapter = adapter_name
+        self._active = [adapter_name]
         self._adapters_disabled = False
         self.add_adapter(adapter_name, config)
         self.set_adapter(adapter_name)
@@ -52,8 +53,11 @@ class AdapterModel(AdapterStateMixin, AdapterCombineMixin, nn.Module):
     add_regularizer_to_loss = True
     """forward adds :meth:`regularizer` to ``outputs.loss`` in training; see :meth:`loss_without_regularizer`."""
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        outputs = self.base_model(*args, **kwargs)
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The base model's forward; ``adapter_names`` (one name per row, ``"__base__"`` for
+        none) runs a mixed-adapter batch, see :mod:`lora_cli.adapters.mixed`."""
+        with self.mixed_batch(adapter_names, args, kwargs):
+            outputs = self.base_model(*args, **kwargs)
         loss = getattr(outputs, "loss", None)
         if loss is not None and self.training and self.add_regularizer_to_loss:
             penalty = self.regularizer()
@@ -130,10 +134,6 @@ class AdapterModel(AdapterStateMixin, AdapterCombineMixin, nn.Module):
                 yield from wrapper.modules_to_save[name].parameters()
 
     # ---------------------------------------------------------------- adapters
-    @property
-    def active_adapters(self) -> list[str]:
-        return [self.active_adapter]
-
     def add_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
         """Inject adapter ``adapter_name``; it is not active until :meth:`set_adapter`."""
         if adapter_name in self.peft_config:
@@ -177,53 +177,6 @@ class AdapterModel(AdapterStateMixin, AdapterCombineMixin, nn.Module):
             self.method_state[adapter_name] = method.state_cls(self, adapter_name)
         self._set_trainable()
 
-    def set_adapter(self, adapter_name: str) -> None:
-        if adapter_name not in self.peft_config:
-            raise UserInputError(f"no adapter named {adapter_name!r}; have {sorted(self.peft_config)}")
-        self.active_adapter = adapter_name
-        for _, layer in self.adapter_layers():
-            if layer.merged and layer.merged_adapters != [adapter_name]:
-                # otherwise the merged adapter stays in the weight under the new one
-                warnings.warn("switching adapters unmerges the merged one first", stacklevel=2)
-                layer.unmerge()
-            layer.active_adapters = [adapter_name] if adapter_name in layer.r else []
-        for _, wrapper in self._wrappers():
-            wrapper.active_adapter = adapter_name
-        self._set_trainable()
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        if adapter_name not in self.peft_config:
-            raise UserInputError(f"no adapter named {adapter_name!r}; have {sorted(self.peft_config)}")
-        for _, layer in self.adapter_layers():
-            layer.delete(adapter_name)
-        for _, wrapper in self._wrappers():
-            if adapter_name in wrapper.modules_to_save:
-                del wrapper.modules_to_save[adapter_name]
-        del self.peft_config[adapter_name]
-        self.targets.pop(adapter_name, None)
-        self.method_state.pop(adapter_name, None)
-        if self.active_adapter == adapter_name and self.peft_config:
-            self.set_adapter(next(iter(self.peft_config)))
-
-    def _set_trainable(self) -> None:
-        """Only the active adapter's parameters (and its bias / modules_to_save) train."""
-        config = self.peft_config.get(self.active_adapter)
-        for param in self.base_model.parameters():
-            param.requires_grad_(False)
-        if config is None or config.inference_mode:
-            return
-        for param in self.adapter_parameters(self.active_adapter):
-            param.requires_grad_(True)
-        bias = getattr(config, "bias", "none")
-        if bias == "all":
-            for name, param in self.base_model.named_parameters():
-                if name.endswith("bias") and ".original_module." not in name:
-                    param.requires_grad_(True)
-        elif bias == "lora_only":
-            for _, layer in self.adapter_layers():
-                if self.active_adapter in layer.r and getattr(layer.base_layer, "bias", None) is not None:
-                    layer.base_layer.bias.requires_grad_(True)
-
     @property
     def adapters_disabled(self) -> bool:
         """True inside :meth:`disable_adapter`."""
@@ -250,7 +203,7 @@ class AdapterModel(AdapterStateMixin, AdapterCombineMixin, nn.Module):
     # ------------------------------------------------------------------ merging
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold adapters into the base weights (reversible with :meth:`unmerge_adapter`)."""
-        names = adapter_names or [self.active_adapter]
+        names = adapter_names or self.active_adapters
         layers = [layer for _, layer in self.adapter_layers()]
         # A refused safe merge must leave the weights bit-identical; subtracting the deltas
         # again (or dividing DoRA's scale back out) only restores them up to rounding.

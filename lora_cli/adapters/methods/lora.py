@@ -266,23 +266,26 @@ class LoraLayer(AdapterLayer):
         result = self.base_layer(x)
         for name in names:
             variant = self.lora_variant.get(name)
-            if variant is not None:
-                result = variant.forward(self, name, x, result)
-                continue
-            if self.kind == EMBEDDING:
-                result = result + self.embedding_update(x, name).to(result.dtype)
-                continue
-            a, b = self.lora_A[name], self.lora_B[name]
-            xd, s = fn.dropout_rescale_folded(x.to(a.dtype), self.lora_dropout[name], self.scaling[name])
-            if self.kind in CONVS:
-                result = result + self.low_rank(xd, a, b * s).to(result.dtype)
-            else:
-                # (..., in) @ A.T -> (..., r) @ (s B).T -> (..., out): scaling folded into tiny B
-                result = fn.add_low_rank(result, F.linear(xd, a), b * s)
-            bias = self.bias_update(name, result)
-            if bias is not None:
-                result = result + bias.to(result.dtype)
+            result = self.add_update(result, x, name) if variant is None else variant.forward(self, name, x, result)
         return result
+
+    def mixed_batch_refusal(self, names: list[str]) -> str | None:
+        dora = [n for n in names if n in self.lora_variant]
+        return f"DoRA adapters {dora} have no per-row forward (PEFT refuses them too)" if dora else None
+
+    def add_update(self, result: Tensor, x: Tensor, name: str) -> Tensor:
+        """``result`` + s B A x (+ s b) of plain LoRA adapter ``name``."""
+        if self.kind == EMBEDDING:
+            return result + self.embedding_update(x, name).to(result.dtype)
+        a, b = self.lora_A[name], self.lora_B[name]
+        xd, s = fn.dropout_rescale_folded(x.to(a.dtype), self.lora_dropout[name], self.scaling[name])
+        if self.kind in CONVS:
+            result = result + self.low_rank(xd, a, b * s).to(result.dtype)
+        else:
+            # (..., in) @ A.T -> (..., r) @ (s B).T -> (..., out): scaling folded into tiny B
+            result = fn.add_low_rank(result, F.linear(xd, a), b * s)
+        bias = self.bias_update(name, result)
+        return result if bias is None else result + bias.to(result.dtype)
 
     def low_rank(self, xd: Tensor, a: Tensor, b: Tensor) -> Tensor:
         """B(A(xd)) for Linear/Conv1D and for convolutions (A: the base's kernel, stride,

@@ -60,6 +60,12 @@ class LoraMhaLayer(LoraLayer):
 
     supported_kinds = (MHA,)
 
+    def mixed_batch_refusal(self, names: list[str]) -> str | None:
+        return (
+            "LoRA on nn.MultiheadAttention folds the update into the attention's weights, one adapter for "
+            "the whole batch (PEFT refuses mixed batches here too); run one adapter at a time"
+        )
+
     @classmethod
     def refusal(cls, module: nn.Module) -> str | None:
         if layer_kind(module) == MHA and not module._qkv_same_embed_dim:
