@@ -20,19 +20,16 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
-from lora_cli.adapters.config import CONFIG_NAME, WEIGHTS_NAME
 from lora_cli.adapters.layers import CONVS
 from lora_cli.adapters.methods.lora import LoraConfig
-from lora_cli.adapters.state import KEY_PREFIX
+from lora_cli.adapters.state import KEY_PREFIX, save_adapter_files
 from lora_cli.errors import UserInputError
 
 if TYPE_CHECKING:
@@ -147,11 +144,5 @@ def save_as_lora(model: AdapterModel, directory: str | os.PathLike, adapter_name
     if config.base_model_name_or_path is None:
         base_config = getattr(model.base_model, "config", None)
         config.base_model_name_or_path = getattr(base_config, "_name_or_path", None) or None
-    target = Path(directory)
-    target.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target, prefix=".tmp-lora-") as tmp:
-        save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
-        config.save_pretrained(tmp)
-        for file in (WEIGHTS_NAME, CONFIG_NAME):
-            os.replace(os.path.join(tmp, file), target / file)
+    save_adapter_files(Path(directory), state, config)
     return report

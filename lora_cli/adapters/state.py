@@ -184,7 +184,7 @@ class AdapterStateMixin:
             method_state = self.method_state.get(name)
             if method_state is not None:
                 state, config = method_state.export(state, config)
-            _atomic_save(target, state, config)
+            save_adapter_files(target, state, config)
 
     @classmethod
     def from_pretrained(
@@ -342,8 +342,8 @@ def _layer_has(model: nn.Module, param_name: str, adapter_name: str) -> bool:
     return isinstance(layer, AdapterLayer) and adapter_name in layer.r
 
 
-def _atomic_save(directory: Path, state: dict[str, Tensor], config: AdapterConfig) -> None:
-    """Write both files into a temp dir beside the target, then move them in."""
+def save_adapter_files(directory: Path, state: dict[str, Tensor], config: AdapterConfig) -> None:
+    """PEFT's two files (weights, config) written into a temp dir beside the target, then moved in."""
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-adapter-") as tmp:
         save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})

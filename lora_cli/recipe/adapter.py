@@ -213,3 +213,41 @@ def resolve_adapter_config(
     if config is None:
         raise RecipeError(report.problems, source=source)
     return config
+
+
+def written_options(section: AdapterSection) -> dict[str, Any]:
+    """The adapter options the recipe (or an override) sets, the method's defaults left out."""
+    written = {path[1] for path in section.locations if len(path) >= 2 and path[0] == "adapter"}
+    return {k: v for k, v in section.options.items() if k in written and k != "method"}
+
+
+SAME_KNOB = {"lora_alpha": "alpha", "alpha": "lora_alpha"}
+"""The same setting under each method's name: LoRA/AdaLoRA's ``lora_alpha``, LoHa/LoKr's ``alpha``."""
+
+
+def carry_options(options: dict[str, Any], method: str, given: set[str]) -> tuple[dict[str, Any], list[str]]:
+    """(options for ``method``, notes): another method's ``options`` carried over to ``method``
+    (``sweep`` and ``tune`` changing ``adapter.method``): kept where ``method`` has them,
+    renamed where it names them otherwise, AdaLoRA's ranks from ``r``, the rest dropped.
+    ``given`` are the ``adapter.<key>`` the caller sets itself, never rewritten."""
+    new, _, _ = resolve_method(method)
+    if new is None:
+        return dict(options), []  # the point's recipe error names the method
+    allowed = set(allowed_fields(new))
+    kept, notes = {}, []
+    for key, value in options.items():
+        twin = SAME_KNOB.get(key) or ("r" if key == "init_r" else None)
+        if key in allowed and not (method == "adalora" and key == "r"):
+            kept[key] = value
+        elif twin in allowed and twin not in options and f"adapter.{twin}" not in given:
+            kept[twin] = value
+            notes.append(f"{key} {value} -> {twin} {value}")
+        elif not (method == "adalora" and key == "r"):
+            notes.append(f"dropped {key} {value} ({method} has no such option)")
+    rank = options.get("r")
+    if method == "adalora" and isinstance(rank, int) and not {"init_r", "target_r"} & set(options):
+        for key, value in (("init_r", rank), ("target_r", max(1, round(2 * rank / 3)))):
+            if f"adapter.{key}" not in given:
+                kept[key] = value
+                notes.append(f"r {rank} -> {key} {value}")
+    return kept, notes

@@ -39,13 +39,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from lora_cli.tasks import images
 
@@ -116,34 +115,18 @@ def load_pixels(source: Any, draft_size: Size | None = None,
     """
     if isinstance(source, Image.Image):
         return _from_pil(images.load_image(source, max_pixels))
-    fp, name = images._open(source)  # noqa: SLF001 - the one opener every verb uses
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(fp) as img:
-                width, height = img.size
-                if width * height > max_pixels:
-                    raise images.ImageLoadError(
-                        name, f"image is {width}x{height} ({width * height:,d} pixels), above the limit of "
-                              f"{max_pixels:,d}; refusing it as a possible decompression bomb (resize it first)")
-                rotated = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientation swaps the axes
-                upright = (width, height) if rotated else (height, width)
-                request = _draft_request(draft_size, upright, rotated) if draft_size is not None else None
-                reduces = request is not None and min(width // request[0], height // request[1]) >= 2
-                if img.format == "JPEG" and reduces:
-                    img.draft(None, request)
-                elif img.format == "JPEG" and img.mode in ("RGB", "L"):
-                    return _decode_jpeg(fp), upright
-                img.load()
-                return _from_pil(images.to_rgb(ImageOps.exif_transpose(img) or img))[0], upright
-    except images.ImageLoadError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise images.ImageLoadError(name, f"refused as a possible decompression bomb ({exc})") from None
-    except UnidentifiedImageError:
-        raise images.ImageLoadError(name, "not an image file Pillow can read (unknown or corrupt format)") from None
-    except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file, as in images.load_image
-        raise images.ImageLoadError(name, f"corrupt or truncated image ({type(exc).__name__}: {exc})") from None
+    with images.opened(source, max_pixels) as (img, fp):
+        width, height = img.size
+        rotated = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientation swaps the axes
+        upright = (width, height) if rotated else (height, width)
+        request = _draft_request(draft_size, upright, rotated) if draft_size is not None else None
+        reduces = request is not None and min(width // request[0], height // request[1]) >= 2
+        if img.format == "JPEG" and reduces:
+            img.draft(None, request)
+        elif img.format == "JPEG" and img.mode in ("RGB", "L"):
+            return _decode_jpeg(fp), upright
+        img.load()
+        return _from_pil(images.to_rgb(ImageOps.exif_transpose(img) or img))[0], upright
 
 
 def _from_pil(img: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:

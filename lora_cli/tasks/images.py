@@ -20,6 +20,7 @@ CMYK is converted with Pillow's plain conversion (embedded ICC profiles are not 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -87,6 +88,18 @@ def image_name(source: Any) -> str | None:
 def _decode(source: Any, max_pixels: int, reduced: bool) -> Image.Image:
     if isinstance(source, Image.Image):
         return to_rgb(ImageOps.exif_transpose(source) or source)
+    with opened(source, max_pixels) as (img, _):
+        if reduced and img.format == "JPEG":
+            width, height = img.size
+            img.draft(None, (max(1, width // 8), max(1, height // 8)))
+        img.load()
+        return to_rgb(ImageOps.exif_transpose(img) or img)
+
+
+@contextlib.contextmanager
+def opened(source: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[tuple[Image.Image, Any]]:
+    """``(image, fp)`` (``fp``: the path or bytes buffer it was read from) opened lazily (nothing decoded yet) once its header passed the
+    pixel limit; any failure inside, decoding included, is an :class:`ImageLoadError` naming it."""
     fp, name = _open(source)
     try:
         with warnings.catch_warnings():
@@ -99,11 +112,7 @@ def _decode(source: Any, max_pixels: int, reduced: bool) -> Image.Image:
                         f"image is {width}x{height} ({width * height:,d} pixels), above the limit of "
                         f"{max_pixels:,d}; refusing it as a possible decompression bomb (resize it first)",
                     )
-                if reduced and img.format == "JPEG":
-                    img.draft(None, (max(1, width // 8), max(1, height // 8)))
-                img.load()
-                img = ImageOps.exif_transpose(img) or img
-                return to_rgb(img)
+                yield img, fp
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

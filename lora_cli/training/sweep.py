@@ -32,7 +32,7 @@ from lora_cli import rundir as rd
 from lora_cli.atomic import write_text
 from lora_cli.errors import UserInputError
 from lora_cli.recipe import load_recipe
-from lora_cli.recipe.adapter import allowed_fields, resolve_method
+from lora_cli.recipe.adapter import carry_options, written_options
 from lora_cli.recipe.overrides import parse_override
 from lora_cli.recipe.schema import RUN_NAME_CHARS, RUN_NAME_MAX
 from lora_cli.recipe.yamlio import dump
@@ -40,7 +40,6 @@ from lora_cli.recipe.yamlio import dump
 METHOD_KEY = "adapter.method"
 POINT_RECIPES = "recipes"
 """``<sweep>/recipes/<point>.yaml``: the recipes of the points that change the method."""
-SAME_KNOB = {"lora_alpha": "alpha", "alpha": "lora_alpha"}
 
 
 @dataclass
@@ -118,37 +117,6 @@ def point_name(values: dict[str, str]) -> str:
     return _safe_name("_".join(parts))[:RUN_NAME_MAX]
 
 
-def written_options(recipe) -> dict[str, Any]:
-    """The adapter options the recipe (or a fixed override) sets, defaults left out."""
-    written = {path[1] for path in recipe.adapter.locations if len(path) >= 2 and path[0] == "adapter"}
-    return {k: v for k, v in recipe.adapter.options.items() if k in written and k != "method"}
-
-
-def method_translation(options: dict[str, Any], method: str, given: set[str]) -> tuple[dict[str, Any], list[str]]:
-    """(options for ``method``, notes): ``options`` (another method's) carried over."""
-    new, _, _ = resolve_method(method)
-    if new is None:
-        return dict(options), []  # the point's recipe error names the method
-    allowed = set(allowed_fields(new))
-    kept, notes = {}, []
-    for key, value in options.items():
-        twin = SAME_KNOB.get(key) or ("r" if key == "init_r" else None)
-        if key in allowed and not (method == "adalora" and key == "r"):
-            kept[key] = value
-        elif twin in allowed and twin not in options and f"adapter.{twin}" not in given:
-            kept[twin] = value
-            notes.append(f"{key} {value} -> {twin} {value}")
-        elif not (method == "adalora" and key == "r"):
-            notes.append(f"dropped {key} {value} ({method} has no such option)")
-    rank = options.get("r")
-    if method == "adalora" and isinstance(rank, int) and not {"init_r", "target_r"} & set(options):
-        for key, value in (("init_r", rank), ("target_r", max(1, round(2 * rank / 3)))):
-            if f"adapter.{key}" not in given:
-                kept[key] = value
-                notes.append(f"r {rank} -> {key} {value}")
-    return kept, notes
-
-
 def plan(recipe_path: Path, items: list[str], sweep_dir: Path | None = None) -> tuple[Path, list[Point]]:
     """The sweep folder and its points, each validated (an invalid point carries its error).
 
@@ -160,7 +128,7 @@ def plan(recipe_path: Path, items: list[str], sweep_dir: Path | None = None) -> 
     sweep_dir = Path(sweep_dir) if sweep_dir is not None else base.output_path.parent / f"{base.name}-sweep"
     if sweep_dir.exists() and not sweep_dir.is_dir():
         raise UserInputError(f"sweep folder {sweep_dir} is a file; pick another with --out DIR")
-    options = written_options(base)
+    options = written_options(base.adapter)
     given = set(axes)
     points, seen = [], set()
     for combo in itertools.product(*axes.values()):
@@ -172,7 +140,7 @@ def plan(recipe_path: Path, items: list[str], sweep_dir: Path | None = None) -> 
         source, overrides, notes = Path(recipe_path), list(fixed), []
         method = parse_override(f"{METHOD_KEY}={values[METHOD_KEY]}")[1] if METHOD_KEY in values else base.adapter.method
         if method != base.adapter.method:
-            adapter, notes = method_translation(options, str(method), given)
+            adapter, notes = carry_options(options, str(method), given)
             source, overrides = _point_recipe(base, sweep_dir, name, {"method": method, **adapter}), []
         overrides += [f"{k}={v}" for k, v in values.items() if k != METHOD_KEY or source == Path(recipe_path)]
         run_name = _safe_name(f"{base.name}-{name}")[:RUN_NAME_MAX]

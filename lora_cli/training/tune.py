@@ -22,7 +22,6 @@ trial is then recorded as pruned (``optuna.TrialPruned``). A search space item i
 from __future__ import annotations
 
 import csv
-import dataclasses
 import importlib.util
 import json
 import math
@@ -35,10 +34,11 @@ from typing import Any
 from transformers import TrainerCallback
 
 from lora_cli import rundir as rd
-from lora_cli.adapters import available_methods, get_method
+from lora_cli.adapters import available_methods
 from lora_cli.atomic import atomic_file, write_text
 from lora_cli.errors import LoraCliError, UserInputError
 from lora_cli.recipe import load_recipe
+from lora_cli.recipe.adapter import carry_options, written_options
 from lora_cli.recipe.yamlio import parse_value
 from lora_cli.training.pipeline import run_training
 
@@ -46,7 +46,6 @@ SPACE_HINT = ("write key=int(low,high[,log]), key=float(low,high[,log]) or key=c
               "--space 'adapter.r=int(4,64,log)' --space 'training.learning_rate=float(1e-4,1e-2,log)'")
 _ITEM = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*=\s*(int|float|cat)\s*\((.*)\)\s*$")
 # options one method names differently from another (PEFT's names)
-RENAMES = {"lora_alpha": "alpha", "alpha": "lora_alpha"}
 STUDY_FILE, SETTINGS_FILE, RESULTS_FILE = "study.db", "tune.json", "results.csv"
 IMPORTANCE_FILE, BEST_FILE = "param_importances.png", "best_recipe.yaml"
 
@@ -121,12 +120,9 @@ def trial_overrides(recipe: Any, values: dict[str, Any]) -> list[str]:
     if method not in available_methods():
         raise UserInputError(f"--space adapter.method: {method!r} is not a method; choose from "
                              f"{', '.join(available_methods())}")
-    fields = {f.name for f in dataclasses.fields(get_method(method).config_cls)}
-    section: dict[str, Any] = {"method": method}
-    for key, value in recipe.adapter.options.items():
-        name = key if key in fields else RENAMES.get(key)
-        if value is not None and name in fields and name not in section:
-            section[name] = value
+    given = {key for key in values if key.startswith("adapter.")}
+    carried, _ = carry_options(written_options(recipe.adapter), method, given)
+    section: dict[str, Any] = {"method": method, **carried}
     for key, value in values.items():
         if key.startswith("adapter.") and key != "adapter.method":
             section[key.split(".", 1)[1]] = value

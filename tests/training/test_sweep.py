@@ -9,7 +9,8 @@ import pytest
 
 from lora_cli.errors import UserInputError
 from lora_cli.recipe import load_recipe
-from lora_cli.training.sweep import method_translation, parse_axes, plan, point_name, split_values
+from lora_cli.recipe.adapter import carry_options
+from lora_cli.training.sweep import parse_axes, plan, point_name, split_values
 from tests.training._util import loracli, write_recipe
 
 
@@ -38,14 +39,14 @@ def test_point_names():
 
 def test_method_options_carry_over():
     options = {"r": 16, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q"], "use_dora": True}
-    loha, notes = method_translation(options, "loha", given=set())
+    loha, notes = carry_options(options, "loha", given=set())
     assert loha == {"r": 16, "alpha": 16, "target_modules": ["q"]}
     assert "lora_alpha 16 -> alpha 16" in notes and any(n.startswith("dropped use_dora") for n in notes)
-    adalora, notes = method_translation(options, "adalora", given=set())
+    adalora, notes = carry_options(options, "adalora", given=set())
     assert adalora["init_r"] == 16 and adalora["target_r"] == 11 and "r" not in adalora
     assert adalora["lora_alpha"] == 16 and adalora["use_dora"] is True
     # an axis that sets the option itself is never overridden
-    loha, _ = method_translation(options, "loha", given={"adapter.alpha"})
+    loha, _ = carry_options(options, "loha", given={"adapter.alpha"})
     assert "alpha" not in loha
 
 
