@@ -12,7 +12,7 @@ from lora_cli.adapters.methods.adalora import AdaLoraConfig
 from lora_cli.adapters.methods.loha import LoHaConfig
 from lora_cli.adapters.methods.lokr import LoKrConfig
 from lora_cli.adapters.methods.lora import LoraConfig, LoraLayer
-from lora_cli.adapters.model import AdapterModel, get_adapter_model
+from lora_cli.adapters.model import AdapterModel, get_adapter_model, load_adapter_model
 from lora_cli.adapters.registry import (
     AdapterMethod,
     MethodState,
@@ -39,6 +39,7 @@ __all__ = [
     "available_methods",
     "get_adapter_model",
     "get_method",
+    "load_adapter_model",
     "register_method",
     "save_as_lora",
     "to_lora",

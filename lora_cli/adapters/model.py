@@ -16,6 +16,7 @@ module by a :class:`ModulesToSaveWrapper`. Live parameter names therefore match 
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -263,10 +264,22 @@ class AdapterModel(MultiAdapterMixin, AdapterStateMixin, AdapterCombineMixin, nn
 
 
 def get_adapter_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> AdapterModel:
-    """Inject ``config``'s adapter into ``model`` (in place) and return the wrapper."""
+    """Inject ``config``'s adapter into ``model`` (in place) and return the wrapper: an
+    :class:`AdapterModel`, or the method's own ``model_cls`` (see the registry)."""
     if isinstance(model, AdapterModel):
         raise UserInputError("the model already has adapters; use model.add_adapter(name, config) instead")
-    return AdapterModel(model, config, adapter_name)
+    model_cls = get_method(config.peft_type).model_cls
+    return (model_cls or AdapterModel)(model, config, adapter_name)
+
+
+def load_adapter_model(
+    model: nn.Module | None, model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False, **base_kwargs: Any
+) -> nn.Module:
+    """Load a PEFT-format adapter folder with the class its method uses (``AdapterModel``
+    for the layer methods, the method's ``model_cls`` otherwise)."""
+    config = AdapterConfig.from_pretrained(model_id)
+    model_cls = get_method(config.peft_type).model_cls or AdapterModel
+    return model_cls.from_pretrained(model, model_id, adapter_name=adapter_name, is_trainable=is_trainable, **base_kwargs)
 
 
 def _warn_fan_in_fan_out(model: nn.Module, config: AdapterConfig, paths: list[str]) -> None:

@@ -59,12 +59,18 @@ class MethodState:
 @dataclass(frozen=True)
 class AdapterMethod:
     config_cls: type[AdapterConfig]
-    layer_cls: type[AdapterLayer]
+    layer_cls: type[AdapterLayer] | None
     """Wraps one base module; ``layer_cls.supports(module)`` says which modules it can wrap."""
     prefix: str
     """Prefix shared by the method's parameter names (``lora_``, ``hada_``, ``lokr_``)."""
     state_cls: type[MethodState] | None = None
     """Optional per-model state (AdaLoRA's rank allocator), see :class:`MethodState`."""
+    model_cls: type[nn.Module] | None = None
+    """For methods that are not a layer wrapped in place (prompt learning, X-LoRA's gated
+    experts): the model class that replaces :class:`~lora_cli.adapters.model.AdapterModel`.
+    It is built as ``model_cls(base_model, config, adapter_name)`` and offers the same
+    ``from_pretrained(model, model_id, adapter_name=..., is_trainable=...)`` and
+    ``save_pretrained(directory)``. ``layer_cls`` may then be None."""
 
     @property
     def name(self) -> str:
@@ -77,7 +83,7 @@ class AdapterMethod:
         return self.config_cls.peft_type
 
     def supports(self, module: nn.Module) -> bool:
-        return self.layer_cls.supports(module)
+        return self.layer_cls is not None and self.layer_cls.supports(module)
 
 
 _METHODS: dict[str, AdapterMethod] = {}
@@ -85,10 +91,11 @@ _METHODS: dict[str, AdapterMethod] = {}
 
 def register_method(
     config_cls: type[AdapterConfig],
-    layer_cls: type[AdapterLayer],
+    layer_cls: type[AdapterLayer] | None,
     *,
     prefix: str,
     state_cls: type[MethodState] | None = None,
+    model_cls: type[nn.Module] | None = None,
 ) -> AdapterMethod:
     """Add a method to the table; refuses malformed names and names already taken.
 
@@ -103,7 +110,9 @@ def register_method(
         raise ValueError(f"{where}.peft_type must be an upper-case identifier such as 'LORA', got {peft_type!r}")
     if not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix):
         raise ValueError(f"{name}: prefix must look like 'lora_' (letters and digits, then '_'), got {prefix!r}")
-    if not callable(getattr(layer_cls, "supports", None)):
+    if layer_cls is None and model_cls is None:
+        raise TypeError(f"{name}: give layer_cls (an AdapterLayer subclass), model_cls, or both")
+    if layer_cls is not None and not callable(getattr(layer_cls, "supports", None)):
         raise TypeError(f"{name}: layer_cls must be an AdapterLayer subclass, got {layer_cls!r}")
     keys = {name, peft_type.lower()}
     for other in _METHODS.values():
@@ -113,7 +122,9 @@ def register_method(
                 f"cannot register {where}: {' and '.join(map(repr, sorted(taken)))} already names the "
                 f"{other.name} method ({other.config_cls.__qualname__})"
             )
-    method = AdapterMethod(config_cls=config_cls, layer_cls=layer_cls, prefix=prefix, state_cls=state_cls)
+    method = AdapterMethod(
+        config_cls=config_cls, layer_cls=layer_cls, prefix=prefix, state_cls=state_cls, model_cls=model_cls
+    )
     _METHODS[name] = method
     return method
 

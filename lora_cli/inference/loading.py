@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_cli import rundir as rd
-from lora_cli.adapters import AdapterModel
+from lora_cli.adapters import load_adapter_model
 from lora_cli.devices import resolve_device
 from lora_cli.errors import UserInputError
 from lora_cli.hub import require_hub
@@ -73,7 +73,7 @@ def load_run(run_dir: str | Path, adapter_dir: str | Path | None = None, device:
     labels = [id2label[i] for i in sorted(id2label)] if id2label else None
     with _damaged(base_dir if base_dir.is_dir() else None, "base model"):
         model = task.build_model(recipe.model, labels, source=base_dir if base_dir.is_dir() else None)
-    model = AdapterModel.from_pretrained(model, adapter)
+    model = load_adapter_model(model, adapter)
     model.to(resolve_device(device)).eval()
     return LoadedRun(run_dir, recipe, model, processor, task, id2label)
 
