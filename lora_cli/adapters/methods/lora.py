@@ -54,7 +54,15 @@ from lora_cli.adapters.methods.dora import DoraVariant, LoraVariant
 from lora_cli.adapters.registry import register_method
 from lora_cli.errors import LoraCliError, Problem, TargetingError, UserInputError
 
-INIT_CHOICES = (True, False, "gaussian", "pissa", "pissa_niter_[N]", "olora", "orthogonal")
+INIT_CHOICES = (
+    True,
+    False,
+    "gaussian",
+    "pissa",
+    "pissa_niter_[N]",
+    "olora",
+    "orthogonal",
+)
 BIAS_CHOICES = ("none", "all", "lora_only")
 
 
@@ -83,6 +91,9 @@ class LoraConfig(AdapterConfig):
     """Weight-decomposed LoRA: learn a magnitude per output row."""
     lora_bias: bool = False
     """A trainable bias on lora_B, merged into the base bias (not with DoRA or SVD-based inits)."""
+    # -- options of trainable tokens and parameter targets go below this line --
+
+    # -- options of the data-driven and quantization-aware inits go below this line --
 
     def problems(self) -> list[Problem]:
         out = super().problems()
