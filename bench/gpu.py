@@ -19,7 +19,18 @@
    ``next(loader)`` / wall time, with a synchronise after every step so that the GPU's
    idle time is what is measured.
 
-``--smoke`` runs every part on the CPU at toy sizes in seconds (for tests, not figures).
+4. **QLoRA vs bf16 LoRA** (issue 15): a random Llama built from a config (GPU: hidden 2048,
+   8 layers, ~0.5 B parameters), saved once and loaded three ways: bf16 weights, 4-bit NF4
+   with double quantization (compute bf16) and 8-bit LLM.int8, each through transformers'
+   ``BitsAndBytesConfig`` as ``model.quantization`` loads it, with loracli's LoRA r=16 on
+   every attention and MLP linear. One causal-LM training step (batch x sequence tokens,
+   bf16 autocast, AdamW on the adapter), rounds interleaved across the three; tokens/s is the
+   median over rounds. Memory: the weights each load adds on the GPU, and the peak a step
+   adds above what was allocated before it. The first step's loss is reported for each, to
+   show the quantized bases train the same model.
+
+``--smoke`` runs every part on the CPU at toy sizes in seconds (for tests, not figures);
+bitsandbytes' CPU backend runs the QLoRA part there.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -221,6 +233,94 @@ def loader_bench(config, device, args, work: Path) -> dict:
     return out
 
 
+# ------------------------------------------------------------------ QLoRA
+QLORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+QLORA_VARIANTS = ("bf16", "nf4", "int8")
+
+
+def llama_config(smoke: bool):
+    from transformers import LlamaConfig
+
+    if smoke:
+        return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=4, vocab_size=256, attn_implementation="sdpa")
+    return LlamaConfig(hidden_size=2048, intermediate_size=5504, num_hidden_layers=8, num_attention_heads=16,
+                       num_key_value_heads=16, vocab_size=32000, attn_implementation="sdpa")
+
+
+def _allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def load_variant(folder: Path, variant: str, device: torch.device):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from lora_cli.adapters import LoraConfig, get_adapter_model
+
+    kwargs: dict = {"dtype": torch.bfloat16, "device_map": {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}}
+    if variant == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+    elif variant == "int8":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    before = _allocated(device)
+    base = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    weights = _allocated(device) - before
+    torch.manual_seed(0)
+    model = get_adapter_model(base, LoraConfig(r=16, lora_alpha=16, target_modules=QLORA_TARGETS)).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = {"fused": True} if device.type == "cuda" else {}
+    return {"model": model, "opt": torch.optim.AdamW(params, lr=1e-4, **fused), "weights_bytes": weights,
+            "trainable": sum(p.numel() for p in params)}
+
+
+def lm_step(case: dict, ids: torch.Tensor, device: torch.device) -> float:
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        loss = case["model"](input_ids=ids, labels=ids).loss
+    loss.backward()
+    case["opt"].step()
+    case["opt"].zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def qlora_bench(device: torch.device, args, work: Path) -> dict:
+    from transformers import LlamaForCausalLM
+
+    config = llama_config(args.smoke)
+    torch.manual_seed(0)
+    folder = work / "llama"
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    cases = {v: load_variant(folder, v, device) for v in QLORA_VARIANTS}
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (args.lm_batch, args.seq), generator=gen).to(device)
+    first = {name: lm_step(case, ids, device) for name, case in cases.items()}  # also the warm-up
+    rates: dict[str, list[float]] = {name: [] for name in cases}
+    peaks: dict[str, int] = dict.fromkeys(cases, 0)
+    for _ in range(args.rounds):
+        for name, case in cases.items():
+            sync(device)
+            base = _allocated(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                lm_step(case, ids, device)
+            sync(device)
+            rates[name].append(ids.numel() * args.steps / (time.perf_counter() - start))
+            if device.type == "cuda":
+                peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device) - base)
+    frozen = sum(p.numel() for p in cases["bf16"]["model"].get_base_model().parameters() if not p.requires_grad)
+    out: dict = {"base_params": frozen, "tokens_per_step": ids.numel(), "variants": {}}
+    for name, case in cases.items():
+        out["variants"][name] = {
+            "tokens_per_s": statistics.median(rates[name]), "weights_mb": case["weights_bytes"] / 2**20,
+            "step_peak_mb": peaks[name] / 2**20, "first_loss": first[name], "trainable": case["trainable"]}
+    for name in ("nf4", "int8"):
+        out[f"{name}_over_bf16_speed"] = out["variants"][name]["tokens_per_s"] / out["variants"]["bf16"]["tokens_per_s"]
+    return out
+
+
 # ------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__,
@@ -233,10 +333,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", help="comma-separated loader worker counts (default 8,16)")
     parser.add_argument("--images", type=int, help="JPEGs in the generated folder")
     parser.add_argument("--epochs", type=int, help="timed loader epochs per worker count")
+    parser.add_argument("--seq", type=int, help="QLoRA part: tokens per sequence")
+    parser.add_argument("--lm-batch", type=int, help="QLoRA part: sequences per step")
+    parser.add_argument("--skip-qlora", action="store_true", help="leave out the QLoRA part")
     args = parser.parse_args(argv)
     smoke = args.smoke
     defaults = dict(batch=4 if smoke else 128, steps=2 if smoke else 20, rounds=2 if smoke else 3,
-                    workers="0,1" if smoke else "8,16", images=16 if smoke else 4096, epochs=1 if smoke else 2)
+                    workers="0,1" if smoke else "8,16", images=16 if smoke else 4096, epochs=1 if smoke else 2,
+                    seq=16 if smoke else 512, lm_batch=2 if smoke else 8)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -273,6 +377,18 @@ def main(argv: list[str] | None = None) -> dict:
     for workers, v in figures["loader"]["workers"].items():
         print(f"loader, {workers} workers: stall {v['stall_fraction']:.1%}, {v['img_per_s']:.0f} img/s", flush=True)
     print(f"decode cache: {figures['loader']['images']} images in {figures['loader']['cache_build_s']:.1f} s")
+    if not args.skip_qlora and importlib.util.find_spec("bitsandbytes") is None:
+        figures["qlora"] = {"skipped": "bitsandbytes is not installed (pip install 'loracli[quant]')"}
+        print(f"QLoRA part skipped: {figures['qlora']['skipped']}", flush=True)
+    elif not args.skip_qlora:
+        work = Path(tempfile.mkdtemp(prefix="bench-qlora-"))
+        try:
+            figures["qlora"] = qlora_bench(device, args, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        for name, v in figures["qlora"]["variants"].items():
+            print(f"LM step [{name}]: {v['tokens_per_s']:.0f} tokens/s, weights {v['weights_mb']:.0f} MiB, "
+                  f"step peak {v['step_peak_mb']:.0f} MiB, first loss {v['first_loss']:.4f}", flush=True)
     figures["total_s"] = time.perf_counter() - t0
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)

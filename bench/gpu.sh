@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The prepared GPU check of issue 13 (one GPU, under 5 minutes): bench/gpu.py says what it measures.
+# The prepared GPU check of issues 13 and 15 (one GPU, under 5 minutes): bench/gpu.py says what it
+# measures, QLoRA (4-bit / 8-bit bitsandbytes base) against bf16 LoRA included (--skip-qlora leaves it out).
 #
 #   bash bench/gpu.sh              # on a CUDA machine; with OUT set, writes $OUT/gpu.json and $OUT/gpu.log
 #   bash bench/gpu.sh --smoke      # the same script at toy sizes on the CPU, in seconds
 #
 # Python: $PYTHON, else the repository's .venv, else python3 (needs torch, torchvision,
-# transformers, datasets, peft, scikit-learn and this repository on the path).
+# transformers, datasets, peft, scikit-learn, bitsandbytes and this repository on the path).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${PYTHON:-}" ]; then py=$PYTHON; elif [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=python3; fi

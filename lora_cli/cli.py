@@ -146,7 +146,8 @@ def train(
     overrides: OverridesArg = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint of the run.")] = False,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Build the model and data, print what would train, train nothing.")
+        bool, typer.Option("--dry-run", help="Build the model and data, print what would train, train nothing "
+                           "(an EVA / CorDA / LoRA-GA start runs its calibration pass and prints the ranks).")
     ] = False,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing run directory of the same name.")
@@ -222,6 +223,19 @@ def merge(
     err.print(f"[green]ok[/green] {shown(report.describe())}{note}", highlight=False, soft_wrap=True)
 
 
+def _scalings_table(scalings: dict):
+    """One row per prompt token, one column per X-LoRA expert: its weight (mean over the LoRA layers)."""
+    from rich.table import Table
+
+    table = Table(title="X-LoRA expert weights per token (mean over the LoRA layers)")
+    table.add_column("token")
+    for name in scalings["experts"]:
+        table.add_column(f"expert {shown(name)}", justify="right")
+    for token, weights in zip(scalings["tokens"], scalings["per_token"], strict=True):
+        table.add_row(shown(token), *(f"{w:.3f}" for w in weights))
+    table.add_row("[bold]mean[/bold]", *(f"{scalings['mean'][n]:.3f}" for n in scalings["experts"]))
+    return table
+
 
 @app.command()
 def predict(
@@ -243,6 +257,9 @@ def predict(
         float | None, typer.Option("--temperature", help="Sample with this temperature (default: greedy).")
     ] = None,
     top_p: Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling threshold.")] = None,
+    scalings: Annotated[
+        bool, typer.Option("--scalings", help="X-LoRA runs: also show each expert's weight per prompt token.")
+    ] = False,
 ) -> None:
     """Classify images (or, for text runs, --text / --prompt) with a trained run or a merged model.
 
@@ -256,7 +273,8 @@ def predict(
             raise UserInputError("--text/--prompt take a --run RUN_DIR of a text task and no image paths")
         from lora_cli.inference.runs import predict_text
 
-        rows = predict_text(run, list(text or []) + list(prompt or []), top_k, max_new_tokens, temperature, top_p)
+        rows = predict_text(run, list(text or []) + list(prompt or []), top_k, max_new_tokens, temperature, top_p,
+                            scalings=scalings)
         if json_out:
             typer.echo(json.dumps(rows, indent=2))
         else:
@@ -265,7 +283,11 @@ def predict(
                 # generated text keeps its line breaks; escapes and bidi overrides are shown, not obeyed
                 line = f"[bold]{shown(row['text'], keep_newlines=True)}[/bold] -> {shown(answer, keep_newlines=True)}"
                 Console().print(line, soft_wrap=True)
+                if "scalings" in row:
+                    Console().print(_scalings_table(row["scalings"]))
         return
+    if scalings:
+        raise UserInputError("--scalings goes with --prompt / --text of an X-LoRA run (adapter.method: xlora)")
     if not paths:
         raise UserInputError("pass image paths (or --text / --prompt for text runs)")
 

@@ -38,14 +38,16 @@ TASK_TYPES = (
 # loudly instead of silently giving different outputs.
 _PEFT_FEATURES_WE_LACK = {
     "layer_replication": "layer replication",
-    "loftq_config": "LoftQ initialisation",
     "use_qalora": "QA-LoRA",
-    "trainable_token_indices": "trainable tokens",
-    "target_parameters": "targeting nn.Parameter objects",
     "megatron_config": "Megatron parallel layers",
     "alora_invocation_tokens": "activated LoRA",
     "arrow_config": "Arrow routing",
 }
+_LORA_ONLY_FEATURES = {
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "target_parameters": "LoRA on nn.Parameter objects (target_parameters)",
+}
+"""LoRA options loracli implements for LoRA only: set in another method's file, they fail loudly."""
 
 
 def _is_truthy(value: Any) -> bool:
@@ -204,6 +206,11 @@ class AdapterConfig:
         for key, value in data.items():
             if key in known:
                 kwargs[key] = value
+            elif key in _LORA_ONLY_FEATURES and _is_truthy(value):
+                raise UserInputError(
+                    f"{source}: '{key}' is set, but loracli has {_LORA_ONLY_FEATURES[key]} for LoRA adapters only, "
+                    f"not {target_cls.method or 'this method'}; remove the key, or save the adapter as LoRA"
+                )
             elif key in _PEFT_FEATURES_WE_LACK and _is_truthy(value):
                 raise UserInputError(
                     f"{source}: '{key}' is set, but loracli does not implement "

@@ -128,6 +128,77 @@ def orthogonal_factors(in_features: int, out_features: int, r: int, generator=No
     return a, b
 
 
+def low_rank_residual(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float) -> Tensor:
+    """W - s B A in float32, cast back to W's dtype: the base weight an init like PiSSA leaves.
+
+    Every init of that family (PiSSA, OLoRA, CorDA, LoRA-GA) and the exact restore of a
+    recorded start (``--resume``) go through this one expression, so both give the same bits.
+    """
+    return (weight.float() - scaling * (lora_b.float() @ lora_a.float())).to(weight.dtype)
+
+
+def mica_factors(weight: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """MiCA (arXiv:2604.01694): A = 0 (r, in), B = the r left singular vectors of W with the
+    smallest singular values (out, r). B stays frozen; only A trains, so W is untouched."""
+    if r > min(weight.shape):
+        raise ValueError(f"MiCA needs r <= min(out, in) = {min(weight.shape)} for a weight of shape {tuple(weight.shape)}, got r={r}")
+    u, _, _ = torch.linalg.svd(weight.float(), full_matrices=False)
+    return torch.zeros(r, weight.shape[1], dtype=torch.float32, device=weight.device), u[:, -r:].contiguous()
+
+
+LORA_GA_DIRECTIONS = ("ArBr", "A2rBr", "ArB2r", "random")
+LORA_GA_SCALES = ("stable", "weight_svd", "gd_scale", "unit")
+
+
+def lora_ga_factors(
+    grad: Tensor, weight: Tensor, r: int, scaling: float, direction: str = "ArB2r", scale: str = "stable",
+    stable_gamma: float = 16, stable_rows: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """LoRA-GA (arXiv:2407.05000): A and B from the top 2r singular triplets of the averaged
+    gradient G (out, in) of the loss with respect to W, so that the first step of LoRA
+    follows full fine-tuning's gradient.
+
+    G ~ U S V^T (randomised SVD, q = min(4r, min(G.shape)), 4 power iterations). ``direction``
+    picks which r of the 2r components go to A (rows of V^T) and which to B (columns of U,
+    times their singular values): "ArB2r" A = V^T[:r], B = U[:, r:2r] S[r:2r]; "A2rBr" the
+    reverse; "ArBr" odd rows to A, even columns to B; "random" one random r-subset for both.
+    ``scale``: "stable" B *= out^(1/4) / sqrt(gamma); "weight_svd" B *= sigma_1(W) / S_B[0];
+    "gd_scale" A /= s and B /= s; "unit" nothing. W then becomes W - s B A
+    (:func:`low_rank_residual`). ``stable_rows``: the row count "stable" uses, out by
+    default (PEFT 0.21 takes the stored weight's first dim: ``in`` for GPT-2's Conv1D).
+    Returns float32 (A (r, in), B (out, r)).
+    """
+    g = grad.float()
+    u, s_vals, v = torch.svd_lowrank(g, q=min(4 * r, min(g.shape)), niter=4)
+    vh = v.T
+    u, s_vals, vh = u[:, : 2 * r], s_vals[: 2 * r], vh[: 2 * r]
+    if direction == "ArBr":
+        a, b_idx = vh[1 : 2 * r : 2], slice(0, 2 * r, 2)
+        s_b, b = s_vals[b_idx], u[:, b_idx]
+    elif direction == "A2rBr":
+        a, s_b, b = vh[r : 2 * r], s_vals[:r], u[:, :r]
+    elif direction == "ArB2r":
+        a, s_b, b = vh[:r], s_vals[r : 2 * r], u[:, r : 2 * r]
+    elif direction == "random":
+        pick = torch.randperm(2 * r)[:r]
+        a, s_b, b = vh[pick], s_vals[pick], u[:, pick]
+    else:
+        raise ValueError(f"unknown LoRA-GA direction {direction!r}; use one of {', '.join(LORA_GA_DIRECTIONS)}")
+    b = b @ torch.diag(s_b)
+    if scale == "stable":
+        rows = weight.shape[0] if stable_rows is None else stable_rows
+        b = b * (rows**0.25 / stable_gamma**0.5)
+    elif scale == "weight_svd":
+        _, w_s, _ = torch.svd_lowrank(weight.float(), q=r, niter=4)
+        if s_b[0] > 0:
+            b = b * (w_s[0] / s_b[0])
+    elif scale == "gd_scale":
+        a, b = a / scaling, b / scaling
+    elif scale != "unit":
+        raise ValueError(f"unknown LoRA-GA scale {scale!r}; use one of {', '.join(LORA_GA_SCALES)}")
+    return a.contiguous(), b.contiguous()
+
+
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lora_cli.adapters import mixed
+from lora_cli.adapters import mixed, quantized
 from lora_cli.errors import LoraCliError
 
 if TYPE_CHECKING:
@@ -74,6 +74,8 @@ class AdapterLayer(nn.Module):
     """Names of the ``nn.ParameterDict`` containers keyed by adapter name."""
     disk_names: ClassVar[dict[str, str]] = {}
     """attr -> key suffix in the PEFT file, where they differ (``lora_A`` -> ``lora_A.weight``)."""
+    wraps_quantized: ClassVar[bool] = False
+    """Whether this method runs on bitsandbytes 4-bit / 8-bit linears (see :mod:`.quantized`)."""
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -110,6 +112,11 @@ class AdapterLayer(nn.Module):
                 raise
             return getattr(self.base_layer, name)
 
+    @property
+    def quant_kind(self) -> str | None:
+        """``"bnb_4bit"`` / ``"bnb_8bit"`` while the base layer is quantized, else None."""
+        return quantized.quant_kind(self.base_layer)
+
     # --------------------------------------------------------------- subclass API
     @classmethod
     def supports(cls, module: nn.Module) -> bool:
@@ -119,6 +126,11 @@ class AdapterLayer(nn.Module):
     def refusal(cls, module: nn.Module) -> str | None:
         """Why this method cannot wrap ``module`` (with the fix), or None when it can."""
         kind = layer_kind(module)
+        if quantized.is_quantized(module) and not cls.wraps_quantized:
+            return (
+                f"it is a bitsandbytes-quantized {type(module).__name__}, which only LoRA (and DoRA) can adapt; "
+                "use adapter.method: lora, or remove model.quantization"
+            )
         if kind in cls.supported_kinds:
             return None
         if kind is None:
@@ -192,13 +204,15 @@ class AdapterLayer(nn.Module):
         return delta.T if self.transposed else delta
 
     def canonical_weight(self) -> Tensor:
+        if self.quant_kind is not None:  # a float32 copy of the 4-bit / int8 weight, (out, in)
+            return quantized.dequantize_weight(self.base_layer)
         weight = self.base_weight()
         return weight.T if self.transposed else weight
 
     def adapter_dtype(self) -> torch.dtype:
-        """Adapters stay in float32 on half-precision bases (stable optimiser updates)."""
+        """Adapters stay in float32 on half-precision and quantized bases (stable optimiser updates)."""
         dtype = self.base_weight().dtype
-        return torch.float32 if dtype in HALF_DTYPES else dtype
+        return torch.float32 if dtype in HALF_DTYPES or self.quant_kind is not None else dtype
 
     def new_param(self, *shape: int) -> nn.Parameter:
         weight = self.base_weight()
@@ -244,6 +258,15 @@ class AdapterLayer(nn.Module):
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the deltas into the base weight. Merging a merged adapter is a no-op."""
+        if self.quant_kind is not None and any(
+            n in self.r and n not in self.merged_adapters
+            for n in (adapter_names if adapter_names is not None else self.active_adapters)
+        ):
+            raise LoraCliError(
+                f"cannot merge into the bitsandbytes-quantized {type(self.base_layer).__name__}: re-quantizing "
+                "W + dW would lose most of the update and could not be undone; dequantize the model first "
+                "(lora_cli.adapters.quantized.dequantize_model, as `loracli merge` does) and merge into full precision"
+            )
         for name in adapter_names if adapter_names is not None else self.active_adapters:
             if name not in self.r or name in self.merged_adapters:
                 continue

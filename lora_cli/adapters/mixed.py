@@ -44,7 +44,13 @@ def _rows(names: list[str], name: str, device: torch.device) -> Tensor:
 
 def layer_rows(layer: AdapterLayer, x: Tensor, names: list[str], *args: Any, **kwargs: Any) -> Tensor:
     """Row ``i`` of ``x`` through ``layer``'s base plus adapter ``names[i]`` (none where the
-    layer lacks that adapter, as for ``BASE_ADAPTER``)."""
+    layer lacks that adapter, as for ``BASE_ADAPTER``).
+
+    ``names`` may instead be a gate with ``layer_forward(layer, x, *args, **kwargs)``, which then
+    runs the layer: X-LoRA's per-token expert weights (:mod:`lora_cli.adapters.xlora_model`)."""
+    gate = getattr(names, "layer_forward", None)
+    if gate is not None:
+        return gate(layer, x, *args, **kwargs)
     if x.shape[0] != len(names):
         raise LoraCliError(
             f"adapter_names has {len(names)} name(s) but {type(layer.base_layer).__name__} got a batch of "

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -32,6 +32,18 @@ from lora_cli.adapters.registry import MethodState, get_method
 from lora_cli.adapters.state import AdapterStateMixin
 from lora_cli.adapters.targeting import module_aliases, resolve_modules_to_save, resolve_targets
 from lora_cli.errors import LoraCliError, TargetingError, UserInputError
+
+AUXILIARY_INJECTORS: list[Callable[[AdapterModel, str, AdapterConfig, dict[str, str]], list[str]]] = []
+"""Functions that add adapter layers beside the method's own targets (LoRA's trainable tokens
+and parameter targets: :mod:`.methods.trainable_tokens`, :mod:`.methods.lora_param`). Each is
+called as ``inject(model, adapter_name, config, aliases)`` and returns the paths of the layers
+it gave the adapter (undone if a later step fails)."""
+AUXILIARY_OPTIONS = ("trainable_token_indices", "target_parameters")
+"""Config options that adapt something besides target_modules, so target_modules may be []."""
+
+
+def _is_truthy_option(config: AdapterConfig, name: str) -> bool:
+    return bool(getattr(config, name, None))
 
 
 class AdapterModel(MultiAdapterMixin, AdapterStateMixin, AdapterCombineMixin, nn.Module):
@@ -51,6 +63,10 @@ class AdapterModel(MultiAdapterMixin, AdapterStateMixin, AdapterCombineMixin, nn
         self.set_adapter(adapter_name)
 
     # ------------------------------------------------------------ passthrough
+    _hf_peft_config_loaded = True
+    """Tells transformers' Trainer that trainable adapters are attached: it refuses to train a
+    quantized base (``model.quantization``) without them. Set here, never on the base model,
+    whose ``save_pretrained`` reads the same name."""
     add_regularizer_to_loss = True
     """forward adds :meth:`regularizer` to ``outputs.loss`` in training; see :meth:`loss_without_regularizer`."""
 
@@ -146,7 +162,10 @@ class AdapterModel(MultiAdapterMixin, AdapterStateMixin, AdapterCombineMixin, nn
                 f"so a {method.name} adapter cannot be added"
             )
         aliases = module_aliases(self.base_model)
-        paths = resolve_targets(self.base_model, config, method.layer_cls.refusal, aliases)
+        if config.target_modules == [] and any(_is_truthy_option(config, k) for k in AUXILIARY_OPTIONS):
+            paths = []  # PEFT's way to adapt only parameters / tokens: target_modules=[]
+        else:
+            paths = resolve_targets(self.base_model, config, method.layer_cls.refusal, aliases)
         created: list[str] = []
         try:
             for path in paths:
@@ -154,7 +173,7 @@ class AdapterModel(MultiAdapterMixin, AdapterStateMixin, AdapterCombineMixin, nn
                 if not isinstance(module, AdapterLayer):
                     module = method.layer_cls.wrap(module)
                     self.base_model.set_submodule(path, module)
-                r, alpha = _rank_and_alpha(config, path, aliases.get(path))
+                r, alpha = rank_and_alpha(config, path, aliases.get(path))
                 try:
                     module.add(adapter_name, config, r, alpha)
                 except TargetingError as exc:  # the layer's reason, with where it is
@@ -166,6 +185,8 @@ class AdapterModel(MultiAdapterMixin, AdapterStateMixin, AdapterCombineMixin, nn
                     module = ModulesToSaveWrapper(module)
                     self.base_model.set_submodule(path, module)
                 module.add(adapter_name)
+            for inject in AUXILIARY_INJECTORS:
+                created += inject(self, adapter_name, config, aliases)
         except Exception:
             for path in created:
                 layer = self.base_model.get_submodule(path)
@@ -297,7 +318,7 @@ def _warn_fan_in_fan_out(model: nn.Module, config: AdapterConfig, paths: list[st
         )
 
 
-def _rank_and_alpha(config: AdapterConfig, path: str, old_path: str | None = None) -> tuple[int, float]:
+def rank_and_alpha(config: AdapterConfig, path: str, old_path: str | None = None) -> tuple[int, float]:
     """Per-module r and alpha; pattern keys may use the module's transformers-4 name, as
     target_modules may."""
     names = [path] if old_path is None else [path, old_path]

@@ -19,39 +19,35 @@ from __future__ import annotations
 
 import copy
 import os
-import pickle
 import re
 import tempfile
-import warnings
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from lora_cli.adapters import base_rewrites
 from lora_cli.adapters.autobase import load_base_model
 from lora_cli.adapters.config import CONFIG_NAME, WEIGHTS_NAME, AdapterConfig
 from lora_cli.adapters.layers import AdapterLayer
+from lora_cli.adapters.registry import get_method
 from lora_cli.adapters.targeting import candidate_modules, matches, module_aliases
+from lora_cli.adapters.tensor_files import (  # noqa: F401 - re-exported: the state API reads these
+    LEGACY_WEIGHTS_NAME,
+    AdapterFileError,
+    load_safetensors,
+    load_torch_tensors,
+    read_adapter_weights,
+)
 from lora_cli.errors import AdapterStateError, UserInputError
 
 if TYPE_CHECKING:
     from lora_cli.adapters.model import AdapterModel
 
 KEY_PREFIX = "base_model.model."
-LEGACY_WEIGHTS_NAME = "adapter_model.bin"
-"""PEFT's pre-safetensors format: a ``torch.save``-d dict of tensors (a pickle)."""
-
-_RESAVE = (
-    "re-save the adapter from the model that trained it (loracli train, or PEFT's "
-    "save_pretrained(..., safe_serialization=True)), or train it again"
-)
-
-
-# ------------------------------------------------------------------ key names
 def remap_legacy_key(key: str, renamed: Mapping[str, str], wrappers: Collection[str]) -> str | None:
     """The current name of file key ``key``; None for a key that should be skipped.
 
@@ -159,11 +155,17 @@ class AdapterStateMixin:
         save_directory: str | os.PathLike,
         selected_adapters: list[str] | None = None,
         state_dict: dict[str, Tensor] | None = None,
+        convert_to_original_base: bool = False,
     ) -> None:
         """PEFT layout: ``default`` at the root, any other adapter in a sub-folder.
 
         ``state_dict``: the active adapter's tensors (``get_adapter_state_dict`` layout) to
         write instead of the live ones, e.g. full copies gathered from a sharded (FSDP) model.
+        ``convert_to_original_base``: an adapter whose init rewrote base weights (PiSSA, OLoRA,
+        CorDA, LoRA-GA, LoftQ) is written relative to the original base, as a plain LoRA of
+        rank 2r plus, for changes that are not low rank, ``base_rewrites.safetensors``
+        (see :mod:`lora_cli.adapters.base_rewrites`); PEFT's
+        ``path_initial_model_for_weight_conversion``. Other adapters are written as they are.
         """
         root = Path(save_directory)
         for name in selected_adapters or list(self.peft_config):
@@ -184,7 +186,11 @@ class AdapterStateMixin:
             method_state = self.method_state.get(name)
             if method_state is not None:
                 state, config = method_state.export(state, config)
+            base_weights: dict[str, Tensor] = {}
+            if convert_to_original_base:
+                state, config, base_weights = base_rewrites.convert_to_original_base(self, name, state, config)
             save_adapter_files(target, state, config)
+            base_rewrites.write_base_weights(target, base_weights)
 
     @classmethod
     def from_pretrained(
@@ -205,7 +211,11 @@ class AdapterStateMixin:
         config = AdapterConfig.from_pretrained(model_id)
         if model is None:
             model = load_base_model(config, Path(model_id), **base_kwargs)
+        base_rewrites.apply_base_weights(model, model_id)  # an adapter saved for the original base of a LoftQ run
         config.inference_mode = not is_trainable
+        own_cls = get_method(config.peft_type).model_cls  # e.g. trainable tokens' model, which ties
+        if isinstance(own_cls, type) and issubclass(own_cls, cls):
+            cls = own_cls
         instance = cls(model, config, adapter_name)
         instance._load_weights(Path(model_id), adapter_name)
         if not is_trainable:
@@ -213,6 +223,12 @@ class AdapterStateMixin:
         return instance
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
+        if (Path(model_id) / base_rewrites.BASE_REWRITES_NAME).is_file():
+            raise UserInputError(
+                f"{model_id} holds {base_rewrites.BASE_REWRITES_NAME}: the adapter needs its own rewritten base "
+                "weights (LoftQ), which would change the base under the adapters already loaded; load it alone "
+                "with from_pretrained"
+            )
         config = AdapterConfig.from_pretrained(model_id)
         config.inference_mode = not is_trainable
         self.add_adapter(adapter_name, config)
@@ -227,81 +243,6 @@ class AdapterStateMixin:
         self.load_adapter_state_dict(state, adapter_name)
 
 
-class AdapterFileError(UserInputError, ValueError):
-    """An adapter weights file that cannot be read: truncated, corrupt, or not plain tensors."""
-
-
-def read_adapter_weights(directory: str | os.PathLike) -> dict[str, Tensor]:
-    """The tensors of the adapter in ``directory``: ``adapter_model.safetensors``, else
-    PEFT's legacy ``adapter_model.bin``.
-
-    Nothing is ever unpickled beyond plain tensors and containers: a ``.bin`` is read
-    only through ``torch.load(weights_only=True)`` (PEFT's own ``.bin`` files are plain
-    tensor dicts and load), and anything else in it is refused, never retried unsafely.
-    """
-    directory = Path(directory)
-    file = directory / WEIGHTS_NAME
-    if file.is_file():
-        return load_safetensors(file)
-    legacy = directory / LEGACY_WEIGHTS_NAME
-    if legacy.is_file():
-        return load_torch_tensors(legacy)
-    raise UserInputError(
-        f"no {WEIGHTS_NAME} (nor PEFT's legacy {LEGACY_WEIGHTS_NAME}) in {directory}: the adapter's weights are "
-        "missing; copy them next to its adapter_config.json, or train the adapter again"
-    )
-
-
-def load_safetensors(file: str | os.PathLike) -> dict[str, Tensor]:
-    """``safetensors.torch.load_file`` with damage reported as a :class:`AdapterFileError`
-    that names the file (truncated copies, zero-byte files, random bytes)."""
-    try:
-        return load_file(file)
-    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise AdapterFileError(
-            f"{file}: truncated or corrupt safetensors file ({reason}); {_RESAVE}, "
-            "or copy the file again if it was cut short in transfer"
-        ) from None
-
-
-def load_torch_tensors(file: str | os.PathLike) -> dict[str, Tensor]:
-    """A ``torch.save``-d dict of tensors, read with ``weights_only=True`` only.
-
-    A file that needs anything more (arbitrary classes, code) is refused in our words:
-    unpickling it could run code. A damaged file is reported as truncated or corrupt.
-    """
-    convert = (
-        "re-create the weights as safetensors where the adapter was made: load the trained model there and "
-        f"call save_pretrained(out_dir, safe_serialization=True), which writes {WEIGHTS_NAME} (tensors only)"
-    )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's notes on pickle protocols are not for our users
-            state = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise AdapterFileError(
-            f"{file}: refused: this pickled weights file holds more than plain tensors (or is corrupt), and "
-            "loracli never unpickles such objects, because loading them can run code. If you trust its source, "
-            f"{convert}; a PEFT adapter_model.bin that holds only tensors loads here as it is"
-        ) from None
-    except (EOFError, RuntimeError, OSError, ValueError, TypeError, AttributeError, ImportError, IndexError,
-            KeyError, MemoryError) as exc:
-        reason = str(exc).splitlines()[0][:200] if str(exc).strip() else "the data ends early"
-        raise AdapterFileError(
-            f"{file}: truncated or corrupt PyTorch weights file ({type(exc).__name__}: {reason}); "
-            f"{_RESAVE}, or copy the file again if it was cut short in transfer"
-        ) from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
-        found = type(state).__name__ if not isinstance(state, dict) else "a dict with non-tensor values"
-        raise AdapterFileError(
-            f"{file}: not an adapter state dict (expected a mapping of tensor names to tensors, found {found}); "
-            f"{_RESAVE}"
-        )
-    return state
-
-
-# ---------------------------------------------------------- portable names
 def _portable_patterns(pattern: dict[str, Any], paths: list[str], aliases: dict[str, str]) -> dict[str, Any]:
     """rank_pattern / alpha_pattern as PEFT (current names only) will apply them: a key that
     reaches adapted modules through their transformers-4 names also gets their current paths."""

@@ -164,13 +164,15 @@ def evaluate_lm(model: nn.Module, dataset: Any, collate: Callable[[list], Mappin
         raise UserInputError("the evaluation split is empty; check data paths and --limit")
     device = model_device(model)
     causal = not getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    # prompt learning on a causal LM: the last virtual token predicts labels[0] too
+    shifted = causal and not getattr(model, "predicts_first_label", False)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     total_loss, total_tokens = 0.0, 0
     model.eval()
     with torch.inference_mode():
         for batch in loader:
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            labels = batch["labels"][:, 1:] if causal else batch["labels"]
+            labels = batch["labels"][:, 1:] if shifted else batch["labels"]
             tokens = int((labels != -100).sum())
             if tokens == 0:
                 continue

@@ -13,6 +13,13 @@ within the tolerance). Tolerance on logits: ``atol + rtol * max|reference logit|
     float16  atol 1e-2, rtol 1e-2   (11-bit mantissa; error accumulates over the layers)
     bfloat16 atol 5e-2, rtol 5e-2   (8-bit mantissa)
 
+A quantized base (``model.quantization``, QLoRA) is dequantized first: every bitsandbytes
+4-bit / 8-bit linear becomes a float32 ``nn.Linear`` holding the weight it computed with, the
+adapters merge into that, and the folder written is a plain full-precision model (no
+``quantization_config``). The reference is then the adapter model on the dequantized base,
+so the check proves the merge itself; how far dequantizing moved the logits (the 4-bit
+kernel's compute dtype, int8 activations) is logged beside it.
+
 On failure nothing is written. The folder is written into a temporary sibling and renamed
 into place, so a crash never leaves a half-written model where ``--out`` points.
 """
@@ -28,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lora_cli.adapters.quantized import dequantize_model
 from lora_cli.atomic import atomic_dir
 from lora_cli.errors import LoraCliError, UserInputError
 
@@ -203,6 +211,9 @@ def merge_run(
     out_dir = check_out_dir(out_dir, force, run_dir=run_dir)
     if not hasattr(model, "merge_and_unload"):
         raise UserInputError("the model has no adapter to merge (expected a loracli AdapterModel)")
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
+    if getattr(config, "merge_refusal", None):  # e.g. p-tuning: nothing to fold into the weights
+        raise UserInputError(f"cannot merge: a {config.method} adapter {config.merge_refusal}; nothing written")
 
     if verify_batch is not None and _count(verify_batch) > 0:
         inputs = _rows(verify_batch, n)
@@ -215,6 +226,14 @@ def merge_run(
     if not torch.isfinite(reference).all():
         raise MergeVerificationError(
             "the adapter model itself produces NaN/inf logits; the adapter is broken (re-train it); nothing written"
+        )
+    dequantized = dequantize_model(model)  # QLoRA: merge into full precision, never into 4-bit weights
+    if dequantized:
+        quantized_reference, reference = reference, _logits(model, inputs)
+        logger.info(
+            "dequantized %d bitsandbytes layer(s) to float32 before merging; that moved the adapter model's "
+            "logits by at most %.3g (the quantized forward's own rounding, not the merge)",
+            len(dequantized), float((quantized_reference - reference).abs().max()),
         )
     try:
         merged = model.merge_and_unload(safe_merge=True)

@@ -115,6 +115,17 @@ def verification_batch(loaded: Any, n: int):
     return loaded.task.synthetic_batch(loaded.processor, n), "synthetic"
 
 
+def _refuse_unmergeable(adapter_dir: Path) -> None:
+    """A method with nothing to merge (p-tuning) says so before the model is loaded."""
+    from lora_cli.adapters import AdapterConfig
+
+    if not (adapter_dir / "adapter_config.json").is_file():
+        return  # load_run explains the missing adapter
+    config = AdapterConfig.from_pretrained(adapter_dir)
+    if getattr(config, "merge_refusal", None):
+        raise UserInputError(f"{adapter_dir.parent}: cannot merge: a {config.method} adapter {config.merge_refusal}")
+
+
 def merge_from_run(
     run_dir: str | Path,
     out_dir: str | Path,
@@ -130,6 +141,7 @@ def merge_from_run(
     if dtype not in DTYPES:
         raise UserInputError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     check_out_dir(out_dir, force, run_dir=run_dir)  # fail before the slow model load
+    _refuse_unmergeable(Path(run_dir) / rd.ADAPTER_DIR)
     loaded = load_run(run_dir, device=device)
     batch, source = verification_batch(loaded, n)
     return merge_run(
@@ -165,11 +177,41 @@ def predict_text(
     temperature: float | None = None,
     top_p: float | None = None,
     device: str | None = None,
+    scalings: bool = False,
 ) -> list[dict[str, Any]]:
-    """Text runs: labels (seq-cls) or generated text (causal-lm, seq2seq), one row per input."""
+    """Text runs: labels (seq-cls) or generated text (causal-lm, seq2seq), one row per input;
+    ``scalings`` (X-LoRA runs) adds each row's expert weights, see :func:`expert_scalings`."""
     from lora_cli.inference.loading import load_run
 
     loaded = load_run(run_dir, device=device)
+    weights = expert_scalings(loaded, texts) if scalings else None  # refused before any generation
+    rows = _text_rows(loaded, run_dir, texts, top_k, max_new_tokens, temperature, top_p)
+    for row, found in zip(rows, weights or []):
+        row["scalings"] = found
+    return rows
+
+
+def expert_scalings(loaded: Any, texts: list[str]) -> list[dict[str, Any]]:
+    """X-LoRA runs: per text, each token's weight of each expert (mean over the LoRA layers,
+    before global_scaling_weight) and the mean over the tokens."""
+    model = loaded.model
+    if not hasattr(model, "token_scalings"):
+        raise UserInputError(f"--scalings is for X-LoRA runs (adapter.method: xlora); {loaded.run_dir} is a "
+                             f"{loaded.recipe.adapter.method} run: leave --scalings out")
+    device = next(model.parameters()).device
+    out = []
+    for text in texts:
+        encoded = loaded.processor(text, return_tensors="pt")
+        batch = {k: encoded[k].to(device) for k in ("input_ids", "attention_mask") if k in encoded}
+        weights = model.token_scalings(batch)[0].mean(1)  # (tokens, experts)
+        tokens = loaded.processor.convert_ids_to_tokens(batch["input_ids"][0].tolist())
+        out.append({"experts": list(model.expert_names), "tokens": tokens, "per_token": weights.tolist(),
+                    "mean": dict(zip(model.expert_names, weights.mean(0).tolist()))})
+    return out
+
+
+def _text_rows(loaded: Any, run_dir: str | Path, texts: list[str], top_k: int, max_new_tokens: int | None,
+               temperature: float | None, top_p: float | None) -> list[dict[str, Any]]:
     task = loaded.task
     if task.classify_text is not None:
         labels = task.classify_text(loaded, texts, top_k=top_k)

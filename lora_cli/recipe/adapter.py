@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import typing
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +21,10 @@ from lora_cli.errors import AdapterConfigError, UserInputError, did_you_mean
 from lora_cli.recipe.errors import NO_VALUE, Location, RecipeError, Reporter, is_bool_word
 from lora_cli.recipe.schema import ADAPTER_BOOKKEEPING, AdapterSection
 from lora_cli.recipe.training import takes_bool
+
+RECIPE_ONLY = {"calibration_batches": "the number of training batches the calibration pass of a data-driven init "
+                                      "(init_lora_weights eva, corda, lora_ga) reads"}
+"""Adapter-section keys of loracli's own, never passed to the engine's config."""
 
 DERIVED = ("total_step",)
 """Config fields the pipeline derives when the recipe leaves them out (AdaLoRA's schedule
@@ -40,7 +45,9 @@ def resolve_method(name: Any):
 
 
 def allowed_fields(method) -> list[str]:
-    return [f for f in method.config_cls.field_names() if f not in ADAPTER_BOOKKEEPING]
+    # LAYER_FIELDS: inherited fields a method does not use (prompt learning adapts no layer)
+    unused = set(ADAPTER_BOOKKEEPING) | set(getattr(method.config_cls, "LAYER_FIELDS", ()))
+    return [f for f in method.config_cls.field_names() if f not in unused]
 
 
 @functools.cache
@@ -94,6 +101,11 @@ def check_adapter(raw: Any, report: Reporter) -> tuple[str, dict[str, Any]] | No
         return None
     allowed = allowed_fields(method)
     options: dict[str, Any] = {}
+    own = {key: raw.pop(key) for key in RECIPE_ONLY if key in raw}
+    for key, value in own.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            report.add((*path, key), "must be an integer >= 1", value,
+                       f"{key} is {RECIPE_ONLY[key]}; e.g. 16 (more: a steadier start, a longer calibration)")
     for key, value in raw.items():
         if key in ADAPTER_BOOKKEEPING:
             report.add((*path, key), "is set automatically by loracli", value, "remove it")
@@ -117,6 +129,7 @@ def check_adapter(raw: Any, report: Reporter) -> tuple[str, dict[str, Any]] | No
         normalised = {name: _plain(getattr(config, name)) for name in allowed if name in fields}
     for name in deferred:
         normalised.pop(name, None)
+    normalised.update(own)
     return method.name, normalised
 
 
@@ -158,6 +171,9 @@ def _construct(method, options: dict, report: Reporter, *, deferred: tuple[str, 
                     note = f"{name} {value} was derived from the data size, epochs and batch size"
                     hint = f"{hint}; {note}" if hint else note
             path = ("adapter", field) if field in options else ("adapter",)
+            entry = re.fullmatch(rf"{re.escape(field)}\['([^']*)'\]", str(problem.key))  # one key of a mapping field
+            if entry and isinstance(options.get(field), dict) and entry.group(1) in options[field]:
+                path = (*path, entry.group(1))  # X-LoRA's adapters.<expert>: that line
             message = f"{problem.key} {problem.message}" if path == ("adapter",) else problem.message
             report.add(path, message, problem.value, hint)
     except (TypeError, ValueError, UserInputError) as exc:
@@ -183,7 +199,7 @@ def resolve_adapter_config(
     rules is a RecipeError at the recipe's adapter lines.
     """
     method = get_method(section.method)
-    options = dict(section.options)
+    options = {k: v for k, v in section.options.items() if k not in RECIPE_ONLY}
     derived: dict[str, Any] = {}
     for name in _deferred(method, options):
         if total_step is None:
@@ -192,7 +208,7 @@ def resolve_adapter_config(
                 "derive it from the data size, epochs and batch size"
             )
         derived[name] = total_step
-    if options.get("target_modules") is None:
+    if options.get("target_modules") is None and "target_modules" in allowed_fields(method):
         if targets is None:
             raise UserInputError(
                 "adapter.target_modules is not set and loracli has no default for this model type; list the layers "
@@ -237,7 +253,7 @@ def carry_options(options: dict[str, Any], method: str, given: set[str]) -> tupl
     kept, notes = {}, []
     for key, value in options.items():
         twin = SAME_KNOB.get(key) or ("r" if key == "init_r" else None)
-        if key in allowed and not (method == "adalora" and key == "r"):
+        if (key in allowed or key in RECIPE_ONLY) and not (method == "adalora" and key == "r"):
             kept[key] = value
         elif twin in allowed and twin not in options and f"adapter.{twin}" not in given:
             kept[twin] = value

@@ -46,6 +46,19 @@ def check_model(model: Any, task: Any, report: Reporter) -> None:
     if processor and task in TEXT_TASKS:
         report.add(("model", "processor"), f"is for image models; task {task} uses a tokenizer", processor,
                    "remove it, or set model.tokenizer")
+    check_quantization(model.get("quantization"), report)
+
+
+def check_quantization(quantization: Any, report: Reporter) -> None:
+    """model.quantization: bitsandbytes is installed and this machine can run its layers (a CUDA
+    GPU, or a release with a CPU backend); one problem, before any model is loaded."""
+    if not isinstance(quantization, dict) or quantization.get("bits") not in (4, 8):
+        return  # absent, or its own keys are wrong: the schema reports those
+    from lora_cli.adapters.quantized import backend_refusal
+
+    refusal = backend_refusal(quantization["bits"])
+    if refusal is not None:
+        report.add(("model", "quantization"), refusal[0], hint=refusal[1])
 
 
 def check_data(data: Any, task: Any, report: Reporter) -> None:

@@ -21,7 +21,8 @@ from lora_cli.recipe.data import data_section_for
 from lora_cli.recipe.errors import Location, Reporter
 from lora_cli.recipe.schema import ModelSection, Recipe
 
-FREE_FORM = {("model", "config"), ("model", "processor")}
+FREE_FORM = {("model", "config"), ("model", "processor"), ("model", "quantization")}
+"""Mappings whose sub-keys an override may set one by one (the section checks them afterwards)."""
 
 
 REMOVE = object()
@@ -67,11 +68,11 @@ def _known_children(parent: tuple[str, ...], data: dict) -> list[str] | None:
 
         return [*training_fields()]
     if parent == ("adapter",):
-        from lora_cli.recipe.adapter import allowed_fields, resolve_method
+        from lora_cli.recipe.adapter import RECIPE_ONLY, allowed_fields, resolve_method
 
         adapter = data.get("adapter") if isinstance(data.get("adapter"), dict) else {}
         method, _, _ = resolve_method(adapter.get("method", "lora"))
-        return None if method is None else ["method", *allowed_fields(method)]
+        return None if method is None else ["method", *allowed_fields(method), *RECIPE_ONLY]
     return None
 
 

@@ -12,7 +12,15 @@ import unicodedata
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SerializeAsAny,
+    field_validator,
+    model_validator,
+)
 
 from lora_cli.errors import did_you_mean
 from lora_cli.recipe.data import DataSection, RuleError
@@ -25,6 +33,75 @@ ADAPTER_BOOKKEEPING = ("task_type", "base_model_name_or_path", "revision", "infe
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+
+QUANT_BITS = (4, 8)
+QUANT_TYPES = ("nf4", "fp4")
+QUANT_COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+_FOUR_BIT_ONLY = ("quant_type", "double_quant", "compute_dtype")
+
+
+class QuantizationSection(_Section):
+    """``model.quantization``: load the frozen base through bitsandbytes (QLoRA), adapters in float32.
+
+    Loaded with transformers' ``BitsAndBytesConfig``; see lora_cli/tasks/quantization.py.
+    """
+
+    bits: int
+    """4 (QLoRA: NF4/FP4 blocks, ~1/4 of bf16's weight memory) or 8 (LLM.int8 rows, ~1/2)."""
+    quant_type: str = "nf4"
+    """4-bit only: nf4 (normal-float, QLoRA's choice for normally distributed weights) or fp4."""
+    double_quant: bool = True
+    """4-bit only: quantize the block scales too (saves ~0.4 bit per weight)."""
+    compute_dtype: str = "bfloat16"
+    """4-bit only: dtype the dequantized weight is multiplied in; float32 is exact but slower."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            known = list(cls.model_fields)
+            for key in data:
+                if key not in known:
+                    raise RuleError("is not a quantization key", did_you_mean(str(key), known)
+                                    or f"valid keys: {', '.join(known)}", field=key)
+        return data
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, value: int) -> int:
+        if value not in QUANT_BITS:
+            raise RuleError("must be 4 or 8", "4 for QLoRA (least memory), 8 for LLM.int8 (closer to the original)")
+        return value
+
+    @field_validator("quant_type")
+    @classmethod
+    def _quant_type(cls, value: str) -> str:
+        if value not in QUANT_TYPES:
+            raise RuleError("must be nf4 or fp4", did_you_mean(value, QUANT_TYPES) or "nf4 is QLoRA's choice")
+        return value
+
+    @field_validator("compute_dtype")
+    @classmethod
+    def _compute_dtype(cls, value: str) -> str:
+        if value not in QUANT_COMPUTE_DTYPES:
+            raise RuleError(f"must be one of {', '.join(QUANT_COMPUTE_DTYPES)}",
+                            did_you_mean(value, QUANT_COMPUTE_DTYPES) or "bfloat16 on GPUs that have it")
+        return value
+
+    @model_validator(mode="after")
+    def _eight_bit_keys(self) -> QuantizationSection:
+        if self.bits == 8:
+            extra = [k for k in _FOUR_BIT_ONLY if k in self.model_fields_set]
+            if extra:
+                raise RuleError("is a 4-bit setting; 8-bit layers have none", "remove it, or set bits: 4",
+                                field=extra[0])
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as the recipe writes them (an 8-bit section has only ``bits``)."""
+        data = self.model_dump()
+        return {"bits": 8} if self.bits == 8 else data
 
 
 class ModelSection(_Section):
@@ -40,6 +117,8 @@ class ModelSection(_Section):
     """Image-processor keyword arguments (size, image_mean, image_std) for models built from config."""
     tokenizer: str | None = None
     """Text tasks: tokenizer path or hub id; defaults to name_or_path."""
+    quantization: QuantizationSection | None = None
+    """Load the base quantized to 4 or 8 bits by bitsandbytes (QLoRA); needs ``loracli[quant]``."""
 
 
 class AdapterSection(_Section):
@@ -193,7 +272,7 @@ def _section_dict(section: BaseModel) -> dict[str, Any]:
         value = getattr(section, name)
         if value is None and field.default is None:
             continue
-        out[name] = value
+        out[name] = value.to_dict() if isinstance(value, QuantizationSection) else value
     return out
 
 

@@ -15,6 +15,7 @@ run is :func:`lora_cli.inference.runs.load_run`.
       plots/           loss / accuracy curves, confusion matrix
       env.json         versions, seed, git commit
       status.json      running / failed / completed, with the error of a failed run
+      init_state.safetensors  only for inits that rewrite base weights: their start, for --resume
       .loracli.lock    held (fcntl) by the one process that trains into the folder
 
 Safety rules every writer follows (issue 11): a folder is only ever deleted or replaced
@@ -41,6 +42,7 @@ from lora_cli.rundir.layout import (
     CHECKPOINTS_DIR,
     ENV_FILE,
     EVAL_FILE,
+    INIT_STATE_FILE,
     LABEL_MAP_FILE,
     LOCK_FILE,
     METRICS_FILE,
@@ -59,7 +61,7 @@ from lora_cli.rundir.layout import (
 
 __all__ = [
     "ADAPTER_DIR", "BASE_MODEL_DIR", "CHECKPOINTS_DIR", "CHECKPOINT_PREFIX", "ENV_FILE",
-    "EVAL_FILE", "LABEL_MAP_FILE", "LOCK_FILE", "METRICS_FILE", "PLOTS_DIR", "PROCESSOR_DIR", "RECIPE_FILE",
+    "EVAL_FILE", "INIT_STATE_FILE", "LABEL_MAP_FILE", "LOCK_FILE", "METRICS_FILE", "PLOTS_DIR", "PROCESSOR_DIR", "RECIPE_FILE",
     "STAGING_DIR", "STATUS_FILE", "RunInUseError", "RunLock", "check_replaceable", "checkpoint_problem",
     "checkpoints", "clear_run_dir", "environment", "find_run_below", "holds_protected", "is_run_dir",
     "latest_checkpoint", "read_label_map", "read_status", "save_label_map", "write_json", "write_status",

@@ -87,6 +87,9 @@ def preprocess_logits_for_metrics(logits, labels) -> torch.Tensor:
     """
     if isinstance(logits, tuple):
         logits = logits[0]
+    extra = logits.shape[1] - labels.shape[1]
+    if extra > 0:  # virtual tokens in front (prompt learning): no target there, as in the model's own loss
+        labels = torch.nn.functional.pad(labels, (extra, 0), value=tc.IGNORE_INDEX)
     shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
     nll = torch.nn.functional.cross_entropy(
         shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),

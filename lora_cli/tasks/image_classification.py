@@ -26,7 +26,7 @@ from lora_cli.hub import require_hub
 from lora_cli.recipe import ImageData, ModelSection
 from lora_cli.task_kinds import IMAGE_CLASSIFICATION, TASK_KINDS
 from lora_cli.tasks import data as data_mod
-from lora_cli.tasks import image_batches, image_cache, image_data, images
+from lora_cli.tasks import image_batches, image_cache, image_data, images, quantization
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ def build_model(model: ModelSection, labels: list[str], source: str | Path | Non
             ignore_mismatched_sizes=True,
             revision=model.revision,
             trust_remote_code=model.trust_remote_code,
+            **quantization.load_kwargs(model, source),  # model.quantization: bitsandbytes 4 / 8 bit
         )
     cfg = dict(model.config)
     model_type = cfg.pop("model_type", None)
@@ -105,7 +106,7 @@ def build_model(model: ModelSection, labels: list[str], source: str | Path | Non
         raise UserInputError("model.config: needs a model_type (e.g. vit)")
     try:
         config = AutoConfig.for_model(model_type, num_labels=len(labels), id2label=id2label, label2id=label2id, **cfg)
-        return AutoModelForImageClassification.from_config(config)
+        return quantization.from_config(AutoModelForImageClassification, config, model)
     except (ValueError, TypeError) as exc:
         raise UserInputError(f"model.config: cannot build a {model_type} image classifier: {exc}") from exc
 

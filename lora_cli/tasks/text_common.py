@@ -25,6 +25,7 @@ from lora_cli.errors import UserInputError
 from lora_cli.hub import require_hub
 from lora_cli.recipe import DataSection, ModelSection
 from lora_cli.tasks import data as data_mod
+from lora_cli.tasks import quantization
 
 logger = logging.getLogger(__name__)
 
@@ -116,11 +117,12 @@ def build_model(model_cfg: ModelSection, auto_cls, source: str | Path | None = N
                 revision=None if source else model_cfg.revision,
                 trust_remote_code=model_cfg.trust_remote_code,
                 **kwargs,
+                **quantization.load_kwargs(model_cfg, source),  # model.quantization: bitsandbytes 4 / 8 bit
             )
         except ValueError as exc:
             raise UserInputError(f"model.name_or_path: {path!r} cannot be loaded as {auto_cls.__name__}: {exc}") from exc
     else:
-        model = auto_cls.from_config(_config_from_section(model_cfg, **kwargs))
+        model = quantization.from_config(auto_cls, _config_from_section(model_cfg, **kwargs), model_cfg)
     _sync_pad_token(model, model_cfg)
     return model
 

@@ -23,7 +23,8 @@ from rich.table import Table
 from transformers import PrinterCallback, TrainingArguments, set_seed
 
 from lora_cli import rundir as rd
-from lora_cli.adapters import get_adapter_model
+from lora_cli.adapters import base_rewrites, get_adapter_model
+from lora_cli.adapters.state import load_safetensors
 from lora_cli.errors import LoraCliError, UserInputError
 from lora_cli.evaluation.plots import plot_training_curves
 from lora_cli.evaluation.report import evaluate, write_report
@@ -32,7 +33,7 @@ from lora_cli.safe_text import terminal_text
 from lora_cli.task_kinds import TASK_KINDS
 from lora_cli.tasks import get_task
 from lora_cli.tasks.defaults import default_target_modules
-from lora_cli.training import distributed, preflight
+from lora_cli.training import calibration, distributed, preflight
 from lora_cli.training.callbacks import (
     AdaLoraCallback,
     MetricsFileCallback,
@@ -89,11 +90,14 @@ def run_training(
         base_model=recipe.model.name_or_path,
     )
     args = training_arguments(recipe, run_dir, adapter_config, model)
-    model = get_adapter_model(model, adapter_config)
+    model = _inject(model, adapter_config, run_dir, resume)
     train_ds, eval_ds = task.prepare(splits, processor, recipe.data, recipe.seed)
+    calibrated = _calibrate(recipe, task, model, processor, train_ds, args, run_dir, resume)
 
     if dry_run:
         _print_dry_run(recipe, model, len(splits.train), len(splits.eval), labels)
+        if calibrated is not None:
+            _print_calibration(calibrated)
         return None
 
     # ---- from here on we write, holding the run directory's lock (rank 0 writes)
@@ -104,6 +108,7 @@ def run_training(
         return _train_and_save(
             recipe, task, model, args, train_ds, eval_ds, processor, labels, run_dir, base_state,
             checkpoint=checkpoint, replace=replace, resume=resume, extra_callbacks=extra_callbacks,
+            calibrated=calibrated,
         )
     except BaseException as exc:
         if is_main and (run_dir / rd.RECIPE_FILE).is_file():
@@ -124,7 +129,7 @@ def run_training(
 
 
 def _train_and_save(recipe, task, model, args, train_ds, eval_ds, processor, labels, run_dir: Path, base_state,
-                    checkpoint, replace: bool, resume: bool, extra_callbacks) -> Path:
+                    checkpoint, replace: bool, resume: bool, extra_callbacks, calibrated=None) -> Path:
     is_main = distributed.is_main_process()
     if is_main:
         if replace:
@@ -138,8 +143,12 @@ def _train_and_save(recipe, task, model, args, train_ds, eval_ds, processor, lab
         processor.save_pretrained(run_dir / rd.PROCESSOR_DIR)
         if base_state is not None:
             base_state.save_pretrained(run_dir / rd.BASE_MODEL_DIR)
+        if not resume:  # the start of an init that rewrote base weights, for --resume
+            base_rewrites.save_initial_state(model, run_dir / rd.INIT_STATE_FILE)
         if not resume:
             (run_dir / rd.METRICS_FILE).unlink(missing_ok=True)
+        if calibrated is not None:
+            calibration.save_calibration(run_dir, calibrated)  # --resume restores it instead of recomputing
     distributed.barrier()  # the others go on once the run directory is there
 
     trainer = build_trainer(recipe, task, model, args, train_ds, eval_ds, processor, run_dir, extra_callbacks)
@@ -160,7 +169,8 @@ def _train_and_save(recipe, task, model, args, train_ds, eval_ds, processor, lab
         # a sharded model's forward is collective: every process runs it, rank 0 writes
         report = _full_evaluation(model, eval_ds, task.make_collator(processor, recipe.data), labels, args, metrics)
     if trainer.is_world_process_zero():
-        model.save_pretrained(adapter_dir, state_dict=full_state)
+        # relative to the untouched base: eval / merge / predict and PEFT load it without re-running the init
+        model.save_pretrained(adapter_dir, state_dict=full_state, convert_to_original_base=True)
         if labels:
             rd.save_label_map(adapter_dir, dict(enumerate(labels)))
         if report is not None:
@@ -175,6 +185,42 @@ def _train_and_save(recipe, task, model, args, train_ds, eval_ds, processor, lab
 
 
 # ------------------------------------------------------------------------ steps
+def _calibrate(recipe, task, model, processor, train_ds, args, run_dir: Path, resume: bool):
+    """The calibration pass of a data-driven init (EVA, CorDA, LoRA-GA) on the training data,
+    or on --resume the run's record of it; None for the other inits."""
+    if calibration.init_of(model) is None:
+        if calibration.BATCHES_KEY in recipe.adapter.options:
+            warnings.warn(f"adapter.{calibration.BATCHES_KEY} is only read by init_lora_weights "
+                          f"{', '.join(calibration.DATA_DRIVEN)}; this recipe's init needs no calibration", stacklevel=2)
+        return None
+    if resume:
+        record = calibration.load_calibration(run_dir)
+        if record is not None:
+            calibration.restore_calibration(model, record)
+            return record
+        warnings.warn(f"--resume: {run_dir} has no {calibration.CALIBRATION_FILE}; calibrating again", stacklevel=2)
+    if torch.cuda.is_available() and distributed.world_size() == 1 and not getattr(model.base_model, "is_quantized", False):
+        model.to("cuda")  # the Trainer puts it there next anyway
+    n = recipe.adapter.options.get(calibration.BATCHES_KEY, calibration.DEFAULT_BATCHES)
+    size = args.per_device_train_batch_size
+    batches = calibration.calibration_batches(train_ds, task.make_collator(processor, recipe.data), size, n, recipe.seed)
+    return calibration.run_calibration(model, batches, seed=recipe.seed, batch_size=size, console=console)
+
+
+def _inject(model, adapter_config, run_dir: Path, resume: bool):
+    """The adapter, injected. On --resume of a run whose init rewrote base weights without
+    calibration data (PiSSA, OLoRA, LoftQ), the init is not run again (``pissa_niter_N`` is
+    random, LoftQ costly): the base is rebuilt from the run's init_state.safetensors."""
+    init = getattr(adapter_config, "init_lora_weights", None)
+    record = run_dir / rd.INIT_STATE_FILE
+    if not (resume and record.is_file() and base_rewrites.rewrites_base(init) and init not in calibration.DATA_DRIVEN):
+        return get_adapter_model(model, adapter_config)
+    model = get_adapter_model(model, adapter_config.replace(init_lora_weights=True, loftq_config={}))
+    base_rewrites.restore_initial_state(model, load_safetensors(record))
+    model.peft_config[model.active_adapter] = adapter_config
+    return model
+
+
 def _snapshot_if_random(recipe, model):
     """Models built from model.config have random weights: keep a copy to save beside the adapter."""
     if recipe.model.name_or_path:
@@ -273,6 +319,8 @@ def _print_dry_run(recipe, model, n_train: int, n_eval: int, labels) -> None:
     table.add_column("adapter")
     for path, layer in model.adapter_layers():
         table.add_row(_shown(path), type(layer.base_layer).__name__, _shown(layer.extra_repr()))
+    for name, encoder in getattr(model, "prompt_encoder", {}).items():  # prompt learning adapts no layer
+        table.add_row(_shown(f"prompt_encoder.{name}"), type(encoder).__name__, _shown(encoder.extra_repr()))
     console.print(table)
     trainable, total = model.get_nb_trainable_parameters()
     console.print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
@@ -280,6 +328,17 @@ def _print_dry_run(recipe, model, n_train: int, n_eval: int, labels) -> None:
     console.print(_shown(f"trained in full (modules_to_save): {', '.join(saved) if saved else 'none'}"))
     label_text = f", {len(labels)} labels" if labels else ""
     console.print(f"data: {n_train} train / {n_eval} eval rows{label_text}. Dry run: nothing trained, nothing written.")
+
+
+def _print_calibration(record) -> None:
+    table = Table(title=_shown(f"calibration ({record.init}): {record.batches} batches of {record.batch_size}, "
+                               f"seed {record.seed}, {record.seconds:.1f} s"))
+    table.add_column("module")
+    table.add_column("rank", justify="right")
+    table.add_column("alpha", justify="right")
+    for path, rank in record.ranks.items():
+        table.add_row(_shown(path), str(rank), f"{record.alphas.get(path, 0):g}")
+    console.print(table)
 
 
 def _print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:

@@ -60,6 +60,13 @@ class AdapterTrainer(Trainer):
     input_transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     """Finishes each batch once it is on the model's device (uint8 pixels -> normalised floats)."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if getattr(self.model, "predicts_first_label", False):
+            # prompt learning on a causal LM: the last virtual token predicts labels[0], so the
+            # token count that normalises the loss covers every label, not labels[1:]
+            self._loss_shifts_labels = False
+
     def _prepare_inputs(self, inputs):
         inputs = super()._prepare_inputs(inputs)
         return self.input_transform(inputs) if self.input_transform is not None else inputs

@@ -37,7 +37,7 @@ def table(monkeypatch):
 
 
 def test_every_method_is_registered_under_its_config_names():
-    assert available_methods() == ["adalora", "loha", "lokr", "lora"]
+    assert available_methods() == ["adalora", "loha", "lokr", "lora", "p_tuning", "trainable_tokens", "xlora"]
     for name in available_methods():
         method = get_method(name)
         assert (method.name, method.peft_type) == (method.config_cls.method, method.config_cls.peft_type)

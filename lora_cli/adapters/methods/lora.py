@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -39,6 +39,8 @@ from lora_cli.adapters.config import (
     check_positive_int,
     check_rate,
 )
+from lora_cli.adapters.corda import corda_config_problems
+from lora_cli.adapters.eva import eva_config_problems
 from lora_cli.adapters.layers import (
     CONV2D,
     CONV3D,
@@ -50,7 +52,10 @@ from lora_cli.adapters.layers import (
     AdapterLayer,
     layer_kind,
 )
+from lora_cli.adapters.loftq import loftq_config_problems, loftq_factors
+from lora_cli.adapters.lora_ga import lora_ga_config_problems
 from lora_cli.adapters.methods.dora import DoraVariant, LoraVariant
+from lora_cli.adapters.mica import FrozenParameter
 from lora_cli.adapters.registry import register_method
 from lora_cli.errors import LoraCliError, Problem, TargetingError, UserInputError
 
@@ -62,8 +67,15 @@ INIT_CHOICES = (
     "pissa_niter_[N]",
     "olora",
     "orthogonal",
+    "eva",
+    "corda",
+    "mica",
+    "loftq",
+    "lora_ga",
 )
 BIAS_CHOICES = ("none", "all", "lora_only")
+QUANTIZED_REFUSES = ("pissa", "olora", "corda", "loftq", "lora_ga")
+"""Inits that write the base weight: impossible on a bitsandbytes 4-bit / 8-bit layer."""
 
 
 @dataclass
@@ -92,8 +104,26 @@ class LoraConfig(AdapterConfig):
     lora_bias: bool = False
     """A trainable bias on lora_B, merged into the base bias (not with DoRA or SVD-based inits)."""
     # -- options of trainable tokens and parameter targets go below this line --
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    """Token ids whose embedding rows train (the rest of the matrix stays frozen): a list for
+    the input embedding, or {embedding module name: ids}. A tied output layer follows them."""
+    target_parameters: list[str] | None = None
+    """nn.Parameter names (exact or dotted suffix, e.g. "mlp.experts.gate_up_proj") to adapt
+    directly: how transformers 5 MoE experts, stored as 3-D (experts, ., .) tensors, get LoRA.
+    On a 3-D parameter ``r`` is the rank of EACH expert (lora_A holds r * experts rows); PEFT's
+    guidance is rank_pattern {"experts.gate_up_proj": max(1, r // num_experts)} to keep the
+    budget of a dense layer. No dropout, DoRA, lora_bias or fan_in_fan_out there."""
 
     # -- options of the data-driven and quantization-aware inits go below this line --
+    loftq_config: dict = field(default_factory=dict)
+    """LoftQ settings (init_lora_weights: loftq): {loftq_bits: 2 | 4 | 8, loftq_iter: N}."""
+    lora_ga_config: dict | None = None
+    """LoRA-GA settings (init_lora_weights: lora_ga): direction ArB2r | A2rBr | ArBr | random,
+    scale stable | weight_svd | gd_scale | unit, stable_gamma (16)."""
+    eva_config: dict | None = None
+    """EVA settings (init_lora_weights: eva): rho, tau, use_label_mask, label_mask_value, whiten, adjust_scaling_factors."""
+    corda_config: dict | None = None
+    """CorDA settings (init_lora_weights: corda): corda_method ipm|kpm, cache_file, covariance_file, ..."""
 
     def problems(self) -> list[Problem]:
         out = super().problems()
@@ -102,12 +132,18 @@ class LoraConfig(AdapterConfig):
         out += check_rate("lora_dropout", self.lora_dropout)
         out += check_choice("bias", self.bias, BIAS_CHOICES)
         out += check_patterns(self)
+        out += _token_and_parameter_problems(self)
         init = self.init_lora_weights
         if not (isinstance(init, bool) or init in INIT_CHOICES or fn.parse_pissa_niter(init) is not None):
             shown = ", ".join(repr(c) for c in INIT_CHOICES)
             out.append(Problem("init_lora_weights", f"must be one of {shown}", init))
         elif init == "orthogonal" and isinstance(self.r, int) and self.r % 2:
             out.append(Problem("init_lora_weights", "'orthogonal' needs an even r", init, hint=f"r is {self.r}"))
+        out += eva_config_problems(init, self.eva_config) + corda_config_problems(init, self.corda_config)
+        out += loftq_config_problems(init, self.loftq_config) + lora_ga_config_problems(init, self.lora_ga_config)
+        if init == "mica" and self.use_dora is True:  # its B is frozen; DoRA is another variant
+            out.append(Problem("use_dora", "cannot be combined with init_lora_weights: mica", True,
+                               hint="set use_dora: false, or use another init"))
         if not isinstance(self.lora_bias, bool):
             out.append(Problem("lora_bias", "must be true or false", self.lora_bias))
         elif self.lora_bias and (self.use_dora or not isinstance(init, bool)):  # PEFT 0.21 refuses both
@@ -116,8 +152,58 @@ class LoraConfig(AdapterConfig):
         return out
 
 
+def _token_and_parameter_problems(config: LoraConfig) -> list[Problem]:
+    """trainable_token_indices and target_parameters: shapes of the values, and the options
+    PEFT 0.21 refuses beside them (its ParamWrapper has no dropout, DoRA, lora_bias or
+    fan_in_fan_out; AdaLoRA has neither option)."""
+    out: list[Problem] = []
+    tokens, params = config.trainable_token_indices, config.target_parameters
+    if config.peft_type != "LORA":
+        for key, value in (("trainable_token_indices", tokens), ("target_parameters", params)):
+            if value:
+                out.append(Problem(key, f"is not supported by {config.method} (only plain LoRA has it)", value,
+                                   hint=f"remove {key}, or use method: lora"))
+        return out
+
+    def bad_ids(ids: object) -> bool:
+        return not (isinstance(ids, list) and ids
+                    and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids))
+
+    if tokens is not None:
+        if isinstance(tokens, dict):
+            for name, ids in tokens.items():
+                if not isinstance(name, str) or not name:
+                    out.append(Problem("trainable_token_indices", "keys must be embedding module names", name))
+                elif bad_ids(ids):
+                    out.append(Problem(f"trainable_token_indices[{name!r}]", "must be a non-empty list of token ids >= 0",
+                                       ids, hint="e.g. [32000, 32001]"))
+            if not tokens:
+                out.append(Problem("trainable_token_indices", "is an empty mapping", tokens,
+                                   hint="give {embedding module: [token ids]}, or remove the key"))
+        elif bad_ids(tokens):
+            out.append(Problem("trainable_token_indices",
+                               "must be a non-empty list of token ids >= 0, or {embedding module: [ids]}", tokens,
+                               hint="e.g. [32000, 32001] for the input embedding"))
+        elif isinstance(tokens, list) and len(set(tokens)) != len(tokens):
+            out.append(Problem("trainable_token_indices", "lists a token id twice", tokens, hint="list each id once"))
+    if params is not None:
+        if isinstance(params, str) or not (isinstance(params, list) and all(isinstance(p, str) and p for p in params)):
+            out.append(Problem("target_parameters", "must be a list of parameter names (regexes are not supported, "
+                               "as in PEFT)", params, hint='e.g. ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]'))
+        elif params:
+            clashes = (("lora_dropout", bool(config.lora_dropout)), ("use_dora", config.use_dora is True),
+                       ("lora_bias", config.lora_bias is True), ("fan_in_fan_out", config.fan_in_fan_out is True))
+            for key, on in clashes:
+                if on:
+                    out.append(Problem(key, "cannot be combined with target_parameters (LoRA on an nn.Parameter "
+                                       "folds the update into the tensor; PEFT refuses it too)", getattr(config, key),
+                                       hint=f"remove {key}, or move these parameters to a separate adapter"))
+    return out
+
+
 class LoraLayer(AdapterLayer):
     supported_kinds = (LINEAR, HF_CONV1D, TORCH_CONV1D, CONV2D, CONV3D, EMBEDDING)
+    wraps_quantized = True  # bitsandbytes Linear4bit / Linear8bitLt: base run as is, A and B in float32
     adapter_attrs = (
         "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "lora_B_bias"
     )
@@ -141,6 +227,8 @@ class LoraLayer(AdapterLayer):
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
         self.lora_variant: dict[str, LoraVariant] = {}  # adapters with a variant (DoRA) only
+        self.base_rewrites: dict[str, dict[str, Tensor]] = {}
+        """Per adapter, how its init rewrote the base weight (``record_base_rewrite``)."""
 
     def extra_repr_for(self, name: str) -> str:
         dora = ", dora" if isinstance(self.lora_variant.get(name), DoraVariant) else ""
@@ -153,6 +241,13 @@ class LoraLayer(AdapterLayer):
 
     # ------------------------------------------------------------------ params
     def add(self, name: str, config: LoraConfig, r: int, alpha: float) -> None:
+        init = config.init_lora_weights
+        if self.quant_kind is not None and (init in QUANTIZED_REFUSES or fn.parse_pissa_niter(init) is not None):
+            raise TargetingError(
+                f"init_lora_weights={init!r} rewrites the base weight, which is bitsandbytes-quantized here "
+                f"({type(self.base_layer).__name__}); use init_lora_weights: true, gaussian or orthogonal with "
+                "model.quantization, or remove model.quantization (loftq quantizes a full-precision base itself)"
+            )
         if config.lora_bias and self.kind == EMBEDDING:
             raise TargetingError(
                 f"lora_bias is not supported on the embedding {self.base_layer} (PEFT refuses it too); "
@@ -190,13 +285,20 @@ class LoraLayer(AdapterLayer):
             self.lora_B[name] = self.new_param(self.out_features, r)
         if config.lora_bias:
             self.lora_B_bias[name] = self.new_param(self.out_features)
-        self._init(name, config.init_lora_weights)
+        self._init(name, config.init_lora_weights, config)
         if config.use_dora:
             self.lora_variant[name] = DoraVariant()
             self.lora_variant[name].init(self, name)
 
     @torch.no_grad()
-    def _init(self, name: str, init: bool | str) -> None:
+    def _init(self, name: str, init: bool | str, config: LoraConfig | None = None) -> None:
+        if init in ("mica", "loftq"):
+            return self._init_from_weight(name, init, config)
+        if init == "lora_ga" and self.kind not in (LINEAR, HF_CONV1D):  # PEFT's estimate skips them too
+            raise TargetingError(
+                f"init_lora_weights='lora_ga' supports Linear and GPT-2 Conv1D layers only, not "
+                f"{type(self.base_layer).__name__}; use init_lora_weights: true or exclude this module"
+            )
         if self.kind == EMBEDDING:
             a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
             nn.init.normal_(a) if init is False else nn.init.zeros_(a)
@@ -218,8 +320,16 @@ class LoraLayer(AdapterLayer):
                 fa, fb = fn.pissa_factors(weight, r, s, niter)
             a.copy_(fa)
             b.copy_(fb)
-            residual = weight.float() - s * (fb @ fa)
-            self.base_weight().data.copy_(self.to_raw(residual).to(weight.dtype))
+            self.base_weight().data.copy_(self.to_raw(fn.low_rank_residual(weight, fa, fb, s)))
+            self.record_base_rewrite(name, fa, fb)
+        elif init in ("eva", "corda"):  # a zero delta until the calibration pass sets A (and B, W)
+            if init == "corda" and a.dim() != 2:
+                raise TargetingError(
+                    f"init_lora_weights='corda' supports Linear and GPT-2 Conv1D layers only, not "
+                    f"{type(self.base_layer).__name__}; use init_lora_weights: true or exclude this module"
+                )
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.zeros_(b)
         elif init == "orthogonal":
             if a.dim() != 2:  # PEFT refuses it on convolutions too
                 raise TargetingError(
@@ -241,6 +351,57 @@ class LoraLayer(AdapterLayer):
         if name in self.lora_B_bias:  # as nn.Linear draws a bias for B's fan-in; zero for a zero delta
             bound = 1 / math.sqrt(b[0].numel()) if init is False else 0.0
             nn.init.uniform_(self.lora_B_bias[name], -bound, bound)
+
+    @torch.no_grad()
+    def _init_from_weight(self, name: str, init: str, config: LoraConfig | None) -> None:
+        """MiCA (B = minor left singular vectors of W, frozen; A = 0) and LoftQ (W <- its
+        dequantized values, A and B the low-rank fit of the quantization error)."""
+        weight = self.canonical_weight()
+        kinds = (LINEAR, HF_CONV1D, EMBEDDING) if init == "mica" else (LINEAR, HF_CONV1D)
+        if self.kind not in kinds:
+            shown = "Linear, GPT-2 Conv1D and Embedding" if init == "mica" else "Linear and GPT-2 Conv1D"
+            raise TargetingError(
+                f"init_lora_weights={init!r} supports {shown} layers only, not "
+                f"{type(self.base_layer).__name__}; use init_lora_weights: true or exclude this module"
+            )
+        a, b = self.factors(name)
+        r = self.r[name]
+        if init == "mica":
+            if r > min(weight.shape):
+                raise TargetingError(
+                    f"init_lora_weights='mica' needs r <= {min(weight.shape)} here (weight {tuple(weight.shape)}), "
+                    f"got r={r}; lower r (rank_pattern can set it for this module alone) or exclude this module"
+                )
+            fa, fb = fn.mica_factors(weight, r)
+            a.copy_(fa)
+            b.copy_(fb)
+            container = self.lora_embedding_B if self.kind == EMBEDDING else self.lora_B
+            container[name] = FrozenParameter(b.data)
+            return
+        settings = {"loftq_bits": 4, "loftq_iter": 1, **((config.loftq_config if config else None) or {})}
+        q, fa, fb = loftq_factors(weight, settings["loftq_bits"], r, settings["loftq_iter"])
+        a.copy_(fa)
+        b.copy_(fb)
+        self.base_weight().data.copy_(self.to_raw(q))
+        self.record_base_weight(name, self.base_weight())
+
+    # ------------------------------------------------ base weights an init rewrote
+    def record_base_rewrite(self, name: str, lora_a: Tensor, lora_b: Tensor) -> None:
+        """Note that adapter ``name``'s init set this layer's base weight to
+        ``fn.low_rank_residual(W, lora_a, lora_b, s)`` = W - s B0 A0 (PiSSA, OLoRA, CorDA,
+        LoRA-GA). Call it right after rewriting, with the A0 (r, in) and B0 (out, r) used.
+
+        With the record, the trained adapter can be saved relative to the original W
+        (rank 2r: [A; A0], [B, -B0]) and a resumed run can rebuild W - s B0 A0 bit for bit
+        without the init: see :mod:`lora_cli.adapters.base_rewrites`."""
+        self.base_rewrites[name] = {"lora_A": lora_a.detach().to("cpu", copy=True),
+                                    "lora_B": lora_b.detach().to("cpu", copy=True)}
+
+    def record_base_weight(self, name: str, weight: Tensor) -> None:
+        """Note that adapter ``name``'s init replaced this layer's base weight by ``weight``
+        (as stored, e.g. (in, out) for GPT-2's Conv1D), a change that is not low rank (LoftQ's
+        dequantized weights): saving then writes the weight itself beside the adapter."""
+        self.base_rewrites[name] = {"weight": weight.detach().to("cpu", copy=True)}
 
     # -------------------------------------------------------------------- math
     def factors(self, name: str) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,140 @@
+"""LoftQ (Li et al., arXiv:2310.08659): a quantized base plus a low-rank start that absorbs
+the quantization error. Torch only; runs on a CPU.
+
+    Q_0 = quant(W);  for t = 1..T:  L R = rank-r SVD of (W - Q_{t-1});  Q_t = quant(W - L R)
+    base <- dequant(Q_T),  B = L (out, r),  A = R (r, in)
+
+(the last iteration keeps its quantized weight and fits L R to W - Q_T). The factors are
+set as they are, without dividing by the LoRA scaling, as PEFT does: with lora_alpha = r
+the adapted layer starts at Q + B A ~ W.
+
+Quantizers, chosen by ``loftq_bits``:
+
+- 4: NF4 (QLoRA's NormalFloat, arXiv:2305.14314) over blocks of 64 consecutive values of the
+  flattened weight, each scaled by its absolute maximum, every value rounded to the nearest
+  of the 16 levels below: what bitsandbytes' ``quantize_4bit(quant_type="nf4")`` and PEFT
+  0.21's LoftQ do;
+- 2: NF2, the same scheme with 4 levels from the normal quantiles, as PEFT's own torch
+  quantizer did up to 0.19 (bitsandbytes has no 2-bit type, PEFT 0.20+ dropped it);
+- 8: LLM.int8()'s row-wise absmax int8 (round(W * 127 / max|row|)) computed from W in
+  float16, as bitsandbytes' ``Int8Params`` (PEFT 0.21's 8-bit LoftQ) does.
+
+The adapter's base weights become the dequantized values (they are what a quantized base
+would compute with): a run records them so that it reloads on the original base (see
+:mod:`lora_cli.adapters.base_rewrites`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lora_cli.errors import Problem
+
+LOFTQ_BITS = (2, 4, 8)
+BLOCK_SIZE = 64
+
+NF4_LEVELS = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+)
+"""The 16 NormalFloat-4 levels (QLoRA, appendix E; bitsandbytes' ``nf4`` code table)."""
+
+
+def normal_float_levels(bits: int, offset: float = 0.9677083) -> Tensor:
+    """2**bits NormalFloat levels in [-1, 1]: normal quantiles between 1 - offset and offset,
+    2**(bits-1) negative and 2**(bits-1) - 1 positive ones plus an exact zero, normalised
+    by the largest. NF4 is the table above; NF2 is [-1, 0, 0.3379, 1]."""
+    if bits == 4:
+        return torch.tensor(NF4_LEVELS, dtype=torch.float32)
+    half = 2**bits // 2
+    pos = torch.special.ndtri(torch.linspace(offset, 0.5, half + 1, dtype=torch.float32)[:-1].double())
+    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, half, dtype=torch.float32)[:-1].double())
+    levels = torch.tensor(pos.tolist() + [0.0] + neg.tolist(), dtype=torch.float32).sort().values
+    return levels / levels.max()
+
+
+def nf_dequantized(weight: Tensor, bits: int, block_size: int = BLOCK_SIZE) -> Tensor:
+    """quant-then-dequant of ``weight`` with blockwise NormalFloat: float32, same shape.
+
+    Values are taken in row-major order in blocks of ``block_size``; a short last block is
+    scaled by its own maximum (as bitsandbytes does).
+    """
+    levels = normal_float_levels(bits).to(weight.device)
+    bounds = (levels[1:] + levels[:-1]) / 2  # a value goes to the nearest level
+    flat = weight.reshape(-1).float()
+    n = flat.numel()
+    full = n - n % block_size
+    parts = [flat[:full].reshape(-1, block_size)] + ([flat[full:].reshape(1, -1)] if full < n else [])
+    out = []
+    for blocks in parts:
+        absmax = blocks.abs().max(dim=-1).values
+        scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38)).view(-1, 1), -1, 1)
+        index = torch.bucketize(scaled, bounds)
+        out.append((levels[index] * absmax.view(-1, 1)).reshape(-1))
+    return torch.cat(out).reshape(weight.shape)
+
+
+def int8_dequantized(weight: Tensor) -> Tensor:
+    """Row-wise absmax int8 quant-then-dequant (LLM.int8(), from W in float16): float32."""
+    half = weight.to(torch.float16)
+    absmax = half.abs().max(dim=1).values.float()
+    q = torch.round(half * (127.0 / absmax.unsqueeze(-1))).to(torch.int8)
+    return q * absmax.view(-1, 1) * 7.874015718698502e-3  # 1 / 127, as bitsandbytes writes it
+
+
+def dequantized(weight: Tensor, bits: int) -> Tensor:
+    """What a ``bits``-bit LoftQ base computes with in place of ``weight`` (float32)."""
+    if bits == 8:
+        return int8_dequantized(weight)
+    if bits in (2, 4):
+        return nf_dequantized(weight, bits)
+    raise ValueError(f"loftq_bits must be one of {LOFTQ_BITS}, got {bits!r}")
+
+
+@torch.no_grad()
+def loftq_factors(weight: Tensor, bits: int, r: int, num_iter: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    """LoftQ's alternating fit of W (out, in): (dequantized base (W's dtype), A (r, in), B (out, r)).
+
+    The rank-r fit is the truncated SVD, split evenly: B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T.
+    """
+    if num_iter < 1:
+        raise ValueError(f"loftq_iter must be >= 1, got {num_iter}")
+    w = weight.float()
+    residual = w
+    for step in range(num_iter):
+        q = dequantized(residual, bits)
+        u, s, vh = torch.linalg.svd(w - q, full_matrices=False)
+        root = torch.sqrt(s[:r])
+        b, a = u[:, :r] * root, root[:, None] * vh[:r]
+        if step + 1 < num_iter:
+            residual = w - b @ a
+    return q.to(weight.dtype), a, b
+
+
+def loftq_config_problems(init: Any, loftq_config: Any) -> list[Problem]:
+    """What is wrong with ``loftq_config`` for init ``init`` (PEFT's LoftQConfig fields)."""
+    example = "loftq_config: {loftq_bits: 4, loftq_iter: 1}"
+    if init != "loftq":
+        if loftq_config:
+            return [Problem("loftq_config", "only has an effect with init_lora_weights: loftq", loftq_config,
+                            hint="remove loftq_config, or set init_lora_weights: loftq")]
+        return []
+    if not isinstance(loftq_config, dict) or not loftq_config:
+        return [Problem("loftq_config", "is required with init_lora_weights: loftq", loftq_config, hint=f"e.g. {example}")]
+    out = []
+    unknown = sorted(set(loftq_config) - {"loftq_bits", "loftq_iter"})
+    if unknown:
+        out.append(Problem("loftq_config", f"has unknown key(s) {', '.join(map(str, unknown))}", loftq_config,
+                           hint="its keys are loftq_bits (2, 4 or 8) and loftq_iter (>= 1)"))
+    bits = loftq_config.get("loftq_bits", 4)
+    if isinstance(bits, bool) or bits not in LOFTQ_BITS:
+        out.append(Problem("loftq_config", "loftq_bits must be 2, 4 or 8", bits, hint="4 (NF4) is LoftQ's usual choice"))
+    iters = loftq_config.get("loftq_iter", 1)
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        out.append(Problem("loftq_config", "loftq_iter must be an integer >= 1", iters, hint="1 to 5 alternating steps"))
+    return out

@@ -1,0 +1,166 @@
+"""Quantized base layers (QLoRA): bitsandbytes' ``Linear4bit`` and ``Linear8bitLt``.
+
+    y = Q(W) x + s * B (A x)         Q(W): the frozen 4-bit (NF4 / FP4) or int8 weight, run by bitsandbytes
+                                     A, B: float32 adapter factors; their output is cast to the base's dtype
+
+Both bitsandbytes classes subclass ``nn.Linear``, so :func:`~lora_cli.adapters.layers.layer_kind`
+calls them linear; this module tells them apart and reads their weights as floats:
+
+* :func:`quant_kind` / :func:`is_quantized`: which kind of quantized layer a module is
+  (matched by class and module name: the engine never needs bitsandbytes to be installed
+  to inspect a model, only to dequantize one).
+* :func:`dequantize_weight`: the layer's weight as a float32 (out, in) tensor: NF4/FP4
+  blocks (and double-quantized statistics) through ``bitsandbytes.functional.dequantize_4bit``,
+  int8 rows times their absmax / 127.
+* :func:`dequantize_model`: every quantized linear of a model replaced by an ``nn.Linear``
+  holding the dequantized weight (adapter wrappers keep their adapters), and transformers'
+  quantization marks removed, so that the model merges, casts and saves as a plain one.
+
+A quantized weight is never written in place: merging an adapter into it would
+re-quantize ``W + dW``, which loses most of the update and cannot be undone exactly.
+``loracli merge`` dequantizes first and writes a full-precision model instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import sys
+
+import torch
+from torch import Tensor, nn
+
+BNB_4BIT, BNB_8BIT = "bnb_4bit", "bnb_8bit"
+_CLASSES = {"Linear4bit": BNB_4BIT, "Linear8bitLt": BNB_8BIT}
+_INSTALL = "pip install 'loracli[quant]'"
+
+
+def quant_kind(module: nn.Module) -> str | None:
+    """``"bnb_4bit"``, ``"bnb_8bit"``, or None for a layer that is not bitsandbytes-quantized."""
+    for cls in type(module).__mro__:
+        kind = _CLASSES.get(cls.__name__)
+        if kind is not None and cls.__module__.split(".")[0] == "bitsandbytes":
+            return kind
+    return None
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return quant_kind(module) is not None
+
+
+def _bnb():
+    try:
+        import bitsandbytes
+    except ImportError as exc:  # the model holds bitsandbytes layers, so this is unusual
+        raise ImportError(f"dequantizing a bitsandbytes layer needs the bitsandbytes package: {_INSTALL}") from exc
+    return bitsandbytes
+
+
+def dequantize_weight(module: nn.Module) -> Tensor:
+    """The float32 (out, in) weight a quantized linear computes with."""
+    kind = quant_kind(module)
+    weight = module.weight
+    if kind == BNB_4BIT:
+        state = getattr(weight, "quant_state", None)
+        if state is None:  # a Params4bit not quantized yet (still on the meta / original device)
+            return weight.data.float()
+        return _bnb().functional.dequantize_4bit(weight.data, state).float()
+    if kind == BNB_8BIT:
+        if weight.dtype != torch.int8:  # has_fp16_weights=True keeps a float copy
+            return weight.data.float()
+        scb = getattr(module.state, "SCB", None)
+        if scb is None:
+            scb = getattr(weight, "SCB", None)
+        if scb is None:
+            raise ValueError(f"the int8 layer {module} has no scale statistics (SCB); it was never quantized")
+        return weight.data.float() * (scb.float().view(-1, 1) / 127.0)
+    raise TypeError(f"{type(module).__name__} is not a bitsandbytes quantized layer")
+
+
+def plain_linear(module: nn.Module, dtype=None) -> nn.Linear:
+    """An ``nn.Linear`` with ``module``'s dequantized weight (and its bias), on its device."""
+    weight = dequantize_weight(module)
+    dtype = dtype or weight.dtype
+    bias = getattr(module, "bias", None)
+    linear = nn.Linear(module.in_features, module.out_features, bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=bias.requires_grad)
+    return linear
+
+
+def quantized_paths(model: nn.Module) -> list[str]:
+    """Module paths of every bitsandbytes-quantized linear in ``model``."""
+    return [path for path, module in model.named_modules() if is_quantized(module)]
+
+
+def dequantize_model(model: nn.Module, dtype=None) -> list[str]:
+    """Replace every quantized linear by a plain one, in place; returns their paths.
+
+    Adapter wrappers stay: their ``base_layer`` is replaced, so the adapters run (and merge)
+    on the dequantized weight. A transformers model loses its quantization marks
+    (``hf_quantizer``, ``config.quantization_config``, ``is_quantized``), so that
+    ``save_pretrained`` writes a plain full-precision model.
+    """
+    paths = quantized_paths(model)
+    for path in paths:
+        model.set_submodule(path, plain_linear(model.get_submodule(path), dtype))
+    if paths:
+        for target in (model, getattr(model, "base_model", None)):
+            if target is None or not isinstance(target, nn.Module):
+                continue
+            for attr in ("hf_quantizer", "quantization_method", "_weight_conversions"):
+                if attr in vars(target):
+                    delattr(target, attr)
+            config = getattr(target, "config", None)
+            if config is not None and hasattr(config, "quantization_config"):
+                delattr(config, "quantization_config")
+            if getattr(target, "is_quantized", False):
+                with contextlib.suppress(AttributeError):  # a read-only property reads hf_quantizer, gone now
+                    target.is_quantized = False
+    return paths
+
+
+# ------------------------------------------------------------------ can this machine run it
+_PROBED: dict[int, tuple[str, str] | None] = {}
+
+
+def backend_refusal(bits: int) -> tuple[str, str] | None:
+    """(what is wrong, the fix) when this machine cannot run ``bits``-bit bitsandbytes layers, else None.
+
+    Without a CUDA GPU it runs a 4-bit (or 8-bit) layer on a tiny tensor once per process:
+    bitsandbytes releases with a CPU backend pass, older ones (CUDA only) fail here, before
+    any model is loaded.
+    """
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return ("needs the bitsandbytes package, which is not installed",
+                f"{_INSTALL} (or remove model.quantization)")
+    if torch.cuda.is_available():
+        return None
+    if bits not in _PROBED:
+        _PROBED[bits] = _probe_cpu(bits)
+    return _PROBED[bits]
+
+
+def _probe_cpu(bits: int) -> tuple[str, str] | None:
+    try:
+        import bitsandbytes as bnb
+
+        weight = torch.linspace(-1, 1, 8 * 64).reshape(8, 64)
+        x = torch.ones(2, 64)
+        if bits == 4:
+            layer = bnb.nn.Linear4bit(64, 8, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+            layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+        else:
+            layer = bnb.nn.Linear8bitLt(64, 8, bias=False, has_fp16_weights=False)
+            layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+        layer.to("cpu")(x)
+    except Exception as exc:  # any failure means: no usable CPU path in this install
+        version = getattr(sys.modules.get("bitsandbytes"), "__version__", "?")
+        return (
+            f"needs a CUDA GPU: this machine has none, and bitsandbytes {version} cannot run {bits}-bit layers "
+            f"on the CPU ({type(exc).__name__}: {str(exc)[:120]})",
+            "run on a machine with a CUDA GPU, or upgrade bitsandbytes (0.50 runs 4-bit and 8-bit layers on "
+            "the CPU: pip install -U 'loracli[quant]'), or remove model.quantization",
+        )
+    return None

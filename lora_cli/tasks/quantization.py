@@ -1,0 +1,108 @@
+"""``model.quantization``: every task's base model loaded through transformers' ``BitsAndBytesConfig``.
+
+    model:
+      name_or_path: ./my-llama
+      quantization: {bits: 4, quant_type: nf4, double_quant: true, compute_dtype: bfloat16}
+
+The frozen base linears become bitsandbytes ``Linear4bit`` (NF4 / FP4 blocks, QLoRA) or
+``Linear8bitLt`` (LLM.int8); the engine's LoRA wraps them (lora_cli/adapters/quantized.py).
+Heads the task trains in full (``classifier``, ``score``, ...) and ``lm_head`` stay in full
+precision: a quantized head could not train.
+
+A model built from ``model.config`` has no checkpoint to quantize while loading: it is built
+with random weights, saved to a temporary folder and loaded back through the same
+``from_pretrained`` path, so both kinds of recipe quantize identically. A run's saved
+``base_model/`` (the full-precision random base) loads quantized the same way.
+
+Where it runs: with a CUDA GPU, the model goes to the current (or LOCAL_RANK's) GPU; without
+one, on the CPU, which bitsandbytes releases with a CPU backend (0.50: 4-bit NF4/FP4 with
+any compute dtype, double quantization, 8-bit) support. The recipe check refuses a machine
+that can run neither before anything loads; :func:`require_backend` repeats it for callers
+that skip the recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_cli.adapters.quantized import backend_refusal
+from lora_cli.errors import UserInputError
+from lora_cli.hf_names import CLASSIFICATION_HEADS
+from lora_cli.recipe import ModelSection
+
+KEEP_FULL_PRECISION = (*CLASSIFICATION_HEADS, "lm_head")
+"""Modules never quantized: trained heads and the LM head (transformers skips lm_head by default too)."""
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def require_backend(bits: int) -> None:
+    """Raise :class:`UserInputError` naming ``model.quantization`` when bitsandbytes cannot run here."""
+    refusal = backend_refusal(bits)
+    if refusal is not None:
+        raise UserInputError(f"model.quantization: {refusal[0]}; {refusal[1]}")
+
+
+def bnb_config(model_cfg: ModelSection):
+    """The section as a transformers ``BitsAndBytesConfig``, or None when the recipe has none."""
+    quant = model_cfg.quantization
+    if quant is None:
+        return None
+    require_backend(quant.bits)
+    from transformers import BitsAndBytesConfig
+
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(KEEP_FULL_PRECISION))
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
+        llm_int8_skip_modules=list(KEEP_FULL_PRECISION),
+    )
+
+
+def device_map() -> dict[str, Any]:
+    """Where a quantized model loads: this process's GPU (LOCAL_RANK under torchrun), else the CPU."""
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
+    return {"": "cpu"}
+
+
+def load_kwargs(model_cfg: ModelSection, source: str | Path | None = None) -> dict[str, Any]:
+    """Extra ``from_pretrained`` keyword arguments: none without ``model.quantization``.
+
+    ``source``: a run's saved ``base_model/``. A quantized run saves its base quantized, and
+    that folder's own ``quantization_config`` then decides (the same settings, from the recipe).
+    """
+    config = bnb_config(model_cfg)
+    if config is None:
+        return {}
+    if source is not None and _saved_quantized(Path(source)):
+        return {"device_map": device_map()}
+    return {"quantization_config": config, "device_map": device_map()}
+
+
+def _saved_quantized(folder: Path) -> bool:
+    try:
+        return "quantization_config" in json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+def from_config(auto_cls, config, model_cfg: ModelSection):
+    """A random-init ``auto_cls`` model from ``config``, quantized when the recipe asks for it."""
+    model = auto_cls.from_config(config)
+    kwargs = load_kwargs(model_cfg)
+    if not kwargs:
+        return model
+    with tempfile.TemporaryDirectory(prefix="loracli-quantize-") as tmp:
+        model.save_pretrained(tmp)
+        del model
+        return auto_cls.from_pretrained(tmp, **kwargs)
