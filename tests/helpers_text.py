@@ -196,3 +196,18 @@ def assert_merge_and_peft_agree(run, auto_cls, batch, atol: float = 1e-5) -> tor
     theirs = peft.PeftModel.from_pretrained(auto_cls.from_pretrained(base_dir), Path(run.run_dir) / "adapter").eval()
     torch.testing.assert_close(logits_of(theirs, batch), ours, atol=atol, rtol=1e-4)
     return ours
+
+
+def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Run ``loracli ARGS`` in this process: (exit code, stdout, stderr)."""
+    import sys
+
+    import pytest
+
+    from lora_cli.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["loracli", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out, out.err

@@ -341,3 +341,30 @@ def check_patterns(config: AdapterConfig, rank_field: str = "r") -> list[Problem
         for key, value in config.alpha_pattern.items():
             out += check_number(f"alpha_pattern[{key!r}]", value)
     return out
+
+
+def check_init_settings(
+    field: str, value: Any, *, init: Any, wanted: str, known: Any, label: str, example: str, required: bool = False
+) -> tuple[list[Problem], dict[str, Any]]:
+    """What every start's settings mapping (``eva_config``, ``corda_config``, ``loftq_config``,
+    ``lora_ga_config``) shares: it is given only with its ``init_lora_weights``, it is a
+    mapping, its keys are known. Returns the problems and the known entries, whose values the
+    caller then checks (so every problem is reported at once)."""
+    keys = ", ".join(known)
+    if init != wanted:
+        if value:
+            shown = "{...}" if isinstance(value, dict) else value
+            hint = f"remove {field}, or set init_lora_weights: {wanted} (it is {init!r})"
+            return [Problem(field, f"is only used with init_lora_weights: {wanted}", shown, hint=hint)], {}
+        return [], {}
+    if value is None or (required and value == {}):
+        problem = Problem(field, f"is required with init_lora_weights: {wanted}", value, hint=f"e.g. {example}")
+        return ([problem] if required else []), {}
+    if not isinstance(value, dict):
+        return [Problem(field, f"must be a mapping of {label} settings", value, hint=f"e.g. {example}; keys: {keys}")], {}
+    problems = [
+        Problem(f"{field}.{key}", f"is not among the {label} settings", item, hint=f"{label} settings are: {keys}")
+        for key, item in value.items()
+        if key not in known
+    ]
+    return problems, {key: item for key, item in value.items() if key in known}

@@ -27,13 +27,14 @@ unpadded sample per forward, which this matches exactly.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lora_cli.adapters.config import check_init_settings
 from lora_cli.adapters.eva import (
     Forward,
     calibrated_layers,
@@ -57,20 +58,11 @@ _BOOLS = ("verbose", "use_float16_for_covariance", "prune_temporary_fields")
 
 def corda_config_problems(init: Any, corda_config: Any) -> list[Problem]:
     """Problems of ``corda_config`` (a mapping with CordaConfig's fields) for ``init_lora_weights``."""
-    if corda_config is None:
-        return []
-    if init != "corda":
-        return [Problem("corda_config", "is only used with init_lora_weights: corda", "{...}",
-                        hint=f"remove corda_config, or set init_lora_weights: corda (it is {init!r})")]
-    if not isinstance(corda_config, Mapping):
-        return [Problem("corda_config", "must be a mapping of CorDA settings", corda_config,
-                        hint=f"e.g. {{corda_method: kpm}}; keys: {', '.join(CORDA_DEFAULTS)}")]
-    out = []
-    for key, value in corda_config.items():
+    out, known = check_init_settings("corda_config", corda_config, init=init, wanted="corda", known=CORDA_DEFAULTS,
+                                     label="CorDA", example="{corda_method: kpm}")
+    for key, value in known.items():
         where = f"corda_config.{key}"
-        if key not in CORDA_DEFAULTS:
-            out.append(Problem(where, "is not a CorDA setting", value, hint=f"CorDA settings are: {', '.join(CORDA_DEFAULTS)}"))
-        elif key == "corda_method" and value not in ("ipm", "kpm"):
+        if key == "corda_method" and value not in ("ipm", "kpm"):
             out.append(Problem(where, "must be 'ipm' or 'kpm'", value,
                                hint="ipm adapts the directions the data uses most; kpm keeps them and adapts the least used"))
         elif key in _BOOLS and not isinstance(value, bool):

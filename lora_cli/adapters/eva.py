@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lora_cli.adapters.config import check_init_settings
 from lora_cli.adapters.layers import HF_CONV1D, LINEAR
 from lora_cli.adapters.model import rank_and_alpha
 from lora_cli.errors import LoraCliError, Problem, UserInputError
@@ -55,20 +56,11 @@ Forward = Callable[[nn.Module, Any], Any]
 # ------------------------------------------------------------------ config checks
 def eva_config_problems(init: Any, eva_config: Any) -> list[Problem]:
     """Problems of ``eva_config`` (a mapping with EvaConfig's fields) for ``init_lora_weights``."""
-    if eva_config is None:
-        return []
-    if init != "eva":
-        return [Problem("eva_config", "is only used with init_lora_weights: eva", "{...}",
-                        hint=f"remove eva_config, or set init_lora_weights: eva (it is {init!r})")]
-    if not isinstance(eva_config, Mapping):
-        return [Problem("eva_config", "must be a mapping of EVA settings", eva_config,
-                        hint=f"e.g. {{rho: 2.0, tau: 0.99}}; keys: {', '.join(EVA_DEFAULTS)}")]
-    out = []
-    for key, value in eva_config.items():
+    out, known = check_init_settings("eva_config", eva_config, init=init, wanted="eva", known=EVA_DEFAULTS,
+                                     label="EVA", example="{rho: 2.0, tau: 0.99}")
+    for key, value in known.items():
         where = f"eva_config.{key}"
-        if key not in EVA_DEFAULTS:
-            out.append(Problem(where, "is not an EVA setting", value, hint=f"EVA settings are: {', '.join(EVA_DEFAULTS)}"))
-        elif key in ("use_label_mask", "whiten", "adjust_scaling_factors") and not isinstance(value, bool):
+        if key in ("use_label_mask", "whiten", "adjust_scaling_factors") and not isinstance(value, bool):
             out.append(Problem(where, "must be true or false", value))
         elif key == "label_mask_value" and (isinstance(value, bool) or not isinstance(value, int)):
             out.append(Problem(where, "must be an integer (the label of ignored tokens)", value))

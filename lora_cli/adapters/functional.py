@@ -113,6 +113,20 @@ def olora_factors(weight: Tensor, r: int) -> tuple[Tensor, Tensor]:
     return rr[:r].contiguous(), q[:, :r].contiguous()
 
 
+@torch.no_grad()
+def random_init(a: Tensor, b: Tensor, init: bool | str, r: int) -> None:
+    """The random starts, in place: A kaiming-uniform (``"gaussian"``: normal, std 1/r); B zero,
+    or kaiming-uniform too for ``init=False`` (a non-zero update from the first step)."""
+    if init == "gaussian":
+        nn.init.normal_(a, std=1 / r)
+    else:
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    if init is False:
+        nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+    else:
+        nn.init.zeros_(b)
+
+
 def orthogonal_factors(in_features: int, out_features: int, r: int, generator=None) -> tuple[Tensor, Tensor]:
     """Non-zero A and B with B @ A = 0: they draw from orthogonal halves of one basis.
 

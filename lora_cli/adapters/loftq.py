@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lora_cli.adapters.config import check_init_settings
 from lora_cli.errors import Problem
 
 LOFTQ_BITS = (2, 4, 8)
@@ -119,18 +120,11 @@ def loftq_factors(weight: Tensor, bits: int, r: int, num_iter: int = 1) -> tuple
 def loftq_config_problems(init: Any, loftq_config: Any) -> list[Problem]:
     """What is wrong with ``loftq_config`` for init ``init`` (PEFT's LoftQConfig fields)."""
     example = "loftq_config: {loftq_bits: 4, loftq_iter: 1}"
-    if init != "loftq":
-        if loftq_config:
-            return [Problem("loftq_config", "only has an effect with init_lora_weights: loftq", loftq_config,
-                            hint="remove loftq_config, or set init_lora_weights: loftq")]
-        return []
-    if not isinstance(loftq_config, dict) or not loftq_config:
-        return [Problem("loftq_config", "is required with init_lora_weights: loftq", loftq_config, hint=f"e.g. {example}")]
-    out = []
-    unknown = sorted(set(loftq_config) - {"loftq_bits", "loftq_iter"})
-    if unknown:
-        out.append(Problem("loftq_config", f"has unknown key(s) {', '.join(map(str, unknown))}", loftq_config,
-                           hint="its keys are loftq_bits (2, 4 or 8) and loftq_iter (>= 1)"))
+    out, known = check_init_settings("loftq_config", loftq_config, init=init, wanted="loftq",
+                                     known=("loftq_bits", "loftq_iter"), label="LoftQ", example=example, required=True)
+    if not known:
+        return out
+    loftq_config = known
     bits = loftq_config.get("loftq_bits", 4)
     if isinstance(bits, bool) or bits not in LOFTQ_BITS:
         out.append(Problem("loftq_config", "loftq_bits must be 2, 4 or 8", bits, hint="4 (NF4) is LoftQ's usual choice"))

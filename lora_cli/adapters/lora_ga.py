@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from lora_cli.adapters import functional as fn
+from lora_cli.adapters.config import check_init_settings
 from lora_cli.errors import Problem, UserInputError
 
 LORA_GA_DEFAULTS = {"direction": "ArB2r", "scale": "stable", "stable_gamma": 16}
@@ -31,20 +32,11 @@ LORA_GA_DEFAULTS = {"direction": "ArB2r", "scale": "stable", "stable_gamma": 16}
 
 def lora_ga_config_problems(init: Any, config: Any) -> list[Problem]:
     """What is wrong with ``lora_ga_config`` (PEFT's LoraGAConfig fields) for init ``init``."""
-    if init != "lora_ga":
-        if config:
-            return [Problem("lora_ga_config", "only has an effect with init_lora_weights: lora_ga", config,
-                            hint="remove lora_ga_config, or set init_lora_weights: lora_ga")]
-        return []
-    if config is None:
-        return []  # PEFT's defaults: direction ArB2r, scale stable, stable_gamma 16
-    if not isinstance(config, dict):
-        return [Problem("lora_ga_config", "must be a mapping", config, hint="e.g. {direction: ArB2r, scale: stable}")]
-    out = []
-    unknown = sorted(set(config) - set(LORA_GA_DEFAULTS))
-    if unknown:
-        out.append(Problem("lora_ga_config", f"has unknown key(s) {', '.join(map(str, unknown))}", config,
-                           hint=f"its keys are {', '.join(LORA_GA_DEFAULTS)}"))
+    out, known = check_init_settings("lora_ga_config", config, init=init, wanted="lora_ga", known=LORA_GA_DEFAULTS,
+                                     label="LoRA-GA", example="{direction: ArB2r, scale: stable}")
+    if not known:  # absent: PEFT's defaults (direction ArB2r, scale stable, stable_gamma 16)
+        return out
+    config = known
     for key, choices in (("direction", fn.LORA_GA_DIRECTIONS), ("scale", fn.LORA_GA_SCALES)):
         if key in config and config[key] not in choices:
             out.append(Problem("lora_ga_config", f"{key} must be one of {', '.join(choices)}", config[key]))

@@ -33,7 +33,7 @@ from lora_cli.adapters.config import AdapterConfig, check_positive_int
 from lora_cli.adapters.layers import ModulesToSaveWrapper
 from lora_cli.adapters.model import AdapterModel
 from lora_cli.adapters.registry import get_method
-from lora_cli.adapters.state import save_adapter_files
+from lora_cli.adapters.state import fit_problems, save_adapter_files
 from lora_cli.adapters.targeting import module_aliases, resolve_modules_to_save
 from lora_cli.errors import AdapterStateError, Problem, UserInputError
 
@@ -438,13 +438,7 @@ class PromptLearningModel(AdapterModel):
             target.data.copy_(tensor.to(dtype=target.dtype, device=target.device))
             seen.add(id(target))
         missing = [k for k, v in live.items() if id(v) not in seen]
-        problems = []
-        if mismatched:
-            problems.append("shape mismatch: " + "; ".join(mismatched[:5]))
-        if missing:
-            problems.append(f"missing {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}")
-        if unexpected:
-            problems.append(f"{len(unexpected)} tensor(s) fit nothing, e.g. {', '.join(unexpected[:3])}")
+        problems = fit_problems(mismatched, missing, unexpected)
         if problems:
             raise AdapterStateError(
                 f"the {self._method.name} adapter does not fit this model ({'; '.join(problems)}); was it trained on a "

@@ -136,13 +136,7 @@ class AdapterStateMixin:
             target.data.copy_(tensor.to(dtype=target.dtype, device=target.device))
             seen.add(key)
         missing = [k for k in live if k not in seen and not k.endswith("bias")]
-        problems = []
-        if mismatched:
-            problems.append("shape mismatch: " + "; ".join(mismatched[:5]))
-        if missing:
-            problems.append(f"missing {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}")
-        if unexpected:
-            problems.append(f"{len(unexpected)} tensor(s) fit no module, e.g. {', '.join(unexpected[:3])}")
+        problems = fit_problems(mismatched, missing, unexpected)
         if problems:
             raise AdapterStateError(
                 f"the adapter does not fit this model ({'; '.join(problems)}); "
@@ -241,6 +235,18 @@ class AdapterStateMixin:
         if method_state is not None:
             method_state.before_load(self.peft_config[adapter_name])
         self.load_adapter_state_dict(state, adapter_name)
+
+
+def fit_problems(mismatched: list[str], missing: list[str], unexpected: list[str]) -> list[str]:
+    """How a file's tensors fail to fit a model, for one error message (a few examples each)."""
+    problems = []
+    if mismatched:
+        problems.append("shape mismatch: " + "; ".join(mismatched[:5]))
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensor(s) fit no module, e.g. {', '.join(unexpected[:3])}")
+    return problems
 
 
 def _portable_patterns(pattern: dict[str, Any], paths: list[str], aliases: dict[str, str]) -> dict[str, Any]:

@@ -144,7 +144,7 @@ def test_corda_refuses_convolutions():
     [
         ({"corda_method": "xpm"}, r"corda_method.*'ipm' or 'kpm'"),
         ({"verbose": 1}, r"verbose.*true or false"),
-        ({"cache": "x"}, r"cache.*not a CorDA setting"),
+        ({"cache": "x"}, r"cache.*not among the CorDA settings"),
     ],
 )
 def test_bad_corda_config_is_refused(corda, match):

@@ -190,7 +190,7 @@ def test_incremental_svd_matches_a_full_svd_of_all_rows():
         ({"rho": 0.5}, r"rho.*>= 1\.0"),
         ({"tau": 1.5}, r"tau.*between 0\.0 and 1\.0"),
         ({"whiten": "yes"}, r"whiten.*true or false"),
-        ({"rhoo": 2}, r"rhoo.*not an EVA setting.*rho"),
+        ({"rhoo": 2}, r"rhoo.*not among the EVA settings.*rho"),
     ],
 )
 def test_bad_eva_config_is_refused(eva, match):

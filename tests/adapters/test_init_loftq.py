@@ -164,7 +164,7 @@ def test_config_problems():
         LoraConfig(init_lora_weights="loftq")
     with pytest.raises(AdapterConfigError, match="loftq_bits"):
         LoraConfig(init_lora_weights="loftq", loftq_config={"loftq_bits": 3, "loftq_iter": 1})
-    with pytest.raises(AdapterConfigError, match="only has an effect"):
+    with pytest.raises(AdapterConfigError, match="only used with init_lora_weights"):
         LoraConfig(loftq_config={"loftq_bits": 4})
 
 

@@ -138,7 +138,7 @@ def test_converted_adapter_loads_in_peft_on_the_original_base(tmp_path):
 def test_bad_input():
     with pytest.raises(AdapterConfigError, match="direction"):
         LoraConfig(init_lora_weights="lora_ga", lora_ga_config={"direction": "sideways"})
-    with pytest.raises(AdapterConfigError, match="only has an effect"):
+    with pytest.raises(AdapterConfigError, match="only used with init_lora_weights"):
         LoraConfig(lora_ga_config={"scale": "unit"})
     plain = get_adapter_model(tiny_vit(), LoraConfig(r=4, target_modules=["q_proj"]))
     with pytest.raises(UserInputError, match="lora_ga"):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import warnings
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from lora_cli.inference.loading import load_run
 from lora_cli.training.pipeline import run_training
 from tests.helpers_text import (
     TINY_CONFIGS,
+    cli,
     eval_batch,
     logits_of,
     make_tokenizer,
@@ -35,16 +35,6 @@ from tests.helpers_text import (
 
 P_TUNING = {"method": "p_tuning", "num_virtual_tokens": 4, "encoder_hidden_size": 16}
 TRAINING = {"learning_rate": 3e-2, "max_steps": 6}
-
-
-def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    from lora_cli.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["loracli", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    out = capsys.readouterr()
-    return exit_info.value.code, out.out, out.err
 
 
 def p_tuning_recipe(path: Path, adapter: dict | None = None, **kwargs) -> Path:

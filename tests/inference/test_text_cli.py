@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from lora_cli.inference.loading import load_run
 from lora_cli.training.pipeline import run_training
 from tests.helpers_text import (
     TINY_CONFIGS,
+    cli,
     logits_of,
     make_tokenizer,
     prompt_rows,
@@ -22,16 +22,6 @@ from tests.helpers_text import (
     write_jsonl,
     write_recipe,
 )
-
-
-def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    from lora_cli.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["loracli", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    out = capsys.readouterr()
-    return exit_info.value.code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import warnings
 from pathlib import Path
 
@@ -17,7 +16,14 @@ from transformers import TrainerCallback
 from lora_cli.inference.loading import load_run
 from lora_cli.recipe import RecipeError, load_recipe
 from lora_cli.training.pipeline import run_training
-from tests.helpers_text import TINY_CONFIGS, logits_of, make_tokenizer, prompt_rows, write_jsonl
+from tests.helpers_text import (
+    TINY_CONFIGS,
+    cli,
+    logits_of,
+    make_tokenizer,
+    prompt_rows,
+    write_jsonl,
+)
 
 TRAINING = {"max_steps": 3, "per_device_train_batch_size": 8, "per_device_eval_batch_size": 16,
             "logging_steps": 1, "save_strategy": "no", "eval_strategy": "no", "use_cpu": True}
@@ -47,16 +53,6 @@ def runs(tmp_path_factory):
              "xlora_size": 8, "xlora_dropout_p": 0.0}
     recipe = _recipe(root / "mix", tok, data, xlora, lr=5e-2)
     return {"root": root, "tok": tok, "data": data, "experts": experts, "recipe": recipe, "mix": run_training(recipe)}
-
-
-def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    from lora_cli.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["loracli", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    out = capsys.readouterr()
-    return exit_info.value.code, out.out, out.err
 
 
 def test_training_moves_only_the_gating_head_and_saves_peft_layout(runs):

@@ -340,14 +340,7 @@ class LoraLayer(AdapterLayer):
             a.copy_(fa)
             b.copy_(fb)
         else:
-            if init == "gaussian":
-                nn.init.normal_(a, std=1 / r)
-            else:
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            if init is False:
-                nn.init.kaiming_uniform_(b, a=math.sqrt(5))
-            else:
-                nn.init.zeros_(b)
+            fn.random_init(a, b, init, r)
         if name in self.lora_B_bias:  # as nn.Linear draws a bias for B's fan-in; zero for a zero delta
             bound = 1 / math.sqrt(b[0].numel()) if init is False else 0.0
             nn.init.uniform_(self.lora_B_bias[name], -bound, bound)

@@ -21,7 +21,6 @@ mixed batches (PEFT has none either).
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
@@ -108,15 +107,7 @@ class ParamLoraLayer(AdapterLayer):
         self.scaling[name] = fn.lora_scaling(alpha, r, config.use_rslora)
         a = self.lora_A[name] = self.new_param(r * experts, self.in_features)  # (r * E, in)
         b = self.lora_B[name] = self.new_param(self.out_features, r * experts)  # (out, r * E)
-        with torch.no_grad():
-            if init == "gaussian":
-                nn.init.normal_(a, std=1 / r)
-            else:
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            if init is False:
-                nn.init.kaiming_uniform_(b, a=math.sqrt(5))
-            else:
-                nn.init.zeros_(b)
+        fn.random_init(a, b, init, r)
 
     def extra_repr_for(self, name: str) -> str:
         return f"{self.parameter_name}: r={self.r[name]} x {self.num_experts} expert(s), scaling={self.scaling[name]:g}"
