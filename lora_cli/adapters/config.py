@@ -66,6 +66,10 @@ class AdapterConfig:
 
     peft_type: ClassVar[str] = ""
     method: ClassVar[str] = ""
+    task_types: ClassVar[tuple[str, ...] | None] = None
+    """The PEFT task types the method works with; None: any model."""
+    on_quantized_base: ClassVar[bool] = False
+    """Whether the method is tested on a bitsandbytes-quantized base (QLoRA)."""
 
     target_modules: list[str] | str | None = None
     """Module names (exact or dotted suffix), a regex (full match), or "all-linear"."""

@@ -54,6 +54,8 @@ class PromptLearningConfig(AdapterConfig):
     left None from the base model: token_dim, num_layers, num_attention_heads, and
     num_transformer_submodules (2 for seq2seq, else 1)."""
 
+    task_types: ClassVar[tuple[str, ...] | None] = TASKS
+
     LAYER_FIELDS: ClassVar[tuple[str, ...]] = (
         "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
     )

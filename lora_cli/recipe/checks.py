@@ -12,10 +12,12 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from lora_cli.errors import did_you_mean
+from lora_cli.adapters import get_method
+from lora_cli.adapters.base_rewrites import rewrites_base
+from lora_cli.errors import UserInputError, did_you_mean
 from lora_cli.recipe.data import DATA_PATHS, DATA_SOURCES
 from lora_cli.recipe.errors import Reporter
-from lora_cli.task_kinds import IMAGE_CLASSIFICATION, TASKS, TEXT_TASKS
+from lora_cli.task_kinds import IMAGE_CLASSIFICATION, TASK_KINDS, TASKS, TEXT_TASKS
 
 
 def check_model(model: Any, task: Any, report: Reporter) -> None:
@@ -118,6 +120,33 @@ def check_sharding(training: Any, report: Reporter) -> None:
 
 SCORES_WHOLE_GRADIENTS = ("adalora",)
 """Methods whose rank allocator scores whole gradients, which FSDP and DeepSpeed shard."""
+
+
+def check_adapter_with_model(adapter: Any, model: Any, task: Any, report: Reporter) -> None:
+    """The method fits the task's models, and a quantized base (checked on the raw section, so
+    these problems come with the section's own)."""
+    if not isinstance(adapter, dict) or not isinstance(adapter.get("method"), str):
+        return
+    try:
+        config_cls = get_method(adapter["method"]).config_cls
+    except UserInputError:
+        return  # the section's check reports an unknown method
+    name = config_cls.method
+    kind = TASK_KINDS.get(task) if isinstance(task, str) else None
+    if kind is not None and config_cls.task_types is not None and kind.peft_task_type not in config_cls.task_types:
+        fits = [name for name, k in TASK_KINDS.items() if k.peft_task_type in config_cls.task_types]
+        report.add(("adapter", "method"), f"does not work with task {task}: {name} is for {', '.join(fits)}",
+                   adapter["method"], "use method lora for this task, or change the task")
+    quantization = model.get("quantization") if isinstance(model, dict) else None
+    if not quantization:
+        return
+    if not config_cls.on_quantized_base:
+        report.add(("adapter", "method"), f"{name} does not run on a quantized base (model.quantization)",
+                   adapter["method"], "use method lora (QLoRA), or remove model.quantization")
+    init = adapter.get("init_lora_weights")
+    if rewrites_base(init):
+        report.add(("adapter", "init_lora_weights"), "rewrites the base weights, which model.quantization quantizes",
+                   init, "use true, gaussian or orthogonal with a quantized base (loftq quantizes a full-precision base itself)")
 
 
 def check_adapter_with_training(adapter: tuple[str, dict] | None, training: Any, report: Reporter) -> None:

@@ -128,6 +128,7 @@ def _validate(data: dict, report: Reporter) -> Recipe:
     checks.check_data(data.get("data"), data.get("task"), report)
     checks.check_sharding(data.get("training"), report)
     checks.check_adapter_with_training(adapter, data.get("training"), report)
+    checks.check_adapter_with_model(data.get("adapter"), data.get("model"), data.get("task"), report)
     report.raise_if_any()
     assert adapter is not None and training is not None and section is not None
     plain["adapter"] = {"method": adapter[0], "options": adapter[1]}

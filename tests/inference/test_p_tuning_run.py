@@ -238,7 +238,7 @@ def test_p_tuning_on_an_image_task_is_bad_input_that_points_to_lora(monkeypatch,
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     code, _, err = cli(monkeypatch, capsys, "train", str(path))
     assert code == 2
-    assert "word embeddings" in err and "adapter.method: lora" in err
+    assert "adapter.method: does not work with task image-classification" in err and "use method lora" in err
     assert not (tmp_path / "run").exists()
 
 

@@ -39,6 +39,7 @@ class AdaLoraConfig(LoraConfig):
     """AdaLoRA settings: LoRA's fields (``r`` unused, as in PEFT) plus the rank schedule."""
 
     peft_type: ClassVar[str] = "ADALORA"
+    on_quantized_base: ClassVar[bool] = False
     method: ClassVar[str] = "adalora"
 
     target_r: int = 8

@@ -83,6 +83,7 @@ class LoraConfig(AdapterConfig):
     """LoRA settings, with PEFT's field names and defaults."""
 
     peft_type: ClassVar[str] = "LORA"
+    on_quantized_base: ClassVar[bool] = True
     method: ClassVar[str] = "lora"
 
     r: int = 8

@@ -36,6 +36,7 @@ class XLoraConfig(AdapterConfig):
 
     peft_type: ClassVar[str] = "XLORA"
     method: ClassVar[str] = "xlora"
+    task_types: ClassVar[tuple[str, ...] | None] = ("CAUSAL_LM",)
     LAYER_FIELDS: ClassVar[tuple[str, ...]] = TARGETING[:-1]
     """Inherited fields the recipe does not offer (modules_to_save stays: a task's head is refused by name)."""
     merge_refusal: ClassVar[str | None] = MERGE_REFUSAL.removeprefix("an X-LoRA adapter ")
