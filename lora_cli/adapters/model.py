@@ -128,9 +128,11 @@ class AdapterModel(MultiAdapterMixin, AdapterStateMixin, AdapterCombineMixin, nn
                 yield path, module
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, as PEFT counts them: a bitsandbytes 4-bit weight
+        packs two values per byte of its storage, so it counts its unpacked size."""
         trainable = total = 0
         for param in self.parameters():
-            n = param.numel()
+            n = _unpacked_numel(param)
             total += n
             if param.requires_grad:
                 trainable += n
@@ -301,6 +303,14 @@ def load_adapter_model(
     config = AdapterConfig.from_pretrained(model_id)
     model_cls = get_method(config.peft_type).model_cls or AdapterModel
     return model_cls.from_pretrained(model, model_id, adapter_name=adapter_name, is_trainable=is_trainable, **base_kwargs)
+
+
+def _unpacked_numel(param: Tensor) -> int:
+    if type(param).__name__ != "Params4bit":
+        return param.numel()
+    storage = getattr(param, "quant_storage", None)
+    itemsize = getattr(storage, "itemsize", 1) if storage is not None else 1
+    return param.numel() * 2 * itemsize
 
 
 def _warn_fan_in_fan_out(model: nn.Module, config: AdapterConfig, paths: list[str]) -> None:

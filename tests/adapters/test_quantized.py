@@ -98,6 +98,7 @@ def test_peft_adapter_on_quantized_base_loads_here_with_equal_logits(base_dir, t
     theirs.save_pretrained(tmp_path / "peft")
 
     ours = load_adapter_model(load_quantized(base_dir, **SETTINGS[setting]), tmp_path / "peft").eval()
+    assert ours.get_nb_trainable_parameters()[1] == theirs.get_nb_trainable_parameters()[1]  # 4-bit counted unpacked
     layer = ours.base_model.model.layers[0].self_attn.q_proj
     assert quant_kind(layer.base_layer) is not None and layer.lora_A["default"].dtype == torch.float32
     got = logits(ours)
