@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -56,9 +58,24 @@ def recipes_copy(
         raise UserInputError(f"{target} already exists; choose another destination or delete it first")
     if not target.parent.is_dir():
         raise UserInputError(f"folder {target.parent} does not exist; create it first")
+    text, parent = _anchored_extends(source.read_text(encoding="utf-8"), source.parent)
     try:
         with target.open("x", encoding="utf-8") as handle:  # "x": never over a file (or a link) that appeared
-            handle.write(source.read_text(encoding="utf-8"))
+            handle.write(text)
     except FileExistsError:
         raise UserInputError(f"{target} already exists; choose another destination or delete it first") from None
     err.print(f"copied {shown(source.name)} to {shown(target)}", highlight=False, soft_wrap=True)
+    if parent is not None:
+        err.print(f"it extends the shipped {shown(parent)}; copy that one too to edit what it sets",
+                  highlight=False, soft_wrap=True)
+
+
+def _anchored_extends(text: str, folder: Path) -> tuple[str, Path | None]:
+    """A shipped recipe's relative ``extends:`` made absolute, so that the copy still finds
+    its parent wherever it is written."""
+    match = re.search(r"^extends:[ \t]*(\S[^#\n]*?)[ \t]*(#.*)?$", text, flags=re.MULTILINE)
+    if match is None or Path(match.group(1).strip("'\"")).is_absolute():
+        return text, None
+    parent = (folder / match.group(1).strip("'\"")).resolve()
+    line = f"extends: {json.dumps(str(parent))}" + (f"  {match.group(2)}" if match.group(2) else "")
+    return text[: match.start()] + line + text[match.end():], parent

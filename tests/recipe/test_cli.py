@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lora_cli import cli
-from lora_cli.recipe import shipped_recipes
+from lora_cli.recipe import load_recipe, shipped_recipes
 from tests.recipe._util import VALID
 
 LORACLI = Path(sys.executable).parent / "loracli"
@@ -101,3 +101,14 @@ def test_recipes_copy_into_a_folder(tmp_path, monkeypatch, capsys):
     assert code == 0 and (tmp_path / "quickstart.yaml").is_file()
     code, _, err = run(monkeypatch, capsys, "recipes", "copy", "quickstart", str(tmp_path))
     assert code == 2 and "already exists" in err
+
+
+def test_a_copied_recipe_that_extends_another_still_finds_it(tmp_path, monkeypatch, capsys):
+    dest = tmp_path / "mine.yaml"
+    code, _, err = run(monkeypatch, capsys, "recipes", "copy", "quickstart_mica", str(dest))
+    parent = shipped_recipes()["quickstart"]
+    assert code == 0 and f"it extends the shipped {parent}" in err
+    text = dest.read_text()
+    assert f'extends: "{parent}"' in text and text.count("\n") == shipped_recipes()["quickstart_mica"].read_text().count("\n")
+    recipe = load_recipe(dest)
+    assert recipe.adapter.init_lora_weights == "mica" and recipe.model.config["model_type"] == "vit"
