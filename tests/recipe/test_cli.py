@@ -111,4 +111,4 @@ def test_a_copied_recipe_that_extends_another_still_finds_it(tmp_path, monkeypat
     text = dest.read_text()
     assert f'extends: "{parent}"' in text and text.count("\n") == shipped_recipes()["quickstart_mica"].read_text().count("\n")
     recipe = load_recipe(dest)
-    assert recipe.adapter.init_lora_weights == "mica" and recipe.model.config["model_type"] == "vit"
+    assert recipe.adapter.options["init_lora_weights"] == "mica" and recipe.model.config["model_type"] == "vit"
