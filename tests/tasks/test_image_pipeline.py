@@ -314,6 +314,27 @@ def test_eval_rows_of_the_wrong_size_are_refused(tmp_path, samples):
 
 
 # ------------------------------------------------- collate, normalise, loader
+@pytest.mark.parametrize("size", [(224, 224), (96, 160)])
+def test_resize_hwc_matches_torchvision_v2_resize(size):
+    """The direct uint8 antialiased resize of a crop: the bytes and the channels-last layout of
+    torchvision v2 ``F.resize(..., antialias=True)``, then its horizontal flip (torch's flip)."""
+    from torchvision.transforms.v2 import functional as F
+
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        height, width = (int(v) for v in rng.integers(20, 300, 2))
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        top, left = int(rng.integers(0, height)), int(rng.integers(0, width))
+        box = pixels[top:, left:].copy()
+        want = F.resize(torch.from_numpy(box.copy()).permute(2, 0, 1), list(size), antialias=True)
+        got = ib.resize_hwc(box, size)
+        assert torch.equal(got, want)
+        assert got.is_contiguous(memory_format=torch.channels_last) == want.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(got.flip(-1), F.horizontal_flip(want))
+    same = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+    assert torch.equal(ib.resize_hwc(same, size), torch.from_numpy(same).permute(2, 0, 1))
+
+
 def test_collate_and_normalize():
     rows = [{"pixel_values": torch.randint(0, 256, (3, 8, 6), dtype=torch.uint8), "labels": k} for k in range(3)]
     batch = ib.collate(rows)
