@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lora_cli.adapters import functional as fn
+from lora_cli.adapters.base_rewrites import rewrites_base
 from lora_cli.adapters.config import (
     AdapterConfig,
     check_choice,
@@ -74,10 +75,6 @@ INIT_CHOICES = (
     "lora_ga",
 )
 BIAS_CHOICES = ("none", "all", "lora_only")
-QUANTIZED_REFUSES = ("pissa", "olora", "corda", "loftq", "lora_ga")
-"""Inits that write the base weight: impossible on a bitsandbytes 4-bit / 8-bit layer."""
-
-
 @dataclass
 class LoraConfig(AdapterConfig):
     """LoRA settings, with PEFT's field names and defaults."""
@@ -243,7 +240,7 @@ class LoraLayer(AdapterLayer):
     # ------------------------------------------------------------------ params
     def add(self, name: str, config: LoraConfig, r: int, alpha: float) -> None:
         init = config.init_lora_weights
-        if self.quant_kind is not None and (init in QUANTIZED_REFUSES or fn.parse_pissa_niter(init) is not None):
+        if self.quant_kind is not None and rewrites_base(init):  # writing a 4-bit / 8-bit weight is impossible
             raise TargetingError(
                 f"init_lora_weights={init!r} rewrites the base weight, which is bitsandbytes-quantized here "
                 f"({type(self.base_layer).__name__}); use init_lora_weights: true, gaussian or orthogonal with "
