@@ -164,9 +164,7 @@ def make_collator(processor, data: ImageData | None = None, compact: bool = Fals
     mean, std = _mean_std(processor)
 
     def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = image_batches.collate(rows)
-        batch["pixel_values"] = image_batches.normalize_pixels(batch["pixel_values"], mean, std)
-        return batch
+        return image_batches.collate_normalized(rows, mean, std)
 
     return collate
 

@@ -354,6 +354,23 @@ def test_collate_and_normalize():
     torch.testing.assert_close(one, expected[0], atol=1e-5, rtol=0)
 
 
+def test_collate_normalized_equals_collate_then_normalize_bit_for_bit():
+    g = torch.Generator().manual_seed(3)
+    planar = [torch.randint(0, 256, (3, 10, 7), dtype=torch.uint8, generator=g) for _ in range(3)]
+    hwc = [torch.randint(0, 256, (10, 7, 3), dtype=torch.uint8, generator=g).permute(2, 0, 1) for _ in range(2)]
+    rows = [{"pixel_values": p, "labels": k} for k, p in enumerate(planar + hwc)]
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    fused = ib.collate_normalized(rows, mean, std)
+    two_step = ib.normalize_pixels(ib.collate(rows)["pixel_values"], mean, std)
+    assert fused["pixel_values"].dtype == torch.float32 and torch.equal(fused["pixel_values"], two_step)
+    assert fused["pixel_values"].is_contiguous(memory_format=torch.channels_last)
+    assert fused["labels"].tolist() == [0, 1, 2, 3, 4]
+    unlabelled = ib.collate_normalized([{"pixel_values": p} for p in planar], mean, std)
+    assert set(unlabelled) == {"pixel_values"} and torch.equal(unlabelled["pixel_values"], two_step[:3])
+    floats = [{"pixel_values": two_step[k].contiguous(), "labels": k} for k in range(2)]
+    assert torch.equal(ib.collate_normalized(floats, mean, std)["pixel_values"], two_step[:2])
+
+
 def test_loader_defaults():
     assert ib.loader_defaults(2, cuda=False) == {"dataloader_num_workers": 0, "dataloader_persistent_workers": False,
                                                   "dataloader_pin_memory": False}
