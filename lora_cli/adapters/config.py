@@ -50,6 +50,12 @@ _LORA_ONLY_FEATURES = {
 """LoRA options loracli implements for LoRA only: set in another method's file, they fail loudly."""
 
 
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
 def _is_truthy(value: Any) -> bool:
     if value is None or value is False:
         return False
@@ -70,6 +76,10 @@ class AdapterConfig:
     """The PEFT task types the method works with; None: any model."""
     on_quantized_base: ClassVar[bool] = False
     """Whether the method is tested on a bitsandbytes-quantized base (QLoRA)."""
+    peft_fields: ClassVar[frozenset[str] | None] = None
+    """The fields PEFT's config class for the method has, where it lacks some of the shared
+    ones here; :meth:`save_pretrained` leaves the others out while they hold their defaults
+    (PEFT would warn that it ignores them). None: PEFT has them all."""
 
     target_modules: list[str] | str | None = None
     """Module names (exact or dotted suffix), a regex (full match), or "all-linear"."""
@@ -167,6 +177,11 @@ class AdapterConfig:
         path.parent.mkdir(parents=True, exist_ok=True)
         data = self.to_dict()
         data["inference_mode"] = True
+        if self.peft_fields is not None:
+            defaults = {f.name: f for f in dataclasses.fields(self)}
+            for name in [k for k in data if k not in self.peft_fields and k in defaults]:
+                if data[name] == _default_of(defaults[name]):
+                    del data[name]
         path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         return path
 

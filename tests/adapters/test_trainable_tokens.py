@@ -3,6 +3,7 @@ tied embeddings, merge/unmerge, gradients only on the chosen rows, parameter cou
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 
@@ -71,12 +72,15 @@ def test_alone_matches_peft_both_ways(tie, tmp_path):
     saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert saved["peft_type"] == "TRAINABLE_TOKENS" and saved["target_modules"] == ["model.embed_tokens"]
     assert saved["token_indices"] == IDS
+    peft_fields = {f.name for f in dataclasses.fields(peft.TrainableTokensConfig)}
+    assert set(saved) <= peft_fields, set(saved) - peft_fields  # nothing PEFT would warn it ignores
 
     mine = _logits(ours, ids)
     assert (mine - base_logits).abs().max() > 1e-3
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         loaded = peft.PeftModel.from_pretrained(tiny_llama(tie), tmp_path / "ours")
+    assert not [str(w.message) for w in caught if "ignored" in str(w.message)]
     torch.testing.assert_close(_logits(loaded, ids), mine, atol=1e-6, rtol=0)
 
     theirs.save_pretrained(tmp_path / "theirs")

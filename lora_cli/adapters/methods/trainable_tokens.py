@@ -43,6 +43,9 @@ class TrainableTokensConfig(AdapterConfig):
 
     peft_type: ClassVar[str] = "TRAINABLE_TOKENS"
     method: ClassVar[str] = "trainable_tokens"
+    peft_fields: ClassVar[frozenset[str]] = frozenset({
+        "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
+        "target_modules", "token_indices", "init_weights"})
 
     target_modules: list[str] | str | None = INPUT_EMBEDDINGS
     """The embedding(s) whose rows train; "input-embeddings" (the default) is the model's input embedding."""
