@@ -64,7 +64,13 @@ def dequantize_weight(module: nn.Module) -> Tensor:
         state = getattr(weight, "quant_state", None)
         if state is None:  # a Params4bit not quantized yet (still on the meta / original device)
             return weight.data.float()
-        return _bnb().functional.dequantize_4bit(weight.data, state).float()
+        functional = _bnb().functional
+        data = weight.data
+        if getattr(state, "packing_format_for_cpu", False):  # repacked for AVX512-BF16 (see keep_standard_cpu_layout)
+            import copy
+
+            data, state = functional._convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(state))  # noqa: SLF001
+        return functional.dequantize_4bit(data, state).float()
     if kind == BNB_8BIT:
         if weight.dtype != torch.int8:  # has_fp16_weights=True keeps a float copy
             return weight.data.float()
@@ -119,6 +125,60 @@ def dequantize_model(model: nn.Module, dtype=None) -> list[str]:
                 with contextlib.suppress(AttributeError):  # a read-only property reads hf_quantizer, gone now
                     target.is_quantized = False
     return paths
+
+
+# ------------------------------------------------------------------ 4-bit layers on the CPU
+def keep_standard_cpu_layout(model: nn.Module) -> int:
+    """Keep bitsandbytes' standard 4-bit layout on the CPU; returns how many layers it changed.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a ``Linear4bit``'s weight the first
+    time it runs in eval mode without gradients: the block scales are rounded to bfloat16
+    and the layer computes in bfloat16 from then on, whatever its compute dtype. Evaluation
+    would then compute something else than training did, a merge could not be verified
+    against the adapted model, and the repacked weight no longer dequantizes as stored.
+    """
+    changed = 0
+    for module in model.modules():
+        if quant_kind(module) == BNB_4BIT and getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
+
+
+_ROWS_RIGHT: dict[tuple[int, int], bool] = {}
+
+
+def cpu_rows_dequantize_right(width: int, blocksize: int = 64) -> bool:
+    """Whether bitsandbytes' CPU kernel here dequantizes 4-bit rows of ``width`` values correctly.
+
+    bitsandbytes quantizes a weight in blocks over its flattened values; its native CPU
+    dequantize kernel (0.50) blocks each row instead, which gives other values whenever
+    a row is not a multiple of the block size. Checked once per (width, blocksize) against
+    the blockwise NormalFloat reference (``loftq.nf_dequantized``) on a two-row probe.
+    """
+    key = (int(width), int(blocksize))
+    if key not in _ROWS_RIGHT:
+        from lora_cli.adapters.loftq import nf_dequantized
+
+        functional = _bnb().functional
+        probe = torch.sin(torch.arange(2 * width, dtype=torch.float32)).reshape(2, width)
+        packed, state = functional.quantize_4bit(probe, blocksize=blocksize, quant_type="nf4")
+        back = functional.dequantize_4bit(packed, state).float()
+        _ROWS_RIGHT[key] = bool(torch.equal(back, nf_dequantized(probe, 4, blocksize)))
+    return _ROWS_RIGHT[key]
+
+
+def cpu_wrong_layers(model: nn.Module) -> list[tuple[str, int, int]]:
+    """(path, in_features, blocksize) of every CPU 4-bit layer that :func:`cpu_rows_dequantize_right` fails."""
+    wrong = []
+    for path, module in model.named_modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if quant_kind(module) != BNB_4BIT or state is None or module.weight.device.type != "cpu":
+            continue
+        width, blocksize = int(module.in_features), int(state.blocksize)
+        if width % blocksize and not cpu_rows_dequantize_right(width, blocksize):
+            wrong.append((path, width, blocksize))
+    return wrong
 
 
 # ------------------------------------------------------------------ can this machine run it

@@ -90,7 +90,7 @@ def build_model(model: ModelSection, labels: list[str], source: str | Path | Non
     path = source or model.name_or_path
     if path:
         require_hub(str(path), "model.name_or_path", local_hint=MODEL_HINT)
-        return AutoModelForImageClassification.from_pretrained(
+        loaded = AutoModelForImageClassification.from_pretrained(
             str(path),
             num_labels=len(labels),
             id2label=id2label,
@@ -100,6 +100,7 @@ def build_model(model: ModelSection, labels: list[str], source: str | Path | Non
             trust_remote_code=model.trust_remote_code,
             **quantization.load_kwargs(model, source),  # model.quantization: bitsandbytes 4 / 8 bit
         )
+        return quantization.checked_on_cpu(loaded, model)
     cfg = dict(model.config)
     model_type = cfg.pop("model_type", None)
     if not model_type:

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from lora_cli.adapters.quantized import backend_refusal
+from lora_cli.adapters.quantized import backend_refusal, cpu_wrong_layers, keep_standard_cpu_layout
 from lora_cli.errors import UserInputError
 from lora_cli.hf_names import CLASSIFICATION_HEADS
 from lora_cli.recipe import ModelSection
@@ -105,4 +105,29 @@ def from_config(auto_cls, config, model_cfg: ModelSection):
     with tempfile.TemporaryDirectory(prefix="loracli-quantize-") as tmp:
         model.save_pretrained(tmp)
         del model
-        return auto_cls.from_pretrained(tmp, **kwargs)
+        return checked_on_cpu(auto_cls.from_pretrained(tmp, **kwargs), model_cfg)
+
+
+def checked_on_cpu(model, model_cfg: ModelSection):
+    """A freshly loaded model, made safe to run quantized on the CPU (a no-op on a GPU or unquantized).
+
+    Keeps bitsandbytes' standard 4-bit layout (:func:`~lora_cli.adapters.quantized.keep_standard_cpu_layout`)
+    and refuses, naming them, 4-bit layers that bitsandbytes' CPU kernel here would compute wrongly
+    (:func:`~lora_cli.adapters.quantized.cpu_wrong_layers`): rows that are not a multiple of the block size.
+    """
+    if model_cfg.quantization is None or torch.cuda.is_available():
+        return model
+    keep_standard_cpu_layout(model)
+    wrong = cpu_wrong_layers(model)
+    if wrong:
+        import bitsandbytes
+
+        shown = ", ".join(f"{path} (in_features {width})" for path, width, _ in wrong[:4])
+        more = f" and {len(wrong) - 4} more" if len(wrong) > 4 else ""
+        raise UserInputError(
+            f"model.quantization: bitsandbytes {bitsandbytes.__version__} computes these 4-bit layers wrongly on "
+            f"the CPU: {shown}{more}. Its CPU kernel dequantizes a weight correctly only when each row holds a "
+            f"multiple of {wrong[0][2]} values (a bitsandbytes bug; CUDA is not affected). Run on a CUDA GPU, use "
+            "bits: 8, or a model whose layer widths are multiples of 64"
+        )
+    return model

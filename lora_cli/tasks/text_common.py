@@ -121,6 +121,7 @@ def build_model(model_cfg: ModelSection, auto_cls, source: str | Path | None = N
             )
         except ValueError as exc:
             raise UserInputError(f"model.name_or_path: {path!r} cannot be loaded as {auto_cls.__name__}: {exc}") from exc
+        model = quantization.checked_on_cpu(model, model_cfg)
     else:
         model = quantization.from_config(auto_cls, _config_from_section(model_cfg, **kwargs), model_cfg)
     _sync_pad_token(model, model_cfg)

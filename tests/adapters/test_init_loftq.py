@@ -97,13 +97,25 @@ def test_nf2_levels_and_the_alternating_fit_reduces_the_error():
     assert errors[0] < torch.linalg.norm(weight - q2).item()  # the low-rank part absorbs quantization error
 
 
+def _opt_whole_blocks():
+    """A tiny OPT whose layer widths (64, 128) are whole 4-bit blocks: bitsandbytes 0.50's native
+    CPU dequantize kernel, which PEFT's LoftQ calls, is wrong for rows that are not (see
+    ``quantized.cpu_rows_dequantize_right``); loracli's own NF4 math is right for any width."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    return OPTForCausalLM(OPTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, ffn_dim=128,
+                                    vocab_size=99, word_embed_proj_dim=64, max_position_embeddings=64,
+                                    bos_token_id=0, eos_token_id=0, pad_token_id=1)).eval()
+
+
 def test_model_start_matches_peft():
     kw = {"r": 4, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj", "fc1"], "init_lora_weights": "loftq",
           "loftq_config": {"loftq_bits": 4, "loftq_iter": 2}}
-    ours = get_adapter_model(tiny_opt(), LoraConfig(**kw))
+    build = _opt_whole_blocks
+    ours = get_adapter_model(build(), LoraConfig(**kw))
     with _cuda_as_cpu():
-        theirs = peft.get_peft_model(tiny_opt(), peft.LoraConfig(**kw))
-    build = tiny_opt
+        theirs = peft.get_peft_model(build(), peft.LoraConfig(**kw))
     mine = dict(ours.base_model.named_parameters())
     pristine = dict(build().named_parameters())
     compared = moved = 0

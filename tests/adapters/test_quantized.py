@@ -28,8 +28,11 @@ from lora_cli.adapters.quantized import (
     BNB_4BIT,
     BNB_8BIT,
     backend_refusal,
+    cpu_rows_dequantize_right,
+    cpu_wrong_layers,
     dequantize_model,
     dequantize_weight,
+    keep_standard_cpu_layout,
     quant_kind,
 )
 from lora_cli.errors import LoraCliError
@@ -55,7 +58,9 @@ def base_dir(tmp_path_factory):
 def load_quantized(folder, bits: int, quant_type="nf4", compute_dtype=torch.float32, double_quant=False):
     q = BitsAndBytesConfig(load_in_4bit=bits == 4, load_in_8bit=bits == 8, bnb_4bit_quant_type=quant_type,
                            bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_use_double_quant=double_quant)
-    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=q, device_map={"": "cpu"}).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=q, device_map={"": "cpu"}).eval()
+    keep_standard_cpu_layout(model)  # as loracli's loading does (no bf16 repacking on AVX512-BF16 CPUs)
+    return model
 
 
 def ids():
@@ -83,6 +88,68 @@ def test_layers_are_recognised_and_dequantize_to_what_they_compute(base_dir, bit
     # 4-bit: the kernel multiplies by exactly this weight; 8-bit also quantizes the activations
     atol = 1e-5 if bits == 4 else 0.05 * float(weight.abs().max()) * 64 ** 0.5
     torch.testing.assert_close(layer(x).float(), x @ weight.T, atol=atol, rtol=1e-3)
+
+
+def test_a_repacked_cpu_layer_still_dequantizes_to_its_weight(base_dir):
+    model = load_quantized(base_dir, 4)
+    layer = model.model.layers[0].self_attn.q_proj
+    stored = dequantize_weight(layer)
+    # bitsandbytes' AVX512-BF16 layout (what its eval forward switches to on such CPUs; made by hand
+    # here so that every machine runs this): block scales rounded to bfloat16
+    layer.weight.data, layer.weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(
+        layer.weight.data, layer.weight.quant_state)
+    assert layer.weight.quant_state.packing_format_for_cpu
+    repacked = dequantize_weight(layer)
+    assert layer.weight.quant_state.packing_format_for_cpu  # read from copies: the layer is left as it was
+    torch.testing.assert_close(repacked, stored, atol=0, rtol=2 ** -8)  # bf16 scales: within their rounding
+    assert not torch.equal(repacked, stored)
+
+
+def test_loading_keeps_the_standard_cpu_layout(base_dir):
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=q, device_map={"": "cpu"})
+    layers = [m for m in model.modules() if quant_kind(m) == BNB_4BIT]
+    flagged = sum(bool(getattr(m, "support_avx512bf16_for_cpu", False)) for m in layers)
+    assert keep_standard_cpu_layout(model) == flagged  # flagged: the layers this CPU would repack
+    assert not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in layers)
+    assert keep_standard_cpu_layout(model) == 0
+
+
+def test_rows_that_the_cpu_kernel_dequantizes_wrongly_are_found_and_refused(tmp_path, monkeypatch):
+    from lora_cli.adapters.loftq import nf_dequantized
+    from lora_cli.errors import UserInputError
+    from lora_cli.recipe.schema import ModelSection
+    from lora_cli.tasks import quantization
+
+    assert cpu_rows_dequantize_right(64) and cpu_rows_dequantize_right(128)  # whole blocks: always right
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=96)
+    base = LlamaForCausalLM(config)
+    original = base.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    base.save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
+        device_map={"": "cpu"})
+    keep_standard_cpu_layout(model)
+    layer = model.model.layers[0].self_attn.q_proj
+    expected = nf_dequantized(original, 4)  # blockwise NF4 over the flattened weight, as bitsandbytes stores it
+    found = cpu_wrong_layers(model)
+    # the probe's verdict matches the real layer on this machine, whichever it is
+    if cpu_rows_dequantize_right(48):
+        assert not found and torch.equal(dequantize_weight(layer), expected)
+    else:
+        assert ("model.layers.0.self_attn.q_proj", 48, 64) in found
+        assert not torch.allclose(dequantize_weight(layer), expected, atol=1e-3)
+        x = torch.randn(3, 48)
+        assert not torch.allclose(layer(x).float(), x @ expected.T, atol=1e-3)  # the layer computes it wrongly too
+    section = ModelSection(config={"model_type": "llama"}, quantization={"bits": 4})
+    monkeypatch.setattr(quantization, "cpu_wrong_layers", lambda m: [("model.layers.0.mlp.down_proj", 96, 64)])
+    with pytest.raises(UserInputError) as err:
+        quantization.checked_on_cpu(model, section)
+    message = str(err.value)
+    assert "model.quantization" in message and "down_proj (in_features 96)" in message
+    assert "multiple of 64" in message and "CUDA GPU" in message and "bits: 8" in message
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
@@ -243,8 +310,9 @@ def test_qlora_recipe_trains_evaluates_and_merges_to_full_precision(tmp_path, mo
     write_jsonl(tmp_path / "train.jsonl", prompt_rows())
     recipe = write_recipe(
         tmp_path / "recipe.yaml", task="causal-lm",
-        model={"config": TINY_CONFIGS["opt"], "tokenizer": str(make_tokenizer(tmp_path / "tok")),
-               "quantization": quantization},
+        # widths 64 / 128: whole 4-bit blocks, which bitsandbytes' CPU kernel needs (test_rows_that_...)
+        model={"config": {**TINY_CONFIGS["opt"], "hidden_size": 64, "word_embed_proj_dim": 64, "ffn_dim": 128},
+               "tokenizer": str(make_tokenizer(tmp_path / "tok")), "quantization": quantization},
         data={"train_file": str(tmp_path / "train.jsonl"), "max_length": 32},
         adapter={"target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}, training={"max_steps": 2})
     run_dir = run_training(recipe)
@@ -271,6 +339,7 @@ def test_qlora_recipe_trains_evaluates_and_merges_to_full_precision(tmp_path, mo
     if quantization["bits"] == 4:  # fp32 compute: the 4-bit forward is the dequantized one
         torch.testing.assert_close(logits_of(merged, batch), expected, atol=1e-4, rtol=1e-4)
 
-    theirs = peft.PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(run_dir / "base_model", device_map={"": "cpu"}), run_dir / "adapter").eval()
+    their_base = AutoModelForCausalLM.from_pretrained(run_dir / "base_model", device_map={"": "cpu"})
+    keep_standard_cpu_layout(their_base)  # else bitsandbytes computes in bf16 on AVX512-BF16 CPUs, unlike training
+    theirs = peft.PeftModel.from_pretrained(their_base, run_dir / "adapter").eval()
     torch.testing.assert_close(logits_of(theirs, batch), expected, atol=1e-5, rtol=1e-5)
