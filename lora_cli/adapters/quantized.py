@@ -30,6 +30,8 @@ import sys
 import torch
 from torch import Tensor, nn
 
+from lora_cli.adapters.loftq import nf_dequantized
+
 BNB_4BIT, BNB_8BIT = "bnb_4bit", "bnb_8bit"
 _CLASSES = {"Linear4bit": BNB_4BIT, "Linear8bitLt": BNB_8BIT}
 _INSTALL = "pip install 'loracli[quant]'"
@@ -158,8 +160,6 @@ def cpu_rows_dequantize_right(width: int, blocksize: int = 64) -> bool:
     """
     key = (int(width), int(blocksize))
     if key not in _ROWS_RIGHT:
-        from lora_cli.adapters.loftq import nf_dequantized
-
         functional = _bnb().functional
         probe = torch.sin(torch.arange(2 * width, dtype=torch.float32)).reshape(2, width)
         packed, state = functional.quantize_4bit(probe, blocksize=blocksize, quant_type="nf4")
