@@ -186,8 +186,10 @@ def test_errors_name_the_key_and_the_fix():
                                                         trainable_token_indices=[1]))
     from lora_cli.adapters import AdaLoraConfig
 
-    with pytest.raises(UserInputError, match="trainable_token_indices.*not supported by adalora"):
-        AdaLoraConfig(target_modules=["q_proj"], total_step=10, trainable_token_indices=[1])
+    with pytest.raises(UserInputError, match="target_parameters.*not supported by adalora"):
+        AdaLoraConfig(target_modules=["q_proj"], total_step=10, target_parameters=["mlp.down_proj.weight"])
+    with pytest.raises(UserInputError, match="trainable_token_indices"):  # AdaLoRA takes them, checked the same
+        AdaLoraConfig(target_modules=["q_proj"], total_step=10, trainable_token_indices=[1, 1])
 
 
 def test_mixed_batch_rows_match_single_adapters_and_peft(tmp_path):
@@ -229,3 +231,52 @@ def test_combining_adapters_with_tokens_is_refused_clearly():
     with pytest.raises(CombineError, match="trainable tokens"):
         model.add_weighted_adapter(["default", "b"], [0.5, 0.5], "ab", combination_type="linear")
     assert "ab" not in model.peft_config
+
+
+def test_beside_adalora_matches_peft_both_ways_and_budgets(tmp_path):
+    from lora_cli.adapters import AdaLoraConfig
+
+    ids = _inputs()
+    kw = {"target_modules": ["q_proj", "v_proj"], "init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 1,
+          "deltaT": 1, "total_step": 5, "trainable_token_indices": IDS}
+    ours = get_adapter_model(tiny_llama(False), AdaLoraConfig(**kw))
+    theirs = peft.get_peft_model(tiny_llama(False), peft.AdaLoraConfig(**kw))
+    assert _counts(ours) == _counts(theirs)
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():  # AdaLoRA starts with E = 0: give every adapter tensor non-zero values
+        for p in ours.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    ours.save_pretrained(tmp_path / "ours")
+    keys = set(load_file(tmp_path / "ours" / "adapter_model.safetensors"))
+    assert keys == set(peft.get_peft_model_state_dict(theirs))
+    assert any(k.endswith("embed_tokens.token_adapter.trainable_tokens_delta") for k in keys)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(tiny_llama(False), tmp_path / "ours")
+    mine = _logits(ours, ids)
+    assert (mine - _logits(tiny_llama(False), ids)).abs().max() > 1e-3
+    torch.testing.assert_close(_logits(loaded, ids), mine, atol=1e-5, rtol=0)
+
+    back = AdapterModel.from_pretrained(tiny_llama(False), tmp_path / "ours", is_trainable=True)
+    torch.testing.assert_close(_logits(back, ids), mine, atol=1e-6, rtol=0)
+    # the budget runs beside the token rows: they train, the ranks shrink to target_r, the rows stay
+    back.train()
+    optimizer = torch.optim.SGD([p for p in back.parameters() if p.requires_grad], lr=0.1)
+    delta = next(p for n, p in back.named_parameters() if n.endswith("trainable_tokens_delta.default"))
+    before = delta.detach().clone()
+    for step in range(kw["total_step"] + 1):
+        loss = back(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        back.update_and_allocate(step)
+        optimizer.zero_grad()
+    pattern = back.method_state["default"].rank_pattern
+    assert pattern and sum(map(sum, pattern.values())) == 2 * len(pattern)
+    assert not torch.equal(delta.detach(), before)
+    back.save_pretrained(tmp_path / "trained")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reread = peft.PeftModel.from_pretrained(tiny_llama(False), tmp_path / "trained")
+    back.eval()
+    torch.testing.assert_close(_logits(reread, ids), _logits(back, ids), atol=1e-5, rtol=0)

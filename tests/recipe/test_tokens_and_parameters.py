@@ -97,7 +97,9 @@ def _train_recipe(tmp_path, adapter: dict):
     {"method": "trainable_tokens", "token_indices": [4, 5, 6, 7, 8, 9]},
     {"method": "lora", "r": 4, "lora_alpha": 8, "target_modules": ["c_attn"], "fan_in_fan_out": True,
      "trainable_token_indices": [4, 5, 6, 7, 8, 9]},
-], ids=["alone", "beside-lora"])
+    {"method": "adalora", "init_r": 4, "target_r": 2, "lora_alpha": 8, "tinit": 1, "tfinal": 1, "deltaT": 1,
+     "target_modules": ["c_attn"], "fan_in_fan_out": True, "trainable_token_indices": [4, 5, 6, 7, 8, 9]},
+], ids=["alone", "beside-lora", "beside-adalora"])
 def test_train_then_reload_merge_and_peft_agree(tmp_path, adapter):
     from transformers import AutoModelForCausalLM
 

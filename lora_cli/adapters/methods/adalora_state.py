@@ -39,7 +39,9 @@ class AdaLoraState(MethodState):
         return self.model.peft_config[self.adapter_name]
 
     def _layers(self) -> list[tuple[str, AdaLoraLayer]]:
-        return [(p, layer) for p, layer in self.model.adapter_layers() if self.adapter_name in layer.r]
+        # AdaLoRA's own layers only (those holding E for this adapter): trainable-token layers beside them have none
+        return [(p, layer) for p, layer in self.model.adapter_layers()
+                if self.adapter_name in layer._modules.get("lora_E", ())]  # noqa: SLF001
 
     # ----------------------------------------------------------- regulariser
     def regularizer(self) -> Tensor | None:

@@ -153,15 +153,19 @@ class LoraConfig(AdapterConfig):
 def _token_and_parameter_problems(config: LoraConfig) -> list[Problem]:
     """trainable_token_indices and target_parameters: shapes of the values, and the options
     PEFT 0.21 refuses beside them (its ParamWrapper has no dropout, DoRA, lora_bias or
-    fan_in_fan_out; AdaLoRA has neither option)."""
+    fan_in_fan_out). AdaLoRA takes trainable tokens, as PEFT's does, but not
+    target_parameters (PEFT 0.21's AdaLoRA fails on it with a TypeError)."""
     out: list[Problem] = []
     tokens, params = config.trainable_token_indices, config.target_parameters
     if config.peft_type != "LORA":
-        for key, value in (("trainable_token_indices", tokens), ("target_parameters", params)):
-            if value:
-                out.append(Problem(key, f"is not supported by {config.method} (only plain LoRA has it)", value,
-                                   hint=f"remove {key}, or use method: lora"))
-        return out
+        if params:
+            out.append(Problem("target_parameters", f"is not supported by {config.method} (only plain LoRA has it)",
+                               params, hint="remove target_parameters, or use method: lora"))
+            return out
+        if config.peft_type != "ADALORA" and tokens:
+            out.append(Problem("trainable_token_indices", f"is not supported by {config.method}", tokens,
+                               hint="remove trainable_token_indices, or use method: lora or adalora"))
+            return out
 
     def bad_ids(ids: object) -> bool:
         return not (isinstance(ids, list) and ids
