@@ -15,7 +15,8 @@ run is :func:`lora_cli.inference.runs.load_run`.
       plots/           loss / accuracy curves, confusion matrix
       env.json         versions, seed, git commit
       status.json      running / failed / completed, with the error of a failed run
-      init_state.safetensors  only for inits that rewrite base weights: their start, for --resume
+      init_state.safetensors  only for PiSSA / OLoRA / LoftQ (inits that rewrite base weights): their start, for --resume
+      calibration.json, calibration.safetensors  only for EVA / CorDA / LoRA-GA: the calibration pass, for --resume
       .loracli.lock    held (fcntl) by the one process that trains into the folder
 
 Safety rules every writer follows (issue 11): a folder is only ever deleted or replaced

@@ -143,7 +143,8 @@ def _train_and_save(recipe, task, model, args, train_ds, eval_ds, processor, lab
         processor.save_pretrained(run_dir / rd.PROCESSOR_DIR)
         if base_state is not None:
             base_state.save_pretrained(run_dir / rd.BASE_MODEL_DIR)
-        if not resume:  # the start of an init that rewrote base weights, for --resume
+        if not resume and calibrated is None:  # the start of an init that rewrote base weights, for --resume
+            # (CorDA and LoRA-GA restart from calibration.safetensors, which holds the same factors)
             base_rewrites.save_initial_state(model, run_dir / rd.INIT_STATE_FILE)
         if not resume:
             (run_dir / rd.METRICS_FILE).unlink(missing_ok=True)

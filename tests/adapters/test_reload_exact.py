@@ -108,7 +108,9 @@ def test_fresh_process_reload_gives_the_trained_logits(tmp_path, imagefolder, vi
     assert config["init_lora_weights"] is True
     assert config["r"] == (4 if init == "loftq" else 8)  # PiSSA, LoRA-GA: [B, -B0][A; A0]
     assert (run / "adapter" / base_rewrites.BASE_REWRITES_NAME).is_file() == (init == "loftq")
-    assert (run / "init_state.safetensors").is_file()
+    # the start, for --resume, is written once: LoRA-GA's in its calibration record, the others' in init_state
+    assert (run / "init_state.safetensors").is_file() == (init != "lora_ga")
+    assert (run / "calibration.safetensors").is_file() == (init == "lora_ga")
 
     torch.save(pixels, tmp_path / "pixels.pt")
     subprocess.run([sys.executable, "-c", RELOAD, str(run), str(tmp_path / "pixels.pt"), str(tmp_path)],
