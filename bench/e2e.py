@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -139,6 +140,13 @@ def main(argv: list[str] | None = None) -> None:
     vit = {**VIT, "patch_size": args.patch_size}
 
     work = Path(tempfile.mkdtemp(prefix="loracli-e2e-"))
+    try:
+        _run(args, vit, work)
+    finally:  # the photos, caches and runs: a few hundred MB
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args, vit: dict, work: Path) -> None:
     root = work / "photos" / "train"
     make_photo_folder(root, args.images)
     env = {**os.environ, "HF_DATASETS_CACHE": str(work / "hf"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
