@@ -24,6 +24,7 @@ re-quantize ``W + dW``, which loses most of the update and cannot be undone exac
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import sys
 
@@ -69,8 +70,6 @@ def dequantize_weight(module: nn.Module) -> Tensor:
         functional = _bnb().functional
         data = weight.data
         if getattr(state, "packing_format_for_cpu", False):  # repacked for AVX512-BF16 (see keep_standard_cpu_layout)
-            import copy
-
             data, state = functional._convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(state))  # noqa: SLF001
         return functional.dequantize_4bit(data, state).float()
     if kind == BNB_8BIT:

@@ -194,7 +194,10 @@ def collate(rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     pixels = torch.empty((len(rows), h, w, c), dtype=first.dtype).permute(0, 3, 1, 2)  # uint8 from ImageBatches
     for slot, row in zip(pixels, rows):
         slot.copy_(row["pixel_values"])
-    batch = {"pixel_values": pixels}
+    return _with_labels({"pixel_values": pixels}, rows)
+
+
+def _with_labels(batch: dict[str, torch.Tensor], rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     if "labels" in rows[0]:
         batch["labels"] = torch.tensor([int(row["labels"]) for row in rows], dtype=torch.int64)
     return batch
@@ -212,18 +215,13 @@ def collate_normalized(rows: Sequence[dict[str, Any]], mean: Sequence[float], st
         batch["pixel_values"] = normalize_pixels(batch["pixel_values"], mean, std)
         return batch
     c, h, w = first.shape
-    scale, shift = _affine(mean, std, torch.device("cpu"))
-    k = math.gcd(h * w, 64)
-    scale_k, shift_k = scale.repeat(k), shift.repeat(k)
+    k, scale_k, shift_k = _tiled_affine(h * w, *_affine(mean, std, torch.device("cpu")))
     pixels = torch.empty((len(rows), h, w, c), dtype=torch.float32)
     for slot, row in zip(pixels, rows):
         flat = slot.view(-1, k * c)
         flat.copy_(row["pixel_values"].permute(1, 2, 0).reshape(-1, k * c))  # a view when the row is channels_last
         flat.mul_(scale_k).add_(shift_k)
-    batch = {"pixel_values": pixels.permute(0, 3, 1, 2)}
-    if "labels" in rows[0]:
-        batch["labels"] = torch.tensor([int(row["labels"]) for row in rows], dtype=torch.int64)
-    return batch
+    return _with_labels({"pixel_values": pixels.permute(0, 3, 1, 2)}, rows)
 
 
 # ---------------------------------------------------------------- normalising
@@ -263,6 +261,13 @@ def _affine(mean: Sequence[float], std: Sequence[float], device: torch.device) -
     return _AFFINE[key]
 
 
+def _tiled_affine(pixels: int, scale: torch.Tensor, shift: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """k whole pixels per row (k divides ``pixels``, at most 64) and the per-channel scale and
+    shift tiled k times: channels-last pixels viewed as (N, k * c) rows normalise as plain rows."""
+    k = math.gcd(pixels, 64)
+    return k, scale.repeat(k), shift.repeat(k)
+
+
 def _as_float32(x: torch.Tensor) -> torch.Tensor:
     """``x.to(torch.float32)`` of a contiguous CPU tensor, as ``empty`` + ``copy_``.
 
@@ -280,8 +285,8 @@ def _normalize_cpu(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) ->
         view = (1, -1, 1, 1) if x.dim() == 4 else (-1, 1, 1)
         return _as_float32(x).mul_(scale.view(view)).add_(shift.view(view))
     c = hwc.shape[-1]
-    k = math.gcd(hwc.numel() // c, 64)  # rows of k whole pixels: (N, k * c) against k-times-tiled vectors
-    flat = _as_float32(hwc.reshape(-1, k * c)).mul_(scale.repeat(k)).add_(shift.repeat(k))
+    k, scale_k, shift_k = _tiled_affine(hwc.numel() // c, scale, shift)
+    flat = _as_float32(hwc.reshape(-1, k * c)).mul_(scale_k).add_(shift_k)
     out = flat.view(hwc.shape)
     return out.permute(0, 3, 1, 2) if channels_last else out.permute(2, 0, 1)
 

@@ -90,17 +90,15 @@ def build_model(model: ModelSection, labels: list[str], source: str | Path | Non
     path = source or model.name_or_path
     if path:
         require_hub(str(path), "model.name_or_path", local_hint=MODEL_HINT)
-        loaded = AutoModelForImageClassification.from_pretrained(
-            str(path),
+        return quantization.from_pretrained(  # model.quantization: bitsandbytes 4 / 8 bit
+            AutoModelForImageClassification, str(path), model, source,
             num_labels=len(labels),
             id2label=id2label,
             label2id=label2id,
             ignore_mismatched_sizes=True,
             revision=model.revision,
             trust_remote_code=model.trust_remote_code,
-            **quantization.load_kwargs(model, source),  # model.quantization: bitsandbytes 4 / 8 bit
         )
-        return quantization.checked_on_cpu(loaded, model)
     cfg = dict(model.config)
     model_type = cfg.pop("model_type", None)
     if not model_type:

@@ -96,16 +96,22 @@ def _saved_quantized(folder: Path) -> bool:
         return False
 
 
+def from_pretrained(auto_cls, path: str | Path, model_cfg: ModelSection, source: str | Path | None = None, **kwargs):
+    """``auto_cls.from_pretrained(path, **kwargs)``, quantized when the recipe asks for it
+    (:func:`load_kwargs`) and then :func:`checked_on_cpu`: every task loads a pretrained model here."""
+    model = auto_cls.from_pretrained(path, **kwargs, **load_kwargs(model_cfg, source))
+    return checked_on_cpu(model, model_cfg)
+
+
 def from_config(auto_cls, config, model_cfg: ModelSection):
     """A random-init ``auto_cls`` model from ``config``, quantized when the recipe asks for it."""
     model = auto_cls.from_config(config)
-    kwargs = load_kwargs(model_cfg)
-    if not kwargs:
+    if model_cfg.quantization is None:
         return model
     with tempfile.TemporaryDirectory(prefix="loracli-quantize-") as tmp:
         model.save_pretrained(tmp)
         del model
-        return checked_on_cpu(auto_cls.from_pretrained(tmp, **kwargs), model_cfg)
+        return from_pretrained(auto_cls, tmp, model_cfg)
 
 
 def checked_on_cpu(model, model_cfg: ModelSection):

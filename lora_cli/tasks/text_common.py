@@ -112,16 +112,14 @@ def build_model(model_cfg: ModelSection, auto_cls, source: str | Path | None = N
     path = model_path(model_cfg, source)
     if path:
         try:
-            model = auto_cls.from_pretrained(
-                path,
+            model = quantization.from_pretrained(  # model.quantization: bitsandbytes 4 / 8 bit
+                auto_cls, path, model_cfg, source,
                 revision=None if source else model_cfg.revision,
                 trust_remote_code=model_cfg.trust_remote_code,
                 **kwargs,
-                **quantization.load_kwargs(model_cfg, source),  # model.quantization: bitsandbytes 4 / 8 bit
             )
         except ValueError as exc:
             raise UserInputError(f"model.name_or_path: {path!r} cannot be loaded as {auto_cls.__name__}: {exc}") from exc
-        model = quantization.checked_on_cpu(model, model_cfg)
     else:
         model = quantization.from_config(auto_cls, _config_from_section(model_cfg, **kwargs), model_cfg)
     _sync_pad_token(model, model_cfg)

@@ -41,7 +41,7 @@ class AdaLoraState(MethodState):
     def _layers(self) -> list[tuple[str, AdaLoraLayer]]:
         # AdaLoRA's own layers only (those holding E for this adapter): trainable-token layers beside them have none
         return [(p, layer) for p, layer in self.model.adapter_layers()
-                if self.adapter_name in layer._modules.get("lora_E", ())]  # noqa: SLF001
+                if self.adapter_name in getattr(layer, "lora_E", ())]
 
     # ----------------------------------------------------------- regulariser
     def regularizer(self) -> Tensor | None:
