@@ -104,7 +104,8 @@ class LoraConfig(AdapterConfig):
     # -- options of trainable tokens and parameter targets go below this line --
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     """Token ids whose embedding rows train (the rest of the matrix stays frozen): a list for
-    the input embedding, or {embedding module name: ids}. A tied output layer follows them."""
+    the input embedding, or {embedding module name: ids}. Modules tied to the embedding follow
+    them (a tied output layer; T5's and BART's encoder and decoder embed_tokens)."""
     target_parameters: list[str] | None = None
     """nn.Parameter names (exact or dotted suffix, e.g. "mlp.experts.gate_up_proj") to adapt
     directly: how transformers 5 MoE experts, stored as 3-D (experts, ., .) tensors, get LoRA.
