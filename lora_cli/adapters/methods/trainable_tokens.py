@@ -208,6 +208,21 @@ class TrainableTokensLayer(AdapterLayer):
         weight = self.base_weight()
         weight.index_copy_(0, self._index(name, weight.device), self.original(name).to(weight.dtype))
 
+    def redundant_keys(self, name: str) -> list[str]:
+        # PEFT writes a tied layer's shared V again when it saves embedding layers with it
+        if self.tied_to is None or self.save_tied:
+            return []
+        return [suffix for suffix, _ in super().adapter_tensors(name)]
+
+    @torch.no_grad()
+    def base_weight_loaded(self) -> None:
+        if self.tied_to is not None:
+            return  # the embedding's layer keeps the originals
+        weight = self.base_weight()
+        for name, indices in self.token_indices.items():
+            if name not in self.merged_adapters:
+                getattr(self, f"_original_{name}").copy_(weight[torch.tensor(indices, device=weight.device)])
+
     def extra_repr_for(self, name: str) -> str:
         tied = ", tied" if self.tied_to is not None else ""
         return f"tokens={len(self.token_indices.get(name, []))}{tied}"
@@ -222,6 +237,7 @@ class TokenAdapterLayer(TrainableTokensLayer):
     """Trainable tokens beside LoRA (``trainable_token_indices``): PEFT's key infix ``token_adapter``."""
 
     disk_names = {"trainable_tokens_delta": "token_adapter.trainable_tokens_delta"}
+    base_key = "token_adapter.base_layer"
     save_tied = False
 
 
