@@ -102,10 +102,13 @@ def collect_covariances(
             if x.shape[0] == 0:
                 return
             x = x.detach() if float16 else x.detach().float()
-            real = real.unsqueeze(-1)
-            low = torch.tensor(float("-inf"), dtype=x.dtype, device=x.device)
-            peak = torch.where(real, x, low).amax(dim=(1, 2)).abs()  # PEFT's max(X).abs(), per sample
-            x = torch.where(real, x / peak.view(-1, 1, 1), torch.zeros((), dtype=x.dtype, device=x.device))
+            if real is None:  # every token real (no padding in this batch)
+                x = x / x.amax(dim=(1, 2)).abs().view(-1, 1, 1)  # PEFT's max(X).abs(), per sample
+            else:
+                real = real.unsqueeze(-1)
+                low = torch.tensor(float("-inf"), dtype=x.dtype, device=x.device)
+                peak = torch.where(real, x, low).amax(dim=(1, 2)).abs()
+                x = torch.where(real, x / peak.view(-1, 1, 1), torch.zeros((), dtype=x.dtype, device=x.device))
             if not torch.isfinite(x).all():
                 raise LoraCliError(f"CorDA: the inputs of {path} hold NaN/inf (or are all zero); check the calibration data")
             flat = x.reshape(-1, x.shape[-1])  # padding rows are zero: they add nothing
@@ -132,19 +135,19 @@ def collect_covariances(
     return {p: sums[p] / counts[p] for p in sums}
 
 
-def sample_rows(x: Any, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+def sample_rows(x: Any, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """A layer's input as (samples, tokens, in) with a (samples, tokens) bool of the real
-    tokens (the attention mask; every token without one); samples with no real token dropped.
-    A 2-d input (batch, in) is one token per sample."""
+    tokens (the attention mask), None when every token is real; samples with no real token
+    dropped. A 2-d input (batch, in) is one token per sample."""
     if isinstance(x, (tuple, list)):
         x = x[0]
-    if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-        real = mask.to(x.device).bool()
-    else:
-        x = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() >= 2 else x.reshape(1, 1, -1)
-        real = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    if mask is None or x.dim() != 3 or tuple(x.shape[:2]) != tuple(mask.shape):
+        return (x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() >= 2 else x.reshape(1, 1, -1)), None
+    real = mask.to(x.device).bool()
+    if real.all():
+        return x, None
     keep = real.any(dim=1)
-    return (x, real) if keep.all() else (x[keep], real[keep])
+    return x[keep], real[keep]
 
 
 def decompose(weight: Tensor, covariance: Tensor) -> tuple[Tensor, Tensor, Tensor]:
