@@ -20,8 +20,10 @@ In the engine the adapter is injected first (with a zero delta), then
 
     preprocess_corda(model, batches)        # hooks the adapted layers, decomposes, initialises
 
-Padding positions (``attention_mask``) are left out of the covariance; PEFT hooks one
-unpadded sample per forward, which this matches exactly.
+The covariance is a mean over samples, C = mean_i X_i^T X_i / max(X_i)^2, each sample's
+real token rows X_i (``attention_mask``: padding left out) scaled by that sample's own max:
+what PEFT's hooks compute from one unpadded sample per forward. Calibration batches of
+several padded rows therefore give PEFT's covariances (equal up to float rounding).
 """
 
 from __future__ import annotations
@@ -40,7 +42,6 @@ from lora_cli.adapters.eva import (
     calibrated_layers,
     check_adapter,
     forward_batch,
-    layer_rows,
     token_mask,
 )
 from lora_cli.errors import LoraCliError, Problem, UserInputError
@@ -85,8 +86,10 @@ def collect_covariances(
     forward: Forward | None = None,
     float16: bool = False,
 ) -> dict[str, Tensor]:
-    """{module path: mean over forwards of X^T X / max(X)^2} of each adapted layer's inputs,
-    with the adapters off (the base model's activations)."""
+    """{module path: mean over samples of X^T X / max(X)^2} of each adapted layer's inputs,
+    with the adapters off (the base model's activations). A sample is one row of a batch
+    (its real tokens, per the attention mask), scaled by its own max, as in PEFT's run of one
+    sample per forward."""
     forward = forward or forward_batch
     layers = calibrated_layers(model, adapter_name)
     sums: dict[str, Tensor | float] = dict.fromkeys((p for p, _ in layers), 0.0)
@@ -95,13 +98,22 @@ def collect_covariances(
 
     def hook_for(path):
         def hook(module, args, output):
-            x = layer_rows(args, state["mask"]).detach()
-            x = x if float16 else x.float()
-            x = x / torch.max(x).abs()
+            x, real = sample_rows(args, state["mask"])  # (samples, tokens, in), (samples, tokens)
+            if x.shape[0] == 0:
+                return
+            x = x.detach() if float16 else x.detach().float()
+            if real is None:  # every token real (no padding in this batch)
+                x = x / x.amax(dim=(1, 2)).abs().view(-1, 1, 1)  # PEFT's max(X).abs(), per sample
+            else:
+                real = real.unsqueeze(-1)
+                low = torch.tensor(float("-inf"), dtype=x.dtype, device=x.device)
+                peak = torch.where(real, x, low).amax(dim=(1, 2)).abs()
+                x = torch.where(real, x / peak.view(-1, 1, 1), torch.zeros((), dtype=x.dtype, device=x.device))
             if not torch.isfinite(x).all():
                 raise LoraCliError(f"CorDA: the inputs of {path} hold NaN/inf (or are all zero); check the calibration data")
-            sums[path] = sums[path] + x.T @ x
-            counts[path] += 1
+            flat = x.reshape(-1, x.shape[-1])  # padding rows are zero: they add nothing
+            sums[path] = sums[path] + flat.T @ flat
+            counts[path] += x.shape[0]
         return hook
 
     handles = [layer.register_forward_hook(hook_for(path)) for path, layer in layers]
@@ -121,6 +133,21 @@ def collect_covariances(
         raise UserInputError(f"CorDA: {', '.join(empty[:5])} saw no calibration input; give it at least one batch "
                              "(adapter.calibration_batches) that runs through these layers")
     return {p: sums[p] / counts[p] for p in sums}
+
+
+def sample_rows(x: Any, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """A layer's input as (samples, tokens, in) with a (samples, tokens) bool of the real
+    tokens (the attention mask), None when every token is real; samples with no real token
+    dropped. A 2-d input (batch, in) is one token per sample."""
+    if isinstance(x, (tuple, list)):
+        x = x[0]
+    if mask is None or x.dim() != 3 or tuple(x.shape[:2]) != tuple(mask.shape):
+        return (x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() >= 2 else x.reshape(1, 1, -1)), None
+    real = mask.to(x.device).bool()
+    if real.all():
+        return x, None
+    keep = real.any(dim=1)
+    return x[keep], real[keep]
 
 
 def decompose(weight: Tensor, covariance: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -76,6 +76,9 @@ class AdapterLayer(nn.Module):
     """attr -> key suffix in the PEFT file, where they differ (``lora_A`` -> ``lora_A.weight``)."""
     wraps_quantized: ClassVar[bool] = False
     """Whether this method runs on bitsandbytes 4-bit / 8-bit linears (see :mod:`.quantized`)."""
+    base_key: ClassVar[str] = "base_layer"
+    """Where PEFT's files put the wrapped module's own tensors (``P.base_layer.weight``), when a
+    file carries them (``save_embedding_layers``)."""
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -304,6 +307,15 @@ class AdapterLayer(nn.Module):
             container = getattr(self, attr)
             if name in container:
                 yield self.disk_names.get(attr, attr), container[name]
+
+    def redundant_keys(self, name: str) -> list[str]:
+        """Key suffixes PEFT may write for adapter ``name`` that this layer holds elsewhere (a tied
+        layer's shared tensors): read past on load, never written."""
+        return []
+
+    def base_weight_loaded(self) -> None:
+        """The base weight was replaced from a file (PEFT's saved embedding layers): refresh
+        whatever this layer derived from it."""
 
     def delete(self, name: str) -> None:
         if name in self.merged_adapters:

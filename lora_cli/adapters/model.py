@@ -164,6 +164,10 @@ class AdapterModel(MultiAdapterMixin, AdapterStateMixin, AdapterCombineMixin, nn
                 f"so a {method.name} adapter cannot be added"
             )
         aliases = module_aliases(self.base_model)
+        if config.target_modules is None and _is_truthy_option(config, "target_parameters"):
+            # the parameters alone, as PEFT adapts them where it has no default target modules; written
+            # as [] so that PEFT, which fills in defaults for a null on some model types, adds none
+            config = config.replace(target_modules=[])
         if config.target_modules == [] and any(_is_truthy_option(config, k) for k in AUXILIARY_OPTIONS):
             paths = []  # PEFT's way to adapt only parameters / tokens: target_modules=[]
         else:

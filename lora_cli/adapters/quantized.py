@@ -31,8 +31,6 @@ import sys
 import torch
 from torch import Tensor, nn
 
-from lora_cli.adapters.loftq import nf_dequantized
-
 BNB_4BIT, BNB_8BIT = "bnb_4bit", "bnb_8bit"
 _CLASSES = {"Linear4bit": BNB_4BIT, "Linear8bitLt": BNB_8BIT}
 _INSTALL = "pip install 'loracli[quant]'"
@@ -64,14 +62,10 @@ def dequantize_weight(module: nn.Module) -> Tensor:
     kind = quant_kind(module)
     weight = module.weight
     if kind == BNB_4BIT:
-        state = getattr(weight, "quant_state", None)
-        if state is None:  # a Params4bit not quantized yet (still on the meta / original device)
+        if getattr(weight, "quant_state", None) is None:  # a Params4bit not quantized yet (meta / original device)
             return weight.data.float()
-        functional = _bnb().functional
-        data = weight.data
-        if getattr(state, "packing_format_for_cpu", False):  # repacked for AVX512-BF16 (see keep_standard_cpu_layout)
-            data, state = functional._convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(state))  # noqa: SLF001
-        return functional.dequantize_4bit(data, state).float()
+        data, state = _standard_4bit(module)
+        return _bnb().functional.dequantize_4bit(data, state).float()
     if kind == BNB_8BIT:
         if weight.dtype != torch.int8:  # has_fp16_weights=True keeps a float copy
             return weight.data.float()
@@ -82,6 +76,17 @@ def dequantize_weight(module: nn.Module) -> Tensor:
             raise ValueError(f"the int8 layer {module} has no scale statistics (SCB); it was never quantized")
         return weight.data.float() * (scb.float().view(-1, 1) / 127.0)
     raise TypeError(f"{type(module).__name__} is not a bitsandbytes quantized layer")
+
+
+def _standard_4bit(module: nn.Module):
+    """(packed data, quant state) of a 4-bit layer in bitsandbytes' standard layout; a layer
+    repacked for AVX512-BF16 (see :func:`keep_standard_cpu_layout`) is converted back from copies."""
+    weight = module.weight
+    data, state = weight.data, weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        functional = _bnb().functional
+        data, state = functional._convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(state))  # noqa: SLF001
+    return data, state
 
 
 def plain_linear(module: nn.Module, dtype=None) -> nn.Linear:
@@ -146,37 +151,44 @@ def keep_standard_cpu_layout(model: nn.Module) -> int:
     return changed
 
 
-_ROWS_RIGHT: dict[tuple[int, int], bool] = {}
-
-
-def cpu_rows_dequantize_right(width: int, blocksize: int = 64) -> bool:
-    """Whether bitsandbytes' CPU kernel here dequantizes 4-bit rows of ``width`` values correctly.
+def cpu_dequantizes_right(module: nn.Module) -> bool:
+    """Whether bitsandbytes' kernel here dequantizes this 4-bit layer's stored weight as stored.
 
     bitsandbytes quantizes a weight in blocks over its flattened values; its native CPU
-    dequantize kernel (0.50) blocks each row instead, which gives other values whenever
-    a row is not a multiple of the block size. Checked once per (width, blocksize) against
-    the blockwise NormalFloat reference (``loftq.nf_dequantized``) on a two-row probe.
+    dequantize kernel (0.50, on some CPUs) blocks each row instead, which gives other values
+    whenever a row is not a multiple of the block size. The layer's own packed weight is
+    dequantized twice by the same kernel: with the layer's (out, in) shape, and laid out as
+    rows of exactly one block each (or one row, when the block size does not divide the
+    weight), where row blocks and flattened blocks coincide. Any difference is the kernel's
+    error on this layer's shape, whatever the data, quantization type or double quantization.
     """
-    key = (int(width), int(blocksize))
-    if key not in _ROWS_RIGHT:
-        functional = _bnb().functional
-        probe = torch.sin(torch.arange(2 * width, dtype=torch.float32)).reshape(2, width)
-        packed, state = functional.quantize_4bit(probe, blocksize=blocksize, quant_type="nf4")
-        back = functional.dequantize_4bit(packed, state).float()
-        _ROWS_RIGHT[key] = bool(torch.equal(back, nf_dequantized(probe, 4, blocksize)))
-    return _ROWS_RIGHT[key]
+    functional = _bnb().functional
+    data, state = _standard_4bit(module)
+    shape = torch.Size(state.shape)
+    numel, blocksize = shape.numel(), int(state.blocksize)
+    flat_state = copy.copy(state)  # only the shape changes; the tensors are shared, never written
+    flat_state.shape = torch.Size((numel // blocksize, blocksize) if numel % blocksize == 0 else (1, numel))
+    as_shaped = functional.dequantize_4bit(data, state)
+    reference = functional.dequantize_4bit(data, flat_state).reshape(shape)
+    return bool(torch.equal(as_shaped, reference))
 
 
 def cpu_wrong_layers(model: nn.Module) -> list[tuple[str, int, int]]:
-    """(path, in_features, blocksize) of every CPU 4-bit layer that :func:`cpu_rows_dequantize_right` fails."""
+    """(path, in_features, blocksize) of every CPU 4-bit layer that :func:`cpu_dequantizes_right` fails.
+
+    The kernel's error depends on the shape only, so one layer of each (shape, block size, type,
+    double quantization) is checked and its verdict applies to the others."""
     wrong = []
+    verdicts: dict[tuple, bool] = {}
     for path, module in model.named_modules():
         state = getattr(getattr(module, "weight", None), "quant_state", None)
         if quant_kind(module) != BNB_4BIT or state is None or module.weight.device.type != "cpu":
             continue
-        width, blocksize = int(module.in_features), int(state.blocksize)
-        if width % blocksize and not cpu_rows_dequantize_right(width, blocksize):
-            wrong.append((path, width, blocksize))
+        key = (tuple(state.shape), int(state.blocksize), state.quant_type, bool(state.nested))
+        if key not in verdicts:
+            verdicts[key] = cpu_dequantizes_right(module)
+        if not verdicts[key]:
+            wrong.append((path, int(module.in_features), int(state.blocksize)))
     return wrong
 
 

@@ -12,12 +12,19 @@ kinds of keys need translating on load:
 
 Saving does the reverse for tools that know only current names (PEFT): target_modules
 and rank / alpha patterns written against old names are rewritten to current ones.
+
+A file may also carry the base weights of the input / output embedding (PEFT's
+``save_embedding_layers``: ``...embed_tokens.base_layer.weight`` when the embedding is
+targeted, ``...embed_tokens.weight`` and ``lm_head.weight`` when the vocabulary was resized):
+the rows a resize added are random, and only the file can bring them back. Loading copies
+them into the base; saving writes them where PEFT's "auto" would.
 :class:`AdapterStateMixin` gives :class:`~lora_cli.adapters.model.AdapterModel` these verbs.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import tempfile
@@ -32,7 +39,7 @@ from torch import Tensor, nn
 from lora_cli.adapters import base_rewrites
 from lora_cli.adapters.autobase import load_base_model
 from lora_cli.adapters.config import CONFIG_NAME, WEIGHTS_NAME, AdapterConfig
-from lora_cli.adapters.layers import AdapterLayer
+from lora_cli.adapters.layers import AdapterLayer, ModulesToSaveWrapper
 from lora_cli.adapters.registry import get_method
 from lora_cli.adapters.targeting import candidate_modules, matches, module_aliases
 from lora_cli.adapters.tensor_files import (  # noqa: F401 - re-exported: the state API reads these
@@ -48,6 +55,10 @@ if TYPE_CHECKING:
     from lora_cli.adapters.model import AdapterModel
 
 KEY_PREFIX = "base_model.model."
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+"""PEFT's names: targeting one of them makes save_embedding_layers="auto" save the embeddings."""
+
+
 def remap_legacy_key(key: str, renamed: Mapping[str, str], wrappers: Collection[str]) -> str | None:
     """The current name of file key ``key``; None for a key that should be skipped.
 
@@ -113,8 +124,13 @@ class AdapterStateMixin:
     def load_adapter_state_dict(self: AdapterModel, state: dict[str, Tensor], adapter_name: str | None = None) -> None:
         """Copy a PEFT-format state dict into adapter ``adapter_name``; strict about shapes
         and about adapter tensors, tolerant of PEFT's redundant copies."""
+        adapter_name = adapter_name or self.active_adapter
         live = self.live_adapter_tensors(adapter_name)
         base_params = dict(self.base_model.named_parameters())
+        embeddings = {KEY_PREFIX + key: param for key, (param, _) in embedding_base_tensors(self.base_model).items()}
+        redundant = {f"{KEY_PREFIX}{path}.{suffix}" for path, layer in self.adapter_layers()
+                     for suffix in layer.redundant_keys(adapter_name)}
+        loaded_bases: set[nn.Module] = set()
         wrappers = {path for path, _ in self._wrappers()}
         renamed = {old: new for new, old in module_aliases(self.base_model).items()}
         seen: set[str] = set()
@@ -122,7 +138,15 @@ class AdapterStateMixin:
         mismatched: list[str] = []
         for key, tensor in state.items():
             key = remap_legacy_key(key, renamed, wrappers)
-            if key is None:  # a redundant copy PEFT writes (modules_to_save's original)
+            if key is None or key in redundant:  # a redundant copy PEFT writes (modules_to_save's original)
+                continue
+            if key in embeddings:  # a base embedding weight the file carries (save_embedding_layers)
+                param = embeddings[key]
+                if param.shape != tensor.shape:
+                    mismatched.append(embedding_shape_problem(key, tuple(tensor.shape), tuple(param.shape)))
+                    continue
+                param.data.copy_(tensor.to(dtype=param.dtype, device=param.device))
+                loaded_bases.add(embedding_base_tensors(self.base_model)[key[len(KEY_PREFIX):]][1])
                 continue
             target = live.get(key)
             if target is None and key.startswith(KEY_PREFIX) and key.endswith("bias"):
@@ -135,6 +159,9 @@ class AdapterStateMixin:
                 continue
             target.data.copy_(tensor.to(dtype=target.dtype, device=target.device))
             seen.add(key)
+        for module in loaded_bases:
+            if isinstance(module, AdapterLayer):
+                module.base_weight_loaded()
         missing = [k for k in live if k not in seen and not k.endswith("bias")]
         problems = fit_problems(mismatched, missing, unexpected)
         if problems:
@@ -150,8 +177,15 @@ class AdapterStateMixin:
         selected_adapters: list[str] | None = None,
         state_dict: dict[str, Tensor] | None = None,
         convert_to_original_base: bool = False,
+        save_embedding_layers: bool | str = "auto",
     ) -> None:
         """PEFT layout: ``default`` at the root, any other adapter in a sub-folder.
+
+        ``save_embedding_layers``: also write the base weights of the input / output embedding,
+        as PEFT does. "auto" (PEFT's default): when ``target_modules`` names ``embed_tokens`` or
+        ``lm_head`` (and no trainable tokens are used), or when the embedding's rows differ from
+        the vocabulary of the base checkpoint (a local ``base_model_name_or_path`` folder; no hub
+        look-up), i.e. the vocabulary was resized and its new rows exist nowhere else.
 
         ``state_dict``: the active adapter's tensors (``get_adapter_state_dict`` layout) to
         write instead of the live ones, e.g. full copies gathered from a sharded (FSDP) model.
@@ -161,6 +195,8 @@ class AdapterStateMixin:
         (see :mod:`lora_cli.adapters.base_rewrites`); PEFT's
         ``path_initial_model_for_weight_conversion``. Other adapters are written as they are.
         """
+        if save_embedding_layers not in (True, False, "auto"):
+            raise ValueError(f"save_embedding_layers must be True, False or 'auto', got {save_embedding_layers!r}")
         root = Path(save_directory)
         for name in selected_adapters or list(self.peft_config):
             target = root if name == "default" else root / name
@@ -171,6 +207,7 @@ class AdapterStateMixin:
                 base_config = getattr(self.base_model, "config", None)
                 config.base_model_name_or_path = getattr(base_config, "_name_or_path", None) or None
             paths = self.targets.get(name, [])
+            embedding_state = saved_embedding_layers(self.base_model, config, save_embedding_layers)
             config.target_modules = _portable_targets(self.base_model, config, paths)
             aliases = module_aliases(self.base_model)
             for field_name in ("rank_pattern", "alpha_pattern"):
@@ -183,6 +220,7 @@ class AdapterStateMixin:
             base_weights: dict[str, Tensor] = {}
             if convert_to_original_base:
                 state, config, base_weights = base_rewrites.convert_to_original_base(self, name, state, config)
+            state.update({KEY_PREFIX + key: tensor for key, tensor in embedding_state.items()})
             save_adapter_files(target, state, config)
             base_rewrites.write_base_weights(target, base_weights)
 
@@ -247,6 +285,76 @@ def fit_problems(mismatched: list[str], missing: list[str], unexpected: list[str
     if unexpected:
         problems.append(f"{len(unexpected)} tensor(s) fit no module, e.g. {', '.join(unexpected[:3])}")
     return problems
+
+
+def embedding_base_tensors(model: nn.Module) -> dict[str, tuple[Tensor, nn.Module]]:
+    """The base tensors of the model's input and output embeddings under PEFT's file keys (no
+    prefix), each with the module that holds them: ``P.weight`` for a plain module,
+    ``P.base_layer.weight`` (``P.token_adapter.base_layer.weight`` beside LoRA's trainable
+    tokens) for a wrapped one. A ``modules_to_save`` copy is saved as itself and not listed."""
+    out: dict[str, tuple[Tensor, nn.Module]] = {}
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        get = getattr(model, getter, None)
+        module = get() if callable(get) else None
+        if module is None or isinstance(module, ModulesToSaveWrapper):
+            continue
+        path = next((p for p, m in model.named_modules() if m is module), None)
+        if path is None:
+            continue
+        base = module.base_layer if isinstance(module, AdapterLayer) else module
+        prefix = f"{path}.{module.base_key}." if isinstance(module, AdapterLayer) else f"{path}."
+        for name, param in base.named_parameters(recurse=False):
+            out[prefix + name] = (param, module)
+    return out
+
+
+def embedding_shape_problem(key: str, file_shape: tuple[int, ...], model_shape: tuple[int, ...]) -> str:
+    return (f"{key}: the file carries this base embedding with {file_shape[0]} rows {file_shape}, the model "
+            f"has {model_shape[0]} {model_shape}; resize the model's token embeddings first "
+            f"(model.resize_token_embeddings({file_shape[0]}), as the tokenizer saved with the adapter does)")
+
+
+def saved_embedding_layers(model: nn.Module, config: AdapterConfig, choice: bool | str) -> dict[str, Tensor]:
+    """The embedding base tensors that ``save_pretrained(save_embedding_layers=choice)`` writes (PEFT's rules)."""
+    targeted = _names_an_embedding_layer(model, config.target_modules)
+    if choice == "auto":
+        tokens = config.peft_type == "TRAINABLE_TOKENS" or getattr(config, "trainable_token_indices", None)
+        choice = (targeted and not tokens) or _vocabulary_resized(model, config.base_model_name_or_path)
+    if not choice:
+        return {}
+    out: dict[str, Tensor] = {}
+    for key, (tensor, module) in embedding_base_tensors(model).items():
+        if targeted and not isinstance(module, AdapterLayer):
+            continue  # PEFT: with an embedding targeted, only the adapted embeddings are written
+        out[key] = tensor.detach().to("cpu").clone()  # a copy: tied embeddings share one tensor
+    return out
+
+
+def _names_an_embedding_layer(model: nn.Module, rule: Any) -> bool:
+    if isinstance(rule, str):
+        if rule == "all-linear":
+            return False
+        return any(matches(path, rule) for path in candidate_modules(model)
+                   if path.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES)
+    return bool(rule) and any(name in rule for name in EMBEDDING_LAYER_NAMES)
+
+
+def _vocabulary_resized(model: nn.Module, base: str | None) -> bool:
+    """Whether the input embedding's rows differ from the vocabulary of the local base folder ``base``."""
+    path = Path(base) / "config.json" if base else None
+    if path is None or not path.is_file():
+        return False
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    vocab = saved.get("vocab_size") or (saved.get("text_config") or {}).get("vocab_size")
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    if not isinstance(vocab, int) or embedding is None:
+        return False
+    weight = embedding.base_weight() if isinstance(embedding, AdapterLayer) else getattr(embedding, "weight", None)
+    return isinstance(weight, Tensor) and weight.shape[0] != vocab
 
 
 def _portable_patterns(pattern: dict[str, Any], paths: list[str], aliases: dict[str, str]) -> dict[str, Any]:

@@ -208,7 +208,9 @@ def resolve_adapter_config(
                 "derive it from the data size, epochs and batch size"
             )
         derived[name] = total_step
-    if options.get("target_modules") is None and "target_modules" in allowed_fields(method):
+    if options.get("target_modules") is None and options.get("target_parameters"):
+        options["target_modules"] = []  # the parameters alone: no default targets added behind the user's back
+    elif options.get("target_modules") is None and "target_modules" in allowed_fields(method):
         if targets is None:
             raise UserInputError(
                 "adapter.target_modules is not set and loracli has no default for this model type; list the layers "

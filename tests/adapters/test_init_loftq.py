@@ -100,7 +100,7 @@ def test_nf2_levels_and_the_alternating_fit_reduces_the_error():
 def _opt_whole_blocks():
     """A tiny OPT whose layer widths (64, 128) are whole 4-bit blocks: bitsandbytes 0.50's native
     CPU dequantize kernel, which PEFT's LoftQ calls, is wrong for rows that are not (see
-    ``quantized.cpu_rows_dequantize_right``); loracli's own NF4 math is right for any width."""
+    ``quantized.cpu_dequantizes_right``); loracli's own NF4 math is right for any width."""
     from transformers import OPTConfig, OPTForCausalLM
 
     torch.manual_seed(0)

@@ -254,3 +254,52 @@ def test_deleting_an_active_adapter_keeps_the_others(tmp_path):
     ours.delete_adapter("b")
     assert ours.active_adapters == ["default", "c"]
     assert ours.base_model.lin.active_adapters == ["default", "c"]
+
+
+@pytest.mark.parametrize("net", sorted(NETS))
+def test_merging_two_active_dora_adapters_keeps_the_unmerged_output_as_peft(net, tmp_path):
+    """Each DoRA adapter's rescaling g = m / ||W + dW|| is taken against the unmerged base W (as the
+    unmerged forward takes it), not against a weight that already holds the adapter merged before it."""
+    ours, theirs = _pair(net, tmp_path, use_dora=True)
+    theirs.base_model.set_adapter(["default", "b"])
+    x = NETS[net][1]()
+    with torch.no_grad():
+        unmerged = ours(x)
+        torch.testing.assert_close(unmerged, theirs(x), atol=ATOL, rtol=ATOL)
+        ours.set_adapter("default")
+        assert (ours(x) - unmerged).abs().max() > 1e-2  # b contributes
+        ours.set_adapter(["default", "b"])
+        ours.merge_adapter()
+        theirs.merge_adapter()
+        assert all(layer.merged_adapters == ["default", "b"] for _, layer in ours.adapter_layers())
+        torch.testing.assert_close(ours(x), unmerged, atol=ATOL, rtol=0)
+        torch.testing.assert_close(ours(x), theirs(x), atol=ATOL, rtol=0)
+        for path in NETS[net][2]:
+            torch.testing.assert_close(ours.base_model.get_submodule(path).base_layer.weight,
+                                       theirs.base_model.model.get_submodule(path).base_layer.weight,
+                                       atol=ATOL, rtol=0)
+        ours.unmerge_adapter()  # newest first, each against the unmerged base: the base comes back
+        with ours.disable_adapter():
+            torch.testing.assert_close(ours(x), NETS[net][0]()(x), atol=ATOL, rtol=0)
+        torch.testing.assert_close(ours(x), unmerged, atol=ATOL, rtol=0)
+        torch.testing.assert_close(ours.merge_and_unload()(x), unmerged, atol=ATOL, rtol=0)
+
+
+def test_dora_beside_a_merged_lora_adapter_runs_against_the_unmerged_base(tmp_path):
+    """A LoRA adapter merged, a DoRA adapter active unmerged: the DoRA adapter still rescales the
+    unmerged base, so merging it too changes nothing and the pair gives the both-unmerged output."""
+    build, make_x, targets = NETS["tokens"]
+    model = get_adapter_model(build(), LoraConfig(target_modules=targets, init_lora_weights=False))
+    model.add_adapter("d", LoraConfig(r=4, target_modules=targets, init_lora_weights=False, use_dora=True))
+    model.set_adapter(["default", "d"])
+    _layers.perturb_trainable(model)
+    x = make_x()
+    with torch.no_grad():
+        both = model(x)
+        model.merge_adapter(["default"])
+        torch.testing.assert_close(model(x), both, atol=ATOL, rtol=0)
+        model.merge_adapter(["d"])
+        torch.testing.assert_close(model(x), both, atol=ATOL, rtol=0)
+        model.unmerge_adapter()
+        with model.disable_adapter():
+            torch.testing.assert_close(model(x), build()(x), atol=ATOL, rtol=0)

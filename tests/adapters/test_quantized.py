@@ -28,7 +28,7 @@ from lora_cli.adapters.quantized import (
     BNB_4BIT,
     BNB_8BIT,
     backend_refusal,
-    cpu_rows_dequantize_right,
+    cpu_dequantizes_right,
     cpu_wrong_layers,
     dequantize_model,
     dequantize_weight,
@@ -115,41 +115,67 @@ def test_loading_keeps_the_standard_cpu_layout(base_dir):
     assert keep_standard_cpu_layout(model) == 0
 
 
-def test_rows_that_the_cpu_kernel_dequantizes_wrongly_are_found_and_refused(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def narrow_dir(tmp_path_factory):
+    """A tiny Llama whose layer widths (48, 96) are not whole 4-bit blocks of 64."""
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=96)
+    folder = tmp_path_factory.mktemp("narrow")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def _row_blocking_kernel(monkeypatch):
+    """bitsandbytes' dequantize as its faulty CPU kernel computes it: other values for a weight
+    of several rows that are not whole blocks (the shape is what matters, not the data)."""
+    real = bnb.functional.dequantize_4bit
+
+    def faulty(data, state, *args, **kwargs):
+        out = real(data, state, *args, **kwargs)
+        rows, width = tuple(state.shape)
+        return out + 1e-3 if rows > 1 and width % state.blocksize else out
+
+    monkeypatch.setattr(bnb.functional, "dequantize_4bit", faulty)
+
+
+@pytest.mark.parametrize("quant_type, double_quant", [("nf4", False), ("fp4", False), ("nf4", True)])
+def test_the_cpu_check_reads_the_real_layers_and_agrees_with_the_nf4_reference(narrow_dir, quant_type, double_quant):
+    """The verdict is taken on the layer's own weight and shape, so it says on any CPU whether the
+    layer computes what was stored; for NF4 that is the blockwise NormalFloat reference."""
     from lora_cli.adapters.loftq import nf_dequantized
+
+    original = LlamaForCausalLM.from_pretrained(narrow_dir).model.layers[0].self_attn.q_proj.weight.detach()
+    model = load_quantized(narrow_dir, 4, quant_type=quant_type, double_quant=double_quant)
+    keep_standard_cpu_layout(model)
+    layer = model.model.layers[0].self_attn.q_proj
+    found = cpu_wrong_layers(model)
+    right = cpu_dequantizes_right(layer)
+    assert right is (("model.layers.0.self_attn.q_proj", 48, 64) not in found)
+    if quant_type == "nf4" and not double_quant:
+        assert torch.equal(dequantize_weight(layer), nf_dequantized(original, 4)) == cpu_dequantizes_right(layer)
+
+
+def test_rows_that_the_cpu_kernel_dequantizes_wrongly_are_found_and_refused(narrow_dir, base_dir, monkeypatch):
     from lora_cli.errors import UserInputError
     from lora_cli.recipe.schema import ModelSection
     from lora_cli.tasks import quantization
 
-    assert cpu_rows_dequantize_right(64) and cpu_rows_dequantize_right(128)  # whole blocks: always right
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=4, vocab_size=96)
-    base = LlamaForCausalLM(config)
-    original = base.model.layers[0].self_attn.q_proj.weight.detach().clone()
-    base.save_pretrained(tmp_path)
-    model = AutoModelForCausalLM.from_pretrained(
-        tmp_path, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
-        device_map={"": "cpu"})
-    keep_standard_cpu_layout(model)
-    layer = model.model.layers[0].self_attn.q_proj
-    expected = nf_dequantized(original, 4)  # blockwise NF4 over the flattened weight, as bitsandbytes stores it
-    found = cpu_wrong_layers(model)
-    # the probe's verdict matches the real layer on this machine, whichever it is
-    if cpu_rows_dequantize_right(48):
-        assert not found and torch.equal(dequantize_weight(layer), expected)
-    else:
-        assert ("model.layers.0.self_attn.q_proj", 48, 64) in found
-        assert not torch.allclose(dequantize_weight(layer), expected, atol=1e-3)
-        x = torch.randn(3, 48)
-        assert not torch.allclose(layer(x).float(), x @ expected.T, atol=1e-3)  # the layer computes it wrongly too
     section = ModelSection(config={"model_type": "llama"}, quantization={"bits": 4})
-    monkeypatch.setattr(quantization, "cpu_wrong_layers", lambda m: [("model.layers.0.mlp.down_proj", 96, 64)])
+    model = load_quantized(narrow_dir, 4)
+    whole_blocks = load_quantized(base_dir, 4)  # widths 64 and 128
+    _row_blocking_kernel(monkeypatch)
+    found = cpu_wrong_layers(model)
+    assert {path.rsplit(".", 1)[-1] for path, _, _ in found} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert ("model.layers.0.mlp.down_proj", 96, 64) in found
+    assert cpu_wrong_layers(whole_blocks) == []  # whole blocks: the kernel's row blocks are the real ones
     with pytest.raises(UserInputError) as err:
         quantization.checked_on_cpu(model, section)
     message = str(err.value)
-    assert "model.quantization" in message and "down_proj (in_features 96)" in message
+    assert "model.quantization" in message and "q_proj (in_features 48)" in message
     assert "multiple of 64" in message and "CUDA GPU" in message and "bits: 8" in message
+    assert quantization.checked_on_cpu(whole_blocks, section) is whole_blocks
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])

@@ -154,3 +154,40 @@ def test_second_adapter_reuses_the_wrappers_and_must_target_the_same_parameters(
     torch.testing.assert_close(_logits(theirs, ids), _logits(model, ids), atol=1e-5, rtol=0)
     with pytest.raises(CombineError, match="target_parameters"):
         model.add_weighted_adapter(["default", "b"], [0.5, 0.5], "ab", combination_type="linear")
+
+
+def test_target_parameters_without_target_modules_adapt_the_parameters_as_peft(tmp_path):
+    """No target_modules: only the parameters are adapted, as PEFT does on this model (its LoRA has
+    no default target modules for Mixtral's experts); the file says target_modules: [] so PEFT,
+    which fills in default target modules for a null on some model types, loads it as trained."""
+    ids = _ids()
+    kw = {"r": 2, "target_parameters": PARAMS, "init_lora_weights": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = get_adapter_model(tiny_mixtral(), LoraConfig(**kw))
+        theirs = peft.get_peft_model(tiny_mixtral(), peft.LoraConfig(**kw))
+    adapted = {n: m.parameter_name for n, m in ours.base_model.named_modules() if isinstance(m, ParamLoraLayer)}
+    assert sorted(adapted.values()) == ["down_proj", "down_proj", "gate_up_proj", "gate_up_proj"]
+    assert all(".mlp.experts" in n for n in adapted)  # and nothing else: no default targets added
+    assert ours.targets["default"] == []
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    mine = _logits(ours, ids)
+    assert (mine - _logits(tiny_mixtral(), ids)).abs().max() > 1e-3
+
+    ours.save_pretrained(tmp_path / "ours")
+    saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert saved["target_modules"] == [] and saved["target_parameters"] == PARAMS
+    assert set(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == set(peft.get_peft_model_state_dict(theirs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(tiny_mixtral(), tmp_path / "ours")
+    torch.testing.assert_close(_logits(loaded, ids), mine, atol=1e-5, rtol=0)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.save_pretrained(tmp_path / "theirs")
+    back = AdapterModel.from_pretrained(tiny_mixtral(), tmp_path / "theirs")
+    torch.testing.assert_close(_logits(back, ids), _logits(theirs, ids), atol=1e-5, rtol=0)
+
+    with pytest.raises(TargetingError, match="target_modules is not set"):  # neither: still refused
+        get_adapter_model(tiny_mixtral(), LoraConfig(r=2))

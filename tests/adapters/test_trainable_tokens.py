@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from lora_cli.adapters import AdapterModel, LoraConfig, get_adapter_model
 from lora_cli.adapters.methods.trainable_tokens import TrainableTokensConfig, TrainableTokensLayer
 from lora_cli.errors import TargetingError, UserInputError
-from tests.helpers import tiny_bert
+from tests.helpers import tiny_bert, tiny_t5
 
 peft = pytest.importorskip("peft")
 
@@ -280,3 +280,88 @@ def test_beside_adalora_matches_peft_both_ways_and_budgets(tmp_path):
         reread = peft.PeftModel.from_pretrained(tiny_llama(False), tmp_path / "trained")
     back.eval()
     torch.testing.assert_close(_logits(reread, ids), _logits(back, ids), atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------ embeddings tied through other Embedding modules
+def tiny_bart(seed: int = 0):
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = BartConfig(vocab_size=99, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                     decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32)
+    return BartForConditionalGeneration(cfg).eval()
+
+
+SEQ2SEQ = {"t5": (tiny_t5, ["q", "v"]), "bart": (tiny_bart, ["q_proj", "v_proj"])}
+
+
+def _seq2seq_logits(model):
+    ids = torch.tensor([[3, 5, 7, 9, 10, 11], [7, 3, 12, 13, 5, 6]])  # the chosen tokens reach the encoder
+    decoder_ids = torch.tensor([[0, 3, 5, 7], [0, 7, 5, 3]])  # ... and the decoder
+    with torch.no_grad():
+        return model(input_ids=ids, decoder_input_ids=decoder_ids).logits
+
+
+def _tied_paths(model) -> set[str]:
+    return {n for n, m in model.base_model.named_modules() if isinstance(m, TrainableTokensLayer)}
+
+
+@pytest.mark.parametrize("arch", sorted(SEQ2SEQ))
+def test_seq2seq_shared_embedding_alone_matches_peft_both_ways(arch, tmp_path):
+    """T5 / BART tie `shared`, the encoder's and the decoder's embed_tokens (separate Embedding modules)
+    and the output layer: every one of them gets the trained rows, as in PEFT."""
+    build, _ = SEQ2SEQ[arch]
+    base = _seq2seq_logits(build())
+    ours = get_adapter_model(build(), TrainableTokensConfig(token_indices=IDS, init_weights=False))
+    theirs = peft.get_peft_model(build(), peft.TrainableTokensConfig(token_indices=IDS, init_weights=False))
+    assert _counts(ours) == _counts(theirs)
+    wrapped = _tied_paths(ours)
+    assert {p.rsplit(".", 1)[-1] for p in wrapped} == {"shared", "embed_tokens", "lm_head"} and len(wrapped) == 4
+    mine = _seq2seq_logits(ours)
+    assert (mine - base).abs().max() > 1e-2  # non-zero trained rows
+
+    ours.save_pretrained(tmp_path / "ours")
+    assert set(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == set(
+        peft.get_peft_model_state_dict(theirs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(build(), tmp_path / "ours")
+    torch.testing.assert_close(_seq2seq_logits(loaded), mine, atol=1e-5, rtol=0)
+
+    theirs.save_pretrained(tmp_path / "theirs")  # PEFT's TrainableTokensConfig file
+    back = AdapterModel.from_pretrained(build(), tmp_path / "theirs")
+    torch.testing.assert_close(_seq2seq_logits(back), _seq2seq_logits(theirs), atol=1e-5, rtol=0)
+    live = _seq2seq_logits(back)
+    plain = back.merge_and_unload()
+    torch.testing.assert_close(_seq2seq_logits(plain), live, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", sorted(SEQ2SEQ))
+def test_seq2seq_shared_embedding_beside_lora_matches_peft_both_ways(arch, tmp_path):
+    build, targets = SEQ2SEQ[arch]
+    kw = {"target_modules": targets, "init_lora_weights": False, "trainable_token_indices": IDS}
+    base = _seq2seq_logits(build())
+    ours = get_adapter_model(build(), LoraConfig(**kw))
+    theirs = peft.get_peft_model(build(), peft.LoraConfig(**kw))
+    assert _counts(ours) == _counts(theirs)
+    assert len(_tied_paths(ours)) == 4
+    _randomise(ours)
+    ours.save_pretrained(tmp_path / "ours")
+    assert set(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == set(
+        peft.get_peft_model_state_dict(theirs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(build(), tmp_path / "ours")
+    torch.testing.assert_close(_seq2seq_logits(loaded), _seq2seq_logits(ours), atol=1e-5, rtol=0)
+
+    _randomise(theirs)  # non-zero rows: PEFT's file must move the logits through every tied module
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = AdapterModel.from_pretrained(build(), tmp_path / "theirs")
+    expected = _seq2seq_logits(theirs)
+    assert (expected - base).abs().max() > 1e-2
+    torch.testing.assert_close(_seq2seq_logits(back), expected, atol=1e-5, rtol=0)
+    back.merge_adapter()
+    torch.testing.assert_close(_seq2seq_logits(back), expected, atol=1e-5, rtol=0)
+    back.unmerge_adapter()
+    with back.disable_adapter():
+        torch.testing.assert_close(_seq2seq_logits(back), base, atol=1e-5, rtol=0)  # LoRA merge rounding

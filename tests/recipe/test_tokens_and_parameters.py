@@ -113,3 +113,16 @@ def test_train_then_reload_merge_and_peft_agree(tmp_path, adapter):
     assert type(layer).__name__ in ("TrainableTokensLayer", "TokenAdapterLayer")
     assert type(run.model.base_model.lm_head).__name__ == type(layer).__name__  # GPT-2 ties lm_head to wte
     assert_merge_and_peft_agree(run, AutoModelForCausalLM, eval_batch(run))
+
+
+def test_target_parameters_alone_get_no_default_target_modules(write):
+    """A LoRA section with target_parameters and no target_modules adapts the parameters only:
+    the model's default targets are not added behind the user's back."""
+    recipe = load_recipe(write(_with_adapter(
+        "adapter:\n  method: lora\n  r: 4\n  target_parameters: [mlp.experts.gate_up_proj]\n")))
+    config = resolve_adapter_config(recipe.adapter, total_step=None, targets=["query", "value"])
+    assert config.target_parameters == ["mlp.experts.gate_up_proj"]
+    assert config.target_modules == []
+    recipe = load_recipe(write(_with_adapter("adapter:\n  method: lora\n  r: 4\n")))
+    assert resolve_adapter_config(recipe.adapter, total_step=None, targets=["query", "value"]).target_modules == [
+        "query", "value"]  # without target_parameters the defaults still apply

@@ -104,7 +104,8 @@ class LoraConfig(AdapterConfig):
     # -- options of trainable tokens and parameter targets go below this line --
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     """Token ids whose embedding rows train (the rest of the matrix stays frozen): a list for
-    the input embedding, or {embedding module name: ids}. A tied output layer follows them."""
+    the input embedding, or {embedding module name: ids}. Modules tied to the embedding follow
+    them (a tied output layer; T5's and BART's encoder and decoder embed_tokens)."""
     target_parameters: list[str] | None = None
     """nn.Parameter names (exact or dotted suffix, e.g. "mlp.experts.gate_up_proj") to adapt
     directly: how transformers 5 MoE experts, stored as 3-D (experts, ., .) tensors, get LoRA.
@@ -475,6 +476,27 @@ class LoraLayer(AdapterLayer):
         return h @ (b * self.scaling[name]).T
 
     # ---------------------------------------------------- merging with a variant
+    def unmerged_weight(self, merged: list[str] | None = None) -> Tensor:
+        """The canonical base weight without the adapters ``merged`` (default: those merged
+        now), which DoRA's norm and DoRA's ``W x`` need. With nothing merged it is the weight
+        itself; else float32, solved from the merged weight ``alpha * W + offset`` (each
+        merged adapter says how it changed alpha and offset), so no copy of W is kept."""
+        weight = self.canonical_weight()
+        merged = self.merged_adapters if merged is None else merged
+        if not merged:
+            return weight
+        weight = weight.float()
+        alpha = torch.ones(weight.shape[0], *[1] * (weight.dim() - 1), device=weight.device)
+        offset = torch.zeros_like(weight)
+        for name in merged:
+            delta = self.get_delta_weight(name).float()
+            variant = self.lora_variant.get(name)
+            if variant is None:
+                offset = offset + delta
+            else:
+                alpha, offset = variant.merged_form(self, name, alpha, offset, delta)
+        return (weight - offset) / alpha
+
     def merge_targets(self) -> list[Tensor]:
         bias = getattr(self.base_layer, "bias", None)
         return super().merge_targets() + ([bias] if len(self.lora_B_bias) and bias is not None else [])

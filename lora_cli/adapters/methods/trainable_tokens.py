@@ -10,10 +10,10 @@ values replace, they are not added). Alone, the adapter's file key is
 ``P.trainable_tokens_delta`` (V, despite the name); beside LoRA it is
 ``P.token_adapter.trainable_tokens_delta``.
 
-Tied embeddings (``tie_word_embeddings`` with the output layer sharing the input embedding's
-weight): the output layer gets a layer that shares V with the embedding's, as PEFT does.
-PEFT saves that shared V again under the output layer's key for the method alone, and not
-at all beside LoRA; so do we.
+Tied embeddings (a module whose weight IS the input embedding's: a tied output layer, or
+T5's / BART's ``encoder.embed_tokens`` and ``decoder.embed_tokens`` reading ``shared``): each
+gets a layer that shares V with the embedding's, as PEFT does. PEFT saves that shared V
+again under each tied layer's key for the method alone, and not at all beside LoRA; so do we.
 """
 
 from __future__ import annotations
@@ -208,6 +208,21 @@ class TrainableTokensLayer(AdapterLayer):
         weight = self.base_weight()
         weight.index_copy_(0, self._index(name, weight.device), self.original(name).to(weight.dtype))
 
+    def redundant_keys(self, name: str) -> list[str]:
+        # PEFT writes a tied layer's shared V again when it saves embedding layers with it
+        if self.tied_to is None or self.save_tied:
+            return []
+        return [suffix for suffix, _ in super().adapter_tensors(name)]
+
+    @torch.no_grad()
+    def base_weight_loaded(self) -> None:
+        if self.tied_to is not None:
+            return  # the embedding's layer keeps the originals
+        weight = self.base_weight()
+        for name, indices in self.token_indices.items():
+            if name not in self.merged_adapters:
+                getattr(self, f"_original_{name}").copy_(weight[torch.tensor(indices, device=weight.device)])
+
     def extra_repr_for(self, name: str) -> str:
         tied = ", tied" if self.tied_to is not None else ""
         return f"tokens={len(self.token_indices.get(name, []))}{tied}"
@@ -222,6 +237,7 @@ class TokenAdapterLayer(TrainableTokensLayer):
     """Trainable tokens beside LoRA (``trainable_token_indices``): PEFT's key infix ``token_adapter``."""
 
     disk_names = {"trainable_tokens_delta": "token_adapter.trainable_tokens_delta"}
+    base_key = "token_adapter.base_layer"
     save_tied = False
 
 
@@ -244,17 +260,18 @@ def input_embedding_path(model: nn.Module) -> str:
     )
 
 
-def tied_output_paths(model: nn.Module, embedding_path: str) -> list[str]:
-    """Modules whose weight IS the input embedding's weight, when the model ties them."""
-    config = getattr(model, "config", None)
-    if not getattr(config, "tie_word_embeddings", False):
-        return []
+def tied_paths(model: nn.Module, embedding_path: str) -> list[str]:
+    """Modules whose weight IS the input embedding's weight: a tied output layer, and the other
+    Embedding modules that share it (T5's and BART's ``encoder.embed_tokens`` and
+    ``decoder.embed_tokens`` read ``shared``'s matrix). Each must see the trained rows, or the
+    encoder reads the old ones. Sharing is checked by identity, not by config flags: a model
+    that unties its weights shares nothing."""
     embedding = model.get_submodule(embedding_path)
     if isinstance(embedding, AdapterLayer):
         embedding = embedding.base_layer
     weight = embedding.weight
     return [p for p, m in candidate_modules(model).items()
-            if p != embedding_path and layer_kind(m) == LINEAR and getattr(m, "weight", None) is weight]
+            if p != embedding_path and layer_kind(m) in (EMBEDDING, LINEAR) and getattr(m, "weight", None) is weight]
 
 
 def _resolve_one(model: nn.Module, name: str, key: str) -> str:
@@ -269,8 +286,8 @@ def _resolve_one(model: nn.Module, name: str, key: str) -> str:
 
 def place_token_layers(model: AdapterModel, adapter_name: str, targets: dict[str, tuple[str, list[int]]],
                        layer_cls: type[TrainableTokensLayer], init: bool) -> list[str]:
-    """Wrap each path of ``targets`` ({path: (config key, ids)}), then the tied output layer(s) of the
-    input embedding; returns the paths that got the adapter."""
+    """Wrap each path of ``targets`` ({path: (config key, ids)}), then the modules tied to the
+    input embedding (:func:`tied_paths`); returns the paths that got the adapter."""
     base = model.base_model
     created: list[str] = []
     for path, (key, ids) in targets.items():
@@ -294,7 +311,7 @@ def place_token_layers(model: AdapterModel, adapter_name: str, targets: dict[str
     owner = base.get_submodule(source)
     if source not in targets or not isinstance(owner, TrainableTokensLayer):
         return created
-    for path in tied_output_paths(base, source):
+    for path in tied_paths(base, source):
         if path in targets:
             continue  # named with its own ids: trained separately (PEFT: "treat as separate")
         module = base.get_submodule(path)
@@ -341,7 +358,7 @@ class TrainableTokensModel(AdapterModel):
             return
         owner = self.base_model.get_submodule(source)
         if source in self.targets[adapter_name] and isinstance(owner, TrainableTokensLayer):
-            for path in tied_output_paths(self.base_model, source):
+            for path in tied_paths(self.base_model, source):
                 module = self.base_model.get_submodule(path)
                 if not isinstance(module, TrainableTokensLayer):
                     self.base_model.set_submodule(path, TrainableTokensLayer(module, tied_to=owner))
