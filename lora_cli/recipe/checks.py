@@ -67,6 +67,9 @@ def check_gguf_file(model: dict, task: Any, report: Reporter) -> None:
     elif name.startswith("pypi:"):
         report.add(("model", "gguf_file"), f"does not go with {name}: a packaged model is converted to a folder "
                    "already", gguf, "remove model.gguf_file")
+    elif model.get("quantization") is not None:
+        report.add(("model", "gguf_file"), "does not go with model.quantization: a GGUF base loads dequantised to "
+                   "float weights, not through bitsandbytes", gguf, "remove one of them")
     elif Path(name).expanduser().is_dir() and not (Path(name).expanduser() / gguf).is_file():
         report.add(("model", "gguf_file"), f"is not in {name}", gguf,
                    f"looked for {Path(name).expanduser().absolute() / gguf}; name a .gguf file inside that folder")

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from lora_cli import packaged
+from lora_cli.adapters.quantized import forget_quantization
 from lora_cli.errors import UserInputError
 from lora_cli.hub import require_hub
 from lora_cli.recipe import DataSection, ModelSection
@@ -53,10 +54,17 @@ def model_path(model: ModelSection, source: str | Path | None = None) -> str | N
     return resolved
 
 
-def gguf_kwargs(model: ModelSection) -> dict[str, str]:
-    """``from_pretrained`` keyword arguments of ``model.gguf_file`` (the base's model and tokenizer come from
-    that file, dequantised by transformers); none without it, or for a run's own saved folders."""
-    return {"gguf_file": model.gguf_file} if model.gguf_file else {}
+def gguf_kwargs(model: ModelSection, weights: bool = False) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments of ``model.gguf_file``: the base's tokenizer and (``weights``)
+    model come from that file; none without it. The weights are dequantised to plain tensors even where
+    transformers could keep them packed (``GgufConfig(dequantize=True)``): the adapters wrap plain linears."""
+    if not model.gguf_file:
+        return {}
+    if not weights:
+        return {"gguf_file": model.gguf_file}
+    from transformers import GgufConfig
+
+    return {"gguf_file": model.gguf_file, "quantization_config": GgufConfig(dequantize=True)}
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -110,9 +118,11 @@ def build_model(model_cfg: ModelSection, auto_cls, source: str | Path | None = N
                 auto_cls, path, model_cfg, source,
                 revision=None if source else model_cfg.revision,
                 trust_remote_code=model_cfg.trust_remote_code,
-                **({} if source else gguf_kwargs(model_cfg)),
+                **({} if source else gguf_kwargs(model_cfg, weights=True)),
                 **kwargs,
             )
+            if model_cfg.gguf_file and not source:  # float weights now: saved (merged) as a plain model
+                forget_quantization(model)
         except ValueError as exc:
             raise UserInputError(f"model.name_or_path: {path!r} cannot be loaded as {auto_cls.__name__}: {exc}") from exc
     else:
