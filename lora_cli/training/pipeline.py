@@ -22,6 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 from transformers import PrinterCallback, TrainingArguments, set_seed
 
+from lora_cli import packaged
 from lora_cli import rundir as rd
 from lora_cli.adapters import base_rewrites, get_adapter_model
 from lora_cli.adapters.state import load_safetensors
@@ -87,7 +88,7 @@ def run_training(
         targets=default_target_modules(model),
         heads=task.heads(model),
         task_type=task.KIND.peft_task_type,
-        base_model=recipe.model.name_or_path,
+        base_model=_recorded_base(recipe.model),
     )
     args = training_arguments(recipe, run_dir, adapter_config, model)
     model = _inject(model, adapter_config, run_dir, resume)
@@ -220,6 +221,13 @@ def _inject(model, adapter_config, run_dir: Path, resume: bool):
     base_rewrites.restore_initial_state(model, load_safetensors(record))
     model.peft_config[model.active_adapter] = adapter_config
     return model
+
+
+def _recorded_base(model_section) -> str | None:
+    """The base adapter_config.json names: the recipe's, with a ``pypi:`` model as its cached folder
+    (what PEFT can load; recipe.yaml keeps ``pypi:``, which resolves to the same folder again)."""
+    name = model_section.name_or_path
+    return packaged.resolve(name, "model.name_or_path") if name else None
 
 
 def _snapshot_if_random(recipe, model):

@@ -111,7 +111,8 @@ def test_override_can_switch_the_method(write):
     [
         ("training.learnin_rate=1", "did you mean training.learning_rate?"),
         ("adapter.lora_alfa=3", "did you mean adapter.lora_alpha?"),
-        ("model.foo=1", "valid keys here: name_or_path, config, revision, trust_remote_code, processor, tokenizer, quantization"),
+        ("model.foo=1", "valid keys here: name_or_path, config, revision, trust_remote_code, processor, tokenizer, quantization, "
+                        "gguf_file"),
         ("modle.name_or_path=x", "did you mean model?"),
         ("data.builtin.x=1", "data.builtin has no sub-keys"),
     ],
