@@ -16,8 +16,6 @@ from lora_cli.commands.compare import PLOT_NAME, write_comparison
 from lora_cli.errors import LoraCliError, UserInputError
 from lora_cli.safe_text import terminal_text
 
-SWEEP_FILE = "sweep.json"
-
 err = Console(stderr=True)
 
 
@@ -51,7 +49,7 @@ def sweep(
     Example: loracli sweep recipes/quickstart.yaml adapter.method=lora,loha,lokr,adalora adapter.r=8,16
     """
     # the recipe layer imports torch: not at `loracli --help`
-    from lora_cli.training.sweep import plan
+    from lora_cli.training.sweep import SWEEP_FILE, plan
 
     if md + csv_out + json_out > 1:
         raise UserInputError("pass at most one of --md, --csv and --json")
@@ -84,9 +82,9 @@ def sweep(
 def _run_points(sweep_dir: Path, points, overwrite: bool) -> dict[str, dict]:
     """Train each valid point in its own `loracli train` process (its own peak memory)."""
     from lora_cli import rundir as rd
-    from lora_cli.training.sweep import is_done
+    from lora_cli.training.sweep import SWEEP_FILE, claim_sweep_dir, is_done
 
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    claim_sweep_dir(sweep_dir)
     results: dict[str, dict] = {}
     for i, point in enumerate(points, 1):
         entry = {"values": point.values, "run_dir": str(point.run_dir), "overrides": point.overrides,

@@ -90,7 +90,7 @@ def combine_runs(
         raise UserInputError(f"{len(weights)} weight(s) for {len(runs)} run(s); give one per run (--weights 0.7,0.3)")
     if how not in COMBINATION_TYPES:
         raise UserInputError(f"--how {how!r} is unknown; use one of {', '.join(COMBINATION_TYPES)}")
-    check_new_run_dir(out, runs, overwrite)
+    check_new_run_dir(out, runs, overwrite, "combine", PROVENANCE_FILE)
     recipes = [_check_run(r) for r in runs]
     _check_compatible(runs, recipes)
 

@@ -55,7 +55,7 @@ def convert_run(run_dir: str | Path, out_dir: str | Path, to: str = "lora", rank
     if to not in TARGETS:
         raise UserInputError(f"--to {to!r}: adapters convert to {', '.join(TARGETS)} only")
     check_choice(rank, energy)
-    check_new_run_dir(out, [run], overwrite)
+    check_new_run_dir(out, [run], overwrite, "convert", PROVENANCE_FILE)
     loaded = load_run(run, device=device)
     method = loaded.model.peft_config["default"].method
     if method not in CONVERTIBLE:

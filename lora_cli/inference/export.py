@@ -37,7 +37,7 @@ from lora_cli import rundir as rd
 from lora_cli.atomic import atomic_dir
 from lora_cli.errors import LoraCliError, UserInputError
 from lora_cli.inference.loading import load_run
-from lora_cli.inference.merge import MergeReport, check_out_dir, compare_logits, merge_run
+from lora_cli.inference.merge import MERGE_FILE, MergeReport, compare_logits, merge_run
 from lora_cli.inference.runs import verification_batch
 from lora_cli.recipe import load_recipe
 
@@ -114,7 +114,8 @@ def export_run(
     if missing:
         raise UserInputError(f"loracli export needs {', '.join(missing)}: {INSTALL_HINT}")
     out = Path(out_dir) if out_dir is not None else default_out_dir(run_dir)
-    check_out_dir(out, force, run_dir=run_dir)  # before the slow model load
+    rd.check_output_dir(out, rd.Output("--out", "export", REPORT_FILE, f"{default_out_dir(run_dir)}/"),
+                        reads=[run_dir], replace=force)  # before the slow model load
     _check_task(run_dir)
 
     loaded = load_run(run_dir, device="cpu")
@@ -139,7 +140,7 @@ def export_run(
                 f"{'torchscript' if used == 'dynamo' else 'dynamo'}, or report this as a bug"
             )
         for item in merged_dir.iterdir():  # config (labels) and processor files; the weights are in model.onnx
-            if not item.name.endswith(".safetensors") and item.name != "model.safetensors.index.json":
+            if not item.name.endswith(".safetensors") and item.name not in ("model.safetensors.index.json", MERGE_FILE):
                 shutil.move(str(item), staging / item.name)
         shutil.rmtree(merged_dir)
         merge_report.out_dir = str(out)

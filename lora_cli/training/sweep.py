@@ -36,10 +36,14 @@ from lora_cli.recipe.adapter import carry_options, written_options
 from lora_cli.recipe.overrides import parse_override
 from lora_cli.recipe.schema import RUN_NAME_CHARS, RUN_NAME_MAX
 from lora_cli.recipe.yamlio import dump
+from lora_cli.training.preflight import protected_paths
 
 METHOD_KEY = "adapter.method"
 POINT_RECIPES = "recipes"
 """``<sweep>/recipes/<point>.yaml``: the recipes of the points that change the method."""
+SWEEP_FILE = "sweep.json"
+"""Each point's state; written first into a new sweep folder, it marks the folder as a sweep's
+(the only kind of non-empty folder a sweep writes into)."""
 
 
 @dataclass
@@ -126,8 +130,7 @@ def plan(recipe_path: Path, items: list[str], sweep_dir: Path | None = None) -> 
     axes, fixed = parse_axes(items)
     base = load_recipe(recipe_path, fixed)  # a broken base recipe or fixed override stops the sweep here
     sweep_dir = Path(sweep_dir) if sweep_dir is not None else base.output_path.parent / f"{base.name}-sweep"
-    if sweep_dir.exists() and not sweep_dir.is_dir():
-        raise UserInputError(f"sweep folder {sweep_dir} is a file; pick another with --out DIR")
+    check_sweep_dir(sweep_dir, base, recipe_path)
     options = written_options(base.adapter)
     given = set(axes)
     points, seen = [], set()
@@ -155,10 +158,25 @@ def plan(recipe_path: Path, items: list[str], sweep_dir: Path | None = None) -> 
     return sweep_dir, points
 
 
+def check_sweep_dir(sweep_dir: Path, base, recipe_path: Path) -> None:
+    """The folder rule (:mod:`lora_cli.rundir.guard`): new, empty, or an earlier sweep's folder
+    (``sweep.json``); never the working directory, the recipe or the data, nor inside the data."""
+    rd.check_output_dir(sweep_dir, rd.Output("--out", "sweep", SWEEP_FILE, f"runs/{base.name}-sweep-2"),
+                        reads=protected_paths(base, recipe_path), update=True)
+
+
+def claim_sweep_dir(sweep_dir: Path) -> None:
+    """Create the sweep folder with its marker before anything else is written into it."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    if not (sweep_dir / SWEEP_FILE).is_file():
+        rd.write_json(sweep_dir / SWEEP_FILE, {"points": {}})
+
+
 def _point_recipe(base, sweep_dir: Path, name: str, adapter: dict[str, Any]) -> Path:
     data = base.to_dict()
     data["adapter"] = adapter
     path = sweep_dir / POINT_RECIPES / f"{name}.yaml"
+    claim_sweep_dir(sweep_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, f"# loracli sweep point {name}, from {base.source}\n" + dump(data))
     return path
