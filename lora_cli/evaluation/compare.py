@@ -76,6 +76,8 @@ def check_runs(run_dirs: list[Path]) -> list[Path]:
         shown = ", ".join(terminal_text(p) for p in wrong)
         raise UserInputError(f"not a run directory (no {rd.RECIPE_FILE} and {rd.ENV_FILE}): {shown}; pass folders "
                              "written by `loracli train` (or `loracli sweep`)")
+    for run in run_dirs:  # what a row and the figure read, never through a link out of the run
+        rd.check_run_links(run, (rd.ADAPTER_DIR, TRAIN_STATS_FILE, rd.EVAL_FILE, rd.STATUS_FILE, rd.METRICS_FILE))
     return [Path(p) for p in run_dirs]
 
 

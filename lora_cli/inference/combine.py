@@ -125,6 +125,7 @@ def combine_runs(
 def _check_run(run: Path):
     if not (run / rd.RECIPE_FILE).is_file():
         raise UserInputError(f"{run} is not a run directory (no {rd.RECIPE_FILE}); pass folders `loracli train` wrote")
+    rd.check_run_links(run)  # its recipe, adapter and base_model/ are read: never through a link out of it
     if not (run / rd.ADAPTER_DIR / "adapter_config.json").is_file():
         raise UserInputError(f"{run}: no adapter in {run / rd.ADAPTER_DIR}; did its training finish?")
     return load_recipe(run / rd.RECIPE_FILE)

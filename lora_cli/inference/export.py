@@ -116,6 +116,7 @@ def export_run(
     out = Path(out_dir) if out_dir is not None else default_out_dir(run_dir)
     rd.check_output_dir(out, rd.Output("--out", "export", REPORT_FILE, f"{default_out_dir(run_dir)}/"),
                         reads=[run_dir], replace=force)  # before the slow model load
+    rd.check_run_links(run_dir)
     _check_task(run_dir)
 
     loaded = load_run(run_dir, device="cpu")

@@ -64,6 +64,7 @@ def build_push_folder(run_dir: str | Path, repo_id: str, folder: Path, merged: b
     if not recipe_file.is_file() or not (adapter / "adapter_config.json").is_file():
         raise UserInputError(f"{run_dir} is not a finished run (no {rd.RECIPE_FILE} or {rd.ADAPTER_DIR}/"
                              "adapter_config.json); pass the folder `loracli train` wrote, once it has finished")
+    rd.check_run_links(run_dir, (*rd.MODEL_PARTS, rd.EVAL_FILE, rd.PLOTS_DIR))  # nothing from outside is published
     recipe = load_recipe(recipe_file)
     base_model = check_repo_id(base_model, "--base-model") if base_model else hub_id(recipe.model.name_or_path)
     report = _read_eval(run_dir)
@@ -78,13 +79,13 @@ def build_push_folder(run_dir: str | Path, repo_id: str, folder: Path, merged: b
             rd.save_label_map(folder, labels)
     else:
         for item in sorted(adapter.iterdir()):
-            if item.is_file() and not item.is_symlink():
+            if item.is_file():  # a link here stays inside the run (check_run_links)
                 shutil.copy2(item, folder / item.name)
         for name in (rd.PROCESSOR_DIR, rd.BASE_MODEL_DIR):
             source = run_dir / name
             if name == rd.PROCESSOR_DIR and source.is_dir():
                 for item in sorted(source.iterdir()):
-                    if item.is_file() and not item.is_symlink() and not (folder / item.name).exists():
+                    if item.is_file() and not (folder / item.name).exists():
                         shutil.copy2(item, folder / item.name)
             elif source.is_dir():
                 shutil.copytree(source, folder / name, symlinks=False)

@@ -29,12 +29,14 @@ renamed when complete, and ``--resume`` takes the newest complete one (:mod:`.ch
 
 from lora_cli.rundir.checkpoints import checkpoint_problem, checkpoints, latest_checkpoint
 from lora_cli.rundir.guard import (
+    MODEL_PARTS,
     Output,
     RunInUseError,
     RunLock,
     check_output_dir,
     check_output_file,
     check_replaceable,
+    check_run_links,
     clear_run_dir,
     find_run_below,
     holds_protected,
@@ -68,8 +70,8 @@ from lora_cli.rundir.layout import (
 __all__ = [
     "ADAPTER_DIR", "BASE_MODEL_DIR", "CHECKPOINTS_DIR", "CHECKPOINT_PREFIX", "ENV_FILE",
     "EVAL_FILE", "INIT_STATE_FILE", "LABEL_MAP_FILE", "LOCK_FILE", "METRICS_FILE", "PLOTS_DIR", "PROCESSOR_DIR", "RECIPE_FILE",
-    "RUN_ENTRIES", "STAGING_DIR", "STATUS_FILE", "Output", "RunInUseError", "RunLock", "check_output_dir",
-    "check_output_file", "check_replaceable", "checkpoint_problem",
+    "MODEL_PARTS", "RUN_ENTRIES", "STAGING_DIR", "STATUS_FILE", "Output", "RunInUseError", "RunLock",
+    "check_output_dir", "check_output_file", "check_replaceable", "check_run_links", "checkpoint_problem",
     "checkpoints", "clear_run_dir", "environment", "find_run_below", "holds_protected", "is_run_dir",
     "latest_checkpoint", "read_label_map", "read_status", "save_label_map", "write_json", "write_status",
 ]

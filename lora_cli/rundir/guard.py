@@ -27,7 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_cli.errors import UserInputError
-from lora_cli.rundir.layout import ENV_FILE, LOCK_FILE, RECIPE_FILE, RUN_ENTRIES
+from lora_cli.rundir.layout import (
+    ADAPTER_DIR,
+    BASE_MODEL_DIR,
+    ENV_FILE,
+    LOCK_FILE,
+    PROCESSOR_DIR,
+    RECIPE_FILE,
+    RUN_ENTRIES,
+)
 
 
 def is_run_dir(path: Path) -> bool:
@@ -103,6 +111,50 @@ def clear_run_dir(run_dir: Path, keep: Iterable[str] = (LOCK_FILE,)) -> None:
             shutil.rmtree(child)
         else:
             child.unlink()
+
+
+MODEL_PARTS = (RECIPE_FILE, ADAPTER_DIR, PROCESSOR_DIR, BASE_MODEL_DIR)
+"""What rebuilding a run's model reads (``load_run``)."""
+
+
+def check_run_links(run_dir: str | Path, parts: Iterable[str] = MODEL_PARTS) -> None:
+    """Refuse (exit 2, naming it) a run whose entries ``parts`` hold a link that leaves the run,
+    a link to a folder, or something that is not a plain file or folder (a FIFO, a device).
+
+    Every verb calls this before it reads, copies or uploads those entries, so a file outside
+    the run (a key, another project) never reaches a model card, an upload or a new run.
+    A link to a file inside the run is fine; ``run_dir`` itself may be a link (the run is
+    where it points). Folder links are refused because they can loop or change what
+    "inside" means while a folder is copied.
+    """
+    run_dir = Path(run_dir)
+    root = run_dir.resolve()
+    for part in parts:
+        top = run_dir / part
+        if not top.exists() and not top.is_symlink():
+            continue
+        items = [top]
+        if top.is_dir() and not top.is_symlink():
+            for folder, dirs, files in os.walk(top, followlinks=False):
+                items += [Path(folder) / name for name in sorted(dirs + files)]
+        for item in items:
+            _check_item(item, root, run_dir)
+
+
+def _check_item(item: Path, root: Path, run_dir: Path) -> None:
+    if item.is_symlink():
+        target = item.resolve()
+        if not _contains(root, target):
+            raise UserInputError(
+                f"{item} is a link to {target}, outside the run {run_dir}: loracli never reads, copies or uploads "
+                "through a link that leaves a run. Put a copy of what it points to in its place, or remove the link"
+            )
+        if target.is_dir():
+            raise UserInputError(f"{item} is a link to a folder; loracli follows no folder link inside a run. "
+                                 "Put the folder itself in its place, or remove the link")
+    elif item.exists() and not (item.is_file() or item.is_dir()):
+        raise UserInputError(f"{item} is not a plain file (a FIFO, socket or device); loracli reads only files in a "
+                             "run. Remove it")
 
 
 class RunLock:

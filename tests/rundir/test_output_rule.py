@@ -34,6 +34,7 @@ def snapshot(root: Path) -> dict[str, bytes | None]:
 def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
     from lora_cli.cli import main
 
+    capsys.readouterr()  # what the test's set-up printed is not the command's
     monkeypatch.setattr(sys, "argv", ["loracli", *map(str, args)])
     with pytest.raises(SystemExit) as exc:
         main()
