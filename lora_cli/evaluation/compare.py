@@ -25,7 +25,7 @@ from lora_cli import rundir as rd
 from lora_cli.errors import UserInputError
 from lora_cli.evaluation.effective_rank import adapter_effective_rank
 from lora_cli.evaluation.plots import read_metrics
-from lora_cli.safe_text import csv_cell, terminal_text
+from lora_cli.safe_text import csv_cell, markdown_text, terminal_text
 
 TRAIN_STATS_FILE = "train.json"
 """Training-loop wall time, throughput, peak memory and parameter counts (TrainStatsCallback)."""
@@ -185,8 +185,8 @@ def text_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     headings, cells = text_rows(rows)
 
-    def line(values):
-        return "| " + " | ".join(terminal_text(v).replace("|", "\\|") for v in values) + " |"
+    def line(values):  # every cell rendered as its text: no HTML, link, code span or extra cell
+        return "| " + " | ".join(markdown_text(v) for v in values) + " |"
 
     body = [line(headings), "|" + "|".join("---" if i < 3 else "---:" for i in range(len(headings))) + "|"]
     return "\n".join(body + [line(c) for c in cells]) + "\n"

@@ -40,6 +40,7 @@ from lora_cli.errors import LoraCliError, UserInputError
 from lora_cli.recipe import load_recipe
 from lora_cli.recipe.adapter import carry_options, written_options
 from lora_cli.recipe.yamlio import parse_value
+from lora_cli.safe_text import csv_cell
 from lora_cli.training.pipeline import run_training
 from lora_cli.training.preflight import protected_paths
 
@@ -257,10 +258,12 @@ def write_results(study: Any, params: list[Param], out: Path) -> Path:
     path = out / RESULTS_FILE
     with atomic_file(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["trial", "state", *[p.key for p in params], "value", "run_dir"])
-        for t in study.trials:
-            writer.writerow([t.number, t.state.name.lower(), *[t.params.get(p.key, "") for p in params],
-                             "" if t.value is None else t.value, t.user_attrs.get("run_dir", "")])
+        writer.writerow(["trial", "state", *[csv_cell(p.key) for p in params], "value", "run_dir"])
+        for t in study.trials:  # cat() choices and folder names are user text: spreadsheet-safe cells
+            values = [t.params.get(p.key, "") for p in params]
+            writer.writerow([t.number, t.state.name.lower(), *[v if isinstance(v, (int, float)) else csv_cell(v)
+                                                               for v in values],
+                             "" if t.value is None else t.value, csv_cell(t.user_attrs.get("run_dir", ""))])
     return path
 
 
