@@ -9,11 +9,14 @@ or an exception leaves either the old content or the new, never a mix.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from lora_cli.errors import LoraCliError
 
 
 @contextlib.contextmanager
@@ -58,17 +61,37 @@ def replace_dir(source: Path, target: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """A temporary sibling folder to fill; swapped in for ``target`` (an empty or existing
-    folder, replaced) when the block ends without error, deleted otherwise."""
+def atomic_dir(target: str | Path, replace: bool = False) -> Iterator[Path]:
+    """A temporary sibling folder to fill; renamed to ``target`` when the block ends without
+    error, deleted otherwise.
+
+    ``replace``: ``target`` is a folder the caller checked it may replace (its own earlier
+    output): swapped out with :func:`replace_dir`. Otherwise ``target`` must still be absent
+    or empty when the work is done: the rename never lands on a folder another process
+    filled meanwhile (that is a :class:`~lora_cli.errors.LoraCliError`, nothing replaced).
+    """
     target = Path(target)
     parent = target.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}.tmp-"))
     try:
         yield tmp
-        if target.is_dir() and not any(target.iterdir()):
-            target.rmdir()
-        replace_dir(tmp, target)
+        if replace:
+            replace_dir(tmp, target)
+        else:
+            _rename_new(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _rename_new(source: Path, target: Path) -> None:
+    """``os.rename`` of a folder onto an absent or empty folder; it fails on anything else."""
+    try:
+        os.rename(source, target)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise
+        raise LoraCliError(
+            f"{target} was filled by another process while this command worked, so nothing was written there "
+            "and its files are as that process left them. Run again with another output folder"
+        ) from None

@@ -49,11 +49,20 @@ def sweep(
     Example: loracli sweep recipes/quickstart.yaml adapter.method=lora,loha,lokr,adalora adapter.r=8,16
     """
     # the recipe layer imports torch: not at `loracli --help`
-    from lora_cli.training.sweep import SWEEP_FILE, plan
+    from lora_cli.training.sweep import holding, sweep_folder
 
     if md + csv_out + json_out > 1:
         raise UserInputError("pass at most one of --md, --csv and --json")
-    sweep_dir, points = plan(recipe, list(axes), out)
+    folder = sweep_folder(recipe, list(axes), out)
+    with holding(folder, dry_run):  # one sweep at a time in a folder
+        _sweep(recipe, list(axes), folder, dry_run, overwrite, md, csv_out, json_out)
+
+
+def _sweep(recipe: Path, axes: list[str], folder: Path, dry_run: bool, overwrite: bool, md: bool, csv_out: bool,
+           json_out: bool) -> None:
+    from lora_cli.training.sweep import SWEEP_FILE, plan
+
+    sweep_dir, points = plan(recipe, axes, folder)
     err.print(f"sweep {_safe(sweep_dir)}: {len(points)} point(s)", highlight=False, soft_wrap=True)
     for point in points:
         settings = ", ".join(f"{k}={v}" for k, v in point.values.items())

@@ -114,8 +114,8 @@ def export_run(
     if missing:
         raise UserInputError(f"loracli export needs {', '.join(missing)}: {INSTALL_HINT}")
     out = Path(out_dir) if out_dir is not None else default_out_dir(run_dir)
-    rd.check_output_dir(out, rd.Output("--out", "export", REPORT_FILE, f"{default_out_dir(run_dir)}/"),
-                        reads=[run_dir], replace=force)  # before the slow model load
+    replace = rd.check_output_dir(out, rd.Output("--out", "export", REPORT_FILE, f"{default_out_dir(run_dir)}/"),
+                                  reads=[run_dir], replace=force)  # before the slow model load
     rd.check_run_links(run_dir)
     _check_task(run_dir)
 
@@ -124,7 +124,7 @@ def export_run(
     import transformers
 
     auto_cls = getattr(transformers, AUTO_CLASSES[loaded.recipe.task])
-    with atomic_dir(out) as staging:
+    with atomic_dir(out, replace=replace) as staging:
         merged_dir = staging / ".merged"
         merge_report = merge_run(loaded.model, loaded.processor, merged_dir, dtype="float32", verify_batch=batch,
                                  n=n, id2label=loaded.id2label, source=source, run_dir=run_dir)

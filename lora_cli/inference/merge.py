@@ -85,12 +85,17 @@ def check_out_dir(out_dir: str | Path, force: bool = False, run_dir: str | Path 
     non-empty folder only with ``force`` and only when an earlier merge wrote it
     (``merge.json``) and it holds no run.
     """
+    out_dir = Path(out_dir)
+    _replaces(out_dir, force, run_dir)
+    return out_dir
+
+
+def _replaces(out_dir: Path, force: bool, run_dir: str | Path | None) -> bool:
+    """:func:`check_out_dir`'s check; True when ``out_dir`` is an earlier merge to replace."""
     from lora_cli import rundir as rd
 
-    out_dir = Path(out_dir)
-    rd.check_output_dir(out_dir, rd.Output("--out", "merge", MERGE_FILE, "merged/"),
-                        reads=[run_dir] if run_dir is not None else [], replace=force)
-    return out_dir
+    return rd.check_output_dir(out_dir, rd.Output("--out", "merge", MERGE_FILE, "merged/"),
+                               reads=[run_dir] if run_dir is not None else [], replace=force)
 
 
 def synthetic_inputs(model: nn.Module, processor: Any, n: int = 16, seed: int = 0) -> torch.Tensor:
@@ -232,8 +237,9 @@ def write_model_dir(
     """``save_pretrained`` model (safetensors), processor and ``merge.json`` into a temp sibling, then rename."""
     import json
 
-    out_dir = check_out_dir(out_dir, force, run_dir=run_dir)
-    with atomic_dir(out_dir) as tmp:  # the user's earlier folder stays until the new one is complete
+    out_dir = Path(out_dir)
+    replace = _replaces(out_dir, force, run_dir)
+    with atomic_dir(out_dir, replace=replace) as tmp:  # an earlier merge stays until the new one is complete
         model.save_pretrained(tmp)
         if processor is not None:
             processor.save_pretrained(tmp)

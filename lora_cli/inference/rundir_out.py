@@ -19,13 +19,13 @@ from lora_cli.recipe.yamlio import dump
 
 
 def check_new_run_dir(out: Path, sources: list[Path], overwrite: bool, verb: str, marker: str,
-                      flag: str = "--out") -> None:
+                      flag: str = "--out") -> bool:
     """Refuse an output folder that would destroy data, before any work is done (the folder
     rule of :mod:`lora_cli.rundir.guard`): ``overwrite`` replaces only a run this verb wrote
-    (its provenance file ``marker``)."""
+    (its provenance file ``marker``). True when ``out`` is such a run, to be replaced."""
     example = "runs/combined" if verb == "combine" else "runs/converted"
-    rd.check_output_dir(out, rd.Output(flag, verb, marker, example, is_run=True), reads=sources, replace=overwrite,
-                        replace_flag="--overwrite")
+    return rd.check_output_dir(out, rd.Output(flag, verb, marker, example, is_run=True), reads=sources,
+                               replace=overwrite, replace_flag="--overwrite")
 
 
 def recipe_adapter(recipe: Any, updates: dict[str, Any]) -> dict[str, Any]:

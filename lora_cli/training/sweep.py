@@ -21,9 +21,11 @@ method refuses is that point's recipe error.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ POINT_RECIPES = "recipes"
 SWEEP_FILE = "sweep.json"
 """Each point's state; written first into a new sweep folder, it marks the folder as a sweep's
 (the only kind of non-empty folder a sweep writes into)."""
+LOCK_HINT = "or give this sweep another --out"
 
 
 @dataclass
@@ -119,6 +122,33 @@ def point_name(values: dict[str, str]) -> str:
     """``lora_r-8``: the method's value alone, other axes as ``<last key part>-<value>``."""
     parts = [v if k == METHOD_KEY else f"{k.split('.')[-1]}-{v}" for k, v in values.items()]
     return _safe_name("_".join(parts))[:RUN_NAME_MAX]
+
+
+def sweep_folder(recipe_path: Path, items: list[str], sweep_dir: Path | None = None) -> Path:
+    """The sweep folder (``--out``, default ``runs/<name>-sweep``), checked against the folder rule;
+    a broken base recipe, fixed override or axis stops the sweep here."""
+    axes, fixed = parse_axes(items)
+    base = load_recipe(recipe_path, fixed)
+    sweep_dir = Path(sweep_dir) if sweep_dir is not None else base.output_path.parent / f"{base.name}-sweep"
+    check_sweep_dir(sweep_dir, base, recipe_path)
+    return sweep_dir
+
+
+@contextlib.contextmanager
+def holding(sweep_dir: Path, dry_run: bool = False) -> Iterator[None]:
+    """One sweep at a time in a folder: the folder's lock (:class:`lora_cli.rundir.RunLock`, as
+    ``train`` holds a run's) for the whole sweep; a second sweep gets exit 2 naming the holder
+    (pid, host, start time). A dry run takes no lock, but refuses while a sweep runs there
+    (it would rewrite the recipes that sweep trains from)."""
+    if dry_run:
+        holder = rd.RunLock(sweep_dir).holder() if sweep_dir.is_dir() else None
+        if holder is not None:
+            raise rd.RunInUseError(sweep_dir, holder, LOCK_HINT)
+        yield
+        return
+    with rd.RunLock(sweep_dir, hint=LOCK_HINT):
+        claim_sweep_dir(sweep_dir)
+        yield
 
 
 def plan(recipe_path: Path, items: list[str], sweep_dir: Path | None = None) -> tuple[Path, list[Point]]:

@@ -211,7 +211,7 @@ def tune(recipe_path: str | Path, space: list[str], trials: int, metric: str, di
     settings = {"recipe": str(recipe_path.resolve()), "space": space, "metric": metric, "direction": direction}
     _check_out(out, settings, recipe, recipe_path)
     out.mkdir(parents=True, exist_ok=True)
-    with rd.RunLock(out):
+    with rd.RunLock(out, hint="or give this search another --out"):  # one search at a time in a folder
         rd.write_json(out / SETTINGS_FILE, settings)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.create_study(
