@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from lora_cli.atomic import writing
 from lora_cli.errors import UserInputError
 from lora_cli.safe_text import terminal_text
 
@@ -70,7 +71,8 @@ def write_comparison(runs: list[Path], md: bool = False, csv_out: bool = False, 
         console.print(rich_table(rows, title=title))
     if target is None:
         return
-    written = plot_comparison(runs, [r["run"] for r in rows], target)
+    with writing(target):  # a full disk or read-only folder: one line; the figure is whole or absent
+        written = plot_comparison(runs, [r["run"] for r in rows], target)
     err = Console(stderr=True)
     if written is None:
         err.print("no curves in the runs' metrics.jsonl; no figure written", highlight=False)

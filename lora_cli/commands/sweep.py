@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from lora_cli.atomic import writing
 from lora_cli.commands.compare import PLOT_NAME, write_comparison
 from lora_cli.errors import LoraCliError, UserInputError
 from lora_cli.safe_text import terminal_text
@@ -54,7 +55,8 @@ def sweep(
     if md + csv_out + json_out > 1:
         raise UserInputError("pass at most one of --md, --csv and --json")
     folder = sweep_folder(recipe, list(axes), out)
-    with holding(folder, dry_run):  # one sweep at a time in a folder
+    # a full disk or a read-only folder: one line; completed points and sweep.json stay whole
+    with writing(folder, kept=" (completed points are kept)"), holding(folder, dry_run):  # one sweep at a time
         _sweep(recipe, list(axes), folder, dry_run, overwrite, md, csv_out, json_out)
 
 

@@ -21,6 +21,7 @@ once both checks pass (:func:`lora_cli.atomic.atomic_dir`): a failed check write
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import inspect
 import logging
@@ -56,6 +57,8 @@ SINGLE_FILE_LIMIT = 1_800_000_000
 """Bytes of weights up to which model.onnx holds them itself (protobuf's limit is 2 GiB);
 larger models keep them in ``model.onnx.data`` beside it."""
 INSTALL_HINT = "install the ONNX extra: pip install 'loracli[onnx]' (onnx, onnxruntime, onnxscript)"
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
+"""A full disk, a read-only or forbidden folder: write failures that no other exporter avoids."""
 
 
 class ExportVerificationError(LoraCliError):
@@ -221,6 +224,8 @@ def export_onnx(model: nn.Module, inputs: dict[str, torch.Tensor], path: Path, e
                                       input_names=names, output_names=["logits"], opset_version=opset or 17,
                                       dynamic_axes={**_axes(inputs), "logits": {0: "batch"}}, dynamo=False)
         except Exception as exc:  # noqa: BLE001 - any exporter failure: try the next, report all
+            if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+                raise  # the disk, not the exporter: atomic_dir says so, and no other exporter would do better
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             errors.append(f"{kind}: {type(exc).__name__}: {first}")
             logger.warning("the %s ONNX exporter failed (%s)", kind, first)
