@@ -20,7 +20,8 @@ RunsArg = Annotated[list[Path], typer.Argument(help="Run directories written by 
 PlotOpt = Annotated[
     Path | None,
     typer.Option("--plot", help=f"Where to write the overlaid loss / eval curves (default: {PLOT_NAME} in the "
-                                "runs' common parent folder).", show_default=False),
+                                "runs' common parent folder, with the table only; --md, --csv and --json write "
+                                "a figure only with --plot).", show_default=False),
 ]
 
 
@@ -54,7 +55,9 @@ def write_comparison(runs: list[Path], md: bool = False, csv_out: bool = False, 
     if plot is not None and no_plot:
         raise UserInputError("--plot FILE writes the figure and --no-plot skips it; pass only one of them")
     rows = compare_runs(runs)
-    target = None if no_plot else plot if plot is not None else default_plot_path(runs)
+    # the figure: when --plot asks for it, or beside the table of the default mode; the data
+    # formats (--md, --csv, --json) are often redirected and never rewrite a figure unasked
+    target = plot if plot is not None else None if no_plot or md or csv_out or json_out else default_plot_path(runs)
     if target is not None:  # the folder rule, for a file: checked before anything is printed or written
         rd.check_output_file(target, rd.Output("--plot", "compare", None, str(target.with_name("compare-2.png"))),
                              ours=is_compare_figure, reads=runs)
