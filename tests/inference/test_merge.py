@@ -93,7 +93,7 @@ def test_write_failure_leaves_no_partial_dir(processor, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(type(processor), "save_pretrained", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(LoraCliError, match="could not write .*out \\(disk full\\); nothing half-written"):
         merge_run(model, processor, tmp_path / "out", n=2)
     assert list(tmp_path.iterdir()) == []
 
