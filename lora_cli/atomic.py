@@ -9,11 +9,16 @@ or an exception leaves either the old content or the new, never a mix.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from lora_cli.errors import LoraCliError
 
 
 @contextlib.contextmanager
@@ -58,17 +63,99 @@ def replace_dir(source: Path, target: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """A temporary sibling folder to fill; swapped in for ``target`` (an empty or existing
-    folder, replaced) when the block ends without error, deleted otherwise."""
+def atomic_dir(target: str | Path, replace: bool = False) -> Iterator[Path]:
+    """A temporary sibling folder to fill; renamed to ``target`` when the block ends without
+    error, deleted otherwise.
+
+    ``replace``: ``target`` is a folder the caller checked it may replace (its own earlier
+    output): swapped out with :func:`replace_dir`. Otherwise ``target`` must still be absent
+    or empty when the work is done: the rename never lands on a folder another process
+    filled meanwhile (that is a :class:`~lora_cli.errors.LoraCliError`, nothing replaced).
+    """
     target = Path(target)
     parent = target.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}.tmp-"))
+    tmp = None
     try:
-        yield tmp
-        if target.is_dir() and not any(target.iterdir()):
-            target.rmdir()
-        replace_dir(tmp, target)
+        with writing(target, kept=" (an earlier folder there is kept)" if replace else ""):
+            parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}.tmp-"))
+            yield tmp
+            if replace:
+                replace_dir(tmp, target)
+            else:
+                _rename_new(tmp, target)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def writing(target: str | Path, kept: str = "") -> Iterator[None]:
+    """A failed write in the block (a full disk, a read-only or forbidden folder: an ``OSError``,
+    or safetensors' error carrying one) becomes one :class:`~lora_cli.errors.LoraCliError`
+    line naming ``target``, the cause and what to do (exit 1), instead of an internal error.
+    ``kept``: what the caller's writes leave in place. A closed pipe or connection is not a
+    write to ``target`` and passes through. Nested (a merge's folder built inside an export's),
+    the message names the outermost target: the folder the user asked for."""
+    outer = _WRITING.get()
+    if outer is not None:
+        target, kept = outer
+    token = _WRITING.set((target, kept))
+    try:
+        yield
+    except Exception as exc:
+        code = io_errno(exc)
+        if code is None:
+            raise
+        cause = (getattr(exc, "strerror", None) or os.strerror(code)) if code else (str(exc) or type(exc).__name__)
+        filename = getattr(exc, "filename", None)
+        if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list) and exc.args[0]:
+            _, filename, why = exc.args[0][0]  # copytree's first failed (source, destination, message)
+            code = _errno_in(str(why))
+            cause = os.strerror(code) if code else str(why)
+        where = f": {filename}" if filename else ""
+        raise LoraCliError(
+            f"could not write {target} ({cause}{where}); nothing half-written was left there{kept}. Free some space "
+            "or fix the folder's permissions, then run the command again"
+        ) from exc
+    finally:
+        _WRITING.reset(token)
+
+
+_WRITING: contextvars.ContextVar[tuple[str | Path, str] | None] = contextvars.ContextVar("writing", default=None)
+
+
+_ERRNO_TEXT = re.compile(r"IoError\(Os \{ code: (\d+)|\(os error (\d+)\)|\[Errno (\d+)\]")
+"""An errno inside a message: safetensors' Rust writer (``IoError(Os { code: 28, ...``, newer
+``... (os error 28)``) or a copied OSError (``[Errno 28] ...``)."""
+
+
+def _errno_in(text: str) -> int | None:
+    match = _ERRNO_TEXT.search(text)
+    return int(next(g for g in match.groups() if g)) if match else None
+
+
+def io_errno(exc: BaseException) -> int | None:
+    """The errno of a failed write: an ``OSError``'s (0 when it has none), or the one
+    safetensors' Rust writer puts in its message (``SafetensorError: Error while serializing:
+    ...``); None for anything else."""
+    if isinstance(exc, (BrokenPipeError, ConnectionError)):
+        return None
+    if isinstance(exc, OSError):
+        return exc.errno or 0
+    if type(exc).__name__ == "SafetensorError" and "serializ" in str(exc):
+        return _errno_in(str(exc))
+    return None
+
+
+def _rename_new(source: Path, target: Path) -> None:
+    """``os.rename`` of a folder onto an absent or empty folder; it fails on anything else."""
+    try:
+        os.rename(source, target)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise
+        raise LoraCliError(
+            f"{target} was filled by another process while this command worked, so nothing was written there "
+            "and its files are as that process left them. Run again with another output folder"
+        ) from None

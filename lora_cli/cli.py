@@ -213,7 +213,7 @@ def merge(
     out: Annotated[Path, typer.Option("--out", help="Folder to write the merged model to.", show_default=False)],
     dtype: Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16.")] = "float32",
     n: Annotated[int, typer.Option("--n", help="How many validation images verify the merge.")] = 16,
-    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out folder.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if an earlier merge wrote it (merge.json).")] = False,
 ) -> None:
     """Fold the adapter into the base model, verify the logits, write a plain transformers folder."""
     from lora_cli.inference.runs import merge_from_run

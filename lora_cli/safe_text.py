@@ -14,6 +14,11 @@ Class names, file names and messages come from users' data. Three places interpr
   ``--json`` output keeps the raw values: it is data, not a document.
 - matplotlib: text with a pair of ``$`` is parsed as mathtext, and a malformed
   expression (``$\\x$``) raises while the figure is saved. :func:`plot_label` escapes ``$``.
+- Markdown, and the HTML it becomes (``compare --md``, a model card): ``<a href=...>``,
+  ``<script>``, ``[x](javascript:...)``, ``<javascript:...>`` autolinks and ``&#..;``
+  entities would be live; ``|`` splits a table cell, a newline ends a row, a leading ``#``
+  or ``-`` makes a heading or a list, backticks and ``*`` change the text.
+  :func:`markdown_text` makes one line that renders as exactly the text given.
 
 Pure Python, no imports beyond the standard library: the CLI imports it at start-up.
 """
@@ -22,7 +27,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["csv_cell", "plot_label", "terminal_text"]
+__all__ = ["csv_cell", "markdown_text", "plot_label", "terminal_text"]
 
 _BIDI = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
 # C0 controls, DEL, C1 controls, bidi embeddings/overrides/isolates, and the invisible
@@ -32,6 +37,11 @@ _UNSAFE_KEEP_NEWLINES = re.compile(f"[\x00-\x08\x0b-\x1f\x7f-\x9f{_BIDI}\u2028\u
 
 # OWASP: cells starting with these are formulas (tab and CR too: some importers strip them)
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+# Markdown: characters that are markup anywhere ('_' only at a word's edge: snake_case stays
+# as it is, CommonMark never emphasises inside a word), and line starts that make a block
+_MD_INLINE = re.compile(r"([\\`*~\[\]|]|(?<![0-9A-Za-z])_|_(?![0-9A-Za-z]))")
+_MD_LINE_START = re.compile(r"^(\s*)(#|=|[-+](?=\s|$|-)|\d+(?=[.)](?:\s|$)))")
 
 
 def _visible(match: re.Match[str]) -> str:
@@ -63,6 +73,26 @@ def csv_cell(value: object) -> str:
     if text.startswith(_FORMULA_START):
         text = "'" + text
     return terminal_text(text)
+
+
+def markdown_text(value: object) -> str:
+    """One line of Markdown (a table cell, a heading, prose) that renders as the text itself.
+
+    Control characters and newlines become visible escapes (:func:`terminal_text`), so the
+    text stays on its line; ``&``, ``<`` and ``>`` become HTML entities, so no tag, autolink
+    or entity is live; the inline markup characters (``\\ ` * ~ [ ] |`` and ``_`` at a
+    word's edge) are backslash-escaped, so there is no link (``[x](javascript:...)``), code
+    span, emphasis or extra table cell; a leading ``#``, ``=``, list marker (``- ``, ``+ ``,
+    ``1. ``) or ``---`` is escaped so the line opens no heading, list or rule (numbers such
+    as ``0.75`` or ``-0.5`` stay as they are).
+    """
+    text = terminal_text(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    text = _MD_INLINE.sub(r"\\\1", text)
+    match = _MD_LINE_START.match(text)
+    if match:
+        mark = match.group(2)
+        text = match.group(1) + (mark + "\\" if mark[0].isdigit() else "\\" + mark) + text[match.end():]
+    return text
 
 
 def plot_label(value: object) -> str:

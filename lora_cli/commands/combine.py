@@ -30,7 +30,7 @@ def combine(
     svd_clamp: Annotated[
         float | None, typer.Option("--svd-clamp", help="svd kinds: clamp factors at this quantile, e.g. 0.99.")
     ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it is a run directory.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if an earlier combine wrote it.")] = False,
 ) -> None:
     """Combine trained LoRA runs into a new run that eval, merge and predict take like any run.
 

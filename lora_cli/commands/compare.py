@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from lora_cli.atomic import writing
 from lora_cli.errors import UserInputError
 from lora_cli.safe_text import terminal_text
 
@@ -19,7 +20,8 @@ RunsArg = Annotated[list[Path], typer.Argument(help="Run directories written by 
 PlotOpt = Annotated[
     Path | None,
     typer.Option("--plot", help=f"Where to write the overlaid loss / eval curves (default: {PLOT_NAME} in the "
-                                "runs' common parent folder).", show_default=False),
+                                "runs' common parent folder, with the table only; --md, --csv and --json write "
+                                "a figure only with --plot).", show_default=False),
 ]
 
 
@@ -44,14 +46,21 @@ def write_comparison(runs: list[Path], md: bool = False, csv_out: bool = False, 
     """Print the comparison of ``runs`` in the chosen format and write the figure (sweep reuses it)."""
     import json
 
+    from lora_cli import rundir as rd
     from lora_cli.evaluation.compare import compare_runs, csv_text, markdown_table, rich_table
-    from lora_cli.evaluation.compare_plot import plot_comparison
+    from lora_cli.evaluation.compare_plot import is_compare_figure, plot_comparison
 
     if md + csv_out + json_out > 1:
         raise UserInputError("pass at most one of --md, --csv and --json")
     if plot is not None and no_plot:
         raise UserInputError("--plot FILE writes the figure and --no-plot skips it; pass only one of them")
     rows = compare_runs(runs)
+    # the figure: when --plot asks for it, or beside the table of the default mode; the data
+    # formats (--md, --csv, --json) are often redirected and never rewrite a figure unasked
+    target = plot if plot is not None else None if no_plot or md or csv_out or json_out else default_plot_path(runs)
+    if target is not None:  # the folder rule, for a file: checked before anything is printed or written
+        rd.check_output_file(target, rd.Output("--plot", "compare", None, str(target.with_name("compare-2.png"))),
+                             ours=is_compare_figure, reads=runs)
     if json_out:
         typer.echo(json.dumps(rows, indent=2))
     elif md:
@@ -63,10 +72,10 @@ def write_comparison(runs: list[Path], md: bool = False, csv_out: bool = False, 
         if not console.is_terminal:  # piped: rich's 80 columns would squeeze the table
             console = Console(width=200)
         console.print(rich_table(rows, title=title))
-    if no_plot:
+    if target is None:
         return
-    target = plot if plot is not None else default_plot_path(runs)
-    written = plot_comparison(runs, [r["run"] for r in rows], target)
+    with writing(target):  # a full disk or read-only folder: one line; the figure is whole or absent
+        written = plot_comparison(runs, [r["run"] for r in rows], target)
     err = Console(stderr=True)
     if written is None:
         err.print("no curves in the runs' metrics.jsonl; no figure written", highlight=False)

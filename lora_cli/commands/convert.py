@@ -19,7 +19,7 @@ def convert(
         float | None,
         typer.Option("--energy", help="Per layer, the smallest rank keeping this fraction of the energy, e.g. 0.99."),
     ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it is a run directory.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if an earlier convert wrote it.")] = False,
 ) -> None:
     """Convert a LoHa / LoKr run to plain LoRA (SVD per layer), reporting the error it introduces.
 

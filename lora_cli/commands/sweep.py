@@ -12,11 +12,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from lora_cli.atomic import writing
 from lora_cli.commands.compare import PLOT_NAME, write_comparison
 from lora_cli.errors import LoraCliError, UserInputError
 from lora_cli.safe_text import terminal_text
-
-SWEEP_FILE = "sweep.json"
 
 err = Console(stderr=True)
 
@@ -51,11 +50,21 @@ def sweep(
     Example: loracli sweep recipes/quickstart.yaml adapter.method=lora,loha,lokr,adalora adapter.r=8,16
     """
     # the recipe layer imports torch: not at `loracli --help`
-    from lora_cli.training.sweep import plan
+    from lora_cli.training.sweep import holding, sweep_folder
 
     if md + csv_out + json_out > 1:
         raise UserInputError("pass at most one of --md, --csv and --json")
-    sweep_dir, points = plan(recipe, list(axes), out)
+    folder = sweep_folder(recipe, list(axes), out)
+    # a full disk or a read-only folder: one line; completed points and sweep.json stay whole
+    with writing(folder, kept=" (completed points are kept)"), holding(folder, dry_run):  # one sweep at a time
+        _sweep(recipe, list(axes), folder, dry_run, overwrite, md, csv_out, json_out)
+
+
+def _sweep(recipe: Path, axes: list[str], folder: Path, dry_run: bool, overwrite: bool, md: bool, csv_out: bool,
+           json_out: bool) -> None:
+    from lora_cli.training.sweep import SWEEP_FILE, plan
+
+    sweep_dir, points = plan(recipe, axes, folder)
     err.print(f"sweep {_safe(sweep_dir)}: {len(points)} point(s)", highlight=False, soft_wrap=True)
     for point in points:
         settings = ", ".join(f"{k}={v}" for k, v in point.values.items())
@@ -84,9 +93,9 @@ def sweep(
 def _run_points(sweep_dir: Path, points, overwrite: bool) -> dict[str, dict]:
     """Train each valid point in its own `loracli train` process (its own peak memory)."""
     from lora_cli import rundir as rd
-    from lora_cli.training.sweep import is_done
+    from lora_cli.training.sweep import SWEEP_FILE, claim_sweep_dir, is_done
 
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    claim_sweep_dir(sweep_dir)
     results: dict[str, dict] = {}
     for i, point in enumerate(points, 1):
         entry = {"values": point.values, "run_dir": str(point.run_dir), "overrides": point.overrides,

@@ -25,7 +25,7 @@ from lora_cli import rundir as rd
 from lora_cli.errors import UserInputError
 from lora_cli.evaluation.effective_rank import adapter_effective_rank
 from lora_cli.evaluation.plots import read_metrics
-from lora_cli.safe_text import csv_cell, terminal_text
+from lora_cli.safe_text import csv_cell, markdown_text, terminal_text
 
 TRAIN_STATS_FILE = "train.json"
 """Training-loop wall time, throughput, peak memory and parameter counts (TrainStatsCallback)."""
@@ -76,6 +76,8 @@ def check_runs(run_dirs: list[Path]) -> list[Path]:
         shown = ", ".join(terminal_text(p) for p in wrong)
         raise UserInputError(f"not a run directory (no {rd.RECIPE_FILE} and {rd.ENV_FILE}): {shown}; pass folders "
                              "written by `loracli train` (or `loracli sweep`)")
+    for run in run_dirs:  # what a row and the figure read, never through a link out of the run
+        rd.check_run_links(run, (rd.ADAPTER_DIR, TRAIN_STATS_FILE, rd.EVAL_FILE, rd.STATUS_FILE, rd.METRICS_FILE))
     return [Path(p) for p in run_dirs]
 
 
@@ -183,8 +185,8 @@ def text_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     headings, cells = text_rows(rows)
 
-    def line(values):
-        return "| " + " | ".join(terminal_text(v).replace("|", "\\|") for v in values) + " |"
+    def line(values):  # every cell rendered as its text: no HTML, link, code span or extra cell
+        return "| " + " | ".join(markdown_text(v) for v in values) + " |"
 
     body = [line(headings), "|" + "|".join("---" if i < 3 else "---:" for i in range(len(headings))) + "|"]
     return "\n".join(body + [line(c) for c in cells]) + "\n"

@@ -16,6 +16,19 @@ from lora_cli.evaluation.plots import _pyplot, _save, read_metrics
 from lora_cli.safe_text import plot_label
 
 EVAL_CURVES = ("eval_accuracy", "eval_macro_f1", "eval_perplexity", "eval_bleu", "eval_loss")
+FIGURE_KEY, FIGURE_VALUE = "loracli", "compare"
+"""A PNG text entry every compare figure carries: the only kind of file compare writes over."""
+
+
+def is_compare_figure(path: Path) -> bool:
+    """``path`` is a PNG that ``loracli compare`` wrote (it carries :data:`FIGURE_KEY`)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:  # reads the header and the text chunks before the pixels
+            return image.format == "PNG" and image.info.get(FIGURE_KEY) == FIGURE_VALUE
+    except Exception:  # noqa: BLE001 - anything PIL cannot read is not our figure
+        return False
 
 
 def _curve(events: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
@@ -54,4 +67,4 @@ def plot_comparison(run_dirs: list[Path], labels: list[str], path: Path) -> Path
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    return _save(fig, Path(path))
+    return _save(fig, Path(path), metadata={FIGURE_KEY: FIGURE_VALUE})

@@ -29,12 +29,13 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
-    """Write the figure beside the target, then rename: no half-written PNG on a crash."""
+def _save(fig, path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write the figure beside the target, then rename: no half-written PNG on a crash.
+    ``metadata``: PNG text entries (what wrote the figure)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with atomic_file(path) as tmp:
-            fig.savefig(tmp, dpi=fig.dpi, bbox_inches="tight")
+            fig.savefig(tmp, dpi=fig.dpi, bbox_inches="tight", metadata=metadata)
     finally:
         fig.clf()
         _pyplot().close(fig)

@@ -90,7 +90,7 @@ def combine_runs(
         raise UserInputError(f"{len(weights)} weight(s) for {len(runs)} run(s); give one per run (--weights 0.7,0.3)")
     if how not in COMBINATION_TYPES:
         raise UserInputError(f"--how {how!r} is unknown; use one of {', '.join(COMBINATION_TYPES)}")
-    check_new_run_dir(out, runs, overwrite)
+    replace = check_new_run_dir(out, runs, overwrite, "combine", PROVENANCE_FILE)
     recipes = [_check_run(r) for r in runs]
     _check_compatible(runs, recipes)
 
@@ -110,7 +110,7 @@ def combine_runs(
                   "svd_rank": svd_rank, "svd_clamp": svd_clamp}
     updates = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": config.target_modules,
                "rank_pattern": None, "alpha_pattern": None, "init_lora_weights": None}
-    with atomic_dir(out) as staging:
+    with atomic_dir(out, replace=replace) as staging:
         model.save_pretrained(staging / ".adapters", selected_adapters=["combined"])
         (staging / rd.ADAPTER_DIR).mkdir()
         for file in (staging / ".adapters" / "combined").iterdir():
@@ -125,6 +125,7 @@ def combine_runs(
 def _check_run(run: Path):
     if not (run / rd.RECIPE_FILE).is_file():
         raise UserInputError(f"{run} is not a run directory (no {rd.RECIPE_FILE}); pass folders `loracli train` wrote")
+    rd.check_run_links(run)  # its recipe, adapter and base_model/ are read: never through a link out of it
     if not (run / rd.ADAPTER_DIR / "adapter_config.json").is_file():
         raise UserInputError(f"{run}: no adapter in {run / rd.ADAPTER_DIR}; did its training finish?")
     return load_recipe(run / rd.RECIPE_FILE)

@@ -55,7 +55,7 @@ def convert_run(run_dir: str | Path, out_dir: str | Path, to: str = "lora", rank
     if to not in TARGETS:
         raise UserInputError(f"--to {to!r}: adapters convert to {', '.join(TARGETS)} only")
     check_choice(rank, energy)
-    check_new_run_dir(out, [run], overwrite)
+    replace = check_new_run_dir(out, [run], overwrite, "convert", PROVENANCE_FILE)
     loaded = load_run(run, device=device)
     method = loaded.model.peft_config["default"].method
     if method not in CONVERTIBLE:
@@ -63,7 +63,7 @@ def convert_run(run_dir: str | Path, out_dir: str | Path, to: str = "lora", rank
             f"{run} holds a {method} adapter; convert takes LoHa or LoKr runs"
             + (" (this one is LoRA already: use it as it is)" if method == "lora" else "")
         )
-    with atomic_dir(out) as staging:
+    with atomic_dir(out, replace=replace) as staging:
         conversion = save_as_lora(loaded.model, staging / rd.ADAPTER_DIR, rank=rank, energy=energy)
         config = loaded.model.peft_config["default"]
         written = AdapterConfig.from_pretrained(staging / rd.ADAPTER_DIR)  # what the new run will load

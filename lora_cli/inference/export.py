@@ -21,6 +21,7 @@ once both checks pass (:func:`lora_cli.atomic.atomic_dir`): a failed check write
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import inspect
 import logging
@@ -37,7 +38,7 @@ from lora_cli import rundir as rd
 from lora_cli.atomic import atomic_dir
 from lora_cli.errors import LoraCliError, UserInputError
 from lora_cli.inference.loading import load_run
-from lora_cli.inference.merge import MergeReport, check_out_dir, compare_logits, merge_run
+from lora_cli.inference.merge import MERGE_FILE, MergeReport, compare_logits, merge_run
 from lora_cli.inference.runs import verification_batch
 from lora_cli.recipe import load_recipe
 
@@ -56,6 +57,8 @@ SINGLE_FILE_LIMIT = 1_800_000_000
 """Bytes of weights up to which model.onnx holds them itself (protobuf's limit is 2 GiB);
 larger models keep them in ``model.onnx.data`` beside it."""
 INSTALL_HINT = "install the ONNX extra: pip install 'loracli[onnx]' (onnx, onnxruntime, onnxscript)"
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
+"""A full disk, a read-only or forbidden folder: write failures that no other exporter avoids."""
 
 
 class ExportVerificationError(LoraCliError):
@@ -114,7 +117,9 @@ def export_run(
     if missing:
         raise UserInputError(f"loracli export needs {', '.join(missing)}: {INSTALL_HINT}")
     out = Path(out_dir) if out_dir is not None else default_out_dir(run_dir)
-    check_out_dir(out, force, run_dir=run_dir)  # before the slow model load
+    replace = rd.check_output_dir(out, rd.Output("--out", "export", REPORT_FILE, f"{default_out_dir(run_dir)}/"),
+                                  reads=[run_dir], replace=force)  # before the slow model load
+    rd.check_run_links(run_dir)
     _check_task(run_dir)
 
     loaded = load_run(run_dir, device="cpu")
@@ -122,7 +127,7 @@ def export_run(
     import transformers
 
     auto_cls = getattr(transformers, AUTO_CLASSES[loaded.recipe.task])
-    with atomic_dir(out) as staging:
+    with atomic_dir(out, replace=replace) as staging:
         merged_dir = staging / ".merged"
         merge_report = merge_run(loaded.model, loaded.processor, merged_dir, dtype="float32", verify_batch=batch,
                                  n=n, id2label=loaded.id2label, source=source, run_dir=run_dir)
@@ -139,7 +144,7 @@ def export_run(
                 f"{'torchscript' if used == 'dynamo' else 'dynamo'}, or report this as a bug"
             )
         for item in merged_dir.iterdir():  # config (labels) and processor files; the weights are in model.onnx
-            if not item.name.endswith(".safetensors") and item.name != "model.safetensors.index.json":
+            if not item.name.endswith(".safetensors") and item.name not in ("model.safetensors.index.json", MERGE_FILE):
                 shutil.move(str(item), staging / item.name)
         shutil.rmtree(merged_dir)
         merge_report.out_dir = str(out)
@@ -219,6 +224,8 @@ def export_onnx(model: nn.Module, inputs: dict[str, torch.Tensor], path: Path, e
                                       input_names=names, output_names=["logits"], opset_version=opset or 17,
                                       dynamic_axes={**_axes(inputs), "logits": {0: "batch"}}, dynamo=False)
         except Exception as exc:  # noqa: BLE001 - any exporter failure: try the next, report all
+            if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+                raise  # the disk, not the exporter: atomic_dir says so, and no other exporter would do better
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             errors.append(f"{kind}: {type(exc).__name__}: {first}")
             logger.warning("the %s ONNX exporter failed (%s)", kind, first)

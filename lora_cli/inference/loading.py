@@ -45,6 +45,7 @@ def load_run(run_dir: str | Path, adapter_dir: str | Path | None = None, device:
     recipe_file = run_dir / rd.RECIPE_FILE
     if not recipe_file.is_file():
         raise UserInputError(f"{run_dir} is not a run directory (no {rd.RECIPE_FILE}); pass the folder `loracli train` wrote")
+    rd.check_run_links(run_dir)  # nothing is read through a link that leaves the run
     holder = rd.RunLock(run_dir).holder()
     if holder is not None:
         warnings.warn(f"{run_dir} is being trained right now ({holder}); its adapter may change when that run ends",

@@ -72,61 +72,30 @@ class MergeReport:
         )
 
 
+MERGE_FILE = "merge.json"
+"""The verification report a merge writes beside the model: it also marks the folder as
+merge's own, the only kind ``merge --force`` replaces."""
+
+
 def check_out_dir(out_dir: str | Path, force: bool = False, run_dir: str | Path | None = None) -> Path:
     """Refuse a target that would destroy data; say so before any work is done.
 
-    Never replaced, even with ``force``: the run being merged, a folder inside it that the
-    run needs, an ancestor of it, any folder that holds a run, and any folder that holds
-    the working directory. An existing non-empty folder needs ``force`` and must be a model
-    folder (``config.json``), as an earlier merge left it.
+    The folder rule of :mod:`lora_cli.rundir.guard`: never the run being merged, one of its
+    own entries, an ancestor of it, a folder holding the working directory; an existing
+    non-empty folder only with ``force`` and only when an earlier merge wrote it
+    (``merge.json``) and it holds no run.
     """
-    from lora_cli import rundir as rd
-
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserInputError(f"--out {out_dir} exists and is a file; pick a folder path")
-    if out_dir.is_symlink():
-        raise UserInputError(f"--out {out_dir} is a symlink; pick a real folder path")
-    if run_dir is not None:
-        run = Path(run_dir).resolve()
-        target = out_dir.resolve()
-        if rd.holds_protected(out_dir, [run], cwd=False) is not None:
-            raise UserInputError(
-                f"--out {out_dir} is the run directory {run_dir} or holds it: writing the merged model there would "
-                "delete the run (its recipe, adapter, checkpoints and evaluation). Pick a folder outside it, "
-                "e.g. --out merged/"
-            )
-        inside = target.relative_to(run).parts if rd.holds_protected(run, [target], cwd=False) is not None else ()
-        if inside and inside[0] in RUN_CONTENTS:
-            raise UserInputError(
-                f"--out {out_dir} is the run's own {inside[0]}/ folder (or inside it); pick a folder of its own, "
-                "e.g. --out merged/"
-            )
-    if out_dir.is_dir():
-        found = rd.find_run_below(out_dir)
-        if found is not None:
-            raise UserInputError(
-                f"--out {out_dir} holds the run directory {found}; writing there would delete it. Pick another folder"
-            )
-        inside_cwd = rd.holds_protected(out_dir, [])
-        if inside_cwd is not None:
-            raise UserInputError(
-                f"--out {out_dir} holds the working directory {inside_cwd}; pick a folder of its own, e.g. --out merged/"
-            )
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        if not force:
-            raise UserInputError(f"--out {out_dir} exists and is not empty; pick another folder or pass --force")
-        if not (out_dir / "config.json").is_file():
-            raise UserInputError(
-                f"--out {out_dir} holds files but no model (no config.json): --force replaces only a model folder "
-                "that an earlier merge wrote. Move those files away or pick another folder"
-            )
+    _replaces(out_dir, force, run_dir)
     return out_dir
 
 
-RUN_CONTENTS = frozenset({"adapter", "processor", "base_model", "checkpoints", "plots", "recipe.yaml", "env.json",
-                          "metrics.jsonl", "eval.json", "status.json"})
-"""Entries of a run directory (see lora_cli/rundir/layout.py) that --out may never be."""
+def _replaces(out_dir: Path, force: bool, run_dir: str | Path | None) -> bool:
+    """:func:`check_out_dir`'s check; True when ``out_dir`` is an earlier merge to replace."""
+    from lora_cli import rundir as rd
+
+    return rd.check_output_dir(out_dir, rd.Output("--out", "merge", MERGE_FILE, "merged/"),
+                               reads=[run_dir] if run_dir is not None else [], replace=force)
 
 
 def synthetic_inputs(model: nn.Module, processor: Any, n: int = 16, seed: int = 0) -> torch.Tensor:
@@ -257,17 +226,22 @@ def merge_run(
     if config is not None and id2label:
         config.id2label = {int(k): str(v) for k, v in id2label.items()}
         config.label2id = {v: k for k, v in config.id2label.items()}
-    write_model_dir(merged, processor, out_dir, force=force, run_dir=run_dir)
+    write_model_dir(merged, processor, out_dir, force=force, run_dir=run_dir, report=report.to_dict())
     return report
 
 
 def write_model_dir(
-    model: nn.Module, processor: Any, out_dir: str | Path, force: bool = False, run_dir: str | Path | None = None
+    model: nn.Module, processor: Any, out_dir: str | Path, force: bool = False, run_dir: str | Path | None = None,
+    report: dict[str, Any] | None = None,
 ) -> Path:
-    """``save_pretrained`` model (safetensors) and processor into a temp sibling, then rename."""
-    out_dir = check_out_dir(out_dir, force, run_dir=run_dir)
-    with atomic_dir(out_dir) as tmp:  # the user's earlier folder stays until the new one is complete
+    """``save_pretrained`` model (safetensors), processor and ``merge.json`` into a temp sibling, then rename."""
+    import json
+
+    out_dir = Path(out_dir)
+    replace = _replaces(out_dir, force, run_dir)
+    with atomic_dir(out_dir, replace=replace) as tmp:  # an earlier merge stays until the new one is complete
         model.save_pretrained(tmp)
         if processor is not None:
             processor.save_pretrained(tmp)
+        (tmp / MERGE_FILE).write_text(json.dumps(report or {}, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return out_dir

@@ -8,10 +8,12 @@ Metadata: ``library_name`` (``peft`` for an adapter, ``transformers`` for a merg
 and ``loracli`` (the adapter method and its settings). The prose repeats them for people,
 shows the training figures and how to load the model with PEFT, transformers and loracli.
 
-User text (class names, run names, paths) is neutralised twice: the metadata is written by
-a YAML dumper (``yaml.safe_dump``: quoting, never markup), and prose goes through
-:func:`md_text` (control characters made visible, markdown and HTML characters escaped),
-so a class called ``<script>`` or ``*bold*`` shows as written and changes nothing else.
+User text (class names, file names, settings, paths) is neutralised where it goes: in the
+metadata each string is one line with its control characters visible
+(:func:`lora_cli.safe_text.terminal_text`) and written by a YAML dumper (``yaml.safe_dump``:
+quoting, never markup), so no value can end the front matter or add a key; prose goes
+through :func:`md_text` (:func:`lora_cli.safe_text.markdown_text`), so a class called
+``<script>``, ``[x](javascript:...)`` or ``*bold*`` shows as written and changes nothing else.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from urllib.parse import quote
 
 import yaml
 
-from lora_cli.safe_text import terminal_text
+from lora_cli.safe_text import markdown_text, terminal_text
 
 PIPELINE_TAGS = {
     "image-classification": "image-classification",
@@ -47,16 +49,12 @@ METRICS = {
     "bleu": ("bleu", "BLEU"),
     "loss": ("loss", "Loss"),
 }
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]|~])")  # inline markup; text never starts a line here
 METHOD_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "adalora": "AdaLoRA"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
 
 
-def md_text(value: object) -> str:
-    """One line of prose that markdown and HTML show literally."""
-    text = terminal_text(value)  # control characters and bidi overrides as visible escapes, one line
-    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    return _MD_SPECIAL.sub(r"\\\1", text)
+md_text = markdown_text
+"""One line of prose or a table cell that Markdown and HTML show literally (:func:`lora_cli.safe_text.markdown_text`)."""
 
 
 def hub_id(value: object) -> str | None:
@@ -88,9 +86,10 @@ def card_metadata(recipe: Any, report: dict[str, Any], repo_id: str, merged: boo
     dataset_type = dataset or _data_kind(recipe)
     model_name = repo_id.split("/")[-1]
     results = [
-        EvalResult(task_type=PIPELINE_TAGS[task], dataset_type=dataset_type, dataset_name=dataset or _data_label(recipe),
-                   dataset_split=str(report.get("split") or "validation"), metric_type=kind, metric_name=shown,
-                   metric_value=value)
+        EvalResult(task_type=PIPELINE_TAGS[task], dataset_type=terminal_text(dataset_type),
+                   dataset_name=terminal_text(dataset or _data_label(recipe)),
+                   dataset_split=terminal_text(report.get("split") or "validation"), metric_type=kind,
+                   metric_name=shown, metric_value=value)
         for kind, shown, value in eval_metrics(report).values()
     ]
     meta: dict[str, Any] = {"library_name": "transformers" if merged else "peft"}
@@ -189,12 +188,15 @@ def _usage(task: str, repo_id: str, base_model: str | None, merged: bool) -> lis
 
 
 def _plain(value: Any) -> Any:
-    """Adapter settings as YAML-safe plain data (tuples -> lists, odd objects -> text)."""
+    """Adapter settings as YAML-safe plain data (tuples -> lists, odd objects -> text), every
+    string on one line with its control characters visible (the dumper quotes the rest)."""
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {terminal_text(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set)):
         return [_plain(v) for v in value]
-    return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
+    if isinstance(value, (int, float, bool)) or value is None:
+        return value
+    return terminal_text(value)
 
 
 def _shown(value: Any) -> str:

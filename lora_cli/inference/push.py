@@ -31,6 +31,7 @@ from lora_cli import rundir as rd
 from lora_cli.atomic import atomic_dir, write_text
 from lora_cli.errors import LoraCliError, UserInputError
 from lora_cli.hub import hub_reachable, offline_by_env
+from lora_cli.inference.merge import MERGE_FILE
 from lora_cli.inference.model_card import hub_id, model_card, validate_card
 from lora_cli.inference.runs import merge_from_run
 from lora_cli.recipe import load_recipe
@@ -50,15 +51,8 @@ def check_repo_id(repo_id: str, flag: str = "REPO_ID") -> str:
 
 
 def check_dry_run_dir(folder: Path, run_dir: Path) -> None:
-    """--dry-run writes a new folder: absent or empty, outside the run, not holding the run or the working directory."""
-    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
-        raise UserInputError(f"--dry-run {folder} is {'a symlink' if folder.is_symlink() else 'a file'}; "
-                             "give the path of a new folder, e.g. --dry-run to-push/")
-    if rd.holds_protected(folder, [run_dir]) is not None or rd.holds_protected(run_dir, [folder], cwd=False):
-        raise UserInputError(f"--dry-run {folder} is, holds or lies inside the run {run_dir} or the working "
-                             "directory; pick a folder of its own, e.g. --dry-run to-push/")
-    if folder.is_dir() and any(folder.iterdir()):
-        raise UserInputError(f"--dry-run {folder} exists and is not empty; pick a new folder or empty it first")
+    """--dry-run writes a new folder (the folder rule of :mod:`lora_cli.rundir.guard`; it never replaces one)."""
+    rd.check_output_dir(folder, rd.Output("--dry-run", "push", None, "to-push/"), reads=[run_dir], replace_flag=None)
 
 
 def build_push_folder(run_dir: str | Path, repo_id: str, folder: Path, merged: bool = False,
@@ -70,11 +64,13 @@ def build_push_folder(run_dir: str | Path, repo_id: str, folder: Path, merged: b
     if not recipe_file.is_file() or not (adapter / "adapter_config.json").is_file():
         raise UserInputError(f"{run_dir} is not a finished run (no {rd.RECIPE_FILE} or {rd.ADAPTER_DIR}/"
                              "adapter_config.json); pass the folder `loracli train` wrote, once it has finished")
+    rd.check_run_links(run_dir, (*rd.MODEL_PARTS, rd.EVAL_FILE, rd.PLOTS_DIR))  # nothing from outside is published
     recipe = load_recipe(recipe_file)
     base_model = check_repo_id(base_model, "--base-model") if base_model else hub_id(recipe.model.name_or_path)
     report = _read_eval(run_dir)
     if merged:
         merge_from_run(run_dir, folder / ".merged", dtype="float32")
+        (folder / ".merged" / MERGE_FILE).unlink()  # the merge's own marker: not part of the repository
         for item in (folder / ".merged").iterdir():
             shutil.move(str(item), folder / item.name)
         (folder / ".merged").rmdir()
@@ -83,13 +79,13 @@ def build_push_folder(run_dir: str | Path, repo_id: str, folder: Path, merged: b
             rd.save_label_map(folder, labels)
     else:
         for item in sorted(adapter.iterdir()):
-            if item.is_file() and not item.is_symlink():
+            if item.is_file():  # a link here stays inside the run (check_run_links)
                 shutil.copy2(item, folder / item.name)
         for name in (rd.PROCESSOR_DIR, rd.BASE_MODEL_DIR):
             source = run_dir / name
             if name == rd.PROCESSOR_DIR and source.is_dir():
                 for item in sorted(source.iterdir()):
-                    if item.is_file() and not item.is_symlink() and not (folder / item.name).exists():
+                    if item.is_file() and not (folder / item.name).exists():
                         shutil.copy2(item, folder / item.name)
             elif source.is_dir():
                 shutil.copytree(source, folder / name, symlinks=False)

@@ -14,42 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from lora_cli import rundir as rd
-from lora_cli.errors import UserInputError
 from lora_cli.recipe import dump_recipe_dict, load_recipe
 from lora_cli.recipe.yamlio import dump
 
 
-def check_new_run_dir(out: Path, sources: list[Path], overwrite: bool, flag: str = "--out") -> None:
-    """Refuse an output folder that would destroy data, before any work is done.
-
-    ``out`` may be absent or an empty folder; an existing run directory only with
-    ``overwrite`` and only when it holds neither a source run nor the working directory.
-    """
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        kind = "a symlink" if out.is_symlink() else "a file"
-        raise UserInputError(f"{flag} {out} is {kind}; give the path of a new folder, e.g. {flag} runs/combined")
-    for source in sources:
-        if rd.holds_protected(out, [source], cwd=False) is not None:
-            raise UserInputError(
-                f"{flag} {out} is the source run {source} or holds it: writing there would delete it. "
-                f"Pick a new folder, e.g. {flag} runs/combined"
-            )
-        if rd.holds_protected(source, [out], cwd=False) is not None:
-            raise UserInputError(f"{flag} {out} lies inside the source run {source}; pick a folder outside it")
-    cwd = rd.holds_protected(out, [])
-    if cwd is not None:
-        raise UserInputError(f"{flag} {out} holds the working directory {cwd}; pick a folder of its own")
-    if not out.is_dir() or not any(out.iterdir()):
-        return
-    if not overwrite:
-        raise UserInputError(
-            f"{flag} {out} exists and is not empty; pick a new folder, or pass --overwrite to replace it "
-            "(only a run directory is ever replaced)"
-        )
-    rd.check_replaceable(out, "--overwrite", protected=sources)
-    holder = rd.RunLock(out).holder()
-    if holder is not None:
-        raise UserInputError(f"--overwrite: {out} is being trained right now ({holder}); pick another folder")
+def check_new_run_dir(out: Path, sources: list[Path], overwrite: bool, verb: str, marker: str,
+                      flag: str = "--out") -> bool:
+    """Refuse an output folder that would destroy data, before any work is done (the folder
+    rule of :mod:`lora_cli.rundir.guard`): ``overwrite`` replaces only a run this verb wrote
+    (its provenance file ``marker``). True when ``out`` is such a run, to be replaced."""
+    example = "runs/combined" if verb == "combine" else "runs/converted"
+    return rd.check_output_dir(out, rd.Output(flag, verb, marker, example, is_run=True), reads=sources,
+                               replace=overwrite, replace_flag="--overwrite")
 
 
 def recipe_adapter(recipe: Any, updates: dict[str, Any]) -> dict[str, Any]:

@@ -72,6 +72,8 @@ def eval_run(
     holder = rd.RunLock(Path(run_dir)).holder() if write else None
     if holder is not None:  # its final evaluation would race ours for eval.json
         raise UserInputError(f"{run_dir} is being trained right now ({holder}); evaluate it once that run ends")
+    if write:  # the confusion matrix goes into plots/: never through a link out of the run
+        rd.check_run_links(run_dir, (rd.PLOTS_DIR,))
     loaded = load_run(run_dir, adapter_dir=adapter_dir, device=device)
     recipe, task = loaded.recipe, loaded.task
     dataset = task.eval_dataset(recipe.data, recipe.seed, loaded.processor, split=split, limit=limit)
@@ -141,6 +143,7 @@ def merge_from_run(
     if dtype not in DTYPES:
         raise UserInputError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     check_out_dir(out_dir, force, run_dir=run_dir)  # fail before the slow model load
+    rd.check_run_links(run_dir)
     _refuse_unmergeable(Path(run_dir) / rd.ADAPTER_DIR)
     loaded = load_run(run_dir, device=device)
     batch, source = verification_batch(loaded, n)

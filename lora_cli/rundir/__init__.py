@@ -19,18 +19,24 @@ run is :func:`lora_cli.inference.runs.load_run`.
       calibration.json, calibration.safetensors  only for EVA / CorDA / LoRA-GA: the calibration pass, for --resume
       .loracli.lock    held (fcntl) by the one process that trains into the folder
 
-Safety rules every writer follows (issue 11): a folder is only ever deleted or replaced
-when it is recognisably a run (``recipe.yaml`` and ``env.json``) and holds neither the
-working directory nor the recipe or data that the command reads; one process at a time
+Safety rules every writer follows (issue 11, issue 23): ``train`` replaces a folder only
+when it is recognisably a run (``recipe.yaml`` and ``env.json``) holding no other run and
+neither the working directory nor the recipe or data that the command reads; every other
+verb's folder or figure follows the one rule of :mod:`.guard` (``check_output_dir``); one process at a time
 trains into a run (:class:`RunLock`, in :mod:`.guard`); checkpoints are written under a temporary name and
 renamed when complete, and ``--resume`` takes the newest complete one (:mod:`.checkpoints`).
 """
 
 from lora_cli.rundir.checkpoints import checkpoint_problem, checkpoints, latest_checkpoint
 from lora_cli.rundir.guard import (
+    MODEL_PARTS,
+    Output,
     RunInUseError,
     RunLock,
+    check_output_dir,
+    check_output_file,
     check_replaceable,
+    check_run_links,
     clear_run_dir,
     find_run_below,
     holds_protected,
@@ -50,6 +56,7 @@ from lora_cli.rundir.layout import (
     PLOTS_DIR,
     PROCESSOR_DIR,
     RECIPE_FILE,
+    RUN_ENTRIES,
     STAGING_DIR,
     STATUS_FILE,
     environment,
@@ -63,7 +70,8 @@ from lora_cli.rundir.layout import (
 __all__ = [
     "ADAPTER_DIR", "BASE_MODEL_DIR", "CHECKPOINTS_DIR", "CHECKPOINT_PREFIX", "ENV_FILE",
     "EVAL_FILE", "INIT_STATE_FILE", "LABEL_MAP_FILE", "LOCK_FILE", "METRICS_FILE", "PLOTS_DIR", "PROCESSOR_DIR", "RECIPE_FILE",
-    "STAGING_DIR", "STATUS_FILE", "RunInUseError", "RunLock", "check_replaceable", "checkpoint_problem",
+    "MODEL_PARTS", "RUN_ENTRIES", "STAGING_DIR", "STATUS_FILE", "Output", "RunInUseError", "RunLock",
+    "check_output_dir", "check_output_file", "check_replaceable", "check_run_links", "checkpoint_problem",
     "checkpoints", "clear_run_dir", "environment", "find_run_below", "holds_protected", "is_run_dir",
     "latest_checkpoint", "read_label_map", "read_status", "save_label_map", "write_json", "write_status",
 ]

@@ -31,6 +31,10 @@ INIT_STATE_FILE = "init_state.safetensors"
 --resume rebuilds the same base without running the init again (optional)."""
 LOCK_FILE = ".loracli.lock"
 CHECKPOINT_PREFIX = "checkpoint-"
+RUN_ENTRIES = frozenset({RECIPE_FILE, ADAPTER_DIR, PROCESSOR_DIR, BASE_MODEL_DIR, CHECKPOINTS_DIR, METRICS_FILE,
+                         EVAL_FILE, PLOTS_DIR, ENV_FILE, STATUS_FILE, INIT_STATE_FILE, "train.json", "logs",
+                         "calibration.json", "calibration.safetensors"})
+"""What ``train`` writes at the top of a run: no verb writes its output over or inside one of these."""
 STAGING_DIR = ".incomplete"
 """Checkpoints are written in ``checkpoints/.incomplete/checkpoint-N`` and renamed into
 ``checkpoints/`` once every file is on disk."""

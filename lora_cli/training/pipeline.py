@@ -26,6 +26,7 @@ from lora_cli import packaged
 from lora_cli import rundir as rd
 from lora_cli.adapters import base_rewrites, get_adapter_model
 from lora_cli.adapters.state import load_safetensors
+from lora_cli.atomic import io_errno
 from lora_cli.errors import LoraCliError, UserInputError
 from lora_cli.evaluation.plots import plot_training_curves
 from lora_cli.evaluation.report import evaluate, write_report
@@ -43,7 +44,12 @@ from lora_cli.training.callbacks import (
     TrainStatsCallback,
 )
 from lora_cli.training.hardware import hardware_defaults
-from lora_cli.training.tracking import check_trackers, configure_trackers, tracking_arguments
+from lora_cli.training.tracking import (
+    check_trackers,
+    check_tracking_server,
+    configure_trackers,
+    tracking_arguments,
+)
 from lora_cli.training.trainer import AdapterTrainer
 
 logger = logging.getLogger(__name__)
@@ -117,7 +123,7 @@ def run_training(
             reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
             with contextlib.suppress(OSError):  # the disk that failed the run may refuse this too
                 rd.write_status(run_dir, "failed", error=reason[:2000])
-        if isinstance(exc, OSError) and not isinstance(exc, LoraCliError):
+        if io_errno(exc) is not None:  # a full disk / read-only folder (safetensors' own error included)
             resumable = bool(rd.checkpoints(run_dir))
             raise LoraCliError(
                 f"could not write the run in {run_dir} ({exc}). Free some space or fix the folder's permissions, then "
@@ -241,6 +247,7 @@ def training_arguments(recipe, run_dir: Path, adapter_config, model: torch.nn.Mo
 
     kwargs = dict(recipe.training or {})  # the keys loracli sets itself are refused by the recipe loader
     check_trackers(recipe)  # a tracker that cannot log fails here, before anything is written
+    check_tracking_server(recipe)
     kwargs.update(tracking_arguments(recipe))
     if not torch.cuda.is_available():
         for key in ("fp16", "bf16"):

@@ -21,9 +21,11 @@ method refuses is that point's recipe error.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,10 +38,15 @@ from lora_cli.recipe.adapter import carry_options, written_options
 from lora_cli.recipe.overrides import parse_override
 from lora_cli.recipe.schema import RUN_NAME_CHARS, RUN_NAME_MAX
 from lora_cli.recipe.yamlio import dump
+from lora_cli.training.preflight import protected_paths
 
 METHOD_KEY = "adapter.method"
 POINT_RECIPES = "recipes"
 """``<sweep>/recipes/<point>.yaml``: the recipes of the points that change the method."""
+SWEEP_FILE = "sweep.json"
+"""Each point's state; written first into a new sweep folder, it marks the folder as a sweep's
+(the only kind of non-empty folder a sweep writes into)."""
+LOCK_HINT = "or give this sweep another --out"
 
 
 @dataclass
@@ -117,6 +124,33 @@ def point_name(values: dict[str, str]) -> str:
     return _safe_name("_".join(parts))[:RUN_NAME_MAX]
 
 
+def sweep_folder(recipe_path: Path, items: list[str], sweep_dir: Path | None = None) -> Path:
+    """The sweep folder (``--out``, default ``runs/<name>-sweep``), checked against the folder rule;
+    a broken base recipe, fixed override or axis stops the sweep here."""
+    axes, fixed = parse_axes(items)
+    base = load_recipe(recipe_path, fixed)
+    sweep_dir = Path(sweep_dir) if sweep_dir is not None else base.output_path.parent / f"{base.name}-sweep"
+    check_sweep_dir(sweep_dir, base, recipe_path)
+    return sweep_dir
+
+
+@contextlib.contextmanager
+def holding(sweep_dir: Path, dry_run: bool = False) -> Iterator[None]:
+    """One sweep at a time in a folder: the folder's lock (:class:`lora_cli.rundir.RunLock`, as
+    ``train`` holds a run's) for the whole sweep; a second sweep gets exit 2 naming the holder
+    (pid, host, start time). A dry run takes no lock, but refuses while a sweep runs there
+    (it would rewrite the recipes that sweep trains from)."""
+    if dry_run:
+        holder = rd.RunLock(sweep_dir).holder() if sweep_dir.is_dir() else None
+        if holder is not None:
+            raise rd.RunInUseError(sweep_dir, holder, LOCK_HINT)
+        yield
+        return
+    with rd.RunLock(sweep_dir, hint=LOCK_HINT):
+        claim_sweep_dir(sweep_dir)
+        yield
+
+
 def plan(recipe_path: Path, items: list[str], sweep_dir: Path | None = None) -> tuple[Path, list[Point]]:
     """The sweep folder and its points, each validated (an invalid point carries its error).
 
@@ -126,8 +160,7 @@ def plan(recipe_path: Path, items: list[str], sweep_dir: Path | None = None) -> 
     axes, fixed = parse_axes(items)
     base = load_recipe(recipe_path, fixed)  # a broken base recipe or fixed override stops the sweep here
     sweep_dir = Path(sweep_dir) if sweep_dir is not None else base.output_path.parent / f"{base.name}-sweep"
-    if sweep_dir.exists() and not sweep_dir.is_dir():
-        raise UserInputError(f"sweep folder {sweep_dir} is a file; pick another with --out DIR")
+    check_sweep_dir(sweep_dir, base, recipe_path)
     options = written_options(base.adapter)
     given = set(axes)
     points, seen = [], set()
@@ -155,10 +188,25 @@ def plan(recipe_path: Path, items: list[str], sweep_dir: Path | None = None) -> 
     return sweep_dir, points
 
 
+def check_sweep_dir(sweep_dir: Path, base, recipe_path: Path) -> None:
+    """The folder rule (:mod:`lora_cli.rundir.guard`): new, empty, or an earlier sweep's folder
+    (``sweep.json``); never the working directory, the recipe or the data, nor inside the data."""
+    rd.check_output_dir(sweep_dir, rd.Output("--out", "sweep", SWEEP_FILE, f"runs/{base.name}-sweep-2"),
+                        reads=protected_paths(base, recipe_path), update=True)
+
+
+def claim_sweep_dir(sweep_dir: Path) -> None:
+    """Create the sweep folder with its marker before anything else is written into it."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    if not (sweep_dir / SWEEP_FILE).is_file():
+        rd.write_json(sweep_dir / SWEEP_FILE, {"points": {}})
+
+
 def _point_recipe(base, sweep_dir: Path, name: str, adapter: dict[str, Any]) -> Path:
     data = base.to_dict()
     data["adapter"] = adapter
     path = sweep_dir / POINT_RECIPES / f"{name}.yaml"
+    claim_sweep_dir(sweep_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, f"# loracli sweep point {name}, from {base.source}\n" + dump(data))
     return path

@@ -24,6 +24,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from lora_cli.errors import UserInputError
 from lora_cli.recipe.errors import Reporter
 from lora_cli.recipe.training import missing_trackers, report_to_names
 
@@ -85,6 +86,36 @@ def _wandb_can_log() -> bool:
 
 def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+MLFLOW_ANSWER_SECONDS = 3.0
+"""How long an MLflow tracking server gets to answer before training is refused."""
+
+
+def check_tracking_server(recipe) -> None:
+    """``training.report_to: mlflow`` with ``MLFLOW_TRACKING_URI`` naming a server (http/https):
+    the server answers within :data:`MLFLOW_ANSWER_SECONDS`, or exit 2 naming the URI. MLflow's
+    own client would retry for minutes and then fail the run mid-training."""
+    if "mlflow" not in report_to_names((recipe.training or {}).get("report_to")):
+        return
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri.lower().startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=MLFLOW_ANSWER_SECONDS):
+            return
+    except urllib.error.HTTPError:
+        return  # it answered (an error status still means a server is there)
+    except (OSError, ValueError) as exc:  # refused, timed out, no such host, a malformed URI
+        why = getattr(exc, "reason", None) or exc
+        raise UserInputError(
+            f"training.report_to names mlflow, but the MLflow server MLFLOW_TRACKING_URI={uri} does not answer "
+            f"({why}; waited {MLFLOW_ANSWER_SECONDS:g} s). Start the server, point MLFLOW_TRACKING_URI at one that "
+            "runs (or unset it for a store inside the run), or remove mlflow from training.report_to"
+        ) from None
 
 
 def _env_default(name: str, value: str) -> None:

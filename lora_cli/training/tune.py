@@ -40,7 +40,9 @@ from lora_cli.errors import LoraCliError, UserInputError
 from lora_cli.recipe import load_recipe
 from lora_cli.recipe.adapter import carry_options, written_options
 from lora_cli.recipe.yamlio import parse_value
+from lora_cli.safe_text import csv_cell
 from lora_cli.training.pipeline import run_training
+from lora_cli.training.preflight import protected_paths
 
 SPACE_HINT = ("write key=int(low,high[,log]), key=float(low,high[,log]) or key=cat(a,b,...), e.g. "
               "--space 'adapter.r=int(4,64,log)' --space 'training.learning_rate=float(1e-4,1e-2,log)'")
@@ -166,20 +168,20 @@ def _final_metrics(run_dir: Path) -> dict[str, Any]:
     return {**report, **report.get("trainer", {})} if isinstance(report, dict) else {}
 
 
-def _check_out(out: Path, settings: dict[str, Any], recipe_path: Path) -> None:
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise UserInputError(f"--out {out} is {'a symlink' if out.is_symlink() else 'a file'}; give a folder path")
-    if rd.holds_protected(out, [recipe_path]) is not None:
-        raise UserInputError(f"--out {out} holds the recipe or the working directory; pick a folder of its own")
+def _check_out(out: Path, settings: dict[str, Any], recipe: Any, recipe_path: Path) -> None:
+    """The folder rule (:mod:`lora_cli.rundir.guard`): new, empty, or the same search's folder."""
+    rd.check_output_dir(out, rd.Output("--out", "tune", SETTINGS_FILE, f"{recipe.output_path}-tune-2"),
+                        reads=protected_paths(recipe, recipe_path), update=True)
     saved_file = out / SETTINGS_FILE
     if saved_file.is_file():
-        saved = json.loads(saved_file.read_text(encoding="utf-8"))
+        try:
+            saved = json.loads(saved_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as exc:
+            raise UserInputError(f"--out {out}: {SETTINGS_FILE} cannot be read ({exc}); pick a new --out") from None
         if saved != settings:
-            changed = ", ".join(k for k in settings if saved.get(k) != settings[k])
+            changed = ", ".join(k for k in settings if not isinstance(saved, dict) or saved.get(k) != settings[k])
             raise UserInputError(f"--out {out} holds another search ({changed} differ); repeat its arguments to "
                                  "continue it, or pick a new --out")
-    elif out.is_dir() and any(out.iterdir()):
-        raise UserInputError(f"--out {out} exists, is not empty and holds no search ({SETTINGS_FILE}); pick a new folder")
 
 
 def tune(recipe_path: str | Path, space: list[str], trials: int, metric: str, direction: str = "maximize",
@@ -207,9 +209,9 @@ def tune(recipe_path: str | Path, space: list[str], trials: int, metric: str, di
             v = int(value) if param.kind == "int" else value
             load_recipe(recipe_path, trial_overrides(recipe, {param.key: v}) + [f"output_dir={out / 'check'}"])
     settings = {"recipe": str(recipe_path.resolve()), "space": space, "metric": metric, "direction": direction}
-    _check_out(out, settings, recipe_path)
+    _check_out(out, settings, recipe, recipe_path)
     out.mkdir(parents=True, exist_ok=True)
-    with rd.RunLock(out):
+    with rd.RunLock(out, hint="or give this search another --out"):  # one search at a time in a folder
         rd.write_json(out / SETTINGS_FILE, settings)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.create_study(
@@ -256,10 +258,12 @@ def write_results(study: Any, params: list[Param], out: Path) -> Path:
     path = out / RESULTS_FILE
     with atomic_file(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["trial", "state", *[p.key for p in params], "value", "run_dir"])
-        for t in study.trials:
-            writer.writerow([t.number, t.state.name.lower(), *[t.params.get(p.key, "") for p in params],
-                             "" if t.value is None else t.value, t.user_attrs.get("run_dir", "")])
+        writer.writerow(["trial", "state", *[csv_cell(p.key) for p in params], "value", "run_dir"])
+        for t in study.trials:  # cat() choices and folder names are user text: spreadsheet-safe cells
+            values = [t.params.get(p.key, "") for p in params]
+            writer.writerow([t.number, t.state.name.lower(), *[v if isinstance(v, (int, float)) else csv_cell(v)
+                                                               for v in values],
+                             "" if t.value is None else t.value, csv_cell(t.user_attrs.get("run_dir", ""))])
     return path
 
 

@@ -119,12 +119,31 @@ def test_cli_formats_and_plot(old_runs, monkeypatch, capsys):
     rows = json.loads(out)
     assert [r["run"] for r in rows] == ["alpha", "=HYPERLINK(1)|x"]
     figure = old_runs[0].parent / "compare.png"
-    assert figure.is_file() and figure.read_bytes()[:4] == b"\x89PNG" and "compare.png" in errors
+    assert not figure.exists() and "wrote" not in errors  # data formats write no figure unless --plot asks
+    assert loracli(monkeypatch, "compare", *old_runs) == 0  # the table: and the figure beside the runs
+    assert figure.is_file() and figure.read_bytes()[:4] == b"\x89PNG" and "compare.png" in capsys.readouterr().err
     assert loracli(monkeypatch, "compare", *old_runs, "--plot", old_runs[0].parent / "f" / "c.png") == 0
     out, _ = capsys.readouterr()
     assert "alpha" in out and "n/a" in out and (old_runs[0].parent / "f" / "c.png").is_file()
     assert loracli(monkeypatch, "compare", *old_runs, "--md", "--csv") == 2
     assert "at most one of --md, --csv and --json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["--json", "--md", "--csv"])
+def test_data_formats_leave_another_comparisons_figure_alone(old_runs, tmp_path, imagefolder, monkeypatch, capsys,
+                                                            fmt):
+    others = [make_run(tmp_path / "runs", name, imagefolder) for name in ("c", "d")]
+    for run in others:
+        (run / rd.METRICS_FILE).write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    assert loracli(monkeypatch, "compare", *others) == 0  # c against d: runs/compare.png
+    figure = tmp_path / "runs" / "compare.png"
+    theirs = figure.read_bytes()
+    capsys.readouterr()
+    assert loracli(monkeypatch, "compare", *old_runs, fmt) == 0  # alpha against =HYPERLINK: no figure asked for
+    assert figure.read_bytes() == theirs and "wrote" not in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir() if p.is_file()) == ["compare.png"]
+    assert loracli(monkeypatch, "compare", *old_runs, fmt, "--plot", tmp_path / "ab.png") == 0  # asked: written
+    assert (tmp_path / "ab.png").is_file() and figure.read_bytes() == theirs
 
 
 def test_not_a_run_is_bad_input(old_runs, tmp_path, monkeypatch, capsys):

@@ -94,9 +94,9 @@ def test_bad_arguments_write_nothing(runs, tmp_path, monkeypatch, capsys):
 def test_output_folder_safety(runs, tmp_path, monkeypatch, capsys):
     before = folder_bytes(runs["a"])
     assert loracli(monkeypatch, "combine", runs["a"], runs["b"], "--out", runs["a"], "--overwrite") == 2
-    assert "source run" in capsys.readouterr().err
+    assert "which this command reads" in capsys.readouterr().err
     assert loracli(monkeypatch, "combine", runs["a"], runs["b"], "--out", runs["a"] / "adapter" / "x") == 2
-    assert "inside the source run" in capsys.readouterr().err
+    assert "the run's own adapter" in capsys.readouterr().err
     assert folder_bytes(runs["a"]) == before
 
     mine = tmp_path / "mine"
@@ -105,7 +105,9 @@ def test_output_folder_safety(runs, tmp_path, monkeypatch, capsys):
     assert loracli(monkeypatch, "combine", runs["a"], runs["b"], "--out", mine) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert loracli(monkeypatch, "combine", runs["a"], runs["b"], "--out", mine, "--overwrite") == 2
-    assert "not a loracli run directory" in capsys.readouterr().err
+    assert "--overwrite replaces only a folder an earlier `loracli combine` wrote" in capsys.readouterr().err
+    assert loracli(monkeypatch, "combine", runs["a"], runs["b"], "--out", runs["loha"], "--overwrite") == 2
+    assert "combine.json" in capsys.readouterr().err  # a trained run is not combine's to replace
     assert (mine / "notes.txt").read_text() == "keep me"
 
     out = tmp_path / "ab"

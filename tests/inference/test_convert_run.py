@@ -73,5 +73,5 @@ def test_refusals_write_nothing(runs, tmp_path, monkeypatch, capsys):
         assert not out.exists()
     before = folder_bytes(runs["loha"])
     assert loracli(monkeypatch, "convert", runs["loha"], "--rank", "2", "--out", runs["loha"], "--overwrite") == 2
-    assert "source run" in capsys.readouterr().err
+    assert "which this command reads" in capsys.readouterr().err
     assert folder_bytes(runs["loha"]) == before

@@ -112,9 +112,9 @@ def test_cli_export_default_out_and_refusals(monkeypatch, capsys, tmp_path, imag
     assert cli(monkeypatch, capsys, "export", run, "--n", "4", "--force")[0] == 0
     before = folder_bytes(run)
     code, err = cli(monkeypatch, capsys, "export", run, "--out", run / "adapter")
-    assert code == 2 and "adapter/ folder" in err
+    assert code == 2 and "the run's own adapter" in err
     code, err = cli(monkeypatch, capsys, "export", run, "--out", run)
-    assert code == 2 and "would delete the run" in err
+    assert code == 2 and "is the run" in err and "would destroy it" in err
     code, err = cli(monkeypatch, capsys, "export", run, "--format", "tflite", "--out", tmp_path / "x")
     assert code == 2 and "--format 'tflite' is not supported" in err
     assert folder_bytes(run) == before and not (tmp_path / "x").exists()

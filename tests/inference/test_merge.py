@@ -93,7 +93,7 @@ def test_write_failure_leaves_no_partial_dir(processor, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(type(processor), "save_pretrained", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(LoraCliError, match="could not write .*out \\(disk full\\); nothing half-written"):
         merge_run(model, processor, tmp_path / "out", n=2)
     assert list(tmp_path.iterdir()) == []
 
@@ -102,15 +102,19 @@ def test_existing_out_dir_needs_force(processor, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    with pytest.raises(UserInputError, match="not empty; pick another folder or pass --force"):
+    with pytest.raises(UserInputError, match="not empty; pick a new folder.*or pass --force"):
         merge_run(make_adapter_model(), processor, out, n=2)
     assert (out / "keep.txt").is_file()
-    with pytest.raises(UserInputError, match="no model .* replaces only a model folder"):
+    with pytest.raises(UserInputError, match="--force replaces only a folder an earlier `loracli merge` wrote"):
         merge_run(make_adapter_model(), processor, out, n=2, force=True)  # user files, not a model
+    (out / "config.json").write_text("{}")  # a model folder, but not one merge wrote
+    with pytest.raises(UserInputError, match=r"it holds merge\.json"):
+        merge_run(make_adapter_model(), processor, out, n=2, force=True)
     assert (out / "keep.txt").read_text() == "user data"
-    (out / "config.json").write_text("{}")  # a folder an earlier merge wrote
+    (out / "merge.json").write_text("{}")  # a folder an earlier merge wrote
     merge_run(make_adapter_model(), processor, out, n=2, force=True)
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert json.loads((out / "merge.json").read_text())["dtype"] == "float32"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     with pytest.raises(UserInputError, match="--dtype 'int8' is not supported"):
         merge_run(make_adapter_model(), processor, tmp_path / "x", dtype="int8")
