@@ -38,6 +38,7 @@ from lora_cli.adapters.targeting import candidate_modules, matches, module_alias
 from lora_cli.adapters.tensor_files import (  # noqa: F401 - re-exported: the state API reads these
     LEGACY_WEIGHTS_NAME,
     AdapterFileError,
+    check_finite,
     load_safetensors,
     load_torch_tensors,
     read_adapter_weights,
@@ -290,7 +291,10 @@ def _layer_has(model: nn.Module, param_name: str, adapter_name: str) -> bool:
 
 
 def save_adapter_files(directory: Path, state: dict[str, Tensor], config: AdapterConfig) -> None:
-    """PEFT's two files (weights, config) written into a temp dir beside the target, then moved in."""
+    """PEFT's two files (weights, config) written into a temp dir beside the target, then moved in; weights
+    holding NaN or inf are never written (a NonFiniteError names the tensor)."""
+    check_finite(state, f"the adapter to be written to {directory}",
+                 "its training diverged or a computation on it overflowed float range")
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-adapter-") as tmp:
         save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
