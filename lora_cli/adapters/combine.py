@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from lora_cli.adapters.model import AdapterModel
 
 
-_OVERFLOW = "the weights (or the adapters' own values) are too large for float32; use smaller weights"
+_OVERFLOW = "a float32 overflow: the weights (or the adapters' own values) are too large; use smaller weights"
 
 
 class CombineError(UserInputError, ValueError):

@@ -111,7 +111,7 @@ def to_lora(model: AdapterModel, adapter_name: str | None = None, rank: int | No
                 )
             delta = layer.get_delta_weight(name).float()
             check_finite({path: delta}, f"the {source.method} delta weight",
-                         "the adapter's factors are too large for float32, so it has no LoRA form")  # before the SVD
+                         "a float32 overflow: the adapter's factors are too large, so it has no LoRA form")  # before the SVD
             flat = delta.reshape(delta.shape[0], -1)  # (out, in * kernel)
             u, s, vh = torch.linalg.svd(flat, full_matrices=False)
             k = chosen_rank(s, rank, energy)

@@ -294,7 +294,7 @@ def save_adapter_files(directory: Path, state: dict[str, Tensor], config: Adapte
     """PEFT's two files (weights, config) written into a temp dir beside the target, then moved in; weights
     holding NaN or inf are never written (a NonFiniteError names the tensor)."""
     check_finite(state, f"the adapter to be written to {directory}",
-                 "its training diverged or a computation on it overflowed float range")
+                 "its training diverged (lower training.learning_rate) or a computation on it overflowed")
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-adapter-") as tmp:
         save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})

@@ -136,8 +136,7 @@ def check_finite(tensors: Mapping[str, Tensor], what: str, fix: str) -> None:
     holds NaN or inf: ``what`` says what was computed, ``fix`` what to change."""
     found = first_non_finite(tensors)
     if found is not None:
-        raise NonFiniteError(f"{what} came out non-finite: {found[0]} holds {found[1]} (a float overflow); {fix}; "
-                             "nothing written")
+        raise NonFiniteError(f"{what} came out non-finite: {found[0]} holds {found[1]}; {fix}; nothing written")
 
 
 # ---------------------------------------------------------- portable names
