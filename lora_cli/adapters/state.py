@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lora_cli.adapters import base_rewrites
+from lora_cli.adapters import base_rewrites, user_regex
 from lora_cli.adapters.autobase import load_base_model
 from lora_cli.adapters.config import CONFIG_NAME, WEIGHTS_NAME, AdapterConfig
 from lora_cli.adapters.layers import AdapterLayer
@@ -256,7 +256,7 @@ def _portable_patterns(pattern: dict[str, Any], paths: list[str], aliases: dict[
     out: dict[str, Any] = {}
     for key, value in pattern.items():
         def hit(name: str, key: str = key) -> bool:
-            return re.fullmatch(rf"(.*\.)?(?:{key})", name) is not None
+            return user_regex.fullmatch(rf"(.*\.)?(?:{key})", name)
 
         via_old = [p for p in paths if p in aliases and hit(aliases[p]) and not hit(p)]
         if not via_old or any(hit(p) for p in paths):

@@ -37,7 +37,7 @@ from lora_cli import rundir as rd
 from lora_cli.adapters import available_methods
 from lora_cli.atomic import atomic_file, write_text
 from lora_cli.errors import LoraCliError, UserInputError
-from lora_cli.recipe import load_recipe
+from lora_cli.recipe import RecipeError, load_recipe
 from lora_cli.recipe.adapter import carry_options, written_options
 from lora_cli.recipe.yamlio import parse_value
 from lora_cli.training.pipeline import run_training
@@ -97,7 +97,7 @@ def parse_space(item: str) -> Param:
     if len(args) not in (2, 3) or (len(args) == 3 and not log):
         raise bad(f"{kind}() takes low,high or low,high,log")
     try:
-        low, high = (int(a) if kind == "int" else float(a) for a in args[:2])
+        low, high = (_whole(a) if kind == "int" else float(a) for a in args[:2])
     except ValueError:
         raise bad(f"{kind}() bounds must be {'whole numbers' if kind == 'int' else 'numbers'}") from None
     if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
@@ -105,6 +105,31 @@ def parse_space(item: str) -> Param:
     if log and low <= 0:
         raise bad("a log scale needs a low bound above 0")
     return Param(key, kind, low, high, log)
+
+
+def _whole(text: str) -> int:
+    """An int() bound: ``64``, or a whole number in float notation such as ``1e3``."""
+    try:
+        return int(text)
+    except ValueError:
+        value = float(text)
+        if not value.is_integer():
+            raise ValueError(text) from None
+        return int(value)
+
+
+def check_bounds(recipe_path: Path, recipe: Any, space: list[str], params: list[Param], out: Path) -> None:
+    """Every bound and choice of the space must make a valid recipe (ranks and sizes within the
+    engine's limits included): a UserInputError naming the --space item, before the first trial."""
+    for item, param in zip(space, params, strict=True):
+        for value in (param.choices or (param.low, param.high)):
+            v = int(value) if param.kind == "int" else value
+            try:
+                load_recipe(recipe_path, trial_overrides(recipe, {param.key: v}) + [f"output_dir={out / 'check'}"])
+            except RecipeError as exc:
+                problems = "; ".join(p.render().split(": ", 1)[-1] for p in exc.problems)
+                raise UserInputError(f"--space {item!r}: the value {v!r} makes an invalid recipe ({problems}); "
+                                     "narrow the range") from None
 
 
 def trial_overrides(recipe: Any, values: dict[str, Any]) -> list[str]:
@@ -202,10 +227,7 @@ def tune(recipe_path: str | Path, space: list[str], trials: int, metric: str, di
         raise UserInputError(f"--trials must be at least 1, got {trials}")
     recipe = load_recipe(recipe_path)
     out = Path(out) if out is not None else Path(f"{recipe.output_path}-tune")
-    for param in params:  # every bound must make a valid recipe: fail before the first trial
-        for value in (param.choices or (param.low, param.high)):
-            v = int(value) if param.kind == "int" else value
-            load_recipe(recipe_path, trial_overrides(recipe, {param.key: v}) + [f"output_dir={out / 'check'}"])
+    check_bounds(recipe_path, recipe, space, params, out)  # every bound must make a valid recipe: before the first trial
     settings = {"recipe": str(recipe_path.resolve()), "space": space, "metric": metric, "direction": direction}
     _check_out(out, settings, recipe_path)
     out.mkdir(parents=True, exist_ok=True)
