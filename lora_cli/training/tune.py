@@ -36,10 +36,12 @@ from transformers import TrainerCallback
 from lora_cli import rundir as rd
 from lora_cli.adapters import available_methods
 from lora_cli.atomic import atomic_file, write_text
-from lora_cli.errors import LoraCliError, UserInputError
-from lora_cli.recipe import RecipeError, load_recipe
+from lora_cli.errors import LoraCliError, UserInputError, did_you_mean
+from lora_cli.recipe import RecipeError, checks, load_recipe
 from lora_cli.recipe.adapter import carry_options, written_options
+from lora_cli.recipe.checks import article
 from lora_cli.recipe.yamlio import parse_value
+from lora_cli.task_kinds import TASK_KINDS, TIMING_METRICS
 from lora_cli.training.pipeline import run_training
 
 SPACE_HINT = ("write key=int(low,high[,log]), key=float(low,high[,log]) or key=cat(a,b,...), e.g. "
@@ -105,6 +107,40 @@ def parse_space(item: str) -> Param:
     if log and low <= 0:
         raise bad("a log scale needs a low bound above 0")
     return Param(key, kind, low, high, log)
+
+
+LOWER_IS_BETTER = ("loss", *checks.LOWER_IS_BETTER)
+
+
+def check_metric(task: str, metric: str) -> str:
+    """The name (without ``eval_``) of the metric ``--metric`` picks for a ``task`` run, from what its
+    evaluations report (task_kinds: during training, and at the end); a UserInputError listing them."""
+    kind = TASK_KINDS[task]
+    name = metric.removeprefix("eval_")
+    if name in (*kind.metrics, *kind.final_metrics, *TIMING_METRICS):
+        return name
+    during = ", ".join(f"eval_{m}" for m in kind.metrics)
+    final = ", ".join(f"eval_{m}" for m in kind.final_metrics)
+    hint = did_you_mean(name, (*kind.metrics, *kind.final_metrics), prefix="eval_")
+    raise UserInputError(f"--metric {metric}: {article(task)} run reports {during} (during training)"
+                         + (f" and {final} (at the end)" if final else "") + f"; {hint or 'pick one of them'}")
+
+
+def _check_search(recipe: Any, metric: str, direction: str, pruner: Any) -> None:
+    """--metric checked against the task; warnings, before trial 1, for a search that would run but not as meant."""
+    kind = TASK_KINDS[recipe.task]
+    name = check_metric(recipe.task, metric)
+    if name in LOWER_IS_BETTER and direction == "maximize":
+        warnings.warn(f"--metric {metric} is better when lower, but --direction is maximize: the search will look "
+                      "for the worst trials; pass --direction minimize", stacklevel=3)
+    strategy = recipe.training.get("eval_strategy", "no")
+    strategy = str(getattr(strategy, "value", strategy))
+    if pruner is not False and strategy == "no":
+        warnings.warn("training.eval_strategy is 'no': the pruner reads the evaluations during training, so no trial "
+                      "will be stopped early; set eval_strategy: steps (or epoch) to prune", stacklevel=3)
+    elif pruner is not False and name in kind.final_metrics:
+        warnings.warn(f"--metric {metric} is computed only at the end of a trial, so the pruner cannot stop a trial "
+                      f"early; pick one of {', '.join(kind.metrics)} to prune", stacklevel=3)
 
 
 def _whole(text: str) -> int:
@@ -226,10 +262,12 @@ def tune(recipe_path: str | Path, space: list[str], trials: int, metric: str, di
     if trials < 1:
         raise UserInputError(f"--trials must be at least 1, got {trials}")
     recipe = load_recipe(recipe_path)
+    check_metric(recipe.task, metric)  # before anything trains
     out = Path(out) if out is not None else Path(f"{recipe.output_path}-tune")
     check_bounds(recipe_path, recipe, space, params, out)  # every bound must make a valid recipe: before the first trial
     settings = {"recipe": str(recipe_path.resolve()), "space": space, "metric": metric, "direction": direction}
     _check_out(out, settings, recipe_path)
+    _check_search(recipe, metric, direction, pruner)
     out.mkdir(parents=True, exist_ok=True)
     with rd.RunLock(out):
         rd.write_json(out / SETTINGS_FILE, settings)

@@ -124,8 +124,9 @@ def test_pruned_trials_are_complete_runs_and_unknown_metrics_are_named(tmp_path,
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(m.get("step", 0) for m in metrics) == 2  # stopped at the first evaluation of 4 steps
     assert not (out / "param_importances.png").exists() and not (out / "best_recipe.yaml").exists()
-    with pytest.raises(UserInputError, match="--metric eval_acc: trial 0 .* reported no such metric; it reported .*eval_accuracy"):
-        tune(recipe, SPACE[:1], trials=1, metric="eval_acc", out=tmp_path / "other")
+    with pytest.raises(UserInputError, match="--metric eval_acc: an image-classification run reports .*eval_accuracy"):
+        tune(recipe, SPACE[:1], trials=1, metric="eval_acc", out=tmp_path / "other")  # before trial 1
+    assert not (tmp_path / "other").exists()
 
 
 @pytest.mark.parametrize(("item", "value"), [
