@@ -252,11 +252,15 @@ def predict(
         list[str] | None, typer.Option("--text", help="Text runs: classify (seq-cls) or translate (seq2seq) this text.")
     ] = None,
     prompt: Annotated[list[str] | None, typer.Option("--prompt", help="Causal-LM runs: continue this prompt.")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="Generation length.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(
+        "--max-new-tokens", help="Generation length, 1 to 8192 (default 50 causal-lm, 128 seq2seq). The prompt "
+        "and the new tokens share the model's positions: a prompt too long for the rest is cut from the front, "
+        "with a warning.")] = None,
     temperature: Annotated[
-        float | None, typer.Option("--temperature", help="Sample with this temperature (default: greedy).")
+        float | None, typer.Option("--temperature", help="Sample with this temperature, a finite number >= 0 "
+                                                         "(default: greedy).")
     ] = None,
-    top_p: Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling threshold.")] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling threshold, in (0, 1].")] = None,
     scalings: Annotated[
         bool, typer.Option("--scalings", help="X-LoRA runs: also show each expert's weight per prompt token.")
     ] = False,
@@ -269,6 +273,9 @@ def predict(
     import json
 
     if text or prompt:
+        from lora_cli.tasks.text_common import check_sampling
+
+        check_sampling(max_new_tokens, temperature, top_p)  # before the run loads
         if paths or run is None:
             raise UserInputError("--text/--prompt take a --run RUN_DIR of a text task and no image paths")
         from lora_cli.inference.runs import predict_text
@@ -279,7 +286,10 @@ def predict(
             typer.echo(json.dumps(rows, indent=2))
         else:
             for row in rows:
-                answer = row.get("generated") or ", ".join(f"{r['label']}: {r['score']:.3f}" for r in row["top_k"])
+                if "generated" in row:  # possibly empty: the model ended at once
+                    answer = row["generated"]
+                else:
+                    answer = ", ".join(f"{r['label']}: {r['score']:.3f}" for r in row["top_k"])
                 # generated text keeps its line breaks; escapes and bidi overrides are shown, not obeyed
                 line = f"[bold]{shown(row['text'], keep_newlines=True)}[/bold] -> {shown(answer, keep_newlines=True)}"
                 Console().print(line, soft_wrap=True)

@@ -62,6 +62,10 @@ class TargetingError(UserInputError, ValueError):
     """target_modules / modules_to_save did not resolve to usable modules."""
 
 
+class NonFiniteError(LoraCliError, ValueError):
+    """A computation on finite inputs produced NaN or inf values (an overflow); nothing is written."""
+
+
 class AdapterStateError(LoraCliError, ValueError):
     """An adapter file does not fit the model (missing, unexpected or mis-shaped tensors)."""
 

@@ -88,3 +88,18 @@ the output layers of the LM, QA and pre-training heads. A task's other heads
 def classification_heads(model: nn.Module) -> list[str]:
     """The names of ``model``'s top-level classification head modules, in model order."""
     return [name for name, _ in model.named_children() if name in CLASSIFICATION_HEADS]
+
+
+POSITION_LIMIT_NAMES = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length")
+"""Config fields under which transformers models name their number of learned positions."""
+
+
+def context_length(config: object) -> int | None:
+    """How many token positions a model built from ``config`` has (its text config for multimodal
+    ones), or None when it has no fixed limit (relative positions: T5) or does not say."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in POSITION_LIMIT_NAMES:
+        value = getattr(text, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None

@@ -36,11 +36,15 @@ from lora_cli.adapters.merge_math import (
     combine_tensors,
     low_rank_factors,
 )
+from lora_cli.adapters.tensor_files import check_finite
 from lora_cli.errors import UserInputError
 
 if TYPE_CHECKING:
     from lora_cli.adapters.config import AdapterConfig
     from lora_cli.adapters.model import AdapterModel
+
+
+_OVERFLOW = "a float32 overflow: the weights (or the adapters' own values) are too large; use smaller weights"
 
 
 class CombineError(UserInputError, ValueError):
@@ -100,10 +104,11 @@ class AdapterCombineMixin:
         self.add_adapter(adapter_name, exact)
         self.peft_config[adapter_name] = written
         try:
-            for _, layer in self.adapter_layers():
+            for path, layer in self.adapter_layers():
                 if adapter_name in layer.r:
-                    _fill_layer(layer, adapter_name, adapters, weights, combination_type, new_rank,
+                    _fill_layer(path, layer, adapter_name, adapters, weights, combination_type, new_rank,
                                 svd_clamp, svd_full_matrices, svd_driver, density, majority_sign_method)
+                    check_finite({path: layer.get_delta_weight(adapter_name)}, "the combined delta weight", _OVERFLOW)
             _fill_modules_to_save(self, adapter_name, adapters, weights)
         except BaseException:
             self.delete_adapter(adapter_name)
@@ -182,7 +187,7 @@ def _new_config(configs: list[AdapterConfig], rank: int) -> AdapterConfig:
                                alpha_pattern={}, modules_to_save=saved, init_lora_weights=True, **shared)
 
 
-def _fill_layer(layer: AdapterLayer, new: str, adapters: list[str], weights: list[float], combination_type: str,
+def _fill_layer(path: str, layer: AdapterLayer, new: str, adapters: list[str], weights: list[float], combination_type: str,
                 rank: int, clamp, full_matrices: bool, driver, density, sign_method: str) -> None:
     sources = [(a, w) for a, w in zip(adapters, weights) if a in layer.r]
     target_a, target_b = layer.factors(new)
@@ -202,6 +207,7 @@ def _fill_layer(layer: AdapterLayer, new: str, adapters: list[str], weights: lis
         deltas = [layer.to_raw(layer.get_delta_weight(n)) for n, _ in sources]
         raw = combine_tensors(base_kind(combination_type), deltas, [w for _, w in sources], density, sign_method)
         delta = layer.to_raw(raw)  # back to (out, in, ...)
+        check_finite({path: delta}, "the combined delta weight", _OVERFLOW)  # an SVD of inf / NaN only fails
         flat = delta.reshape(delta.shape[0], -1) if layer.kind in CONVS else delta  # (out, in * kernel)
         a, b = low_rank_factors(flat, rank, clamp, full_matrices, driver)
         a = a.reshape(a.shape[0], *target_a.shape[1:])
@@ -236,4 +242,6 @@ def _fill_modules_to_save(model: AdapterModel, new: str, adapters: list[str], we
                 merged[key] = sum(state[key].float() * share for state, share in states).to(first.dtype)
             else:
                 merged[key] = first.clone()
+        check_finite({f"{path}.{key}": value for key, value in merged.items()}, "the weighted mean of the heads",
+                     _OVERFLOW)
         wrapper.modules_to_save[new].load_state_dict(merged)

@@ -11,11 +11,11 @@ import dataclasses
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from lora_cli.adapters import user_regex
 from lora_cli.adapters.registry import available_methods, get_method
 from lora_cli.errors import AdapterConfigError, LoraCliError, Problem, ProblemsError, UserInputError
 
@@ -278,7 +278,7 @@ class AdapterConfig:
     def pattern_value(self, pattern: dict[str, Any], module_path: str, default: Any) -> Any:
         """Value of ``pattern`` whose regex matches a dotted suffix of ``module_path``."""
         for key, value in pattern.items():
-            if re.fullmatch(rf"(.*\.)?(?:{key})", module_path):
+            if user_regex.fullmatch(rf"(.*\.)?(?:{key})", module_path):
                 return value
         return default
 
@@ -312,11 +312,8 @@ def _json_kind(value: Any) -> str:
 
 
 def _regex_problem(name: str, pattern: str) -> list[Problem]:
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        return [Problem(name, f"is not a valid regular expression ({exc})", pattern)]
-    return []
+    why = user_regex.problem(pattern)  # compiles, and cannot backtrack for hours on a module name
+    return [Problem(name, why, pattern)] if why else []
 
 
 def check_rate(name: str, value: Any) -> list[Problem]:
@@ -326,10 +323,29 @@ def check_rate(name: str, value: Any) -> list[Problem]:
     return []
 
 
-def check_positive_int(name: str, value: Any, allow_zero: bool = False) -> list[Problem]:
+MAX_RANK = 65536
+"""The largest rank a config takes (``r``, AdaLoRA's ``init_r`` / ``target_r``, ``rank_pattern`` values):
+above the widest layer of today's models. When the adapter is added, each layer also refuses a rank
+larger than itself (:func:`lora_cli.adapters.layers.rank_refusal`)."""
+MAX_WIDTH = 65536
+"""The largest width or token count a config takes (virtual tokens, encoder and head widths)."""
+MAX_DEPTH = 1024
+"""The largest number of layers a config's own encoder or head may stack."""
+_SIZE_HINTS = {
+    MAX_RANK: "ranks are usually 4 to 256, and a rank above the adapted layer's own size adds nothing",
+    MAX_DEPTH: "a few layers are usual",
+}
+
+
+def check_positive_int(name: str, value: Any, allow_zero: bool = False, maximum: int | None = None) -> list[Problem]:
+    """An integer >= 1 (>= 0 with ``allow_zero``) and, for sizes that allocate, at most ``maximum``
+    (:data:`MAX_RANK`, :data:`MAX_WIDTH`, :data:`MAX_DEPTH`): a bound checked before anything is made."""
     low = 0 if allow_zero else 1
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         return [Problem(name, f"must be an integer >= {low}", value)]
+    if maximum is not None and value > maximum:
+        hint = _SIZE_HINTS.get(maximum, "no model is that wide")
+        return [Problem(name, f"must be an integer between {low} and {maximum}", value, hint=hint)]
     return []
 
 
@@ -355,7 +371,7 @@ def check_patterns(config: AdapterConfig, rank_field: str = "r") -> list[Problem
         for key, value in config.rank_pattern.items():
             if isinstance(value, list):  # AdaLoRA masks are lists of booleans
                 continue
-            out += check_positive_int(f"rank_pattern[{key!r}]", value)
+            out += check_positive_int(f"rank_pattern[{key!r}]", value, maximum=MAX_RANK)
     if isinstance(config.alpha_pattern, dict):
         for key, value in config.alpha_pattern.items():
             out += check_number(f"alpha_pattern[{key!r}]", value)

@@ -30,6 +30,7 @@ from torch import Tensor
 from lora_cli.adapters.layers import CONVS
 from lora_cli.adapters.methods.lora import LoraConfig
 from lora_cli.adapters.state import KEY_PREFIX, save_adapter_files
+from lora_cli.adapters.tensor_files import check_finite
 from lora_cli.errors import UserInputError
 
 if TYPE_CHECKING:
@@ -109,6 +110,8 @@ def to_lora(model: AdapterModel, adapter_name: str | None = None, rank: int | No
                     "has no LoRA form (PEFT's LoRA A mixes all input channels); exclude it from the adapter"
                 )
             delta = layer.get_delta_weight(name).float()
+            check_finite({path: delta}, f"the {source.method} delta weight",
+                         "a float32 overflow: the adapter's factors are too large, so it has no LoRA form")  # before the SVD
             flat = delta.reshape(delta.shape[0], -1)  # (out, in * kernel)
             u, s, vh = torch.linalg.svd(flat, full_matrices=False)
             k = chosen_rank(s, rank, energy)

@@ -257,6 +257,7 @@ def get_eva_state_dict(
                     max_k[p] = top
             leaders = [p for p, _ in layers if p not in leader_of]
             order = leaders + list(leader_of)
+            _check_rows(config, batches, leaders, max_k, rho, mask_value, state["rows"])  # before the passes
             svds = {p: IncrementalSVD(max_k[p]) for p in leaders}
             ranks = _decompose(model, dict(layers), batches, forward, svds, leader_of, order, max_k, budget,
                                settings, mask_value, state, max_passes)
@@ -279,10 +280,13 @@ def _equal_inputs(model, layers, batch, forward, mask_value, state) -> dict[str,
     """{layer: the first layer with the same input on ``batch``} for layers that share one."""
     digests: dict[str, str] = {}
 
+    state["rows"] = {}  # rows each layer saw in this batch: what _check_rows counts for batches without a mask
+
     def hook_for(path):
         def hook(module, args, output):
             rows = layer_rows(args, state["mask"]).detach().to("cpu", torch.float32).contiguous()
             digests[path] = hashlib.sha1(repr(tuple(rows.shape)).encode() + rows.numpy().tobytes()).hexdigest()
+            state["rows"][path] = rows.shape[0]
         return hook
 
     handles = [layer.register_forward_hook(hook_for(path)) for path, layer in layers]
@@ -303,6 +307,25 @@ def _equal_inputs(model, layers, batch, forward, mask_value, state) -> dict[str,
         else:
             first[d] = path
     return leader_of
+
+
+def _check_rows(config, batches, leaders, max_k, rho, mask_value, first_rows) -> None:
+    """A layer learns only from batches with at least as many token rows as its components (the
+    others are skipped): with none, the passes would only end in "did not converge". Refuse now,
+    saying what is needed. Rows are counted from the token masks (text), else as the first batch
+    gave them (image batches: the first is the largest)."""
+    masks = [token_mask(batch, mask_value) for batch in batches]
+    counted = [int(m.sum()) for m in masks] if all(m is not None for m in masks) else None
+    for path in leaders:
+        seen = first_rows.get(path, 0)
+        largest = max(counted) if counted is not None and seen == counted[0] else seen
+        if max_k[path] > largest:
+            r = rank_and_alpha(config, path)[0]
+            raise UserInputError(
+                f"EVA needs at least {max_k[path]} token rows in a calibration batch (r {r} x eva_config.rho {rho}) "
+                f"for {path}; the largest of the {len(batches)} batch(es) gives {largest}. Give it more: more "
+                "training rows or a larger training.per_device_train_batch_size, or lower r or eva_config.rho"
+            )
 
 
 def _decompose(model, modules, batches, forward, svds, leader_of, order, max_k, budget, settings, mask_value, state,

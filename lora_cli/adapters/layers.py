@@ -66,6 +66,40 @@ def layer_kind(module: nn.Module) -> str | None:
     return None
 
 
+FREE_RANK = 1024
+"""Ranks up to this fit any layer (PEFT takes r=8 on a 4-wide layer, and so do tests on tiny models)."""
+
+
+def rank_refusal(module: nn.Module, r: int) -> str | None:
+    """Why rank ``r`` is too large for the layer ``module`` (wrapped or not), or None when it fits.
+
+    The update of a (out, in) layer has rank at most min(in, out); past max(in, out) an adapter
+    would hold more numbers than the layer itself. That bound (never below :data:`FREE_RANK`),
+    checked before any tensor is made, keeps a config's rank (65536 at most,
+    :data:`~lora_cli.adapters.config.MAX_RANK`) from asking a small layer for gigabytes.
+    """
+    base = module.base_layer if isinstance(module, AdapterLayer) else module
+    kind = layer_kind(base)
+    if kind == LINEAR:
+        inputs, outputs = base.in_features, base.out_features
+    elif kind == HF_CONV1D:
+        inputs, outputs = base.weight.shape
+    elif kind == EMBEDDING:
+        inputs, outputs = base.num_embeddings, base.embedding_dim
+    elif kind == MHA:
+        inputs, outputs = base.embed_dim, 3 * base.embed_dim
+    elif kind in CONVS:
+        inputs, outputs = base.weight[0].numel(), base.out_channels  # in / groups * kernel
+    else:
+        return None
+    if r <= max(inputs, outputs, FREE_RANK):
+        return None
+    return (f"r={r} is larger than the layer ({inputs} inputs, {outputs} outputs): its update has rank at most "
+            f"{min(inputs, outputs)}, so a larger r only costs memory (this layer takes r <= "
+            f"{max(inputs, outputs, FREE_RANK)}); use r <= {min(inputs, outputs)} for it (rank_pattern sets one "
+            "layer's rank)")
+
+
 class AdapterLayer(nn.Module):
     """Wraps one base module and holds any number of named adapters of one method."""
 

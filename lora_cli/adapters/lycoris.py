@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from lora_cli.adapters import functional as fn
 from lora_cli.adapters.config import (
+    MAX_RANK,
     AdapterConfig,
     check_number,
     check_patterns,
@@ -33,7 +34,7 @@ from lora_cli.errors import Problem
 
 def lycoris_problems(config: AdapterConfig) -> list[Problem]:
     """Checks of the fields LoHa and LoKr share."""
-    out = check_positive_int("r", config.r)
+    out = check_positive_int("r", config.r, maximum=MAX_RANK)
     out += check_number("alpha", config.alpha)
     out += check_rate("rank_dropout", config.rank_dropout)
     out += check_rate("module_dropout", config.module_dropout)

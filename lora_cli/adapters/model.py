@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from lora_cli.adapters.combine import AdapterCombineMixin
 from lora_cli.adapters.config import AdapterConfig
-from lora_cli.adapters.layers import HF_CONV1D, AdapterLayer, ModulesToSaveWrapper
+from lora_cli.adapters.layers import HF_CONV1D, AdapterLayer, ModulesToSaveWrapper, rank_refusal
 from lora_cli.adapters.mixed import MultiAdapterMixin
 from lora_cli.adapters.registry import MethodState, get_method
 from lora_cli.adapters.state import AdapterStateMixin
@@ -176,10 +176,14 @@ class AdapterModel(MultiAdapterMixin, AdapterStateMixin, AdapterCombineMixin, nn
         try:
             for path in paths:
                 module = self.base_model.get_submodule(path)
+                r, alpha = rank_and_alpha(config, path, aliases.get(path))
+                made = getattr(config, "init_r", r)  # the rank the layer will allocate (AdaLoRA's init_r)
+                too_large = rank_refusal(module, made) if isinstance(made, int) else None
+                if too_large:  # before any tensor is made
+                    raise TargetingError(f"target module {path}: {too_large}; nothing was adapted")
                 if not isinstance(module, AdapterLayer):
                     module = method.layer_cls.wrap(module)
                     self.base_model.set_submodule(path, module)
-                r, alpha = rank_and_alpha(config, path, aliases.get(path))
                 try:
                     module.add(adapter_name, config, r, alpha)
                 except TargetingError as exc:  # the layer's reason, with where it is

@@ -29,13 +29,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from lora_cli.adapters.config import AdapterConfig, check_positive_int
+from lora_cli.adapters.config import MAX_DEPTH, MAX_WIDTH, AdapterConfig, check_positive_int
 from lora_cli.adapters.layers import ModulesToSaveWrapper
 from lora_cli.adapters.model import AdapterModel
 from lora_cli.adapters.registry import get_method
 from lora_cli.adapters.state import fit_problems, save_adapter_files
 from lora_cli.adapters.targeting import module_aliases, resolve_modules_to_save
 from lora_cli.errors import AdapterStateError, Problem, UserInputError
+from lora_cli.hf_names import context_length
 
 TASKS = ("SEQ_CLS", "CAUSAL_LM", "SEQ_2_SEQ_LM")
 FILE_KEY = "prompt_embeddings"
@@ -87,10 +88,10 @@ class PromptLearningConfig(AdapterConfig):
         if self.num_virtual_tokens is None:
             out.append(Problem("num_virtual_tokens", "is required", None, hint="e.g. num_virtual_tokens: 20"))
         else:
-            out += check_positive_int("num_virtual_tokens", self.num_virtual_tokens)
-        for name in ("token_dim", "num_attention_heads", "num_layers"):
+            out += check_positive_int("num_virtual_tokens", self.num_virtual_tokens, maximum=MAX_WIDTH)
+        for name, most in (("token_dim", MAX_WIDTH), ("num_attention_heads", MAX_WIDTH), ("num_layers", MAX_DEPTH)):
             if getattr(self, name) is not None:
-                out += check_positive_int(name, getattr(self, name))
+                out += check_positive_int(name, getattr(self, name), maximum=most)
         if self.num_transformer_submodules not in (None, 1, 2):
             out.append(Problem("num_transformer_submodules", "must be 1 or 2", self.num_transformer_submodules,
                                hint="leave it out: loracli picks 2 for seq2seq models, 1 otherwise"))
@@ -186,6 +187,12 @@ class PromptLearningModel(AdapterModel):
                 f"({table.embedding_dim} wide); remove token_dim (it is read from the model) or fix it"
             )
         config = config.completed(self.base_model, table.embedding_dim)
+        positions = context_length(getattr(self.base_model, "config", None))
+        if positions is not None and config.num_virtual_tokens >= positions:  # before the encoder is made
+            raise UserInputError(
+                f"{self._method.name}: num_virtual_tokens {config.num_virtual_tokens} fills the model's whole context "
+                f"({positions} positions), leaving no room for the text; use far fewer (e.g. 20)"
+            )
         aliases = module_aliases(self.base_model)
         names = list(dict.fromkeys(config.modules_to_save or []))
         defaults = [h for h in _SEQ_CLS_HEADS if h not in names] if config.task_type == "SEQ_CLS" else []

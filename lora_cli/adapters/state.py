@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lora_cli.adapters import base_rewrites
+from lora_cli.adapters import base_rewrites, user_regex
 from lora_cli.adapters.autobase import load_base_model
 from lora_cli.adapters.config import CONFIG_NAME, WEIGHTS_NAME, AdapterConfig
 from lora_cli.adapters.layers import AdapterLayer, ModulesToSaveWrapper
@@ -45,6 +45,7 @@ from lora_cli.adapters.targeting import candidate_modules, matches, module_alias
 from lora_cli.adapters.tensor_files import (  # noqa: F401 - re-exported: the state API reads these
     LEGACY_WEIGHTS_NAME,
     AdapterFileError,
+    check_finite,
     load_safetensors,
     load_torch_tensors,
     read_adapter_weights,
@@ -363,7 +364,7 @@ def _portable_patterns(pattern: dict[str, Any], paths: list[str], aliases: dict[
     out: dict[str, Any] = {}
     for key, value in pattern.items():
         def hit(name: str, key: str = key) -> bool:
-            return re.fullmatch(rf"(.*\.)?(?:{key})", name) is not None
+            return user_regex.fullmatch(rf"(.*\.)?(?:{key})", name)
 
         via_old = [p for p in paths if p in aliases and hit(aliases[p]) and not hit(p)]
         if not via_old or any(hit(p) for p in paths):
@@ -398,7 +399,10 @@ def _layer_has(model: nn.Module, param_name: str, adapter_name: str) -> bool:
 
 
 def save_adapter_files(directory: Path, state: dict[str, Tensor], config: AdapterConfig) -> None:
-    """PEFT's two files (weights, config) written into a temp dir beside the target, then moved in."""
+    """PEFT's two files (weights, config) written into a temp dir beside the target, then moved in; weights
+    holding NaN or inf are never written (a NonFiniteError names the tensor)."""
+    check_finite(state, f"the adapter to be written to {directory}",
+                 "its training diverged (lower training.learning_rate) or a computation on it overflowed")
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-adapter-") as tmp:
         save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})

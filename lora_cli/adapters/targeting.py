@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 from torch import nn
 
+from lora_cli.adapters import user_regex
 from lora_cli.adapters.config import AdapterConfig
 from lora_cli.adapters.layers import HF_CONV1D, LINEAR, MHA, AdapterLayer, layer_kind
 from lora_cli.errors import TargetingError, close_matches
@@ -47,8 +48,8 @@ def matches(path: str, rule: list[str] | str | None, aliases: Mapping[str, str] 
     names = [path]
     if aliases and path in aliases:
         names.append(aliases[path])
-    if isinstance(rule, str):
-        return any(re.fullmatch(rule, name) for name in names)
+    if isinstance(rule, str):  # a user regex: matched with a time bound (user_regex)
+        return any(user_regex.fullmatch(rule, name) for name in names)
     return any(_matches_entry(name, entry) for name in names for entry in rule)
 
 

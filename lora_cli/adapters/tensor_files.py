@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import pickle
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from lora_cli.adapters.config import WEIGHTS_NAME
-from lora_cli.errors import UserInputError
+from lora_cli.errors import NonFiniteError, UserInputError
 
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 """PEFT's pre-safetensors format: a ``torch.save``-d dict of tensors (a pickle)."""
@@ -42,12 +43,17 @@ def read_adapter_weights(directory: str | os.PathLike) -> dict[str, Tensor]:
     tensor dicts and load), and anything else in it is refused, never retried unsafely.
     """
     directory = Path(directory)
-    file = directory / WEIGHTS_NAME
-    if file.is_file():
-        return load_safetensors(file)
-    legacy = directory / LEGACY_WEIGHTS_NAME
-    if legacy.is_file():
-        return load_torch_tensors(legacy)
+    for file, read in ((directory / WEIGHTS_NAME, load_safetensors), (directory / LEGACY_WEIGHTS_NAME, load_torch_tensors)):
+        if file.is_file():
+            state = read(file)
+            found = first_non_finite(state)
+            if found is not None:
+                raise AdapterFileError(
+                    f"{file}: tensor {found[0]} holds {found[1]}; the adapter is damaged (its training diverged, or "
+                    "the file was edited) and nothing computed from it would mean anything. Train it again, e.g. "
+                    "with a lower training.learning_rate, or use an earlier checkpoint"
+                )
+            return state
     raise UserInputError(
         f"no {WEIGHTS_NAME} (nor PEFT's legacy {LEGACY_WEIGHTS_NAME}) in {directory}: the adapter's weights are "
         "missing; copy them next to its adapter_config.json, or train the adapter again"
@@ -101,6 +107,36 @@ def load_torch_tensors(file: str | os.PathLike) -> dict[str, Tensor]:
             f"{_RESAVE}"
         )
     return state
+
+
+def non_finite_count(tensor: Tensor) -> str | None:
+    """``"3 NaN and 1 inf of 128 values"`` for a floating tensor holding any; None when all are finite."""
+    if not tensor.is_floating_point() and not tensor.is_complex():
+        return None
+    finite = torch.isfinite(tensor)
+    if bool(finite.all()):
+        return None
+    nan = int(torch.isnan(tensor).sum())
+    inf = tensor.numel() - int(finite.sum()) - nan
+    parts = [f"{n} {what}" for n, what in ((nan, "NaN"), (inf, "inf")) if n]
+    return f"{' and '.join(parts)} of {tensor.numel()} values"
+
+
+def first_non_finite(tensors: Mapping[str, Tensor]) -> tuple[str, str] | None:
+    """(name, what) of the first tensor holding NaN or inf values, in the mapping's order; None when all are finite."""
+    for name, tensor in tensors.items():
+        found = non_finite_count(tensor)
+        if found is not None:
+            return name, found
+    return None
+
+
+def check_finite(tensors: Mapping[str, Tensor], what: str, fix: str) -> None:
+    """Raise :class:`~lora_cli.errors.NonFiniteError` naming the first of ``tensors`` (computed, not read) that
+    holds NaN or inf: ``what`` says what was computed, ``fix`` what to change."""
+    found = first_non_finite(tensors)
+    if found is not None:
+        raise NonFiniteError(f"{what} came out non-finite: {found[0]} holds {found[1]}; {fix}; nothing written")
 
 
 # ---------------------------------------------------------- portable names

@@ -14,7 +14,8 @@ def combine(
     runs: Annotated[list[Path], typer.Argument(help="Two or more LoRA run directories.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", help="Folder for the new run.", show_default=False)],
     weights: Annotated[
-        str | None, typer.Option("--weights", help="One weight per run, e.g. 0.7,0.3 (default: equal, summing to 1).")
+        str | None, typer.Option("--weights", help="One weight per run, each between -100 and 100, e.g. 0.7,0.3 "
+                                           "(default: equal, summing to 1).")
     ] = None,
     how: Annotated[
         str, typer.Option("--how", help="linear, cat, svd, ties, ties_svd, dare_linear, dare_ties, dare_linear_svd, "

@@ -20,7 +20,9 @@ def tune(
                      show_default=False),
     ],
     trials: Annotated[int, typer.Option("--trials", help="Finished trials the search ends with (a resumed search counts earlier ones).")] = 10,
-    metric: Annotated[str, typer.Option("--metric", help="Evaluation metric to optimise, e.g. eval_accuracy.")] = "eval_accuracy",
+    metric: Annotated[str, typer.Option("--metric", help="Evaluation metric to optimise, e.g. eval_accuracy "
+                                                            "(eval_perplexity for causal-lm, eval_bleu for seq2seq); checked "
+                                                            "against what the task reports before trial 1.")] = "eval_accuracy",
     direction: Annotated[str, typer.Option("--direction", help="maximize or minimize.")] = "maximize",
     out: Annotated[
         Path | None, typer.Option("--out", help="Search folder (default: the recipe's output_dir + -tune); the same --out continues a search.", show_default=False)

@@ -14,6 +14,7 @@ new run takes the first run's recipe, processor and data, so `eval`, `merge` and
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ from lora_cli.inference.rundir_out import check_new_run_dir, recipe_adapter, wri
 from lora_cli.recipe import load_recipe
 
 PROVENANCE_FILE = "combine.json"
+MAX_WEIGHT = 100.0
+"""Largest |weight| --weights takes: past it a combination is noise, and far past it float32 overflows."""
 
 
 @dataclass
@@ -60,8 +63,13 @@ def parse_weights(text: str | None, count: int) -> list[float]:
         raise UserInputError(f"--weights {text!r}: give one number per run, comma-separated, e.g. --weights 0.7,0.3") from None
     if len(weights) != count:
         raise UserInputError(f"--weights {text!r} has {len(weights)} number(s) for {count} run(s); give one per run")
-    if not all(abs(w) < float("inf") for w in weights):
-        raise UserInputError(f"--weights {text!r}: every weight must be a finite number")
+    if not all(math.isfinite(w) for w in weights):
+        raise UserInputError(f"--weights {text!r}: every weight must be a finite number, e.g. --weights 0.7,0.3")
+    if not all(abs(w) <= MAX_WEIGHT for w in weights):
+        raise UserInputError(
+            f"--weights {text!r}: each weight scales a run's change to the model and must lie between "
+            f"-{MAX_WEIGHT:g} and {MAX_WEIGHT:g} (useful ones are about -2 to 2), e.g. --weights 0.7,0.3"
+        )
     return weights
 
 

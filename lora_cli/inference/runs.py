@@ -197,14 +197,21 @@ def predict_text(
 def expert_scalings(loaded: Any, texts: list[str]) -> list[dict[str, Any]]:
     """X-LoRA runs: per text, each token's weight of each expert (mean over the LoRA layers,
     before global_scaling_weight) and the mean over the tokens."""
+    from lora_cli.tasks.text_common import text_positions
+
     model = loaded.model
     if not hasattr(model, "token_scalings"):
         raise UserInputError(f"--scalings is for X-LoRA runs (adapter.method: xlora); {loaded.run_dir} is a "
                              f"{loaded.recipe.adapter.method} run: leave --scalings out")
     device = next(model.parameters()).device
+    room = text_positions(model)  # a prompt past the model's positions: its end, as generation reads it
     out = []
     for text in texts:
-        encoded = loaded.processor(text, return_tensors="pt")
+        side, loaded.processor.truncation_side = loaded.processor.truncation_side, "left"
+        try:
+            encoded = loaded.processor(text, return_tensors="pt", truncation=room is not None, max_length=room)
+        finally:
+            loaded.processor.truncation_side = side
         batch = {k: encoded[k].to(device) for k in ("input_ids", "attention_mask") if k in encoded}
         weights = model.token_scalings(batch)[0].mean(1)  # (tokens, experts)
         tokens = loaded.processor.convert_ids_to_tokens(batch["input_ids"][0].tolist())

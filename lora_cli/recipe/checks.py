@@ -17,7 +17,7 @@ from lora_cli.adapters.base_rewrites import rewrites_base
 from lora_cli.errors import UserInputError, did_you_mean
 from lora_cli.recipe.data import DATA_PATHS, DATA_SOURCES
 from lora_cli.recipe.errors import Reporter
-from lora_cli.task_kinds import IMAGE_CLASSIFICATION, TASK_KINDS, TASKS, TEXT_TASKS
+from lora_cli.task_kinds import IMAGE_CLASSIFICATION, TASK_KINDS, TASKS, TEXT_TASKS, TIMING_METRICS
 
 
 def check_model(model: Any, task: Any, report: Reporter) -> None:
@@ -186,3 +186,31 @@ def check_adapter_with_training(adapter: tuple[str, dict] | None, training: Any,
                 training[key],
                 "train AdaLoRA with plain DDP (remove training.fsdp / training.deepspeed) or pick method lora",
             )
+
+
+def check_metric_for_best_model(training: Any, task: Any, report: Reporter) -> None:
+    """``training.metric_for_best_model`` must name a metric the task's evaluations report during
+    training (the Trainer would fail at the first evaluation, after the steps before it)."""
+    kind = TASK_KINDS.get(task) if isinstance(task, str) else None
+    value = training.get("metric_for_best_model") if isinstance(training, dict) else None
+    if kind is None or not isinstance(value, str):
+        return
+    name = value.removeprefix("eval_")
+    if name in (*kind.metrics, *TIMING_METRICS):
+        if name in LOWER_IS_BETTER and training.get("greater_is_better") is None:
+            report.add(("training", "metric_for_best_model"), "is better when lower, but the Trainer takes any "
+                       "metric not named *loss as higher-is-better, so it would keep the worst checkpoint", value,
+                       "add greater_is_better: false")
+        return
+    hint = did_you_mean(value.removeprefix("eval_"), kind.metrics)
+    report.add(("training", "metric_for_best_model"), f"is not an evaluation metric of {article(kind.name)} run", value,
+               f"its evaluations report {', '.join(kind.metrics)}" + (f"; {hint}" if hint else ""))
+
+
+LOWER_IS_BETTER = ("perplexity", "token_nll", "runtime")
+"""Metrics (besides the loss, which the Trainer knows) where lower is better."""
+
+
+def article(word: str) -> str:
+    """``an image-classification`` / ``a seq2seq``."""
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"

@@ -127,6 +127,7 @@ def _validate(data: dict, report: Reporter) -> Recipe:
     checks.check_model(data.get("model"), data.get("task"), report)
     checks.check_data(data.get("data"), data.get("task"), report)
     checks.check_sharding(data.get("training"), report)
+    checks.check_metric_for_best_model(data.get("training"), data.get("task"), report)
     checks.check_adapter_with_training(adapter, data.get("training"), report)
     checks.check_adapter_with_model(data.get("adapter"), data.get("model"), data.get("task"), report)
     report.raise_if_any()

@@ -254,6 +254,18 @@ def _check_best_model(raw: dict, report: Reporter) -> None:
             True,
             "set both to 'epoch' (or both to 'steps')",
         )
+    elif eval_s == "steps":  # the Trainer's rule, checked here instead of after the model and data load
+        logging = raw.get("logging_steps", defaults.get("logging_steps"))
+        eval_steps = raw.get("eval_steps") or logging
+        save_steps = raw.get("save_steps", defaults.get("save_steps"))
+        whole = all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1 and float(v).is_integer()
+                    for v in (eval_steps, save_steps))
+        if whole and int(save_steps) % int(eval_steps):
+            where = "eval_steps" if raw.get("eval_steps") else "logging_steps, which eval_steps defaults to"
+            report.add(("training", "save_steps"),
+                       f"must be a multiple of eval_steps ({int(eval_steps)}) with load_best_model_at_end",
+                       save_steps, f"the best checkpoint is chosen at evaluations ({where}); e.g. save_steps: "
+                       f"{int(eval_steps) * max(1, round(save_steps / eval_steps))}")
 
 
 def _text(value: Any) -> str:

@@ -118,26 +118,48 @@ def eval_dataset(data: CausalLMData, seed: int, processor, split: str = "validat
 
 
 # ------------------------------------------------------------------ predict
+DEFAULT_NEW_TOKENS = 50
+
+
 def generate(
     run,
     prompt: str | list[str],
-    max_new_tokens: int = 50,
+    max_new_tokens: int | None = None,
     temperature: float | None = None,
     top_p: float | None = None,
 ) -> str | list[str]:
     """The run's continuation of ``prompt`` (greedy unless temperature/top_p ask for sampling).
 
     ``run`` is a LoadedRun (:func:`lora_cli.inference.loading.load_run`); returns only the new text, one per prompt.
+    The prompt and the new tokens share the model's positions: ``max_new_tokens`` (default 50, fewer on a
+    smaller model) must leave one for the prompt, and a prompt too long for the rest is cut from the
+    front (the end is what gets continued), with a warning.
     """
     tokenizer, model = run.processor, run.model
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # new tokens follow every prompt directly
+    tc.check_sampling(max_new_tokens, temperature, top_p)
+    room = tc.text_positions(model)
+    new = max_new_tokens or DEFAULT_NEW_TOKENS
+    if room is not None:
+        if max_new_tokens is not None and max_new_tokens >= room:
+            raise UserInputError(f"--max-new-tokens {max_new_tokens}: the model has {room} positions for the prompt "
+                                 f"and the new tokens together; use at most {room - 1}")
+        new = min(new, room - 1)
+    keep = None if room is None else room - new
+    for i, ids in enumerate(tokenizer(prompts)["input_ids"]):
+        if not ids:
+            raise UserInputError(f"--prompt {i + 1} is empty: give the text the model should continue")
+        if keep is not None and len(ids) > keep:
+            tc.note_cut("--prompt", i, len(ids), keep,
+                        f"the model's positions leave room for {keep} beside {new} new tokens", "first")
+    sides = tokenizer.padding_side, tokenizer.truncation_side
+    tokenizer.padding_side = tokenizer.truncation_side = "left"  # new tokens follow every prompt's end directly
     try:
-        enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model_device(model))
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, truncation=keep is not None,
+                        max_length=keep).to(model_device(model))
     finally:
-        tokenizer.padding_side = side
-    kwargs = tc.sampling_kwargs(max_new_tokens, temperature, top_p)
+        tokenizer.padding_side, tokenizer.truncation_side = sides
+    kwargs = tc.sampling_kwargs(new, temperature, top_p)
     with torch.no_grad():
         out = model.generate(**enc, pad_token_id=tokenizer.pad_token_id, **kwargs)
     texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 KIND = TASK_KINDS[SEQ2SEQ]
 BLEU_ROWS = 32  # rows generated for the end-of-training BLEU
+DEFAULT_NEW_TOKENS = 128
 device_inputs = None
 
 LANGUAGES = {
@@ -133,8 +134,25 @@ def synthetic_batch(processor, n: int = 4) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------ predict
 def generate_texts(model, tokenizer, sources: list[str], max_new_tokens: int = 128,
                    temperature: float | None = None, top_p: float | None = None,
-                   max_length: int = 512, batch_size: int = 16) -> list[str]:
-    """Decode the model's output for each (already prefixed) source text."""
+                   max_length: int = 512, batch_size: int = 16, note_option: str | None = None) -> list[str]:
+    """Decode the model's output for each (already prefixed) source text.
+
+    Sources are cut to ``max_length`` tokens (and to the model's positions, where it has a limit);
+    with ``note_option`` (predict's ``--text``) each cut source is named in a warning.
+    """
+    positions = tc.text_positions(model)
+    if positions is not None:
+        if max_new_tokens >= positions and note_option is not None:
+            raise UserInputError(f"--max-new-tokens {max_new_tokens}: the model's decoder has {positions} positions; "
+                                 f"use at most {positions - 1}")
+        max_new_tokens = min(max_new_tokens, positions - 1)  # BLEU's data.max_target_length
+        max_length = min(max_length, positions)
+    if note_option is not None:
+        why = (f"the run reads at most {max_length} (data.max_length)" if positions is None or max_length < positions
+               else f"the model has {max_length} positions")
+        for i, ids in enumerate(tokenizer(sources)["input_ids"]):
+            if len(ids) > max_length:
+                tc.note_cut(note_option, i, len(ids), max_length, why, "last")
     kwargs = tc.sampling_kwargs(max_new_tokens, temperature, top_p)
     out: list[str] = []
     for start in range(0, len(sources), batch_size):
@@ -147,13 +165,19 @@ def generate_texts(model, tokenizer, sources: list[str], max_new_tokens: int = 1
     return [text.strip() for text in out]
 
 
-def generate(run, text: str | list[str], max_new_tokens: int = 128,
+def generate(run, text: str | list[str], max_new_tokens: int | None = None,
              temperature: float | None = None, top_p: float | None = None) -> str | list[str]:
-    """The run's output for ``text`` (the recipe's source prefix is added). Greedy by default."""
+    """The run's output for ``text`` (the recipe's source prefix is added). Greedy by default, at most
+    ``max_new_tokens`` (default 128) new tokens; a source longer than the run reads is cut with a warning."""
     texts = [text] if isinstance(text, str) else list(text)
     prefix = source_prefix(run.recipe.data)
-    out = generate_texts(run.model, run.processor, [prefix + t for t in texts], max_new_tokens,
-                         temperature, top_p, max_length=run.recipe.data.max_length)
+    tc.check_sampling(max_new_tokens, temperature, top_p)
+    new = max_new_tokens or DEFAULT_NEW_TOKENS
+    positions = tc.text_positions(run.model)
+    if max_new_tokens is None and positions is not None:
+        new = min(new, positions - 1)
+    out = generate_texts(run.model, run.processor, [prefix + t for t in texts], new,
+                         temperature, top_p, max_length=run.recipe.data.max_length, note_option="--text")
     return out[0] if isinstance(text, str) else out
 
 

@@ -97,9 +97,21 @@ def eval_dataset(data: SeqClsData, seed: int, processor, split: str = "validatio
 
 
 # ------------------------------------------------------------------ predict
-def class_probabilities(model, tokenizer, texts: list[str], pairs: list[str] | None = None) -> torch.Tensor:
-    """(len(texts), num_labels) softmax probabilities."""
-    enc = tokenizer(texts, pairs, truncation=True, padding=True, return_tensors="pt").to(model_device(model))
+def class_probabilities(model, tokenizer, texts: list[str], pairs: list[str] | None = None,
+                        max_length: int | None = None, note_option: str | None = None) -> torch.Tensor:
+    """(len(texts), num_labels) softmax probabilities. Inputs are cut to ``max_length`` tokens and to the
+    model's positions; with ``note_option`` (predict's ``--text``) each cut input is named in a warning."""
+    positions = tc.text_positions(model)
+    limits = [x for x in (max_length, positions) if x is not None]
+    limit = min(limits) if limits else None
+    if limit is not None and note_option is not None:
+        why = (f"the run reads at most {limit} (data.max_length)" if limit == max_length
+               else f"the model has {limit} positions")
+        for i, ids in enumerate(tokenizer(texts, pairs)["input_ids"]):
+            if len(ids) > limit:
+                tc.note_cut(note_option, i, len(ids), limit, why, "last")
+    enc = tokenizer(texts, pairs, truncation=True, max_length=limit, padding=True,
+                    return_tensors="pt").to(model_device(model))
     with torch.no_grad():
         logits = model(**enc).logits
     return logits.float().softmax(dim=-1).cpu()
@@ -115,7 +127,8 @@ def classify_text(run, text: str | list[str], top_k: int = 5, text_pair: str | l
     texts = [text] if isinstance(text, str) else list(text)
     pairs = None if text_pair is None else ([text_pair] if isinstance(text_pair, str) else list(text_pair))
     id2label = run.id2label or {int(k): v for k, v in run.model.config.id2label.items()}
-    probs = class_probabilities(run.model, run.processor, texts, pairs)
+    probs = class_probabilities(run.model, run.processor, texts, pairs, max_length=run.recipe.data.max_length,
+                                note_option="--text")
     k = min(top_k, probs.shape[-1])
     scores, idx = probs.topk(k, dim=-1)
     out = [

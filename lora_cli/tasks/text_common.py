@@ -14,6 +14,8 @@ to repeat them and cannot get them out of step.
 from __future__ import annotations
 
 import logging
+import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ import torch
 from lora_cli import packaged
 from lora_cli.adapters.quantized import forget_quantization
 from lora_cli.errors import UserInputError
+from lora_cli.hf_names import context_length
 from lora_cli.hub import require_hub
 from lora_cli.recipe import DataSection, ModelSection
 from lora_cli.tasks import data as data_mod
@@ -213,14 +216,42 @@ def pad_batch(batch: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, t
     return out
 
 
+MAX_NEW_TOKENS = 8192
+"""The most new tokens one generation makes: a model without a fixed context (T5's relative
+positions) would otherwise run on for as long as asked."""
+
+
+def check_sampling(max_new_tokens: int | None, temperature: float | None, top_p: float | None) -> None:
+    """The generation options as ``predict`` takes them (--max-new-tokens, --temperature, --top-p):
+    a UserInputError naming the option, before any model is loaded or run."""
+    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                       or not 1 <= max_new_tokens <= MAX_NEW_TOKENS):
+        raise UserInputError(f"--max-new-tokens {max_new_tokens}: give a whole number from 1 to {MAX_NEW_TOKENS}")
+    if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
+        raise UserInputError(f"--temperature {temperature}: give a finite number >= 0 (0, or leaving it out, is greedy)")
+    if top_p is not None and not 0 < top_p <= 1:  # NaN fails this too
+        raise UserInputError(f"--top-p {top_p}: give a number in (0, 1] (1, or leaving it out, keeps every token)")
+
+
+def text_positions(model) -> int | None:
+    """How many token positions ``model`` leaves for text: its context (hf_names.context_length) less a
+    prompt-learning adapter's virtual tokens; None when the model has no fixed limit (T5)."""
+    limit = context_length(getattr(model, "config", None))
+    virtual = getattr(getattr(model, "active_config", None), "num_virtual_tokens", None)
+    if limit is None or not isinstance(virtual, int):
+        return limit
+    return limit - virtual
+
+
+def note_cut(option: str, index: int, tokens: int, kept: int, why: str, end: str) -> None:
+    """The warning predict gives for an input cut to fit: which one, how long, what was left out."""
+    warnings.warn(f"{option} {index + 1} has {tokens} tokens; {why}, so its {end} {tokens - kept} were left out",
+                  stacklevel=3)
+
+
 def sampling_kwargs(max_new_tokens: int, temperature: float | None, top_p: float | None) -> dict[str, Any]:
     """Greedy unless a temperature > 0 or a top_p < 1 asks for sampling."""
-    if max_new_tokens < 1:
-        raise UserInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if temperature is not None and temperature < 0:
-        raise UserInputError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise UserInputError(f"top_p must be in (0, 1], got {top_p}")
+    check_sampling(max_new_tokens, temperature, top_p)
     sample = bool(temperature) or (top_p is not None and top_p < 1)
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": sample}
     if sample:

@@ -36,11 +36,13 @@ from transformers import TrainerCallback
 from lora_cli import rundir as rd
 from lora_cli.adapters import available_methods
 from lora_cli.atomic import atomic_file, write_text
-from lora_cli.errors import LoraCliError, UserInputError
-from lora_cli.recipe import load_recipe
+from lora_cli.errors import LoraCliError, UserInputError, did_you_mean
+from lora_cli.recipe import RecipeError, checks, load_recipe
 from lora_cli.recipe.adapter import carry_options, written_options
+from lora_cli.recipe.checks import article
 from lora_cli.recipe.yamlio import parse_value
 from lora_cli.safe_text import csv_cell
+from lora_cli.task_kinds import TASK_KINDS, TIMING_METRICS
 from lora_cli.training.pipeline import run_training
 from lora_cli.training.preflight import protected_paths
 
@@ -99,7 +101,7 @@ def parse_space(item: str) -> Param:
     if len(args) not in (2, 3) or (len(args) == 3 and not log):
         raise bad(f"{kind}() takes low,high or low,high,log")
     try:
-        low, high = (int(a) if kind == "int" else float(a) for a in args[:2])
+        low, high = (_whole(a) if kind == "int" else float(a) for a in args[:2])
     except ValueError:
         raise bad(f"{kind}() bounds must be {'whole numbers' if kind == 'int' else 'numbers'}") from None
     if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
@@ -107,6 +109,65 @@ def parse_space(item: str) -> Param:
     if log and low <= 0:
         raise bad("a log scale needs a low bound above 0")
     return Param(key, kind, low, high, log)
+
+
+LOWER_IS_BETTER = ("loss", *checks.LOWER_IS_BETTER)
+
+
+def check_metric(task: str, metric: str) -> str:
+    """The name (without ``eval_``) of the metric ``--metric`` picks for a ``task`` run, from what its
+    evaluations report (task_kinds: during training, and at the end); a UserInputError listing them."""
+    kind = TASK_KINDS[task]
+    name = metric.removeprefix("eval_")
+    if name in (*kind.metrics, *kind.final_metrics, *TIMING_METRICS):
+        return name
+    during = ", ".join(f"eval_{m}" for m in kind.metrics)
+    final = ", ".join(f"eval_{m}" for m in kind.final_metrics)
+    hint = did_you_mean(name, (*kind.metrics, *kind.final_metrics), prefix="eval_")
+    raise UserInputError(f"--metric {metric}: {article(task)} run reports {during} (during training)"
+                         + (f" and {final} (at the end)" if final else "") + f"; {hint or 'pick one of them'}")
+
+
+def _check_search(recipe: Any, metric: str, direction: str, pruner: Any) -> None:
+    """--metric checked against the task; warnings, before trial 1, for a search that would run but not as meant."""
+    kind = TASK_KINDS[recipe.task]
+    name = check_metric(recipe.task, metric)
+    if name in LOWER_IS_BETTER and direction == "maximize":
+        warnings.warn(f"--metric {metric} is better when lower, but --direction is maximize: the search will look "
+                      "for the worst trials; pass --direction minimize", stacklevel=3)
+    strategy = recipe.training.get("eval_strategy", "no")
+    strategy = str(getattr(strategy, "value", strategy))
+    if pruner is not False and strategy == "no":
+        warnings.warn("training.eval_strategy is 'no': the pruner reads the evaluations during training, so no trial "
+                      "will be stopped early; set eval_strategy: steps (or epoch) to prune", stacklevel=3)
+    elif pruner is not False and name in kind.final_metrics:
+        warnings.warn(f"--metric {metric} is computed only at the end of a trial, so the pruner cannot stop a trial "
+                      f"early; pick one of {', '.join(kind.metrics)} to prune", stacklevel=3)
+
+
+def _whole(text: str) -> int:
+    """An int() bound: ``64``, or a whole number in float notation such as ``1e3``."""
+    try:
+        return int(text)
+    except ValueError:
+        value = float(text)
+        if not value.is_integer():
+            raise ValueError(text) from None
+        return int(value)
+
+
+def check_bounds(recipe_path: Path, recipe: Any, space: list[str], params: list[Param], out: Path) -> None:
+    """Every bound and choice of the space must make a valid recipe (ranks and sizes within the
+    engine's limits included): a UserInputError naming the --space item, before the first trial."""
+    for item, param in zip(space, params, strict=True):
+        for value in (param.choices or (param.low, param.high)):
+            v = int(value) if param.kind == "int" else value
+            try:
+                load_recipe(recipe_path, trial_overrides(recipe, {param.key: v}) + [f"output_dir={out / 'check'}"])
+            except RecipeError as exc:
+                problems = "; ".join(p.render().split(": ", 1)[-1] for p in exc.problems)
+                raise UserInputError(f"--space {item!r}: the value {v!r} makes an invalid recipe ({problems}); "
+                                     "narrow the range") from None
 
 
 def trial_overrides(recipe: Any, values: dict[str, Any]) -> list[str]:
@@ -203,13 +264,12 @@ def tune(recipe_path: str | Path, space: list[str], trials: int, metric: str, di
     if trials < 1:
         raise UserInputError(f"--trials must be at least 1, got {trials}")
     recipe = load_recipe(recipe_path)
+    check_metric(recipe.task, metric)  # before anything trains
     out = Path(out) if out is not None else Path(f"{recipe.output_path}-tune")
-    for param in params:  # every bound must make a valid recipe: fail before the first trial
-        for value in (param.choices or (param.low, param.high)):
-            v = int(value) if param.kind == "int" else value
-            load_recipe(recipe_path, trial_overrides(recipe, {param.key: v}) + [f"output_dir={out / 'check'}"])
+    check_bounds(recipe_path, recipe, space, params, out)  # every bound must make a valid recipe: before the first trial
     settings = {"recipe": str(recipe_path.resolve()), "space": space, "metric": metric, "direction": direction}
     _check_out(out, settings, recipe, recipe_path)
+    _check_search(recipe, metric, direction, pruner)
     out.mkdir(parents=True, exist_ok=True)
     with rd.RunLock(out, hint="or give this search another --out"):  # one search at a time in a folder
         rd.write_json(out / SETTINGS_FILE, settings)

@@ -216,3 +216,34 @@ def test_no_batches_and_wrong_init_are_refused():
     plain = get_adapter_model(tiny_llama(), LoraConfig(r=4, target_modules=["o_proj"]))
     with pytest.raises(UserInputError, match="init_lora_weights='eva'"):
         initialize_eva_weights(plain, lm_batches(1))
+
+
+def test_batches_too_small_for_the_components_are_refused_before_the_passes():
+    """Before: 100 passes over the one batch, every one skipped, then "did not converge". Now: refused after
+    the one forward that finds which layers share inputs, naming what EVA needs (k token rows per batch)."""
+    model = _model(tiny_llama(), {"rho": 2.0}, r=8)  # 16 components per layer
+    ids = torch.arange(1, 11).view(1, 10)
+    one_row = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}]  # 10 tokens
+    forwards = []
+
+    def forward(m, batch):
+        forwards.append(1)
+        return m(**batch)
+
+    with pytest.raises(UserInputError, match=r"EVA needs at least 16 token rows in a calibration batch "
+                                             r"\(r 8 x eva_config.rho 2.0\) for model\.layers\.0\..*; the largest of "
+                                             r"the 1 batch\(es\) gives 10\. .*more training rows or a larger "
+                                             r"training.per_device_train_batch_size"):
+        initialize_eva_weights(model, one_row, forward=forward)
+    assert len(forwards) <= 1
+
+
+def test_images_too_few_for_the_components_are_refused_after_one_forward():
+    """Image batches carry no token mask: the rows are counted in the first forward (17 per tiny-ViT image)."""
+    from tests.helpers import tiny_vit
+
+    model = get_adapter_model(tiny_vit(), LoraConfig(r=16, target_modules=["query", "value"],
+                                                     init_lora_weights="eva", eva_config={"rho": 2.0}))
+    one_image = [{"pixel_values": torch.randn(1, 3, 32, 32)}]
+    with pytest.raises(UserInputError, match=r"EVA needs at least 32 token rows .* gives 17\."):
+        initialize_eva_weights(model, one_image)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import torch
 from lora_cli.adapters import AdapterModel, LoraConfig, get_adapter_model
 from lora_cli.adapters.config import CONFIG_NAME, WEIGHTS_NAME, AdapterConfig
 from lora_cli.adapters.state import AdapterFileError, read_adapter_weights
-from lora_cli.errors import AdapterConfigError, UserInputError
+from lora_cli.errors import AdapterConfigError, NonFiniteError, UserInputError
 from tests.helpers import tiny_opt
 
 INPUTS = {"input_ids": torch.arange(2, 10).reshape(1, 8)}
@@ -183,3 +184,49 @@ def test_peft_written_bin_adapter_loads(tmp_path):
         expected = model(**INPUTS).logits
         ours = AdapterModel.from_pretrained(tiny_opt(), tmp_path / "peft")(**INPUTS).logits
     assert torch.allclose(ours, expected, atol=1e-5)
+
+
+# ------------------------------------------------------------------ non-finite values
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_adapter_tensor_is_refused_naming_file_and_tensor(saved, fmt, value):
+    """A diverged or edited adapter is refused when it is read, naming the file and the tensor, before any
+    verb computes with it (convert's SVD, combine, merge...)."""
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = saved
+    state = load_file(folder / WEIGHTS_NAME)
+    key = sorted(k for k in state if k.endswith("lora_B.weight"))[-1]
+    state[key][1, 2] = value
+    if fmt == "bin":
+        (folder / WEIGHTS_NAME).unlink()
+        torch.save(state, folder / "adapter_model.bin")
+    else:
+        save_file(state, folder / WEIGHTS_NAME)
+    word = "NaN" if value != value else "inf"
+    with pytest.raises(AdapterFileError, match=rf"adapter_model\.{'bin' if fmt == 'bin' else 'safetensors'}: "
+                                                rf"tensor {re.escape(key)} holds 1 {word} of"):
+        read_adapter_weights(folder)
+    with pytest.raises(AdapterFileError, match="damaged"):
+        AdapterModel.from_pretrained(tiny_opt(), folder)
+
+
+def test_finite_adapters_load_including_half_precision_and_integer_tensors(saved, tmp_path):
+    """The check reads floating tensors only: an adapter in float16 with large (finite) values and integer
+    buffers still loads."""
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = saved
+    state = {k: (v * 1000).half() for k, v in load_file(folder / WEIGHTS_NAME).items()}
+    state["extra.index"] = torch.arange(4)
+    save_file(state, tmp_path / WEIGHTS_NAME)
+    assert set(read_adapter_weights(tmp_path)) == set(state)
+
+
+def test_non_finite_weights_are_never_written(tmp_path):
+    model = get_adapter_model(tiny_opt(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        next(iter(model.live_adapter_tensors().values())).fill_(float("inf"))
+    with pytest.raises(NonFiniteError, match=r"came out non-finite: base_model\.model\..* holds .* inf"):
+        model.save_pretrained(tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()

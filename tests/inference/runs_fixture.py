@@ -48,3 +48,14 @@ def make_run(root: Path, name: str, images: Path, method: str = "lora", seed: in
 def folder_bytes(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` (relative path -> bytes): to prove a command left it untouched."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def edit_adapter(run: Path, edit) -> Path:
+    """Rewrite ``run``'s adapter file with ``edit(key, tensor) -> tensor`` applied to every tensor
+    (a damaged or extreme adapter, as a diverged training or a hostile file leaves it)."""
+    from safetensors.torch import load_file, save_file
+
+    file = run / rd.ADAPTER_DIR / "adapter_model.safetensors"
+    save_file({key: edit(key, tensor).contiguous() for key, tensor in load_file(file).items()}, file,
+              metadata={"format": "pt"})
+    return run

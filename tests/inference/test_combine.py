@@ -11,7 +11,7 @@ from lora_cli import rundir as rd
 from lora_cli.inference.loading import load_run
 from tests.helpers import make_imagefolder
 from tests.inference.images_fixture import make_user_images
-from tests.inference.runs_fixture import folder_bytes, make_run
+from tests.inference.runs_fixture import edit_adapter, folder_bytes, make_run
 from tests.training._util import loracli
 
 
@@ -25,6 +25,11 @@ def runs(tmp_path_factory):
         "loha": make_run(root, "loha", images, method="loha", seed=3),
         "other_base": make_run(root, "other_base", images, seed=4, base_seed=9),
         "other_labels": make_run(root, "other_labels", images, seed=5, classes=("x", "y", "z")),
+        # factors about 1e18, deltas about 1e37: finite, but 50 times that overflows float32
+        "huge": edit_adapter(make_run(root, "huge", images, seed=6),
+                             lambda key, t: t * 1e19 if ".lora_" in key else t),
+        "nan": edit_adapter(make_run(root, "nan", images, seed=7),
+                            lambda key, t: t.fill_(float("nan")) if key.endswith("1.attention.v_proj.lora_B.weight") else t),
     }
 
 
@@ -117,3 +122,40 @@ def test_output_folder_safety(runs, tmp_path, monkeypatch, capsys):
     assert loracli(monkeypatch, "combine", runs["a"], runs["b"], "--out", out, "--overwrite",
                    "--weights", "0.2,0.8") == 0
     assert (out / rd.ADAPTER_DIR / "adapter_model.safetensors").read_bytes() != first
+
+
+@pytest.mark.parametrize(("weights", "match"), [
+    ("1e300,1e300", "between -100 and 100"),
+    ("inf,1", "finite"),
+    ("nan,0.5", "finite"),
+    ("1,-1e5", "between -100 and 100"),
+])
+def test_non_finite_or_absurd_weights_are_refused_at_the_option(weights, match, runs, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "ab"
+    assert loracli(monkeypatch, "combine", runs["a"], runs["b"], "--weights", weights, "--out", out) == 2
+    err = capsys.readouterr().err
+    assert "--weights" in err and match in err and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("how", ["cat", "linear", "svd"])
+def test_a_combination_that_overflows_is_refused_naming_the_layer(how, runs, tmp_path, monkeypatch, capsys):
+    """Finite inputs and weights whose combination overflows float32: exit 1, the layer named, nothing
+    written (before: `cat` / `linear` wrote inf / NaN tensors with exit 0, `svd` died inside the SVD)."""
+    with torch.no_grad():  # the source itself is finite, deltas included
+        assert all(torch.isfinite(layer.get_delta_weight("default")).all()
+                   for _, layer in load_run(runs["huge"], device="cpu").model.adapter_layers())
+    out = tmp_path / "huge"
+    assert loracli(monkeypatch, "combine", runs["huge"], runs["a"], "--weights", "50,50", "--how", how,
+                   "--out", out) == 1
+    err = capsys.readouterr().err
+    assert "non-finite" in err and "vit.layers." in err and "internal error" not in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_run_holding_nan_is_refused_naming_file_and_tensor(runs, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "ab"
+    assert loracli(monkeypatch, "combine", runs["a"], runs["nan"], "--out", out) == 2
+    err = capsys.readouterr().err
+    assert "adapter_model.safetensors" in err and "vit.layers.1.attention.v_proj.lora_B.weight" in err
+    assert "NaN" in err and not out.exists()

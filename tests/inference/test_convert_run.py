@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import peft
 import pytest
@@ -11,7 +12,7 @@ import torch
 from lora_cli import rundir as rd
 from lora_cli.inference.loading import load_run
 from tests.helpers import make_imagefolder
-from tests.inference.runs_fixture import folder_bytes, make_run
+from tests.inference.runs_fixture import edit_adapter, folder_bytes, make_run
 from tests.training._util import loracli
 
 
@@ -75,3 +76,27 @@ def test_refusals_write_nothing(runs, tmp_path, monkeypatch, capsys):
     assert loracli(monkeypatch, "convert", runs["loha"], "--rank", "2", "--out", runs["loha"], "--overwrite") == 2
     assert "which this command reads" in capsys.readouterr().err
     assert folder_bytes(runs["loha"]) == before
+
+
+def test_a_run_whose_factors_hold_nan_is_refused_before_any_svd(runs, tmp_path, monkeypatch, capsys):
+    """Before: the SVD failed to converge ("internal error"). Now: exit 2 naming the file and the tensor."""
+    source = tmp_path / "nan"
+    shutil.copytree(runs["loha"], source)
+    edit_adapter(source, lambda key, t: t.fill_(float("nan")) if key.endswith("0.attention.q_proj.hada_w1_a") else t)
+    out = tmp_path / "out"
+    assert loracli(monkeypatch, "convert", source, "--energy", "0.99", "--out", out) == 2
+    err = capsys.readouterr().err
+    assert "adapter_model.safetensors" in err and "vit.layers.0.attention.q_proj.hada_w1_a holds 128 NaN" in err
+    assert "internal error" not in err and not out.exists()
+
+
+def test_a_delta_that_overflows_float32_is_refused_naming_the_layer(runs, tmp_path, monkeypatch, capsys):
+    """Finite factors whose Hadamard product overflows: exit 1 naming the layer, before the SVD, nothing written."""
+    source = tmp_path / "huge"
+    shutil.copytree(runs["loha"], source)
+    edit_adapter(source, lambda key, t: t * 1e12 if ".hada_" in key else t)
+    out = tmp_path / "out"
+    assert loracli(monkeypatch, "convert", source, "--rank", "2", "--out", out) == 1
+    err = capsys.readouterr().err
+    assert "loha delta weight came out non-finite: vit.layers.0.attention.q_proj holds" in err
+    assert "internal error" not in err and not out.exists()

@@ -195,3 +195,15 @@ def test_dry_run_lists_the_experts_layers_and_the_head_parameters(runs, tmp_path
     assert "adapted modules (xlora)" in err and err.count("a: r=4") == 4 and err.count("b: r=4") == 4
     assert "trainable params: 282 " in err  # the head only: (32 * 8 + 8) + (8 * 2 + 2)
     assert not (tmp_path / "dry").exists()
+
+
+def test_scalings_of_a_prompt_longer_than_the_context_cover_its_end(monkeypatch, capsys, runs):
+    """Before: IndexError (160 tokens through 64 positions). The scalings read the prompt's last 64 tokens,
+    the generation its last 62 (beside 2 new tokens), with a note."""
+    prompt = " ".join(["the film was good"] * 40)
+    code, out, err = cli(monkeypatch, capsys, "predict", "--run", str(runs["mix"]), "--prompt", prompt,
+                         "--max-new-tokens", "2", "--scalings", "--json")
+    assert code == 0, err
+    assert "--prompt 1 has 160 tokens" in err and "its first 98 were left out" in err
+    assert json.loads(out)[0]["scalings"]["tokens"][-4:] == ["the", "film", "was", "good"]
+    assert len(json.loads(out)[0]["scalings"]["tokens"]) == 64

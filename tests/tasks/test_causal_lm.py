@@ -152,7 +152,7 @@ def test_train_eval_merge_peft_generate(tmp_path, tok_dir, model_type, method, t
     assert isinstance(text, str) and text == causal_lm.generate(load_run(run_dir), "the film was", max_new_tokens=4)
     many = causal_lm.generate(run, ["the film was", "the day"], max_new_tokens=3, temperature=0.7, top_p=0.9)
     assert len(many) == 2 and all(isinstance(t, str) for t in many)
-    with pytest.raises(UserInputError, match="top_p"):
+    with pytest.raises(UserInputError, match="--top-p 1.5"):
         causal_lm.generate(run, "the", top_p=1.5)
 
 

@@ -124,5 +124,25 @@ def test_pruned_trials_are_complete_runs_and_unknown_metrics_are_named(tmp_path,
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(m.get("step", 0) for m in metrics) == 2  # stopped at the first evaluation of 4 steps
     assert not (out / "param_importances.png").exists() and not (out / "best_recipe.yaml").exists()
-    with pytest.raises(UserInputError, match="--metric eval_acc: trial 0 .* reported no such metric; it reported .*eval_accuracy"):
-        tune(recipe, SPACE[:1], trials=1, metric="eval_acc", out=tmp_path / "other")
+    with pytest.raises(UserInputError, match="--metric eval_acc: an image-classification run reports .*eval_accuracy"):
+        tune(recipe, SPACE[:1], trials=1, metric="eval_acc", out=tmp_path / "other")  # before trial 1
+    assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize(("item", "value"), [
+    ("adapter.r=int(1,1e11)", "100000000000"),  # a whole number in float notation is an int() bound
+    ("adapter.r=int(1,100000000000,log)", "100000000000"),
+    ("adapter.r=cat(4,1000000000)", "1000000000"),
+])
+def test_a_space_past_the_engine_limits_is_refused_before_trial_1(item, value, monkeypatch, capsys, tmp_path, recipe):
+    """Before: the trials ran and died in the allocator. Now: exit 2 naming the --space item and the limit."""
+    out = tmp_path / "search"
+    assert loracli(monkeypatch, "tune", recipe, "--space", item, "--trials", "1", "--out", out) == 2
+    err = capsys.readouterr().err
+    assert f"--space {item!r}: the value {value} makes an invalid recipe" in err
+    assert "adapter.r: must be an integer between 1 and 65536" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_int_bounds_take_whole_numbers_in_float_notation():
+    assert parse_space("adapter.r=int(1,1e3)") == Param("adapter.r", "int", 1, 1000)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from lora_cli.adapters import functional as fn
-from lora_cli.adapters.config import check_positive_int
+from lora_cli.adapters.config import MAX_RANK, check_positive_int
 from lora_cli.adapters.layers import CONV2D, HF_CONV1D, LINEAR, AdapterLayer, layer_kind
 from lora_cli.adapters.methods.adalora_state import AdaLoraState
 from lora_cli.adapters.methods.lora import LoraConfig
@@ -75,9 +75,10 @@ class AdaLoraConfig(LoraConfig):
         out = [
             p for p in super().problems() if p.key != "init_lora_weights" and not p.key.startswith("rank_pattern[")
         ]
-        out += check_positive_int("init_r", self.init_r)
+        out += check_positive_int("init_r", self.init_r, maximum=MAX_RANK)
+        out += check_positive_int("target_r", self.target_r, allow_zero=True, maximum=MAX_RANK)
         out += check_positive_int("deltaT", self.deltaT)
-        for name in ("target_r", "tinit", "tfinal"):
+        for name in ("tinit", "tfinal"):
             out += check_positive_int(name, getattr(self, name), allow_zero=True)
         total = self.total_step
         if total is None:

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from lora_cli.adapters import functional as fn
 from lora_cli.adapters.base_rewrites import rewrites_base
 from lora_cli.adapters.config import (
+    MAX_RANK,
     AdapterConfig,
     check_choice,
     check_number,
@@ -126,7 +127,7 @@ class LoraConfig(AdapterConfig):
 
     def problems(self) -> list[Problem]:
         out = super().problems()
-        out += check_positive_int("r", self.r)
+        out += check_positive_int("r", self.r, maximum=MAX_RANK)
         out += check_number("lora_alpha", self.lora_alpha)
         out += check_rate("lora_dropout", self.lora_dropout)
         out += check_choice("bias", self.bias, BIAS_CHOICES)

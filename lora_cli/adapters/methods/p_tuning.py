@@ -20,7 +20,13 @@ from typing import ClassVar
 
 from torch import Tensor, nn
 
-from lora_cli.adapters.config import check_choice, check_positive_int, check_rate
+from lora_cli.adapters.config import (
+    MAX_DEPTH,
+    MAX_WIDTH,
+    check_choice,
+    check_positive_int,
+    check_rate,
+)
 from lora_cli.adapters.prompt_learning import PromptLearningConfig, PromptLearningModel
 from lora_cli.adapters.registry import register_method
 from lora_cli.errors import Problem
@@ -53,8 +59,8 @@ class PromptEncoderConfig(PromptLearningConfig):
         out = super().problems()
         out += check_choice("encoder_reparameterization_type", self.encoder_reparameterization_type, ENCODER_TYPES)
         if self.encoder_hidden_size is not None:
-            out += check_positive_int("encoder_hidden_size", self.encoder_hidden_size)
-        out += check_positive_int("encoder_num_layers", self.encoder_num_layers)
+            out += check_positive_int("encoder_hidden_size", self.encoder_hidden_size, maximum=MAX_WIDTH)
+        out += check_positive_int("encoder_num_layers", self.encoder_num_layers, maximum=MAX_DEPTH)
         out += check_rate("encoder_dropout", self.encoder_dropout)
         return out
 

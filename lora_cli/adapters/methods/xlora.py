@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from lora_cli.adapters.config import AdapterConfig, check_number, check_positive_int, check_rate
+from lora_cli.adapters.config import (
+    MAX_DEPTH,
+    MAX_WIDTH,
+    AdapterConfig,
+    check_number,
+    check_positive_int,
+    check_rate,
+)
 from lora_cli.adapters.registry import register_method
 from lora_cli.adapters.xlora_model import (
     EXPERT_NAME,
@@ -76,8 +83,9 @@ class XLoraConfig(AdapterConfig):
                                    getattr(self, name), hint="remove it (a task that trains a new head needs lora)"))
         out += self._expert_problems()
         if self.hidden_size is not None:
-            out += check_positive_int("hidden_size", self.hidden_size)
-        out += check_positive_int("xlora_depth", self.xlora_depth) + check_positive_int("xlora_size", self.xlora_size)
+            out += check_positive_int("hidden_size", self.hidden_size, maximum=MAX_WIDTH)
+        out += check_positive_int("xlora_depth", self.xlora_depth, maximum=MAX_DEPTH)
+        out += check_positive_int("xlora_size", self.xlora_size, maximum=MAX_WIDTH)
         out += check_rate("xlora_dropout_p", self.xlora_dropout_p)
         for name in ("softmax_temperature", "scaling_pass_value", "global_scaling_weight"):
             out += check_number(name, getattr(self, name))
