@@ -28,6 +28,8 @@ MAY_IMPORT = {
                  "hf_names", "task_kinds"},
     "inference": {"errors", "atomic", "safe_text", "hub", "devices", "rundir", "adapters", "recipe", "tasks", "evaluation",
                   "hf_names", "task_kinds"},
+    "serve": {"errors", "atomic", "safe_text", "hub", "devices", "rundir", "adapters", "recipe", "tasks", "evaluation",
+              "inference", "hf_names", "task_kinds"},
     "cli": {"*"},
     "commands": {"*"},
     "__main__": {"cli"},
