@@ -34,7 +34,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -47,6 +47,9 @@ from lora_cli.serve.streams import CANCELLED, Row
 
 logger = logging.getLogger("lora_cli.serve")
 
+ENDPOINTS = {"/": "page", "/health": "health", "/metrics": "metrics", "/v1/models": "models",
+             "/v1/classify": "classify", "/v1/completions": "completions", "/v1/chat/completions": "chat_completions"}
+"""Names for the log and the metrics of requests refused before routing (other paths: "other")."""
 OPEN_PATHS = ("/", "/health", "/page/")
 """Reachable without the API key: the page (it holds no data; it asks for the key) and liveness."""
 PAGE_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
@@ -127,7 +130,7 @@ class Gate:
                 state.in_flight -= 1
                 state.metrics.in_flight.dec()
         finally:
-            endpoint = getattr(scope.get("endpoint"), "__name__", "none")
+            endpoint = getattr(scope.get("endpoint"), "__name__", None) or ENDPOINTS.get(scope["path"], "other")
             elapsed = time.perf_counter() - started
             state.metrics.requests.labels(endpoint, str(seen["status"])).inc()
             state.metrics.latency.labels(endpoint).observe(elapsed)
@@ -219,6 +222,8 @@ async def _json_body(request: Request) -> Any:
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request(f"the body is not valid JSON ({type(exc).__name__} at position "
                           f"{getattr(exc, 'pos', '?')})", "invalid_json") from None
+    except RecursionError:
+        raise bad_request("the body's JSON is nested too deeply", "invalid_json") from None
 
 
 async def _until_done(request: Request, waiting: asyncio.Future, jobs: list[Job]) -> Any:
@@ -236,7 +241,7 @@ async def _until_done(request: Request, waiting: asyncio.Future, jobs: list[Job]
         for job in jobs:
             job.cancel()
         waiting.cancel()
-        raise RequestError(499, "the client closed the connection", "client_disconnected")
+        raise RequestError(499, "the client closed the connection", "client_disconnected")  # counted on its way out
     return waiting.result()
 
 
@@ -421,9 +426,11 @@ async def _sse(state: ServerState, meta: dict, rows: list[Row], jobs: list[Job],
             yield _event({**meta, "object": kind, "choices": [], "usage": _usage(state, None, rows)})
         yield "data: [DONE]\n\n"
     finally:
-        for job in jobs:
-            if not job.item.finished:
-                job.cancel()
+        left = [job for job in jobs if not job.item.finished]
+        for job in left:
+            job.cancel()
+        if left:  # the client went away mid-stream (Starlette cancelled this generator)
+            state.metrics.errors.labels("client_disconnected").inc()
 
 
 def _event(data: dict) -> str:
@@ -509,6 +516,10 @@ def build_app(backend: Backend, settings: Settings | None = None) -> Starlette:
                         "/v1/chat/completions)", 405: "this endpoint does not take that HTTP method"}
         return _error_response(RequestError(exc.status_code, message.get(exc.status_code, str(exc.detail)), code), state)
 
+    async def left(request: Request, exc: Exception) -> Response:
+        return _error_response(RequestError(499, "the client closed the connection before its body arrived",
+                                            "client_disconnected"), state)
+
     async def too_large(request: Request, exc: Exception) -> Response:
         return _error_response(RequestError(413, f"the request body is over this server's limit of "
                                                  f"{settings.max_body_bytes:,d} bytes (--max-body-mb)",
@@ -531,7 +542,8 @@ def build_app(backend: Backend, settings: Settings | None = None) -> Starlette:
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         ],
         middleware=middleware,
-        exception_handlers={RequestError: request_error, HTTPException: http_error, BodyTooLarge: too_large},
+        exception_handlers={RequestError: request_error, HTTPException: http_error, BodyTooLarge: too_large,
+                            ClientDisconnect: left},
         lifespan=lifespan,
     )
     app.state.serve = state

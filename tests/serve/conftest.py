@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from PIL import Image
 
 from tests.serve.runs import all_runs
 
@@ -13,7 +14,7 @@ def serve_runs(tmp_path_factory):
     runs = all_runs(tmp_path_factory.mktemp("serve-runs"))
     plots = runs["img-a"] / "plots"
     plots.mkdir()
-    (plots / "loss.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 16)  # only served, never decoded
+    Image.new("RGB", (120, 60), (43, 125, 233)).save(plots / "loss.png")  # what the card shows
     return runs
 
 

@@ -74,6 +74,7 @@ async function showCard(id) {
   const info = model.loracli;
   const rows = [["task", info.task], ["method", info.method], ["base", info.base],
                 ["labels", info.labels ? info.labels.length + ": " + info.labels.slice(0, 12).join(", ") : "none"],
+                ["adapter", Object.entries(model.card.options || {}).map(([k, v]) => k + "=" + v).join(", ")],
                 ["shares its base with", info.shares_base_with.join(", ") || "no other run"],
                 ["batching", info.mixed_batches ? "mixed with other runs on its base" : "batches of its own"],
                 ["run folder", model.card.run_dir]];
