@@ -269,3 +269,28 @@ def test_mixed_requests_at_once_each_get_their_own_answer(client, backend):
         for name, top in pool.map(ask, names):
             assert top["label"] == expected[name][0]
             assert top["probability"] == pytest.approx(expected[name][1], abs=1e-5)
+
+
+def test_chat_uses_the_tokenizers_template_when_it_has_one(client, backend, monkeypatch):
+    tokenizer = backend.runs["lm-b"].processor
+    template = "{% for m in messages %}{{ m['role'] }} says {{ m['content'] }} {% endfor %}assistant says"
+    monkeypatch.setattr(tokenizer, "chat_template", template, raising=False)
+    messages = [{"role": "user", "content": "the day was"}]
+    expected = tokenizer("user says the day was assistant says")["input_ids"]
+    assert backend.chat_ids(backend.runs["lm-b"], messages) == expected
+    answer = client.post("/v1/chat/completions", json={"model": "lm-b", "messages": messages, "max_tokens": 3,
+                                                       "temperature": 0}).json()
+    assert answer["usage"]["prompt_tokens"] == len(expected)
+
+
+def test_past_the_in_flight_cap_the_api_answers_503(backend):
+    from lora_cli.serve.app import Gate, ServerState, Settings
+
+    state = ServerState(backend, Settings(max_in_flight=2))
+    gate = Gate(app=None, state=state)
+    scope = {"type": "http", "path": "/v1/classify", "headers": [(b"content-length", b"10")]}
+    assert gate._refusal(scope) is None
+    state.in_flight = 2
+    refusal = gate._refusal(scope)
+    assert (refusal.status, refusal.code) == (503, "server_busy")
+    assert gate._refusal({**scope, "path": "/health"}) is None  # liveness still answers
