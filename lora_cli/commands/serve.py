@@ -86,7 +86,8 @@ def serve(
     shown_host = f"[{bound_host}]" if ":" in bound_host else bound_host
     err.print(f"serving {len(backend.runs)} run(s) on {len(backend.groups)} base model(s) at "
               f"http://{shown_host}:{bound_port}/ (API under /v1; "
-              f"{'API key required' if api_key else 'no API key'}); Ctrl+C or SIGTERM stops it", highlight=False)
+              f"{'API key required' if api_key else 'no API key'}); Ctrl+C or SIGTERM stops it", highlight=False,
+              soft_wrap=True)
     server.run(app, sock, drain_s)
 
 
