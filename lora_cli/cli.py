@@ -21,6 +21,7 @@ from lora_cli.commands import compare as compare_command
 from lora_cli.commands import convert as convert_command
 from lora_cli.commands import export as export_command
 from lora_cli.commands import push as push_command
+from lora_cli.commands import serve as serve_command
 from lora_cli.commands import sweep as sweep_command
 from lora_cli.commands import tune as tune_command
 from lora_cli.commands.output import err, shown
@@ -330,6 +331,7 @@ app.command("push")(push_command.push)
 app.command("tune")(tune_command.tune)
 app.command("compare")(compare_command.compare)
 app.command("sweep")(sweep_command.sweep)
+app.command("serve")(serve_command.serve)
 
 
 def main() -> None:

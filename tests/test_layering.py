@@ -29,6 +29,8 @@ MAY_IMPORT = {
                  "hf_names", "task_kinds", "packaged"},
     "inference": {"errors", "atomic", "safe_text", "hub", "devices", "rundir", "adapters", "recipe", "tasks", "evaluation",
                   "hf_names", "task_kinds", "packaged"},
+    "serve": {"errors", "atomic", "safe_text", "hub", "devices", "rundir", "adapters", "recipe", "tasks", "evaluation",
+              "inference", "hf_names", "task_kinds", "packaged"},
     "cli": {"*"},
     "commands": {"*"},
     "__main__": {"cli"},

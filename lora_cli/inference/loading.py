@@ -39,8 +39,13 @@ class LoadedRun:
     id2label: dict[int, str] | None
 
 
-def load_run(run_dir: str | Path, adapter_dir: str | Path | None = None, device: str | None = None) -> LoadedRun:
-    """Rebuild the trained model of a run: base model + adapter (+ head), eval mode."""
+def load_run(run_dir: str | Path, adapter_dir: str | Path | None = None, device: str | None = None, *,
+             into: Any = None, adapter_name: str = "default") -> LoadedRun:
+    """Rebuild the trained model of a run: base model + adapter (+ head), eval mode.
+
+    ``into``: an adapter model already holding the same base (``loracli serve`` puts runs that
+    share a base on one model): the run's adapter is loaded into it as ``adapter_name``
+    instead of building another base; the caller vouches that the bases are the same."""
     run_dir = Path(run_dir)
     recipe_file = run_dir / rd.RECIPE_FILE
     if not recipe_file.is_file():
@@ -72,9 +77,12 @@ def load_run(run_dir: str | Path, adapter_dir: str | Path | None = None, device:
         processor = task.load_processor(recipe.model, source=processor_dir if processor_dir.is_dir() else None)
     id2label = _run_label_map(run_dir, adapter, recipe.task)
     labels = [id2label[i] for i in sorted(id2label)] if id2label else None
+    if into is not None:
+        into.load_adapter(adapter, adapter_name)
+        return LoadedRun(run_dir, recipe, into.eval(), processor, task, id2label)
     with _damaged(base_dir if base_dir.is_dir() else None, "base model"):
         model = task.build_model(recipe.model, labels, source=base_dir if base_dir.is_dir() else None)
-    model = load_adapter_model(model, adapter)
+    model = load_adapter_model(model, adapter, adapter_name=adapter_name)
     model.to(resolve_device(device)).eval()
     return LoadedRun(run_dir, recipe, model, processor, task, id2label)
 
