@@ -40,20 +40,29 @@ app = typer.Typer(
 STATE = {"debug": False}
 
 
-# Start-up lines third-party packages log on import, not addressed to our users: DeepSpeed
-# prints "Setting accelerator to CPU ..." (to stdout, breaking --json) whenever it is
-# imported, and transformers' save_pretrained imports it through accelerate's
-# unwrap_model whenever it is installed, so merge and train would open with it.
+# Start-up lines third-party packages log on import, not addressed to our users (shown with
+# --debug), by logger name and the start of the message:
+# - DeepSpeed prints "Setting accelerator to CPU ..." (to stdout, breaking --json) whenever it
+#   is imported, and transformers' save_pretrained imports it through accelerate's
+#   unwrap_model whenever it is installed, so merge and train would open with it.
+# - bitsandbytes (imported by the Trainer through peft, and by quantized runs), on a CPU with
+#   AVX512-BF16, asks the `kernels` package for a CPU kernel from the Hub when it is imported:
+#   kernels warns that it skips the publisher trust check of
+#   `kernels-community/quantization-bitsandbytes` (offline), and bitsandbytes that the kernel
+#   failed to load. Its fallback computes the same results, and most runs quantize nothing.
 _BANNERS = {
     "DeepSpeed": ("Setting accelerator to", "Setting ds_accelerator to"),
+    "kernels._internals.hf_hub": ("Skipping publisher trust check for",),
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
 }
 
 
 class _BannerFilter(logging.Filter):
     """Drops the known banner records of one third-party logger unless --debug.
 
-    A logger filter, not a level: DeepSpeed resets its logger's level when it is
-    imported, but keeps the filters, so this works whenever deepspeed gets imported, and
+    A filter on the logger that makes the record (filters of a parent logger do not see its
+    children's records), not a level: DeepSpeed resets its logger's level when it is
+    imported, but keeps the filters, so this works whenever the package gets imported, and
     its other warnings still reach the user."""
 
     def __init__(self, prefixes: tuple[str, ...]) -> None:
