@@ -161,6 +161,8 @@ class TrainStatsCallback(TrainerCallback):
             return
         wall = time.perf_counter() - self.start
         steps = state.global_step - self.start_step
+        if steps == 0 and self.path.is_file():
+            return  # resumed at its last step (a final evaluation that failed): keep the record of the training
         epochs = (state.epoch or 0.0) - self.start_epoch
         # epochs x rows counts a short last batch right; steps x batch is the fallback
         samples = round(epochs * self.n_train) if epochs > 0 and self.n_train else steps * self.samples_per_step

@@ -69,7 +69,7 @@ def run_training(
     if resume:
         preflight.check_same_recipe(recipe, run_dir)
         checkpoint = rd.latest_checkpoint(run_dir, report=True)
-        if checkpoint is None:
+        if checkpoint is None and rd.read_status(run_dir).get("state") != "completed":
             raise UserInputError(f"--resume: no checkpoint in {run_dir / rd.CHECKPOINTS_DIR}; train without --resume")
     set_seed(recipe.seed)
 
@@ -81,6 +81,10 @@ def run_training(
 
     # optimizer steps -> adapter config -> training arguments: each needs the one before
     total_step = optimizer_steps(recipe.training, len(splits.train), distributed.world_size())
+    if resume:
+        preflight.check_left_to_train(run_dir, total_step, checkpoint)
+        if checkpoint is None:
+            raise UserInputError(f"--resume: no checkpoint in {run_dir / rd.CHECKPOINTS_DIR}; train without --resume")
     adapter_config = resolve_adapter_config(
         recipe.adapter,
         total_step=total_step,
@@ -179,7 +183,8 @@ def _train_and_save(recipe, task, model, args, train_ds, eval_ds, processor, lab
         else:
             rd.write_json(run_dir / rd.EVAL_FILE, metrics)
         _plot(run_dir)
-        rd.write_status(run_dir, "completed", error=None)
+        rd.write_status(run_dir, "completed", error=None, step=trainer.state.global_step,
+                        max_steps=trainer.state.max_steps)  # --resume: whether anything is left
         _print_summary(run_dir, metrics)
     distributed.barrier()  # no process returns before the run directory is complete
     return run_dir
