@@ -60,13 +60,14 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, dry_run: bool, p
         return False
     state = rd.read_status(run_dir).get("state")
     has_checkpoints = bool(rd.checkpoints(run_dir))
-    if rd.is_run_dir(run_dir) and state in ("failed", "running") and not has_checkpoints:
+    stopped = ("failed", "interrupted", "running")
+    if rd.is_run_dir(run_dir) and state in stopped and not has_checkpoints:
         # a run that died before its first checkpoint holds nothing to keep: start it again
+        how = {"failed": "failed", "interrupted": "was interrupted"}.get(state, "was stopped")
         rd.check_replaceable(run_dir, "output_dir", protected)
-        warnings.warn(f"{run_dir} holds a run that {'failed' if state == 'failed' else 'was stopped'} before its "
-                      "first checkpoint; starting it again", stacklevel=3)
+        warnings.warn(f"{run_dir} holds a run that {how} before its first checkpoint; starting it again", stacklevel=3)
         return True
-    if state in ("failed", "running") and has_checkpoints:
+    if state in stopped and has_checkpoints:
         raise UserInputError(
             f"the run in {run_dir} stopped before it finished; continue it from its newest checkpoint with --resume, "
             "replace it with --overwrite, or pick another output_dir (e.g. output_dir=runs/other as an override)"
