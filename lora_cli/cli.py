@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import gc
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -115,6 +116,12 @@ def main_options(
         hf_logging.disable_progress_bar()
         # its load reports ("classifier.weight MISSING") describe the head loracli adds itself
         hf_logging.set_verbosity_error()
+        # datasets draws a bar for each internal step ("Flattening the indices", "Casting to class
+        # labels"), 0% and 100% frames in a log; loracli shows its real phases itself (lora_cli.progress).
+        # Read when datasets is imported; a user's own setting of the variable wins.
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        if "datasets" in sys.modules and os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1":
+            sys.modules["datasets"].disable_progress_bars()
     _log_to_stderr(debug)
 
 

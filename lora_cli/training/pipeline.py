@@ -188,6 +188,10 @@ def _train_and_save(recipe, task, model, args, train_ds, eval_ds, processor, lab
     except RuntimeError as exc:
         distributed.raise_explained(exc)
         raise
+    finally:  # an exception skips on_train_end: end the progress line all the same
+        for callback in trainer.callback_handler.callbacks:
+            if isinstance(callback, RichProgressCallback):
+                callback.close()
 
     metrics = trainer.evaluate()
     if task.generation_metrics is not None:  # e.g. seq2seq BLEU: generation, once at the end
