@@ -29,6 +29,7 @@ from lora_cli.commands import tune as tune_command
 from lora_cli.commands.output import err, shown
 from lora_cli.commands.recipes import recipes_app
 from lora_cli.errors import LoraCliError, TrainingInterrupted, UserInputError
+from lora_cli.hub import keep_kernel_fetch_offline
 from lora_cli.safe_text import terminal_text
 
 app = typer.Typer(
@@ -84,6 +85,7 @@ def _silence_banners() -> None:
 
 
 _silence_banners()
+keep_kernel_fetch_offline()  # no network from bitsandbytes' import (lora_cli.hub)
 
 
 # At exit the interpreter's last garbage collection walks every object still alive: with torch
