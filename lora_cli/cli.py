@@ -172,7 +172,7 @@ RunArg = Annotated[Path, typer.Argument(help="Run directory written by `loracli 
 def train(
     recipe: RecipeArg,
     overrides: OverridesArg = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint of the run.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a stopped run from its newest checkpoint (not one that completed its steps).")] = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Build the model and data, print what would train, train nothing "
                            "(an EVA / CorDA / LoRA-GA start runs its calibration pass and prints the ranks).")
