@@ -6,7 +6,10 @@ reported as one short message without a traceback (``--debug`` shows it).
 
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -26,7 +29,8 @@ from lora_cli.commands import sweep as sweep_command
 from lora_cli.commands import tune as tune_command
 from lora_cli.commands.output import err, shown
 from lora_cli.commands.recipes import recipes_app
-from lora_cli.errors import LoraCliError, UserInputError
+from lora_cli.errors import LoraCliError, TrainingInterrupted, UserInputError
+from lora_cli.hub import keep_kernel_fetch_offline
 from lora_cli.safe_text import terminal_text
 
 app = typer.Typer(
@@ -41,20 +45,29 @@ app = typer.Typer(
 STATE = {"debug": False}
 
 
-# Start-up lines third-party packages log on import, not addressed to our users: DeepSpeed
-# prints "Setting accelerator to CPU ..." (to stdout, breaking --json) whenever it is
-# imported, and transformers' save_pretrained imports it through accelerate's
-# unwrap_model whenever it is installed, so merge and train would open with it.
+# Start-up lines third-party packages log on import, not addressed to our users (shown with
+# --debug), by logger name and the start of the message:
+# - DeepSpeed prints "Setting accelerator to CPU ..." (to stdout, breaking --json) whenever it
+#   is imported, and transformers' save_pretrained imports it through accelerate's
+#   unwrap_model whenever it is installed, so merge and train would open with it.
+# - bitsandbytes (imported by the Trainer through peft, and by quantized runs), on a CPU with
+#   AVX512-BF16, asks the `kernels` package for a CPU kernel from the Hub when it is imported:
+#   kernels warns that it skips the publisher trust check of
+#   `kernels-community/quantization-bitsandbytes` (offline), and bitsandbytes that the kernel
+#   failed to load. Its fallback computes the same results, and most runs quantize nothing.
 _BANNERS = {
     "DeepSpeed": ("Setting accelerator to", "Setting ds_accelerator to"),
+    "kernels._internals.hf_hub": ("Skipping publisher trust check for",),
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
 }
 
 
 class _BannerFilter(logging.Filter):
     """Drops the known banner records of one third-party logger unless --debug.
 
-    A logger filter, not a level: DeepSpeed resets its logger's level when it is
-    imported, but keeps the filters, so this works whenever deepspeed gets imported, and
+    A filter on the logger that makes the record (filters of a parent logger do not see its
+    children's records), not a level: DeepSpeed resets its logger's level when it is
+    imported, but keeps the filters, so this works whenever the package gets imported, and
     its other warnings still reach the user."""
 
     def __init__(self, prefixes: tuple[str, ...]) -> None:
@@ -73,6 +86,15 @@ def _silence_banners() -> None:
 
 
 _silence_banners()
+keep_kernel_fetch_offline()  # no network from bitsandbytes' import (lora_cli.hub)
+
+
+# At exit the interpreter's last garbage collection walks every object still alive: with torch
+# and transformers imported that is over half a million, 6-7 s on a busy 2-core machine, which
+# every command (and Ctrl-C during `train`) waited through after its work was done. Frozen
+# objects are left out of it; the other atexit handlers (trackers, logging) still run, and
+# loracli's files are written and closed before the command returns.
+atexit.register(gc.freeze)
 
 
 def _version(value: bool) -> None:
@@ -97,6 +119,12 @@ def main_options(
         hf_logging.disable_progress_bar()
         # its load reports ("classifier.weight MISSING") describe the head loracli adds itself
         hf_logging.set_verbosity_error()
+        # datasets draws a bar for each internal step ("Flattening the indices", "Casting to class
+        # labels"), 0% and 100% frames in a log; loracli shows its real phases itself (lora_cli.progress).
+        # Read when datasets is imported; a user's own setting of the variable wins.
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        if "datasets" in sys.modules and os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1":
+            sys.modules["datasets"].disable_progress_bars()
     _log_to_stderr(debug)
 
 
@@ -145,7 +173,7 @@ RunArg = Annotated[Path, typer.Argument(help="Run directory written by `loracli 
 def train(
     recipe: RecipeArg,
     overrides: OverridesArg = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint of the run.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a stopped run from its newest checkpoint (not one that completed its steps).")] = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Build the model and data, print what would train, train nothing "
                            "(an EVA / CorDA / LoRA-GA start runs its calibration pass and prints the ranks).")
@@ -164,7 +192,15 @@ def train(
     """
     from lora_cli.training.pipeline import run_training
 
-    run_training(recipe, overrides or [], resume=resume, dry_run=dry_run, overwrite=overwrite)
+    try:
+        run_training(recipe, overrides or [], resume=resume, dry_run=dry_run, overwrite=overwrite)
+    except TrainingInterrupted as exc:  # Ctrl-C once the run directory exists: where it stopped, how to go on
+        if str(exc):
+            err.print(f"[yellow]{shown(exc)}[/yellow]", highlight=False, soft_wrap=True)
+        raise typer.Exit(TrainingInterrupted.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("interrupted before training started; nothing was written", highlight=False)
+        raise typer.Exit(TrainingInterrupted.exit_code) from None
 
 
 @app.command()

@@ -24,6 +24,14 @@ class UserInputError(LoraCliError):
     exit_code = 2
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``train``, after the run directory was set up; its message is the one line
+    to print: the step, the checkpoint kept, the command that resumes. A KeyboardInterrupt, not
+    a LoraCliError, so code that goes on after a failed run (a tune trial) stops with it. Exit 130."""
+
+    exit_code = 130
+
+
 @dataclass(frozen=True)
 class Problem:
     """One thing wrong with a configuration: where, what was given, what to do."""

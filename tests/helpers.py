@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -106,3 +107,12 @@ def guide_transforms(processor, train: bool):
     if train:
         return T.Compose([T.RandomResizedCrop(crop), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
     return T.Compose([T.Resize(resize), T.CenterCrop(crop), T.ToTensor(), normalize])
+
+
+_PHASE_LINE = re.compile(r"^[^:]+: ([\d,]+ \w+ \.\.\.|done, [\d,]+ of [\d,]+ \w+ in [\d.]+ s|stopped after .*)$")
+
+
+def message_lines(err: str) -> list[str]:
+    """stderr's lines without the progress lines of the data phases (decoding, tokenizing:
+    lora_cli.progress prints a start and an end line each in a log)."""
+    return [line for line in err.strip().splitlines() if line and not _PHASE_LINE.match(line)]

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from lora_cli import rundir as rd
+from tests.helpers import message_lines
 from tests.inference.runs_fixture import folder_bytes, make_run
 from tests.training._util import write_recipe
 
@@ -40,8 +41,8 @@ def full_disk(path) -> OSError:
 
 
 def messages(err: str) -> list[str]:
-    """stderr's lines, without the progress bars of the data steps (their own issue)."""
-    return [line for line in err.strip().splitlines() if line and "%|" not in line]
+    """stderr's lines, without the progress lines of the data phases."""
+    return message_lines(err)
 
 
 def one_failure_line(err: str, cause: str) -> str:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from lora_cli.commands.output import err
+from lora_cli.commands.output import ok
 
 
 def push(
@@ -41,9 +41,8 @@ def push(
 
     result = push_run(run_dir, repo_id, private=private, merged=merged, revision=revision, dry_run=dry_run,
                       base_model=base_model)
-    shown = ", ".join(result["files"][:8]) + (" ..." if len(result["files"]) > 8 else "")
+    files = ", ".join(result["files"][:8]) + (" ..." if len(result["files"]) > 8 else "")
     if dry_run is not None:
-        message = f"dry run: wrote {len(result['files'])} file(s) to {result['dry_run']} ({shown}); nothing uploaded"
+        ok(f"dry run: wrote {len(result['files'])} file(s) to {result['dry_run']} ({files}); nothing uploaded")
     else:
-        message = f"pushed {len(result['files'])} file(s) to {result['url']}"
-    err.print(f"[green]ok[/green] {shown(message)}", highlight=False, soft_wrap=True)
+        ok(f"pushed {len(result['files'])} file(s) to {result['url']}")

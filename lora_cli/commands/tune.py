@@ -37,7 +37,8 @@ def tune(
     from lora_cli.training.tune import parse_space
     from lora_cli.training.tune import tune as run_tune
 
-    result = run_tune(recipe, space, trials, metric, direction=direction, out=out)
+    result = run_tune(recipe, space, trials, metric, direction=direction, out=out,
+                      on_trial=_trial_lines(trials, metric))
     study = result.study
     keys = [parse_space(s).key for s in space]
     table = Table(title=f"{len(study.trials)} trial(s), {direction} {shown(metric)}", title_justify="left")
@@ -52,6 +53,41 @@ def tune(
     Console().print(table)
     written = ", ".join(shown(p) for p in result.written)
     err.print(f"[green]ok[/green] search in {shown(result.out)}: wrote {written}", highlight=False, soft_wrap=True)
+
+
+def _trial_lines(total: int, metric: str):
+    """One line as each trial starts (its number of the search's total, its folder, the sampled
+    values) and one as it ends (its metric, pruned, or failed), around the trial's own output."""
+    numbers: dict[int, int] = {}
+
+    def finished(study) -> int:
+        import optuna
+
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        return len(study.get_trials(deepcopy=False, states=states))
+
+    def on_trial(event: str, trial, values: dict) -> None:
+        if event == "start":
+            numbers[trial.number] = number = finished(trial.study) + 1
+            settings = " ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+                                for key, value in values.items())
+            err.print(f"[bold]trial {number} of {total}[/bold] ({shown(trial.user_attrs.get('run_dir', ''))}): "
+                      f"{shown(settings)}", highlight=False, soft_wrap=True)
+            return
+        head = f"trial {numbers.get(trial.number, trial.number + 1)} of {total}"
+        state = trial.state.name.lower()
+        if state == "complete":
+            err.print(f"[bold]{head}[/bold]: {shown(metric)} {trial.value:.4f}", highlight=False, soft_wrap=True)
+        elif state == "pruned":
+            step, value = max(trial.intermediate_values.items(), default=(None, None))
+            at = f" at step {step} ({shown(metric)} {value:.4f})" if step is not None else ""
+            err.print(f"[bold]{head}[/bold]: pruned{at}: the pruner judged it would not beat the trials before it",
+                      highlight=False, soft_wrap=True)
+        else:
+            err.print(f"[bold]{head}[/bold]: {state} (see above); the search goes on", highlight=False,
+                      soft_wrap=True)
+
+    return on_trial
 
 
 def _best_number(study) -> int | None:

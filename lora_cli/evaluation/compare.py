@@ -155,13 +155,14 @@ def format_cell(value: Any, kind: str) -> str:
     if kind == "pct":
         return f"{value:.3f}"
     if kind == "bytes":
-        return _bytes(value)
+        return format_bytes(value)
     if kind.startswith("float"):
         return f"{value:.{kind[5:]}f}"
     return str(value)
 
 
-def _bytes(value: float) -> str:
+def format_bytes(value: float) -> str:
+    """``239.8 KiB``: a file size as the tables show it."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if value < 1024 or unit == "GiB":
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"

@@ -205,16 +205,16 @@ def report_tables(report: Mapping[str, Any], worst: int = 10) -> list[Any]:
                 table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
         return [table]
 
-    summary = Table(title="evaluation", show_header=False)
-    summary.add_column("metric")
-    summary.add_column("value", justify="right")
-    summary.add_row("samples", str(report["num_samples"]))
-    summary.add_row("classes", str(report["num_classes"]))
-    summary.add_row("accuracy (top-1)", f"{report['accuracy']:.4f}")
-    summary.add_row(f"top-{report['top_k']} accuracy", f"{report['top_k_accuracy']:.4f}")
-    summary.add_row("macro-F1", f"{report['macro_f1']:.4f}")
-    summary.add_row("loss", f"{report['loss']:.4f}")
-    tables = [summary]
+    overview = Table(title="evaluation", show_header=False)
+    overview.add_column("metric")
+    overview.add_column("value", justify="right")
+    overview.add_row("samples", str(report["num_samples"]))
+    overview.add_row("classes", str(report["num_classes"]))
+    overview.add_row("accuracy (top-1)", f"{report['accuracy']:.4f}")
+    overview.add_row(f"top-{report['top_k']} accuracy", f"{report['top_k_accuracy']:.4f}")
+    overview.add_row("macro-F1", f"{report['macro_f1']:.4f}")
+    overview.add_row("loss", f"{report['loss']:.4f}")
+    tables = [overview]
 
     present = [c for c in report["per_class"] if c["support"] > 0]
     weakest = sorted(present, key=lambda c: (c["f1"], c["label"]))[:worst]

@@ -21,7 +21,7 @@ from lora_cli import rundir as rd
 from lora_cli.adapters import load_adapter_model
 from lora_cli.devices import resolve_device
 from lora_cli.errors import UserInputError
-from lora_cli.hub import require_hub
+from lora_cli.hub import cached_snapshot, require_hub
 from lora_cli.recipe import load_recipe
 from lora_cli.task_kinds import TASK_KINDS
 from lora_cli.tasks import get_task
@@ -72,19 +72,34 @@ def load_run(run_dir: str | Path, adapter_dir: str | Path | None = None, device:
             "weights that only that folder holds, so the run cannot be rebuilt exactly (a new random base would "
             "give wrong predictions). Restore the folder from a copy of the run, or train again"
         )
+    model_cfg = _from_the_cache(recipe.model)
     processor_dir = run_dir / rd.PROCESSOR_DIR
     with _damaged(processor_dir if processor_dir.is_dir() else None, "processor / tokenizer"):
-        processor = task.load_processor(recipe.model, source=processor_dir if processor_dir.is_dir() else None)
+        processor = task.load_processor(model_cfg, source=processor_dir if processor_dir.is_dir() else None)
     id2label = _run_label_map(run_dir, adapter, recipe.task)
     labels = [id2label[i] for i in sorted(id2label)] if id2label else None
     if into is not None:
         into.load_adapter(adapter, adapter_name)
         return LoadedRun(run_dir, recipe, into.eval(), processor, task, id2label)
     with _damaged(base_dir if base_dir.is_dir() else None, "base model"):
-        model = task.build_model(recipe.model, labels, source=base_dir if base_dir.is_dir() else None)
+        model = task.build_model(model_cfg, labels, source=base_dir if base_dir.is_dir() else None)
     model = load_adapter_model(model, adapter, adapter_name=adapter_name)
     model.to(resolve_device(device)).eval()
     return LoadedRun(run_dir, recipe, model, processor, task, id2label)
+
+
+def _from_the_cache(model_cfg):
+    """The run's model section with a hub base (and tokenizer) that is in the hub cache read from
+    there: a finished run loads what it was trained on without asking the Hub (no request, online
+    or not). A base that is not cached stays a hub id, fetched as before."""
+    changes = {}
+    base = cached_snapshot(model_cfg.name_or_path, model_cfg.revision)
+    if base is not None:
+        changes.update(name_or_path=str(base), revision=None)
+    tokenizer = cached_snapshot(model_cfg.tokenizer) if model_cfg.tokenizer != model_cfg.name_or_path else base
+    if tokenizer is not None and model_cfg.tokenizer:
+        changes["tokenizer"] = str(tokenizer)
+    return model_cfg.model_copy(update=changes) if changes else model_cfg
 
 
 def adapter_folder(adapter: str | Path) -> Path:

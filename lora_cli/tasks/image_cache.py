@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from lora_cli.progress import Phase, counted
 from lora_cli.tasks import images
 
 Storage = Literal["raw", "jpeg"]
@@ -238,16 +239,19 @@ def decode_cache(ds, image_column: str, *, size: Size, center_crop: tuple[int, i
             out[WIDTH].append(pixels.shape[1])
         return out
 
-    what = "" if crop is None else f", center crop {crop[0]}x{crop[1]}"
-    pixels = ds.map(
-        # small batches (8 decoded images, 64 per written record batch, about 1.8 / 14 MiB raw at 256 px):
-        # their buffers are reused instead of fresh pages faulted in per batch (1.13 -> 0.75 CPU s for
-        # 512 photos, bench/README.md)
-        decode_batch, batched=True, batch_size=8, input_columns=[image_column], remove_columns=ds.column_names,
-        features=features, cache_file_name=str(folder / f"decoded-{key}.arrow"), new_fingerprint=key,
-        load_from_cache_file=True, writer_batch_size=64, num_proc=num_proc if num_proc and num_proc > 1 else None,
-        desc=desc or f"decoding {len(ds):,d} images once (resize to {size}{what}, {storage})",
-    )
+    shape = f"{size[0]}x{size[1]}" if isinstance(size, tuple) else f"short side {size}"
+    what = "" if crop is None else f", crop {crop[0]}x{crop[1]}"
+    label = desc or f"decoding images ({shape}{what})"
+    with Phase(label, total=len(ds), unit="images"):  # shown only if it decodes (not served from the cache)
+        pixels = ds.map(
+            # small batches (8 decoded images, 64 per written record batch, about 1.8 / 14 MiB raw at 256 px):
+            # their buffers are reused instead of fresh pages faulted in per batch (1.13 -> 0.75 CPU s for
+            # 512 photos, bench/README.md)
+            counted(decode_batch, batched=True), batched=True, batch_size=8, input_columns=[image_column],
+            remove_columns=ds.column_names, features=features, cache_file_name=str(folder / f"decoded-{key}.arrow"),
+            new_fingerprint=key, load_from_cache_file=True, writer_batch_size=64,
+            num_proc=num_proc if num_proc and num_proc > 1 else None, desc=label,
+        )
     rest = ds.remove_columns([image_column])
     return datasets.concatenate_datasets([rest, pixels], axis=1) if rest.column_names else pixels
 

@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lora_cli.errors import UserInputError
+from lora_cli.progress import Phase
 
 logger = logging.getLogger(__name__)
 
@@ -230,31 +231,19 @@ def _bad_rows(ds, column: str, max_pixels: int, what: str) -> list[tuple[int, st
         return None
 
     bad: list[tuple[int, str, str]] = []
-    progress = _progress(n, what)
+    # a phase of its own only where it is long enough to notice
+    shown = Phase(f"checking {what} images", total=n, unit="images") if n >= 2000 else None
     workers = max(1, min(8, os.cpu_count() or 1))
-    with ThreadPoolExecutor(workers) as pool, progress as bar:
-        task = bar.add_task(f"checking {n:,d} {what} images", total=n) if bar else None
+    with ThreadPoolExecutor(workers) as pool, shown or contextlib.nullcontext():
         for start in range(0, n, chunk):
             items = column_ds[start : start + chunk][column]
             for offset, found in enumerate(pool.map(problem, items)):
                 if found is not None:
                     name, reason = found
                     bad.append((start + offset, name or f"{what} row {start + offset}", reason))
-            if bar:
-                bar.advance(task, len(items))
+            if shown is not None:
+                shown.advance(len(items))
     return bad
-
-
-def _progress(n: int, what: str):
-    """A transient rich progress bar on stderr for checks long enough to notice."""
-    import contextlib
-
-    if n < 2000:
-        return contextlib.nullcontext(None)
-    from rich.console import Console
-    from rich.progress import Progress
-
-    return Progress(console=Console(stderr=True), transient=True)
 
 
 # ------------------------------------------------------- command-line inputs

@@ -27,6 +27,7 @@ from lora_cli.adapters.quantized import forget_quantization
 from lora_cli.errors import UserInputError
 from lora_cli.hf_names import context_length
 from lora_cli.hub import require_hub
+from lora_cli.progress import Phase, counted
 from lora_cli.recipe import DataSection, ModelSection
 from lora_cli.tasks import data as data_mod
 from lora_cli.tasks import quantization
@@ -186,8 +187,10 @@ def load_splits(data: DataSection, seed: int, columns: dict[str, str | None],
 
 
 def tokenize_map(ds, fn, desc: str):
-    """``ds.map(fn)`` row by row, keeping only the columns ``fn`` returns."""
-    return ds.map(fn, remove_columns=list(ds.column_names), desc=desc)
+    """``ds.map(fn)`` row by row, keeping only the columns ``fn`` returns, shown as one phase
+    (nothing when datasets serves it from its cache)."""
+    with Phase(desc, total=len(ds), unit="rows"):
+        return ds.map(counted(fn), remove_columns=list(ds.column_names), desc=desc)
 
 
 # ------------------------------------------------------------------ padding

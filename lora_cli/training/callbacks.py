@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import TrainerCallback
 
 from lora_cli.errors import LoraCliError
 from lora_cli.evaluation.compare import TRAIN_STATS_FILE
+from lora_cli.progress import Field, LiveLine, clock
 from lora_cli.rundir import write_json
 
 
@@ -62,51 +62,67 @@ class NanGuardCallback(TrainerCallback):
 
 
 class RichProgressCallback(TrainerCallback):
-    """A progress bar and a live summary line: loss, lr, accuracy, images (samples) per second."""
+    """The training line: steps done/total, elapsed, time left, loss, learning rate, accuracy and
+    throughput, cut to the console's width (:func:`lora_cli.progress.fit`). On a terminal it
+    redraws in place; in a log it prints a line when training starts, at every evaluation, at
+    most every ``every`` seconds between, and when it ends."""
 
-    def __init__(self, console: Console | None = None, samples_per_step: int = 1, unit: str = "samples") -> None:
+    def __init__(self, console: Console | None = None, samples_per_step: int = 1, unit: str = "samples",
+                 every: float = 30.0) -> None:
         self.console = console or Console(stderr=True)
         self.samples_per_step = samples_per_step
         self.unit = unit
-        self.progress: Progress | None = None
-        self.task = None
+        self.every = every
+        self.line: LiveLine | None = None
         self.summary = {"loss": None, "lr": None, "acc": None}
-        self.start = 0.0
-        self.start_step = 0
+        self.start = self.last_end = 0.0
+        self.first_end: float | None = None
+        self.start_step = self.step = self.total = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
-        self.progress = Progress(
-            TextColumn("[bold]train[/bold]"),
-            BarColumn(bar_width=16),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[summary]}"),
-            console=self.console,
-            transient=False,
-        )
-        self.progress.start()
-        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, summary="")
         self.start, self.start_step = time.perf_counter(), state.global_step
+        self.step, self.total = state.global_step, state.max_steps
+        self.first_end = None
+        self.line = LiveLine(self.fields, self.console, every=self.every)
+        first = f"train: {self.total:,d} steps of {self.samples_per_step:,d} {self.unit}"
+        self.line.open(first + (f", resumed at step {self.step:,d}" if self.step else ""))
 
-    def _refresh(self, state) -> None:
-        if self.progress is None:
-            return
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        rate = (state.global_step - self.start_step) * self.samples_per_step / elapsed
-        parts = []
-        if self.summary["loss"] is not None:
-            parts.append(f"loss {self.summary['loss']:.4f}")
-        if self.summary["lr"] is not None:
-            parts.append(f"lr {self.summary['lr']:.2e}")
-        if self.summary["acc"] is not None:
-            parts.append(f"acc {self.summary['acc']:.3f}")
-        parts.append(f"{rate:.1f} {self.unit}/s")
-        self.progress.update(self.task, completed=state.global_step, summary=" | ".join(parts))
+    def fields(self) -> list[Field]:
+        elapsed = time.perf_counter() - self.start
+        per_step = self._seconds_per_step()
+        left = per_step * (self.total - self.step) if per_step else None
+        loss, lr, acc = self.summary["loss"], self.summary["lr"], self.summary["acc"]
+        return [
+            Field("train", 0),
+            Field(f"{self.step:,d}/{self.total:,d}", 0),
+            Field("", 7, bar=self.step / self.total if self.total else 0.0),
+            Field(clock(elapsed), 2),
+            Field("" if self.step >= self.total else f"eta {clock(left)}" if left is not None else "eta ?", 1),
+            Field(f"loss {loss:.4f}" if loss is not None else "", 3),
+            Field(f"lr {lr:.1e}" if lr is not None else "", 6),
+            Field(f"acc {acc:.3f}" if acc is not None else "", 4),
+            Field(f"{self.samples_per_step / per_step:.1f} {self.unit}/s" if per_step else "", 5),
+        ]
+
+    def _seconds_per_step(self) -> float | None:
+        """From the steps after the first (which carries the start-up: workers, the first batch),
+        measured at step ends, so the estimate holds still between steps."""
+        done = self.step - self.start_step
+        if done >= 2 and self.first_end is not None and self.last_end > self.first_end:
+            return (self.last_end - self.first_end) / (done - 1)
+        if done >= 1 and self.first_end is not None:
+            return max(self.first_end - self.start, 1e-9)
+        return None
 
     def on_step_end(self, args, state, control, **kwargs):
-        self._refresh(state)
+        self.step = state.global_step
+        self.last_end = time.perf_counter()
+        if self.first_end is None:
+            self.first_end = self.last_end
+        if self.line is not None:
+            self.line.note()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
@@ -116,13 +132,19 @@ class RichProgressCallback(TrainerCallback):
             self.summary["lr"] = logs["learning_rate"]
         if "eval_accuracy" in logs:
             self.summary["acc"] = logs["eval_accuracy"]
-        self._refresh(state)
+        self.step = state.global_step
+        if self.line is not None:
+            self.line.note(force=any(k.startswith("eval_") for k in logs))
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.progress is not None:
-            self._refresh(state)
-            self.progress.stop()
-            self.progress = None
+        self.step = state.global_step
+        self.close()
+
+    def close(self) -> None:
+        """End the line (also when training stops with an exception: the terminal gets its cursor back)."""
+        if self.line is not None:
+            self.line.close()
+            self.line = None
 
 
 def peak_memory() -> tuple[int, str]:
@@ -161,6 +183,8 @@ class TrainStatsCallback(TrainerCallback):
             return
         wall = time.perf_counter() - self.start
         steps = state.global_step - self.start_step
+        if steps == 0 and self.path.is_file():
+            return  # resumed at its last step (a final evaluation that failed): keep the record of the training
         epochs = (state.epoch or 0.0) - self.start_epoch
         # epochs x rows counts a short last batch right; steps x batch is the fallback
         samples = round(epochs * self.n_train) if epochs > 0 and self.n_train else steps * self.samples_per_step

@@ -11,6 +11,8 @@ import copy
 import inspect
 import logging
 import os
+import shlex
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +29,7 @@ from lora_cli import rundir as rd
 from lora_cli.adapters import base_rewrites, get_adapter_model
 from lora_cli.adapters.state import load_safetensors
 from lora_cli.atomic import io_errno
-from lora_cli.errors import LoraCliError, UserInputError
+from lora_cli.errors import LoraCliError, TrainingInterrupted, UserInputError
 from lora_cli.evaluation.plots import plot_training_curves
 from lora_cli.evaluation.report import evaluate, write_report
 from lora_cli.recipe import load_recipe, optimizer_steps, resolve_adapter_config
@@ -76,7 +78,7 @@ def run_training(
     if resume:
         preflight.check_same_recipe(recipe, run_dir)
         checkpoint = rd.latest_checkpoint(run_dir, report=True)
-        if checkpoint is None:
+        if checkpoint is None and rd.read_status(run_dir).get("state") != "completed":
             raise UserInputError(f"--resume: no checkpoint in {run_dir / rd.CHECKPOINTS_DIR}; train without --resume")
     set_seed(recipe.seed)
 
@@ -88,6 +90,10 @@ def run_training(
 
     # optimizer steps -> adapter config -> training arguments: each needs the one before
     total_step = optimizer_steps(recipe.training, len(splits.train), distributed.world_size())
+    if resume:
+        preflight.check_left_to_train(run_dir, total_step, checkpoint)
+        if checkpoint is None:
+            raise UserInputError(f"--resume: no checkpoint in {run_dir / rd.CHECKPOINTS_DIR}; train without --resume")
     adapter_config = resolve_adapter_config(
         recipe.adapter,
         total_step=total_step,
@@ -111,18 +117,26 @@ def run_training(
     is_main = distributed.is_main_process()
     distributed.barrier()  # every process has checked the run directory before rank 0 changes it
     lock = rd.RunLock(run_dir).acquire() if is_main else None
+    live: dict[str, Any] = {}  # the Trainer's state once it exists: the step a Ctrl-C stopped at
     try:
         return _train_and_save(
             recipe, task, model, args, train_ds, eval_ds, processor, labels, run_dir, base_state,
             checkpoint=checkpoint, replace=replace, resume=resume, extra_callbacks=extra_callbacks,
-            calibrated=calibrated,
+            calibrated=calibrated, live=live,
         )
     except BaseException as exc:
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        step = live["trainer"].state.global_step if "trainer" in live else 0
         if is_main and (run_dir / rd.RECIPE_FILE).is_file():
-            # the next `train` sees a failed run: resumable from its checkpoints, or replaced
-            reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+            # the next `train` sees a stopped run: resumable from its checkpoints, or started again
             with contextlib.suppress(OSError):  # the disk that failed the run may refuse this too
-                rd.write_status(run_dir, "failed", error=reason[:2000])
+                if interrupted:
+                    rd.write_status(run_dir, "interrupted", error=None, step=step)
+                else:
+                    rd.write_status(run_dir, "failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+        if interrupted and not isinstance(exc, TrainingInterrupted):
+            line = _interrupted_line(run_dir, step, total_step, recipe_path, overrides) if is_main else ""
+            raise TrainingInterrupted(line) from exc
         if io_errno(exc) is not None:  # a full disk / read-only folder (safetensors' own error included)
             resumable = bool(rd.checkpoints(run_dir))
             raise LoraCliError(
@@ -135,8 +149,22 @@ def run_training(
             lock.release()
 
 
+def _interrupted_line(run_dir: Path, step: int, total: int, recipe_path, overrides: Sequence[str]) -> str:
+    """Ctrl-C's one line: the step reached, the checkpoint kept, the command that goes on from it
+    (the user's recipe path and overrides, shell-quoted), or that the next run starts over."""
+    program = ["python", "-m", "lora_cli"] if Path(sys.argv[0]).name == "__main__.py" else ["loracli"]
+    command = [*program, "train", str(recipe_path), *overrides]
+    kept = rd.checkpoints(run_dir)  # only complete checkpoints are renamed into checkpoints/
+    where = f"interrupted at step {step} of {total}"
+    if kept:
+        return f"{where}; {kept[0].name} is kept in {run_dir / rd.CHECKPOINTS_DIR}; resume with: " \
+               f"{shlex.join([*command, '--resume'])}"
+    return f"{where}; no checkpoint was saved yet, so the next run starts over: {shlex.join(command)}"
+
+
 def _train_and_save(recipe, task, model, args, train_ds, eval_ds, processor, labels, run_dir: Path, base_state,
-                    checkpoint, replace: bool, resume: bool, extra_callbacks, calibrated=None) -> Path:
+                    checkpoint, replace: bool, resume: bool, extra_callbacks, calibrated=None,
+                    live: dict[str, Any] | None = None) -> Path:
     is_main = distributed.is_main_process()
     if is_main:
         if replace:
@@ -160,11 +188,17 @@ def _train_and_save(recipe, task, model, args, train_ds, eval_ds, processor, lab
     distributed.barrier()  # the others go on once the run directory is there
 
     trainer = build_trainer(recipe, task, model, args, train_ds, eval_ds, processor, run_dir, extra_callbacks)
+    if live is not None:
+        live["trainer"] = trainer  # its state's step when a Ctrl-C comes (train() makes a new state)
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except RuntimeError as exc:
         distributed.raise_explained(exc)
         raise
+    finally:  # an exception skips on_train_end: end the progress line all the same
+        for callback in trainer.callback_handler.callbacks:
+            if isinstance(callback, RichProgressCallback):
+                callback.close()
 
     metrics = trainer.evaluate()
     if task.generation_metrics is not None:  # e.g. seq2seq BLEU: generation, once at the end
@@ -186,7 +220,8 @@ def _train_and_save(recipe, task, model, args, train_ds, eval_ds, processor, lab
         else:
             rd.write_json(run_dir / rd.EVAL_FILE, metrics)
         _plot(run_dir)
-        rd.write_status(run_dir, "completed", error=None)
+        rd.write_status(run_dir, "completed", error=None, step=trainer.state.global_step,
+                        max_steps=trainer.state.max_steps)  # --resume: whether anything is left
         _print_summary(run_dir, metrics)
     distributed.barrier()  # no process returns before the run directory is complete
     return run_dir

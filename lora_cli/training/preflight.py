@@ -8,6 +8,8 @@ a folder it replaces, and ``--resume`` continues only the experiment that was st
 
 from __future__ import annotations
 
+import contextlib
+import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,13 +60,14 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, dry_run: bool, p
         return False
     state = rd.read_status(run_dir).get("state")
     has_checkpoints = bool(rd.checkpoints(run_dir))
-    if rd.is_run_dir(run_dir) and state in ("failed", "running") and not has_checkpoints:
+    stopped = ("failed", "interrupted", "running")
+    if rd.is_run_dir(run_dir) and state in stopped and not has_checkpoints:
         # a run that died before its first checkpoint holds nothing to keep: start it again
+        how = {"failed": "failed", "interrupted": "was interrupted"}.get(state, "was stopped")
         rd.check_replaceable(run_dir, "output_dir", protected)
-        warnings.warn(f"{run_dir} holds a run that {'failed' if state == 'failed' else 'was stopped'} before its "
-                      "first checkpoint; starting it again", stacklevel=3)
+        warnings.warn(f"{run_dir} holds a run that {how} before its first checkpoint; starting it again", stacklevel=3)
         return True
-    if state in ("failed", "running") and has_checkpoints:
+    if state in stopped and has_checkpoints:
         raise UserInputError(
             f"the run in {run_dir} stopped before it finished; continue it from its newest checkpoint with --resume, "
             "replace it with --overwrite, or pick another output_dir (e.g. output_dir=runs/other as an override)"
@@ -72,6 +75,26 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, dry_run: bool, p
     raise UserInputError(
         f"the run directory {run_dir} already exists; continue it with --resume, replace it with --overwrite, "
         "or pick another output_dir (e.g. output_dir=runs/other as an override)"
+    )
+
+
+def check_left_to_train(run_dir: Path, total_steps: int, checkpoint: Path | None) -> None:
+    """--resume of a run that completed every step it plans: nothing to train, and going on would
+    evaluate it again and rewrite its records (train.json with 0 steps). A run stopped early by a
+    callback, or given a longer length (``training.max_steps`` / ``num_train_epochs``), goes on."""
+    status = rd.read_status(run_dir)
+    if status.get("state") != "completed":
+        return
+    done = status.get("step")
+    if not isinstance(done, int) and checkpoint is not None:  # runs from before status.json kept the step
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            done = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")).get("global_step")
+    if not isinstance(done, int) or done < total_steps:
+        return
+    raise UserInputError(
+        f"--resume: the run in {run_dir} already completed (step {done} of {total_steps}); nothing to resume. "
+        "To train longer, start a new run (output_dir=runs/other as an override, or --overwrite to replace this "
+        "one), or raise training.max_steps / training.num_train_epochs to continue it with --resume"
     )
 
 

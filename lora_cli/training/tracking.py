@@ -18,9 +18,11 @@ import logging
 import netrc
 import os
 import re
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from transformers import TrainerCallback
 
@@ -66,6 +68,11 @@ def check_trackers(recipe) -> None:
         report.add(path, "wandb has no API key here and is not in offline mode", value,
                    "run `wandb login` or set WANDB_API_KEY; or set WANDB_MODE=offline to log into "
                    "<run>/logs/wandb and upload later with `wandb sync`")
+    refused = _mlflow_refuses_the_store() if "mlflow" in names else None
+    if refused is not None:
+        report.add(path, f"MLflow refuses MLFLOW_TRACKING_URI={os.environ['MLFLOW_TRACKING_URI']}, a file store: {refused}",
+                   value, "set MLFLOW_TRACKING_URI to a database store (e.g. sqlite:///mlflow.db) or a server, or "
+                   "unset it to log into <run>/logs/mlflow.db")
     if "trackio" in names and training.get("trackio_space_id") and _hub_offline():
         report.add(("training", "trackio_space_id"), "syncs to a Hugging Face Space, but HF_HUB_OFFLINE is set",
                    training["trackio_space_id"], "remove training.trackio_space_id to log locally, or go online")
@@ -82,6 +89,32 @@ def _wandb_can_log() -> bool:
         return netrc.netrc().authenticators(host) is not None
     except (OSError, netrc.NetrcParseError):
         return False
+
+
+def _mlflow_refuses_the_store() -> str | None:
+    """MLflow's own reason for refusing the user's MLFLOW_TRACKING_URI, or None.
+
+    MLflow 3 refuses a file store (``file://...`` or a plain path) unless
+    MLFLOW_ALLOW_FILE_STORE is set, but only when the Trainer's MLflow callback opens it at the
+    first step. Its check runs here on a scratch folder, so nothing of the user's is created."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or ""
+    if uri in ("", _DEFAULTED.get("MLFLOW_TRACKING_URI")) or urlparse(uri).scheme not in ("", "file"):
+        return None
+    try:
+        from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+    except ImportError:  # not installed (reported above), or from before the refusal: takes a file store
+        return None
+    if MLFLOW_ALLOW_FILE_STORE.get():
+        return None
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.tracking.file_store import FileStore
+
+    with tempfile.TemporaryDirectory(prefix="loracli-mlflow-check-") as scratch:
+        try:
+            FileStore(Path(scratch).as_uri())
+        except MlflowException as exc:
+            return exc.message
+    return None
 
 
 def _hub_offline() -> bool:

@@ -246,8 +246,10 @@ def _check_out(out: Path, settings: dict[str, Any], recipe: Any, recipe_path: Pa
 
 
 def tune(recipe_path: str | Path, space: list[str], trials: int, metric: str, direction: str = "maximize",
-         out: str | Path | None = None, pruner: Any = None) -> TuneResult:
-    """Run (or continue) the search until ``trials`` trials have finished."""
+         out: str | Path | None = None, pruner: Any = None, on_trial: Any = None) -> TuneResult:
+    """Run (or continue) the search until ``trials`` trials have finished. ``on_trial(event,
+    trial, values)`` hears "start" (an optuna Trial, its sampled values) and "end" (the finished
+    FrozenTrial), for a caller that says how the search goes."""
     if importlib.util.find_spec("optuna") is None:
         raise UserInputError("loracli tune needs Optuna: pip install 'loracli[tune]'")
     import optuna
@@ -287,6 +289,8 @@ def tune(recipe_path: str | Path, space: list[str], trials: int, metric: str, di
             values = {p.key: p.suggest(trial) for p in params}
             run_dir = out / f"trial-{trial.number:04d}"
             trial.set_user_attr("run_dir", str(run_dir))
+            if on_trial is not None:
+                on_trial("start", trial, values)
             callback = PruningCallback(trial, metric)
             try:
                 run_training(recipe_path, trial_overrides(recipe, values) + [f"output_dir={run_dir}"],
@@ -308,7 +312,8 @@ def tune(recipe_path: str | Path, space: list[str], trials: int, metric: str, di
             return value
 
         if remaining > 0:
-            study.optimize(objective, n_trials=remaining, catch=(), gc_after_trial=True)
+            ended = [lambda _, frozen: on_trial("end", frozen, frozen.params)] if on_trial is not None else None
+            study.optimize(objective, n_trials=remaining, catch=(), gc_after_trial=True, callbacks=ended)
         written = [write_results(study, params, out), write_importance(study, out),
                    write_best_recipe(study, recipe, recipe_path, out)]
     return TuneResult(study, out, [p for p in written if p is not None])

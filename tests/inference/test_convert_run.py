@@ -100,3 +100,25 @@ def test_a_delta_that_overflows_float32_is_refused_naming_the_layer(runs, tmp_pa
     err = capsys.readouterr().err
     assert "loha delta weight came out non-finite: vit.layers.0.attention.q_proj holds" in err
     assert "internal error" not in err and not out.exists()
+
+
+def test_convert_says_the_ranks_and_sizes_and_warns_when_the_adapter_grew(runs, tmp_path, monkeypatch, capsys):
+    from lora_cli.evaluation.compare import format_bytes
+
+    def size(run):
+        return (run / rd.ADAPTER_DIR / "adapter_model.safetensors").stat().st_size
+
+    out = tmp_path / "grown"
+    assert loracli(monkeypatch, "convert", runs["loha"], "--energy", "0.9999", "--out", out) == 0
+    err = capsys.readouterr().err
+    ranks = sorted({layer["rank"] for layer in json.loads((out / "convert.json").read_text())["layers"].values()})
+    shown = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]}"
+    assert size(out) > size(runs["loha"]) and ranks[-1] > 4
+    assert f"adapter: loha r=4, {format_bytes(size(runs['loha']))} -> lora rank {shown}, {format_bytes(size(out))}" in err
+    assert "warning: the LoRA adapter is larger than the loha one" in err and "--rank" in err, err
+
+    out = tmp_path / "smaller"
+    assert loracli(monkeypatch, "convert", runs["loha"], "--rank", "1", "--out", out) == 0
+    err = capsys.readouterr().err
+    assert size(out) < size(runs["loha"])
+    assert f"-> lora rank 1, {format_bytes(size(out))}" in err and "larger" not in err, err

@@ -174,3 +174,31 @@ def test_bad_input_is_refused_before_anything_is_written(monkeypatch, capsys, tm
     code, err = cli(monkeypatch, capsys, "push", tmp_path / "images", "me/x", "--dry-run", tmp_path / "b")
     assert code == 2 and "is not a finished run" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_cli_dry_run_and_push_end_with_their_summary_line(monkeypatch, capsys, tmp_path, imagefolder):
+    """Through the entry point: the summary line is printed and the exit code is 0 (a local named like
+    the `shown` helper once turned both into "internal error", exit 1, after the work was done)."""
+    run = make_run(tmp_path, "run", imagefolder)
+    code, err = cli(monkeypatch, capsys, "push", run, "me/run", "--dry-run", tmp_path / "dry")
+    assert code == 0, err
+    assert "ok dry run: wrote" in err and "nothing uploaded" in err and "README.md" in err
+    assert (tmp_path / "dry" / "adapter_config.json").is_file()
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private=None, exist_ok=False, repo_type=None):
+            pass
+
+        def upload_folder(self, repo_id, folder_path, revision=None, repo_type=None, commit_message=None):
+            pass
+
+    monkeypatch.setattr(push_mod, "offline_by_env", lambda: False)
+    monkeypatch.setattr(push_mod, "hub_reachable", lambda: True)
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: "hf_test")
+    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
+    code, err = cli(monkeypatch, capsys, "push", run, "me/run")
+    assert code == 0, err
+    assert "ok pushed" in err and "me/run" in err

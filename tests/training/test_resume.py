@@ -79,3 +79,22 @@ def test_resume_refuses_a_changed_recipe_but_allows_a_longer_run(tmp_path, image
         run_training(recipe, ["adapter.r=8"], resume=True)
     assert all(torch.equal(before[k], v) for k, v in _adapter(run).items()), "a refused resume changed the run"
     run_training(recipe, ["training.max_steps=3"], resume=True)  # training longer is what --resume is for
+
+
+def test_resume_of_a_completed_run_is_refused_and_leaves_its_records(tmp_path, imagefolder, monkeypatch, capsys):
+    """A finished run has nothing left to train: --resume used to evaluate it again and
+    rewrite train.json with zeros (0 optimizer steps, 0 samples/s), which compare then showed."""
+    from tests.training._util import loracli
+
+    training = {"max_steps": 2, "per_device_train_batch_size": 8, "save_strategy": "steps", "save_steps": 1}
+    recipe = write_recipe(tmp_path / "r.yaml", imagefolder, tmp_path / "run", "lora", training=training)
+    run = run_training(recipe)
+    records = ("train.json", "eval.json", "metrics.jsonl", "status.json", "adapter/adapter_model.safetensors")
+    before = {name: (run / name).read_bytes() for name in records}
+    capsys.readouterr()
+    assert loracli(monkeypatch, "train", recipe, "--resume") == 2
+    err = capsys.readouterr().err
+    assert "already completed" in err and "nothing to resume" in err, err
+    assert "output_dir=" in err and "--overwrite" in err  # how to train longer
+    assert "Traceback" not in err
+    assert {name: (run / name).read_bytes() for name in records} == before

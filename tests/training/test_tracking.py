@@ -143,3 +143,25 @@ def test_mlflow_store_the_user_names(tmp_path, imagefolder, monkeypatch, capsys)
     client = MlflowClient(uri)
     (found,) = client.search_runs([client.get_experiment_by_name("mine").experiment_id])
     assert found.data.params["loracli.name"] == "tiny"
+
+
+@pytest.mark.parametrize("store", ["file://{tmp}/mlruns", "{tmp}/mlruns", "./mlruns"])
+def test_mlflow_file_store_is_refused_before_training_with_mlflows_advice(tmp_path, imagefolder, monkeypatch,
+                                                                          capsys, store):
+    """MLflow 3 refuses a file store (`file://...`, a plain path) unless MLFLOW_ALLOW_FILE_STORE
+    is set; the Trainer found out at its first step (exit 1, "run again with --debug")."""
+    pytest.importorskip("mlflow")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.format(tmp=tmp_path))
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", imagefolder, run, training={"report_to": "mlflow"})
+    assert loracli(monkeypatch, "train", recipe) == 2
+    message = capsys.readouterr().err
+    assert f"r.yaml:{_line_of(recipe, 'report_to')}: training.report_to:" in message
+    assert "MLFLOW_TRACKING_URI" in message and "sqlite:///" in message and "MLFLOW_ALLOW_FILE_STORE" in message
+    assert "--debug" not in message
+    assert not run.exists() and not (tmp_path / "mlruns").exists()  # nothing written, the store not created
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's opt-out: then it is the user's choice
+    check_trackers(load_recipe(recipe))
+    assert not (tmp_path / "mlruns").exists()

@@ -12,6 +12,7 @@ import pytest
 from lora_cli.errors import UserInputError
 from lora_cli.recipe import load_recipe
 from lora_cli.training import tracking
+from tests.helpers import message_lines
 from tests.training._util import loracli, write_recipe
 
 
@@ -34,7 +35,7 @@ def test_a_server_that_refuses_stops_training_before_anything_is_written(mlflow_
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     assert loracli(monkeypatch, "train", mlflow_recipe) == 2
     err = capsys.readouterr().err
-    lines = [line for line in err.strip().splitlines() if "%|" not in line]
+    lines = message_lines(err)
     assert len(lines) == 1 and lines[0].startswith("error: ") and f"MLFLOW_TRACKING_URI={uri}" in lines[0], err
     assert "does not answer" in lines[0] and "remove mlflow from training.report_to" in lines[0]
     assert not (tmp_path / "run").exists()

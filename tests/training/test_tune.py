@@ -146,3 +146,22 @@ def test_a_space_past_the_engine_limits_is_refused_before_trial_1(item, value, m
 
 def test_int_bounds_take_whole_numbers_in_float_notation():
     assert parse_space("adapter.r=int(1,1e3)") == Param("adapter.r", "int", 1, 1000)
+
+
+@pytest.mark.slow
+def test_cli_says_each_trial_as_it_starts_and_how_it_ended(tmp_path, recipe, monkeypatch, capsys):
+    out = tmp_path / "search"
+    space = ["adapter.r=int(2,8)", "training.learning_rate=float(1e-3,5e-2,log)"]
+    assert loracli(monkeypatch, "tune", recipe, *sum([["--space", s] for s in space], []), "--trials", "2",
+                   "--out", out) == 0
+    err = capsys.readouterr().err
+    import optuna
+
+    study = optuna.load_study(study_name="loracli-tune", storage=f"sqlite:///{out / 'study.db'}")
+    lines = err.splitlines()
+    for n, trial in enumerate(study.trials, 1):
+        r, lr = trial.params["adapter.r"], trial.params["training.learning_rate"]
+        start = f"trial {n} of 2 ({out / f'trial-{trial.number:04d}'}): adapter.r={r} training.learning_rate={lr:.4g}"
+        end = f"trial {n} of 2: eval_accuracy {trial.value:.4f}"
+        assert start in lines and any(line.startswith(end) for line in lines), err
+        assert lines.index(start) < next(i for i, line in enumerate(lines) if line.startswith(end))
