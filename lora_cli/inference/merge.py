@@ -72,13 +72,15 @@ class MergeReport:
         )
 
 
-def check_out_dir(out_dir: str | Path, force: bool = False, run_dir: str | Path | None = None) -> Path:
+def check_out_dir(out_dir: str | Path, force: bool = False, run_dir: str | Path | None = None,
+                  marker: str = "config.json") -> Path:
     """Refuse a target that would destroy data; say so before any work is done.
 
     Never replaced, even with ``force``: the run being merged, a folder inside it that the
     run needs, an ancestor of it, any folder that holds a run, and any folder that holds
     the working directory. An existing non-empty folder needs ``force`` and must be a model
-    folder (``config.json``), as an earlier merge left it.
+    folder (``config.json``), as an earlier merge left it; ``marker`` names another file that
+    marks a folder an earlier run of the calling verb wrote (``export.json`` for a GGUF export).
     """
     from lora_cli import rundir as rd
 
@@ -116,7 +118,12 @@ def check_out_dir(out_dir: str | Path, force: bool = False, run_dir: str | Path 
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not force:
             raise UserInputError(f"--out {out_dir} exists and is not empty; pick another folder or pass --force")
-        if not (out_dir / "config.json").is_file():
+        if marker != "config.json" and not (out_dir / marker).is_file():
+            raise UserInputError(
+                f"--out {out_dir} holds files but no {marker}: --force replaces only a folder that an earlier "
+                "`loracli export` wrote. Move those files away or pick another folder"
+            )
+        if marker == "config.json" and not (out_dir / "config.json").is_file():
             raise UserInputError(
                 f"--out {out_dir} holds files but no model (no config.json): --force replaces only a model folder "
                 "that an earlier merge wrote. Move those files away or pick another folder"
