@@ -8,7 +8,7 @@ the quantization error. Torch only; runs on a CPU.
 set as they are, without dividing by the LoRA scaling, as PEFT does: with lora_alpha = r
 the adapted layer starts at Q + B A ~ W.
 
-Quantizers, chosen by ``loftq_bits``:
+Quantizers, chosen by ``loftq_bits`` (their math is in :mod:`lora_cli.adapters.quantized`):
 
 - 4: NF4 (QLoRA's NormalFloat, arXiv:2305.14314) over blocks of 64 consecutive values of the
   flattened weight, each scaled by its absolute maximum, every value rounded to the nearest
@@ -32,60 +32,10 @@ import torch
 from torch import Tensor
 
 from lora_cli.adapters.config import check_init_settings
+from lora_cli.adapters.quantized import int8_dequantized, nf_dequantized
 from lora_cli.errors import Problem
 
 LOFTQ_BITS = (2, 4, 8)
-BLOCK_SIZE = 64
-
-NF4_LEVELS = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0,
-)
-"""The 16 NormalFloat-4 levels (QLoRA, appendix E; bitsandbytes' ``nf4`` code table)."""
-
-
-def normal_float_levels(bits: int, offset: float = 0.9677083) -> Tensor:
-    """2**bits NormalFloat levels in [-1, 1]: normal quantiles between 1 - offset and offset,
-    2**(bits-1) negative and 2**(bits-1) - 1 positive ones plus an exact zero, normalised
-    by the largest. NF4 is the table above; NF2 is [-1, 0, 0.3379, 1]."""
-    if bits == 4:
-        return torch.tensor(NF4_LEVELS, dtype=torch.float32)
-    half = 2**bits // 2
-    pos = torch.special.ndtri(torch.linspace(offset, 0.5, half + 1, dtype=torch.float32)[:-1].double())
-    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, half, dtype=torch.float32)[:-1].double())
-    levels = torch.tensor(pos.tolist() + [0.0] + neg.tolist(), dtype=torch.float32).sort().values
-    return levels / levels.max()
-
-
-def nf_dequantized(weight: Tensor, bits: int, block_size: int = BLOCK_SIZE) -> Tensor:
-    """quant-then-dequant of ``weight`` with blockwise NormalFloat: float32, same shape.
-
-    Values are taken in row-major order in blocks of ``block_size``; a short last block is
-    scaled by its own maximum (as bitsandbytes does).
-    """
-    levels = normal_float_levels(bits).to(weight.device)
-    bounds = (levels[1:] + levels[:-1]) / 2  # a value goes to the nearest level
-    flat = weight.reshape(-1).float()
-    n = flat.numel()
-    full = n - n % block_size
-    parts = [flat[:full].reshape(-1, block_size)] + ([flat[full:].reshape(1, -1)] if full < n else [])
-    out = []
-    for blocks in parts:
-        absmax = blocks.abs().max(dim=-1).values
-        scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38)).view(-1, 1), -1, 1)
-        index = torch.bucketize(scaled, bounds)
-        out.append((levels[index] * absmax.view(-1, 1)).reshape(-1))
-    return torch.cat(out).reshape(weight.shape)
-
-
-def int8_dequantized(weight: Tensor) -> Tensor:
-    """Row-wise absmax int8 quant-then-dequant (LLM.int8(), from W in float16): float32."""
-    half = weight.to(torch.float16)
-    absmax = half.abs().max(dim=1).values.float()
-    q = torch.round(half * (127.0 / absmax.unsqueeze(-1))).to(torch.int8)
-    return q * absmax.view(-1, 1) * 7.874015718698502e-3  # 1 / 127, as bitsandbytes writes it
 
 
 def dequantized(weight: Tensor, bits: int) -> Tensor:
