@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from lora_cli import atomic
 from lora_cli.adapters import functional as fn
 from lora_cli.adapters.tensor_files import load_safetensors
 from lora_cli.errors import LoraCliError, UserInputError
@@ -79,9 +80,8 @@ def save_initial_state(model: nn.Module, file: str | os.PathLike, adapter_name: 
     if not state:
         return False
     Path(file).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(f"{file}.tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, file)
+    with atomic.atomic_file(file) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
     return True
 
 
@@ -172,9 +172,8 @@ def write_base_weights(directory: Path, weights: Mapping[str, Tensor]) -> None:
     if not weights:
         file.unlink(missing_ok=True)
         return
-    tmp = directory / f".{BASE_REWRITES_NAME}.tmp"
-    save_file(dict(weights), str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, file)
+    with atomic.atomic_file(file) as tmp:
+        save_file(dict(weights), str(tmp), metadata={"format": "pt"})
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from lora_cli import atomic
 from lora_cli.adapters import user_regex
 from lora_cli.adapters.registry import available_methods, get_method
 from lora_cli.errors import AdapterConfigError, LoraCliError, Problem, ProblemsError, UserInputError
@@ -171,10 +172,8 @@ class AdapterConfig:
         data["peft_type"] = self.peft_type
         return data
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``adapter_config.json`` as PEFT does: sorted keys, indent 2, inference mode."""
-        path = Path(directory) / CONFIG_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def json_text(self) -> str:
+        """``adapter_config.json`` as PEFT writes it: sorted keys, indent 2, inference mode."""
         data = self.to_dict()
         data["inference_mode"] = True
         if self.peft_fields is not None:
@@ -182,8 +181,13 @@ class AdapterConfig:
             for name in [k for k in data if k not in self.peft_fields and k in defaults]:
                 if data[name] == _default_of(defaults[name]):
                     del data[name]
-        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        return path
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write :meth:`json_text` to ``directory``/``adapter_config.json``, whole or not at all."""
+        path = Path(directory) / CONFIG_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return atomic.write_text(path, self.json_text())
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lora_cli import atomic
 from lora_cli.adapters.config import check_init_settings
 from lora_cli.adapters.eva import (
     Forward,
@@ -276,6 +277,5 @@ def _load(path: str | None, device) -> dict[str, Tensor] | None:
 
 def _save(path: str, tensors: dict[str, Tensor]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{path}.tmp"
-    torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)
+    with atomic.atomic_file(path) as tmp:
+        torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)

@@ -27,7 +27,6 @@ import copy
 import json
 import os
 import re
-import tempfile
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +35,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from lora_cli import atomic
 from lora_cli.adapters import base_rewrites, user_regex
 from lora_cli.adapters.autobase import load_base_model
 from lora_cli.adapters.config import CONFIG_NAME, WEIGHTS_NAME, AdapterConfig
@@ -399,13 +399,13 @@ def _layer_has(model: nn.Module, param_name: str, adapter_name: str) -> bool:
 
 
 def save_adapter_files(directory: Path, state: dict[str, Tensor], config: AdapterConfig) -> None:
-    """PEFT's two files (weights, config) written into a temp dir beside the target, then moved in; weights
-    holding NaN or inf are never written (a NonFiniteError names the tensor)."""
+    """PEFT's two files (weights, then config), each written whole or not at all (:mod:`lora_cli.atomic`);
+    the config's text is made first, so a config that cannot be written leaves both files as they were.
+    Weights holding NaN or inf are never written (a NonFiniteError names the tensor)."""
     check_finite(state, f"the adapter to be written to {directory}",
                  "its training diverged (lower training.learning_rate) or a computation on it overflowed")
+    text = config.json_text()
     directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-adapter-") as tmp:
-        save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
-        config.save_pretrained(tmp)
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            os.replace(os.path.join(tmp, name), directory / name)
+    with atomic.atomic_file(directory / WEIGHTS_NAME) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    atomic.write_text(directory / CONFIG_NAME, text)

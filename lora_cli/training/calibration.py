@@ -38,6 +38,7 @@ from rich.progress import (
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
+from lora_cli import atomic
 from lora_cli.adapters import base_rewrites
 from lora_cli.adapters.corda import apply_factors
 from lora_cli.adapters.eva import forward_batch, resize_adapter
@@ -194,10 +195,9 @@ def _alpha(model, path, layer, adapter_name) -> float:
 def save_calibration(run_dir: Path, record: Calibration) -> None:
     data = asdict(record)
     data.pop("factors")
-    save_file(record.factors, str(run_dir / FACTORS_FILE), metadata={"format": "pt"})
-    tmp = run_dir / f".{CALIBRATION_FILE}.tmp"
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(run_dir / CALIBRATION_FILE)
+    with atomic.atomic_file(run_dir / FACTORS_FILE) as tmp:
+        save_file(record.factors, str(tmp), metadata={"format": "pt"})
+    atomic.write_text(run_dir / CALIBRATION_FILE, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def load_calibration(run_dir: Path) -> Calibration | None:
