@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from lora_cli.adapters.layers import CONVS, AdapterLayer
+from lora_cli.adapters.kinds import CONVS
+from lora_cli.adapters.layers import AdapterLayer
 from lora_cli.adapters.merge_math import (
     COMBINATION_TYPES,
     LINEAR_KINDS,

@@ -29,20 +29,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lora_cli.adapters import mixed, quantized
+from lora_cli.adapters.kinds import (
+    CONV2D,
+    CONV3D,
+    CONVS,
+    EMBEDDING,
+    HF_CONV1D,
+    LINEAR,
+    MHA,
+    TORCH_CONV1D,
+)
 from lora_cli.errors import LoraCliError
 
 if TYPE_CHECKING:
     from lora_cli.adapters.config import AdapterConfig
 
-LINEAR, CONV2D, CONV3D, EMBEDDING = "linear", "conv2d", "conv3d", "embedding"
-HF_CONV1D = "conv1d"
-"""transformers' ``Conv1D`` (GPT-2): not a convolution but a linear map, weight stored (in, out)."""
-TORCH_CONV1D = "nn_conv1d"
-"""torch's ``nn.Conv1d``: a true convolution over (batch, channels, length)."""
-CONVS = (TORCH_CONV1D, CONV2D, CONV3D)
-"""True convolutions: weight (out, in / groups, *kernel), run by the base's ``_conv_forward``."""
-MHA = "multihead_attention"
-"""``nn.MultiheadAttention`` with one packed ``in_proj_weight`` (3 * dim, dim) and its ``out_proj``."""
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -155,6 +156,9 @@ class AdapterLayer(nn.Module):
         return quantized.quant_kind(self.base_layer)
 
     # --------------------------------------------------------------- subclass API
+    kind_of = staticmethod(layer_kind)
+    """The kind of ``module``: :func:`layer_kind` (the method table asks it without importing torch)."""
+
     @classmethod
     def supports(cls, module: nn.Module) -> bool:
         return cls.refusal(module) is None
@@ -176,12 +180,6 @@ class AdapterLayer(nn.Module):
                 "name the Linear / Conv / Embedding layers inside it instead"
             )
         return "this method has no adapter for this layer type; use LoRA for it, or leave it out"
-
-    @classmethod
-    def wrap(cls, module: nn.Module) -> AdapterLayer:
-        """A new layer of this method around ``module``; a method with a special layer for
-        some kind (LoRA's MultiheadAttention) picks it here."""
-        return cls(module)
 
     def merge_targets(self) -> list[Tensor]:
         """The base tensors merging writes (a safe merge that fails restores them)."""

@@ -20,15 +20,16 @@ import torch
 from torch import Tensor, nn
 
 from lora_cli.adapters import functional as fn
-from lora_cli.adapters.config import (
+from lora_cli.adapters.checks import (
     MAX_RANK,
-    AdapterConfig,
     check_number,
     check_patterns,
     check_positive_int,
     check_rate,
 )
-from lora_cli.adapters.layers import CONV2D, CONVS, HF_CONV1D, LINEAR, TORCH_CONV1D, AdapterLayer
+from lora_cli.adapters.config import AdapterConfig
+from lora_cli.adapters.kinds import CONV2D, CONVS, HF_CONV1D, LINEAR, TORCH_CONV1D
+from lora_cli.adapters.layers import AdapterLayer
 from lora_cli.errors import Problem
 
 

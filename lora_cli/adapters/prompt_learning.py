@@ -29,7 +29,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from lora_cli.adapters.config import MAX_DEPTH, MAX_WIDTH, AdapterConfig, check_positive_int
+from lora_cli.adapters.checks import MAX_DEPTH, MAX_WIDTH, check_positive_int
+from lora_cli.adapters.config import AdapterConfig
 from lora_cli.adapters.layers import ModulesToSaveWrapper
 from lora_cli.adapters.model import AdapterModel
 from lora_cli.adapters.registry import get_method

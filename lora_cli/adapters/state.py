@@ -36,11 +36,16 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lora_cli import atomic
-from lora_cli.adapters import base_rewrites, user_regex
+from lora_cli.adapters import user_regex
 from lora_cli.adapters.autobase import load_base_model
+from lora_cli.adapters.base_weights import (
+    BASE_REWRITES_NAME,
+    apply_base_weights,
+    write_base_weights,
+)
 from lora_cli.adapters.config import CONFIG_NAME, WEIGHTS_NAME, AdapterConfig
 from lora_cli.adapters.layers import AdapterLayer, ModulesToSaveWrapper
-from lora_cli.adapters.registry import get_method
+from lora_cli.adapters.registry import get_method, load
 from lora_cli.adapters.targeting import candidate_modules, matches, module_aliases
 from lora_cli.adapters.tensor_files import (  # noqa: F401 - re-exported: the state API reads these
     LEGACY_WEIGHTS_NAME,
@@ -193,7 +198,7 @@ class AdapterStateMixin:
         ``convert_to_original_base``: an adapter whose init rewrote base weights (PiSSA, OLoRA,
         CorDA, LoRA-GA, LoftQ) is written relative to the original base, as a plain LoRA of
         rank 2r plus, for changes that are not low rank, ``base_rewrites.safetensors``
-        (see :mod:`lora_cli.adapters.base_rewrites`); PEFT's
+        (see :mod:`lora_cli.adapters.methods.lora.base_rewrites`); PEFT's
         ``path_initial_model_for_weight_conversion``. Other adapters are written as they are.
         """
         if save_embedding_layers not in (True, False, "auto"):
@@ -219,11 +224,12 @@ class AdapterStateMixin:
             if method_state is not None:
                 state, config = method_state.export(state, config)
             base_weights: dict[str, Tensor] = {}
-            if convert_to_original_base:
-                state, config, base_weights = base_rewrites.convert_to_original_base(self, name, state, config)
+            to_original_base = get_method(config.peft_type).to_original_base
+            if convert_to_original_base and to_original_base is not None:
+                state, config, base_weights = load(to_original_base)(self, name, state, config)
             state.update({KEY_PREFIX + key: tensor for key, tensor in embedding_state.items()})
             save_adapter_files(target, state, config)
-            base_rewrites.write_base_weights(target, base_weights)
+            write_base_weights(target, base_weights)
 
     @classmethod
     def from_pretrained(
@@ -244,7 +250,7 @@ class AdapterStateMixin:
         config = AdapterConfig.from_pretrained(model_id)
         if model is None:
             model = load_base_model(config, Path(model_id), **base_kwargs)
-        base_rewrites.apply_base_weights(model, model_id)  # an adapter saved for the original base of a LoftQ run
+        apply_base_weights(model, model_id)  # an adapter saved for the original base of a LoftQ run
         config.inference_mode = not is_trainable
         own_cls = get_method(config.peft_type).model_cls  # e.g. trainable tokens' model, which ties
         if isinstance(own_cls, type) and issubclass(own_cls, cls):
@@ -256,9 +262,9 @@ class AdapterStateMixin:
         return instance
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
-        if (Path(model_id) / base_rewrites.BASE_REWRITES_NAME).is_file():
+        if (Path(model_id) / BASE_REWRITES_NAME).is_file():
             raise UserInputError(
-                f"{model_id} holds {base_rewrites.BASE_REWRITES_NAME}: the adapter needs its own rewritten base "
+                f"{model_id} holds {BASE_REWRITES_NAME}: the adapter needs its own rewritten base "
                 "weights (LoftQ), which would change the base under the adapters already loaded; load it alone "
                 "with from_pretrained"
             )

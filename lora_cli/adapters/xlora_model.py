@@ -36,8 +36,9 @@ from torch import Tensor, nn
 
 from lora_cli.adapters.autobase import load_base_model
 from lora_cli.adapters.config import CONFIG_NAME, AdapterConfig
-from lora_cli.adapters.layers import EMBEDDING, HALF_DTYPES, HF_CONV1D, LINEAR
-from lora_cli.adapters.methods.lora import LoraLayer
+from lora_cli.adapters.kinds import EMBEDDING, HF_CONV1D, LINEAR
+from lora_cli.adapters.layers import HALF_DTYPES
+from lora_cli.adapters.methods.lora.layer import LoraLayer
 from lora_cli.adapters.model import AdapterModel
 from lora_cli.adapters.registry import get_method
 from lora_cli.adapters.state import AdapterStateMixin, read_adapter_weights, save_adapter_files

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_cli.adapters import get_method
-from lora_cli.adapters.base_rewrites import rewrites_base
+from lora_cli.adapters.methods.lora.starts import rewrites_base
 from lora_cli.errors import UserInputError, did_you_mean
 from lora_cli.recipe.data import DATA_PATHS, DATA_SOURCES
 from lora_cli.recipe.errors import Reporter

@@ -237,7 +237,8 @@ def test_a_write_cut_short_leaves_the_earlier_file_and_no_partial_one(tmp_path, 
     """The engine's own files (a rewritten start for --resume, the base weights beside an adapter,
     the adapter itself) are written whole or not at all: a disk that fills up mid-write leaves the
     earlier file as it was and no temporary file beside it."""
-    from lora_cli.adapters import base_rewrites, state
+    from lora_cli.adapters import base_weights, state
+    from lora_cli.adapters.methods.lora import base_rewrites
 
     torch.manual_seed(0)
     model = get_adapter_model(tiny_opt(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa_niter_2"))
@@ -251,12 +252,12 @@ def test_a_write_cut_short_leaves_the_earlier_file_and_no_partial_one(tmp_path, 
             handle.write(b"partial")
         raise OSError(28, "No space left on device")
 
-    for module in (base_rewrites, state):
+    for module in (base_rewrites, base_weights, state):
         monkeypatch.setattr(module, "save_file", full_disk)
     with pytest.raises(OSError, match="No space"):
         base_rewrites.save_initial_state(model, start)
     with pytest.raises(OSError, match="No space"):
-        base_rewrites.write_base_weights(tmp_path / "adapter", {"w": torch.ones(2)})
+        base_weights.write_base_weights(tmp_path / "adapter", {"w": torch.ones(2)})
     with pytest.raises(OSError, match="No space"):
         model.save_pretrained(tmp_path / "adapter")
     after = {p.name: p.read_bytes() for p in [*tmp_path.iterdir(), *(tmp_path / "adapter").iterdir()] if p.is_file()}

@@ -19,10 +19,10 @@ from peft.utils import loftq_utils
 from safetensors.torch import load_file
 
 from lora_cli.adapters import AdapterModel, LoraConfig, get_adapter_model
-from lora_cli.adapters import loftq as lq
 from lora_cli.adapters import quantized as nf
-from lora_cli.adapters.base_rewrites import BASE_REWRITES_NAME
+from lora_cli.adapters.base_weights import BASE_REWRITES_NAME
 from lora_cli.adapters.config import AdapterConfig
+from lora_cli.adapters.methods.lora import loftq as lq
 from lora_cli.errors import AdapterConfigError
 from tests.helpers import tiny_gpt2, tiny_opt
 

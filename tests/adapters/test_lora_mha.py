@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lora_cli.adapters import LoraConfig, get_adapter_model
-from lora_cli.adapters.methods.lora_mha import PEFT_OUT_PROJ_FACTOR
+from lora_cli.adapters.methods.lora.mha import PEFT_OUT_PROJ_FACTOR
 from lora_cli.errors import TargetingError
 from tests.adapters._layers import AttentionNet
 

@@ -26,10 +26,11 @@ import torch
 from torch import Tensor, nn
 
 from lora_cli.adapters import functional as fn
-from lora_cli.adapters.config import MAX_RANK, check_positive_int
-from lora_cli.adapters.layers import CONV2D, HF_CONV1D, LINEAR, AdapterLayer, layer_kind
+from lora_cli.adapters.checks import MAX_RANK, check_positive_int
+from lora_cli.adapters.kinds import CONV2D, HF_CONV1D, LINEAR
+from lora_cli.adapters.layers import AdapterLayer, layer_kind
 from lora_cli.adapters.methods.adalora_state import AdaLoraState
-from lora_cli.adapters.methods.lora import LoraConfig
+from lora_cli.adapters.methods.lora.config import LoraConfig
 from lora_cli.adapters.registry import register_method
 from lora_cli.errors import AdapterStateError, Problem
 
@@ -212,4 +213,5 @@ class AdaLoraLayer(AdapterLayer):
         return result
 
 
-register_method(AdaLoraConfig, AdaLoraLayer, prefix="lora_", state_cls=AdaLoraState)
+register_method(AdaLoraConfig, AdaLoraLayer, prefix="lora_", state_cls=AdaLoraState,
+                injectors=("lora_cli.adapters.methods.trainable_tokens:inject_lora_tokens",))

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from lora_cli.adapters import functional as fn
-from lora_cli.adapters.registry import MethodState
+from lora_cli.adapters.model import MethodState
 from lora_cli.adapters.state import KEY_PREFIX, remap_legacy_key
 from lora_cli.adapters.targeting import module_aliases
 from lora_cli.errors import AdapterStateError, LoraCliError

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from lora_cli.adapters import functional as fn
 from lora_cli.adapters.config import AdapterConfig
-from lora_cli.adapters.layers import CONVS, TORCH_CONV1D
+from lora_cli.adapters.kinds import CONVS, TORCH_CONV1D
 from lora_cli.adapters.lycoris import LycorisLayer, lycoris_problems
 from lora_cli.adapters.registry import register_method
 from lora_cli.errors import Problem

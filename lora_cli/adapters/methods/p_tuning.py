@@ -20,7 +20,7 @@ from typing import ClassVar
 
 from torch import Tensor, nn
 
-from lora_cli.adapters.config import (
+from lora_cli.adapters.checks import (
     MAX_DEPTH,
     MAX_WIDTH,
     check_choice,

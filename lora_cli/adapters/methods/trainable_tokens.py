@@ -27,8 +27,9 @@ from torch import Tensor, nn
 
 from lora_cli.adapters.combine import CombineError
 from lora_cli.adapters.config import AdapterConfig
-from lora_cli.adapters.layers import EMBEDDING, LINEAR, AdapterLayer, layer_kind
-from lora_cli.adapters.model import AUXILIARY_INJECTORS, AdapterModel
+from lora_cli.adapters.kinds import EMBEDDING, LINEAR
+from lora_cli.adapters.layers import AdapterLayer, layer_kind
+from lora_cli.adapters.model import AdapterModel
 from lora_cli.adapters.registry import register_method
 from lora_cli.adapters.targeting import candidate_modules, matches
 from lora_cli.errors import LoraCliError, Problem, TargetingError, close_matches
@@ -341,8 +342,6 @@ def inject_lora_tokens(model: AdapterModel, adapter_name: str, config: AdapterCo
             )
     return place_token_layers(model, adapter_name, targets, TokenAdapterLayer, init=True)
 
-
-AUXILIARY_INJECTORS.append(inject_lora_tokens)
 
 
 class TrainableTokensModel(AdapterModel):

@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from lora_cli.adapters.config import (
+from lora_cli.adapters.checks import (
     MAX_DEPTH,
     MAX_WIDTH,
-    AdapterConfig,
     check_number,
     check_positive_int,
     check_rate,
 )
+from lora_cli.adapters.config import AdapterConfig
 from lora_cli.adapters.registry import register_method
 from lora_cli.adapters.xlora_model import (
     EXPERT_NAME,

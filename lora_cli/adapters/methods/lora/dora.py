@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lora_cli.adapters import functional as fn
-from lora_cli.adapters.layers import CONVS, EMBEDDING
+from lora_cli.adapters.kinds import CONVS, EMBEDDING
 
 if TYPE_CHECKING:
-    from lora_cli.adapters.methods.lora import LoraLayer
+    from lora_cli.adapters.methods.lora.layer import LoraLayer
 
 
 class LoraVariant:

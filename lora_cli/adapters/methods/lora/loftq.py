@@ -26,16 +26,17 @@ would compute with): a run records them so that it reloads on the original base 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from lora_cli.adapters.config import check_init_settings
+from lora_cli.adapters.methods.lora.starts import LOFTQ_BITS, find
 from lora_cli.adapters.quantized import int8_dequantized, nf_dequantized
-from lora_cli.errors import Problem
 
-LOFTQ_BITS = (2, 4, 8)
+if TYPE_CHECKING:
+    from lora_cli.adapters.methods.lora.config import LoraConfig
+    from lora_cli.adapters.methods.lora.layer import LoraLayer
 
 
 def dequantized(weight: Tensor, bits: int) -> Tensor:
@@ -67,18 +68,13 @@ def loftq_factors(weight: Tensor, bits: int, r: int, num_iter: int = 1) -> tuple
     return q.to(weight.dtype), a, b
 
 
-def loftq_config_problems(init: Any, loftq_config: Any) -> list[Problem]:
-    """What is wrong with ``loftq_config`` for init ``init`` (PEFT's LoftQConfig fields)."""
-    example = "loftq_config: {loftq_bits: 4, loftq_iter: 1}"
-    out, known = check_init_settings("loftq_config", loftq_config, init=init, wanted="loftq",
-                                     known=("loftq_bits", "loftq_iter"), label="LoftQ", example=example, required=True)
-    if not known:
-        return out
-    loftq_config = known
-    bits = loftq_config.get("loftq_bits", 4)
-    if isinstance(bits, bool) or bits not in LOFTQ_BITS:
-        out.append(Problem("loftq_config", "loftq_bits must be 2, 4 or 8", bits, hint="4 (NF4) is LoftQ's usual choice"))
-    iters = loftq_config.get("loftq_iter", 1)
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-        out.append(Problem("loftq_config", "loftq_iter must be an integer >= 1", iters, hint="1 to 5 alternating steps"))
-    return out
+@torch.no_grad()
+def init_loftq(layer: LoraLayer, name: str, config: LoraConfig) -> None:
+    """W <- its dequantized values Q; A, B the low-rank fit of W - Q (recorded: W changes, and not by a low rank)."""
+    settings = find("loftq").settings_of(config)
+    q, fa, fb = loftq_factors(layer.canonical_weight(), settings["loftq_bits"], layer.r[name], settings["loftq_iter"])
+    a, b = layer.factors(name)
+    a.copy_(fa)
+    b.copy_(fb)
+    layer.base_weight().data.copy_(layer.to_raw(q))
+    layer.record_base_weight(name, layer.base_weight())
