@@ -47,7 +47,7 @@ def layer_rows(layer: AdapterLayer, x: Tensor, names: list[str], *args: Any, **k
     layer lacks that adapter, as for ``BASE_ADAPTER``).
 
     ``names`` may instead be a gate with ``layer_forward(layer, x, *args, **kwargs)``, which then
-    runs the layer: X-LoRA's per-token expert weights (:mod:`lora_cli.adapters.xlora_model`)."""
+    runs the layer: X-LoRA's per-token expert weights (:mod:`lora_cli.adapters.methods.xlora.model`)."""
     gate = getattr(names, "layer_forward", None)
     if gate is not None:
         return gate(layer, x, *args, **kwargs)

@@ -5,7 +5,8 @@
 
 The experts are existing LoRA adapters (folders or loracli runs) given by ``adapters``;
 only the gating head trains (``use_trainable_adapters`` trains the experts too). The model
-lives in :mod:`lora_cli.adapters.xlora_model`; this file holds the config and its checks.
+lives in :mod:`lora_cli.adapters.methods.xlora.model`; this file holds the config and its checks
+(no torch).
 """
 
 from __future__ import annotations
@@ -22,16 +23,15 @@ from lora_cli.adapters.checks import (
     check_rate,
 )
 from lora_cli.adapters.config import AdapterConfig
-from lora_cli.adapters.registry import register_method
-from lora_cli.adapters.xlora_model import (
-    EXPERT_NAME,
-    MERGE_REFUSAL,
-    XLoraModel,
-    expert_folder,
-    read_expert_config,
-)
+from lora_cli.adapters.methods.xlora.experts import EXPERT_NAME, expert_folder, read_expert_config
 from lora_cli.errors import Problem
 
+MERGE_REFUSAL = (
+    "an X-LoRA adapter cannot be merged into the base weights: its gating head weights each expert per token from "
+    "the input's hidden states, so no single weight update equals it (PEFT cannot merge X-LoRA either). Use the "
+    "run as it is (loracli eval RUN, loracli predict --run RUN), or merge one expert run on its own "
+    "(loracli merge <expert run>)"
+)
 TARGETING = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "rank_pattern",
              "alpha_pattern", "modules_to_save")
 """AdapterConfig fields PEFT's XLoraConfig lacks: the experts already chose their layers."""
@@ -147,5 +147,3 @@ def _base_id(name: str | None) -> str | None:
     local = Path(name).expanduser()
     return str(local.resolve()) if local.exists() else name.rstrip("/")
 
-
-register_method(XLoraConfig, None, prefix="xlora_", model_cls=XLoraModel)

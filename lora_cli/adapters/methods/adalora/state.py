@@ -16,7 +16,8 @@ from lora_cli.adapters.targeting import module_aliases
 from lora_cli.errors import AdapterStateError, LoraCliError
 
 if TYPE_CHECKING:
-    from lora_cli.adapters.methods.adalora import AdaLoraConfig, AdaLoraLayer
+    from lora_cli.adapters.methods.adalora.config import AdaLoraConfig
+    from lora_cli.adapters.methods.adalora.layer import AdaLoraLayer
 
 MASK_SUFFIX = ".lora_E"
 
