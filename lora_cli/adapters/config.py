@@ -65,18 +65,33 @@ def _is_truthy(value: Any) -> bool:
 
 @dataclass
 class AdapterConfig:
-    """Fields every adapter method shares.
+    """Fields every adapter method shares, and the facts about a method that the rest of loracli
+    asks (its name in prose, whether it shards, merges, or runs on a quantized base, how its size
+    is shown, which settings carry over from another method).
 
     Subclasses set ``peft_type`` and ``method`` and add their own fields; they extend
-    :meth:`problems` to validate those fields.
+    :meth:`problems` to validate those fields, and override the facts that differ from the defaults.
     """
 
     peft_type: ClassVar[str] = ""
     method: ClassVar[str] = ""
+    display_name: ClassVar[str] = ""
+    """The method's name in prose ("LoRA", "X-LoRA"): :meth:`title`."""
     task_types: ClassVar[tuple[str, ...] | None] = None
     """The PEFT task types the method works with; None: any model."""
     on_quantized_base: ClassVar[bool] = False
     """Whether the method is tested on a bitsandbytes-quantized base (QLoRA)."""
+    shard_refusal: ClassVar[str | None] = None
+    """Why the method cannot train with FSDP or DeepSpeed (which split parameters and gradients
+    across processes), or None when it can."""
+    merge_refusal: ClassVar[str | None] = None
+    """Why the method cannot be merged into the base weights ("a <method> adapter <why>"), or None."""
+    LAYER_FIELDS: ClassVar[tuple[str, ...]] = ()
+    """Inherited fields the method does not use (prompt learning adapts no layer): not offered in recipes."""
+    carried_names: ClassVar[dict[str, str | None]] = {}
+    """When ``sweep`` or ``tune`` change ``adapter.method``, the settings of the method before that this
+    one takes under another name, {their name: ours}; None for one this method has but does not take
+    (AdaLoRA's unused ``r``). Settings not listed carry over where this method has them."""
     peft_fields: ClassVar[frozenset[str] | None] = None
     """The fields PEFT's config class for the method has, where it lacks some of the shared
     ones here; :meth:`save_pretrained` leaves the others out while they hold their defaults
@@ -160,6 +175,30 @@ class AdapterConfig:
                 Problem("task_type", "is not a PEFT task type", self.task_type, hint=f"use one of {', '.join(TASK_TYPES)} or null")
             )
         return out
+
+    # ------------------------------------------------------------------- facts
+    @classmethod
+    def title(cls) -> str:
+        """The method's name in prose: ``display_name``, else the recipe name."""
+        return cls.display_name or cls.method
+
+    @classmethod
+    def shown_method(cls, saved: dict[str, Any]) -> str:
+        """The method of a saved ``adapter_config.json`` as ``loracli compare`` lists it (a variant by its
+        own name: LoRA's "dora")."""
+        return cls.method
+
+    @classmethod
+    def size_label(cls, saved: dict[str, Any]) -> str:
+        """How big a saved ``adapter_config.json`` of this method is, for ``loracli compare``'s rank/alpha
+        column ("16/32" for LoRA); "-" for a method with no rank."""
+        return "-"
+
+    @classmethod
+    def derived_settings(cls, options: dict[str, Any]) -> dict[str, tuple[str, Any]]:
+        """Settings this method works out from another method's ``options`` when ``sweep`` or ``tune``
+        change ``adapter.method``: {ours: (the setting it came from, value)} (AdaLoRA's ranks from ``r``)."""
+        return {}
 
     # ------------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from lora_cli.adapters.checks import MAX_RANK, check_positive_int
 from lora_cli.adapters.methods.lora.config import LoraConfig
@@ -22,6 +22,10 @@ class AdaLoraConfig(LoraConfig):
     peft_type: ClassVar[str] = "ADALORA"
     on_quantized_base: ClassVar[bool] = False
     method: ClassVar[str] = "adalora"
+    display_name: ClassVar[str] = "AdaLoRA"
+    shard_refusal: ClassVar[str | None] = (
+        "AdaLoRA's rank allocator scores whole gradients, which FSDP and DeepSpeed split across processes")
+    carried_names: ClassVar[dict[str, str | None]] = {"alpha": "lora_alpha", "r": None}
 
     target_r: int = 8
     """Average rank per module left after pruning."""
@@ -43,6 +47,18 @@ class AdaLoraConfig(LoraConfig):
     """Total optimizer steps of the run (required): the budget schedule spans it."""
     rank_pattern: dict[str, list[bool]] | None = None
     """Kept ranks per module, {"<module path>.lora_E": [bool] * init_r}; written on save."""
+
+    @classmethod
+    def size_label(cls, saved: dict[str, Any]) -> str:
+        return f"{saved.get('init_r')}->{saved.get('target_r')}/{saved.get('lora_alpha')}"
+
+    @classmethod
+    def derived_settings(cls, options: dict[str, Any]) -> dict[str, tuple[str, Any]]:
+        """init_r = r (LoRA's parameter count at the start) and target_r = 2r/3, from another method's ``r``."""
+        rank = options.get("r")
+        if isinstance(rank, bool) or not isinstance(rank, int) or {"init_r", "target_r"} & set(options):
+            return {}
+        return {"init_r": ("r", rank), "target_r": ("r", max(1, round(2 * rank / 3)))}
 
     def __post_init__(self) -> None:
         keep_none = self.rank_pattern is None

@@ -7,7 +7,7 @@ what each start's settings may hold, is :mod:`lora_cli.adapters.methods.lora.sta
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from lora_cli.adapters.checks import (
     MAX_RANK,
@@ -31,6 +31,8 @@ class LoraConfig(AdapterConfig):
     peft_type: ClassVar[str] = "LORA"
     on_quantized_base: ClassVar[bool] = True
     method: ClassVar[str] = "lora"
+    display_name: ClassVar[str] = "LoRA"
+    carried_names: ClassVar[dict[str, str | None]] = {"alpha": "lora_alpha", "init_r": "r"}
 
     r: int = 8
     """Rank of the update; higher captures more, costs more memory and compute."""
@@ -72,6 +74,14 @@ class LoraConfig(AdapterConfig):
     """EVA settings (init_lora_weights: eva): rho, tau, use_label_mask, label_mask_value, whiten, adjust_scaling_factors."""
     corda_config: dict | None = None
     """CorDA settings (init_lora_weights: corda): corda_method ipm|kpm, cache_file, covariance_file, ..."""
+
+    @classmethod
+    def shown_method(cls, saved: dict[str, Any]) -> str:
+        return "dora" if saved.get("use_dora") else cls.method
+
+    @classmethod
+    def size_label(cls, saved: dict[str, Any]) -> str:
+        return f"{saved.get('r')}/{saved.get('lora_alpha')}"
 
     def problems(self) -> list[Problem]:
         out = super().problems()

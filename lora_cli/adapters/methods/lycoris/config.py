@@ -5,7 +5,7 @@ share, and each method's own. PEFT's field names and defaults; imports no torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from lora_cli.adapters.checks import (
     MAX_RANK,
@@ -22,6 +22,8 @@ from lora_cli.errors import Problem
 class LycorisConfig(AdapterConfig):
     """What LoHa and LoKr share: a rank, alpha / r scaling, rank and module dropout, Tucker cores."""
 
+    carried_names: ClassVar[dict[str, str | None]] = {"lora_alpha": "alpha", "init_r": "r"}
+
     r: int = 8
     """Rank of the low-rank factors (LoHa's update can reach r squared)."""
     alpha: float = 8
@@ -32,6 +34,10 @@ class LycorisConfig(AdapterConfig):
     """Probability, in training, of skipping the whole adapter of a layer for one step."""
     use_effective_conv2d: bool = False
     """Tucker-decomposed kernels for Conv2d / Conv1d kernels larger than 1 (fewer parameters)."""
+
+    @classmethod
+    def size_label(cls, saved: dict[str, Any]) -> str:
+        return f"{saved.get('r')}/{saved.get('alpha')}"
 
     def problems(self) -> list[Problem]:
         out = super().problems()
@@ -50,6 +56,7 @@ class LoHaConfig(LycorisConfig):
 
     peft_type: ClassVar[str] = "LOHA"
     method: ClassVar[str] = "loha"
+    display_name: ClassVar[str] = "LoHa"
 
     init_weights: bool = True
     """True: w2_b = 0, so training starts at the base model; False: all random (tests)."""
@@ -67,6 +74,7 @@ class LoKrConfig(LycorisConfig):
 
     peft_type: ClassVar[str] = "LOKR"
     method: ClassVar[str] = "lokr"
+    display_name: ClassVar[str] = "LoKr"
 
     decompose_both: bool = False
     """Also factor w1 into w1_a @ w1_b when r < max(out_l, in_m) / 2."""

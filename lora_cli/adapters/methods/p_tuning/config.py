@@ -55,6 +55,12 @@ class PromptLearningConfig(AdapterConfig):
     num_layers: int | None = None
     """The base model's layers (recorded, as PEFT does); filled in from the model."""
 
+    @classmethod
+    def size_label(cls, saved: dict[str, Any]) -> str:
+        """The number of virtual tokens it prepends."""
+        n = saved.get("num_virtual_tokens")
+        return f"{n} virtual tokens" if isinstance(n, int) and not isinstance(n, bool) else "-"
+
     def problems(self) -> list[Problem]:
         out = super().problems()
         for name in self.LAYER_FIELDS:
@@ -112,6 +118,7 @@ class PromptEncoderConfig(PromptLearningConfig):
 
     peft_type: ClassVar[str] = "P_TUNING"
     method: ClassVar[str] = "p_tuning"
+    display_name: ClassVar[str] = "P-tuning"
 
     encoder_reparameterization_type: str = "MLP"
     """MLP (recommended) or LSTM."""

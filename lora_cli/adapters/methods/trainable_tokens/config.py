@@ -5,7 +5,7 @@ The method is described at the top of :mod:`lora_cli.adapters.methods.trainable_
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from lora_cli.adapters.config import AdapterConfig
 from lora_cli.errors import Problem
@@ -20,6 +20,7 @@ class TrainableTokensConfig(AdapterConfig):
 
     peft_type: ClassVar[str] = "TRAINABLE_TOKENS"
     method: ClassVar[str] = "trainable_tokens"
+    display_name: ClassVar[str] = "trainable tokens"
     peft_fields: ClassVar[frozenset[str]] = frozenset({
         "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
         "target_modules", "token_indices", "init_weights"})
@@ -30,6 +31,12 @@ class TrainableTokensConfig(AdapterConfig):
     """Token ids whose rows train, e.g. the ids of tokens just added to the tokenizer (required)."""
     init_weights: bool = True
     """True: start from the current rows (a no-op until trained). False: random rows (tests only)."""
+
+    @classmethod
+    def size_label(cls, saved: dict[str, Any]) -> str:
+        """The number of token rows it trains."""
+        ids = saved.get("token_indices")
+        return f"{len(ids)} tokens" if isinstance(ids, list) else "-"
 
     def __post_init__(self) -> None:
         if self.target_modules is None:  # PEFT's files: null means the input embedding

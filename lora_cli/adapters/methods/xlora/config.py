@@ -43,6 +43,7 @@ class XLoraConfig(AdapterConfig):
 
     peft_type: ClassVar[str] = "XLORA"
     method: ClassVar[str] = "xlora"
+    display_name: ClassVar[str] = "X-LoRA"
     task_types: ClassVar[tuple[str, ...] | None] = ("CAUSAL_LM",)
     LAYER_FIELDS: ClassVar[tuple[str, ...]] = TARGETING[:-1]
     """Inherited fields the recipe does not offer (modules_to_save stays: a task's head is refused by name)."""
@@ -74,6 +75,12 @@ class XLoraConfig(AdapterConfig):
     """Every expert's weight in the scaling pass that feeds the head (0: the plain base model)."""
     global_scaling_weight: float = 1.0
     """Multiplies every expert's weighted update."""
+
+    @classmethod
+    def size_label(cls, saved: dict[str, Any]) -> str:
+        """The number of LoRA experts it mixes."""
+        experts = saved.get("adapters")
+        return f"{len(experts)} experts" if isinstance(experts, dict) else "-"
 
     def problems(self) -> list[Problem]:
         out = super().problems()
