@@ -17,7 +17,7 @@ _EXPORTS = {
     "AdapterCombineMixin": "combine", "CombineError": "combine",
     "AdapterConfig": "config",
     "ConversionReport": "convert", "save_as_lora": "convert", "to_lora": "convert",
-    "AdapterLayer": "layers", "ModulesToSaveWrapper": "layers",
+    "AdapterLayer": "layers", "ModulesToSaveWrapper": "modules_to_save",
     "AdaLoraConfig": "methods.adalora.config",
     "LoHaConfig": "methods.lycoris.config",
     "LoKrConfig": "methods.lycoris.config",

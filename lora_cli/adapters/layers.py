@@ -15,12 +15,12 @@ Layouts: methods work in the *canonical* layout, (out, in) or (out, in, *kernel)
 ``Conv1D`` and ``nn.Embedding`` store (in, out); :meth:`to_raw` / :meth:`canonical_weight`
 convert, which is all that ``fan_in_fan_out`` means.
 
-:class:`ModulesToSaveWrapper` is the other wrapper a model gets: a module trained in full.
+:class:`~lora_cli.adapters.modules_to_save.ModulesToSaveWrapper` is the other wrapper a model
+gets: a module trained in full.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lora_cli.adapters import mixed, quantized
+from lora_cli.adapters import quantized
 from lora_cli.adapters.kinds import (
     CONV2D,
     CONV3D,
@@ -45,6 +45,11 @@ if TYPE_CHECKING:
     from lora_cli.adapters.config import AdapterConfig
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def rows_of(names: list[str], name: str, device: torch.device) -> Tensor:
+    """The indices of the rows that ``names`` (one adapter name per row) gives to ``name``."""
+    return torch.tensor([i for i, n in enumerate(names) if n == name], device=device)
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -278,13 +283,35 @@ class AdapterLayer(nn.Module):
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         if self.batch_adapters is not None:
-            return mixed.layer_rows(self, x, self.batch_adapters, *args, **kwargs)
+            return self.rows_forward(x, self.batch_adapters, *args, **kwargs)
         names = [
             n for n in self.active_adapters if n in self.r and n not in self.merged_adapters and not self.skip_in_forward(n)
         ]
         if not names:
             return self.base_layer(x, *args, **kwargs)
         return self.delta_forward(x, names)
+
+    def rows_forward(self, x: Tensor, names: list[str], *args: Any, **kwargs: Any) -> Tensor:
+        """Row ``i`` of ``x`` through the base plus adapter ``names[i]`` (none where this layer lacks
+        that adapter, as for ``__base__``): a mixed batch (:mod:`lora_cli.adapters.mixed`).
+
+        ``names`` may instead be a gate with ``layer_forward(layer, x, *args, **kwargs)``, which then
+        runs the layer: X-LoRA's per-token expert weights (:mod:`lora_cli.adapters.methods.xlora.model`)."""
+        gate = getattr(names, "layer_forward", None)
+        if gate is not None:
+            return gate(self, x, *args, **kwargs)
+        if x.shape[0] != len(names):
+            raise LoraCliError(
+                f"adapter_names has {len(names)} name(s) but {type(self.base_layer).__name__} got a batch of "
+                f"{x.shape[0]} row(s); give one adapter name per input row"
+            )
+        result = self.base_layer(x, *args, **kwargs)
+        for name in dict.fromkeys(names):
+            if name in self.r:
+                idx = rows_of(names, name, x.device)
+                rows = self.add_update(result.index_select(0, idx), x.index_select(0, idx), name)
+                result = result.index_copy(0, idx, rows.to(result.dtype))
+        return result
 
     # ------------------------------------------------------------ merge/unmerge
     @property
@@ -366,36 +393,3 @@ class AdapterLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: {self.extra_repr_for(n)}" for n in self.r)
-
-
-class ModulesToSaveWrapper(nn.Module):
-    """A module trained in full: one trainable copy per adapter, the original kept frozen
-    for when adapters are disabled."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.original_module = module
-        self.modules_to_save = nn.ModuleDict()
-        self.active_adapter: str | None = None
-        self.disabled = False
-        self.batch_adapters: list[str] | None = None
-        """One adapter name per row while a mixed batch runs (set by the model), else None."""
-
-    def add(self, name: str) -> None:
-        self.modules_to_save[name] = copy.deepcopy(self.original_module)
-
-    def active_module(self) -> nn.Module:
-        if self.disabled or self.active_adapter not in self.modules_to_save:
-            return self.original_module
-        return self.modules_to_save[self.active_adapter]
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.batch_adapters is None or self.disabled:
-            return self.active_module()(*args, **kwargs)
-        return mixed.module_rows(self, self.batch_adapters, *args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.active_module(), name)

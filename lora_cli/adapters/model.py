@@ -27,8 +27,9 @@ from torch import Tensor, nn
 from lora_cli.adapters.combine import AdapterCombineMixin
 from lora_cli.adapters.config import AdapterConfig
 from lora_cli.adapters.kinds import HF_CONV1D
-from lora_cli.adapters.layers import AdapterLayer, ModulesToSaveWrapper, rank_refusal
+from lora_cli.adapters.layers import AdapterLayer, rank_refusal
 from lora_cli.adapters.mixed import MultiAdapterMixin
+from lora_cli.adapters.modules_to_save import ModulesToSaveWrapper
 from lora_cli.adapters.registry import get_method
 from lora_cli.adapters.state import AdapterStateMixin
 from lora_cli.adapters.targeting import module_aliases, resolve_modules_to_save, resolve_targets

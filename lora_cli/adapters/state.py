@@ -24,12 +24,11 @@ them into the base; saving writes them where PEFT's "auto" would.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Self
 
 import torch
 from safetensors.torch import save_file
@@ -44,25 +43,18 @@ from lora_cli.adapters.base_weights import (
     write_base_weights,
 )
 from lora_cli.adapters.config import CONFIG_NAME, WEIGHTS_NAME, AdapterConfig
-from lora_cli.adapters.layers import AdapterLayer, ModulesToSaveWrapper
+from lora_cli.adapters.embeddings import (
+    embedding_base_tensors,
+    embedding_shape_problem,
+    saved_embedding_layers,
+)
+from lora_cli.adapters.layers import AdapterLayer
 from lora_cli.adapters.registry import get_method, load
 from lora_cli.adapters.targeting import candidate_modules, matches, module_aliases
-from lora_cli.adapters.tensor_files import (  # noqa: F401 - re-exported: the state API reads these
-    LEGACY_WEIGHTS_NAME,
-    AdapterFileError,
-    check_finite,
-    load_safetensors,
-    load_torch_tensors,
-    read_adapter_weights,
-)
+from lora_cli.adapters.tensor_files import check_finite, read_adapter_weights
 from lora_cli.errors import AdapterStateError, UserInputError
 
-if TYPE_CHECKING:
-    from lora_cli.adapters.model import AdapterModel
-
 KEY_PREFIX = "base_model.model."
-EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
-"""PEFT's names: targeting one of them makes save_embedding_layers="auto" save the embeddings."""
 
 
 def remap_legacy_key(key: str, renamed: Mapping[str, str], wrappers: Collection[str]) -> str | None:
@@ -101,7 +93,7 @@ class AdapterStateMixin:
     ``_set_trainable()``.
     """
 
-    def live_adapter_tensors(self: AdapterModel, adapter_name: str | None = None) -> dict[str, Tensor]:
+    def live_adapter_tensors(self, adapter_name: str | None = None) -> dict[str, Tensor]:
         """File key -> live parameter (not a copy) of one adapter."""
         adapter_name = adapter_name or self.active_adapter
         config = self.peft_config[adapter_name]
@@ -127,7 +119,7 @@ class AdapterStateMixin:
         return {k: v.detach().to("cpu").contiguous() for k, v in self.live_adapter_tensors(adapter_name).items()}
 
     @torch.no_grad()
-    def load_adapter_state_dict(self: AdapterModel, state: dict[str, Tensor], adapter_name: str | None = None) -> None:
+    def load_adapter_state_dict(self, state: dict[str, Tensor], adapter_name: str | None = None) -> None:
         """Copy a PEFT-format state dict into adapter ``adapter_name``; strict about shapes
         and about adapter tensors, tolerant of PEFT's redundant copies."""
         adapter_name = adapter_name or self.active_adapter
@@ -178,7 +170,7 @@ class AdapterStateMixin:
 
     # ----------------------------------------------------------- directories
     def save_pretrained(
-        self: AdapterModel,
+        self,
         save_directory: str | os.PathLike,
         selected_adapters: list[str] | None = None,
         state_dict: dict[str, Tensor] | None = None,
@@ -239,7 +231,7 @@ class AdapterStateMixin:
         adapter_name: str = "default",
         is_trainable: bool = False,
         **base_kwargs: Any,
-    ) -> AdapterModel:
+    ) -> Self:
         """Load a PEFT-format adapter directory onto ``model``, or with no model onto the base it
         names, as PEFT's AutoPeftModel does (:mod:`.autobase`; ``base_kwargs`` go to its loader).
         ``is_trainable=False`` (the default) freezes the adapter, as in PEFT."""
@@ -274,7 +266,7 @@ class AdapterStateMixin:
         self._load_weights(Path(model_id), adapter_name)
         self._set_trainable()
 
-    def _load_weights(self: AdapterModel, directory: Path, adapter_name: str) -> None:
+    def _load_weights(self, directory: Path, adapter_name: str) -> None:
         state = read_adapter_weights(directory)
         method_state = self.method_state.get(adapter_name)
         if method_state is not None:
@@ -292,76 +284,6 @@ def fit_problems(mismatched: list[str], missing: list[str], unexpected: list[str
     if unexpected:
         problems.append(f"{len(unexpected)} tensor(s) fit no module, e.g. {', '.join(unexpected[:3])}")
     return problems
-
-
-def embedding_base_tensors(model: nn.Module) -> dict[str, tuple[Tensor, nn.Module]]:
-    """The base tensors of the model's input and output embeddings under PEFT's file keys (no
-    prefix), each with the module that holds them: ``P.weight`` for a plain module,
-    ``P.base_layer.weight`` (``P.token_adapter.base_layer.weight`` beside LoRA's trainable
-    tokens) for a wrapped one. A ``modules_to_save`` copy is saved as itself and not listed."""
-    out: dict[str, tuple[Tensor, nn.Module]] = {}
-    for getter in ("get_input_embeddings", "get_output_embeddings"):
-        get = getattr(model, getter, None)
-        module = get() if callable(get) else None
-        if module is None or isinstance(module, ModulesToSaveWrapper):
-            continue
-        path = next((p for p, m in model.named_modules() if m is module), None)
-        if path is None:
-            continue
-        base = module.base_layer if isinstance(module, AdapterLayer) else module
-        prefix = f"{path}.{module.base_key}." if isinstance(module, AdapterLayer) else f"{path}."
-        for name, param in base.named_parameters(recurse=False):
-            out[prefix + name] = (param, module)
-    return out
-
-
-def embedding_shape_problem(key: str, file_shape: tuple[int, ...], model_shape: tuple[int, ...]) -> str:
-    return (f"{key}: the file carries this base embedding with {file_shape[0]} rows {file_shape}, the model "
-            f"has {model_shape[0]} {model_shape}; resize the model's token embeddings first "
-            f"(model.resize_token_embeddings({file_shape[0]}), as the tokenizer saved with the adapter does)")
-
-
-def saved_embedding_layers(model: nn.Module, config: AdapterConfig, choice: bool | str) -> dict[str, Tensor]:
-    """The embedding base tensors that ``save_pretrained(save_embedding_layers=choice)`` writes (PEFT's rules)."""
-    targeted = _names_an_embedding_layer(model, config.target_modules)
-    if choice == "auto":
-        tokens = config.peft_type == "TRAINABLE_TOKENS" or getattr(config, "trainable_token_indices", None)
-        choice = (targeted and not tokens) or _vocabulary_resized(model, config.base_model_name_or_path)
-    if not choice:
-        return {}
-    out: dict[str, Tensor] = {}
-    for key, (tensor, module) in embedding_base_tensors(model).items():
-        if targeted and not isinstance(module, AdapterLayer):
-            continue  # PEFT: with an embedding targeted, only the adapted embeddings are written
-        out[key] = tensor.detach().to("cpu").clone()  # a copy: tied embeddings share one tensor
-    return out
-
-
-def _names_an_embedding_layer(model: nn.Module, rule: Any) -> bool:
-    if isinstance(rule, str):
-        if rule == "all-linear":
-            return False
-        return any(matches(path, rule) for path in candidate_modules(model)
-                   if path.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES)
-    return bool(rule) and any(name in rule for name in EMBEDDING_LAYER_NAMES)
-
-
-def _vocabulary_resized(model: nn.Module, base: str | None) -> bool:
-    """Whether the input embedding's rows differ from the vocabulary of the local base folder ``base``."""
-    path = Path(base) / "config.json" if base else None
-    if path is None or not path.is_file():
-        return False
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    vocab = saved.get("vocab_size") or (saved.get("text_config") or {}).get("vocab_size")
-    get = getattr(model, "get_input_embeddings", None)
-    embedding = get() if callable(get) else None
-    if not isinstance(vocab, int) or embedding is None:
-        return False
-    weight = embedding.base_weight() if isinstance(embedding, AdapterLayer) else getattr(embedding, "weight", None)
-    return isinstance(weight, Tensor) and weight.shape[0] != vocab
 
 
 def _portable_patterns(pattern: dict[str, Any], paths: list[str], aliases: dict[str, str]) -> dict[str, Any]:

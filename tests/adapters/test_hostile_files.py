@@ -13,7 +13,7 @@ import torch
 
 from lora_cli.adapters import AdapterModel, LoraConfig, get_adapter_model
 from lora_cli.adapters.config import CONFIG_NAME, WEIGHTS_NAME, AdapterConfig
-from lora_cli.adapters.state import AdapterFileError, read_adapter_weights
+from lora_cli.adapters.tensor_files import AdapterFileError, read_adapter_weights
 from lora_cli.errors import AdapterConfigError, NonFiniteError, UserInputError
 from tests.helpers import tiny_opt
 

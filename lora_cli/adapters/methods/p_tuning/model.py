@@ -29,10 +29,10 @@ import torch
 from torch import Tensor, nn
 
 from lora_cli.adapters.config import AdapterConfig
-from lora_cli.adapters.layers import ModulesToSaveWrapper
 from lora_cli.adapters.methods.p_tuning.config import TASKS, PromptLearningConfig
 from lora_cli.adapters.methods.p_tuning.encoder import PromptEncoder
 from lora_cli.adapters.model import AdapterModel
+from lora_cli.adapters.modules_to_save import ModulesToSaveWrapper
 from lora_cli.adapters.registry import get_method
 from lora_cli.adapters.state import fit_problems, save_adapter_files
 from lora_cli.adapters.targeting import module_aliases, resolve_modules_to_save

@@ -48,7 +48,8 @@ from lora_cli.adapters.methods.xlora.experts import (
 from lora_cli.adapters.methods.xlora.head import XLoraClassifier
 from lora_cli.adapters.model import AdapterModel
 from lora_cli.adapters.registry import get_method
-from lora_cli.adapters.state import AdapterStateMixin, read_adapter_weights, save_adapter_files
+from lora_cli.adapters.state import AdapterStateMixin, save_adapter_files
+from lora_cli.adapters.tensor_files import read_adapter_weights
 from lora_cli.errors import AdapterStateError, LoraCliError, UserInputError
 
 HEAD_KEY = "base_model.internal_xlora_classifier."
