@@ -82,7 +82,7 @@ def rank_refusal(module: nn.Module, r: int) -> str | None:
     The update of a (out, in) layer has rank at most min(in, out); past max(in, out) an adapter
     would hold more numbers than the layer itself. That bound (never below :data:`FREE_RANK`),
     checked before any tensor is made, keeps a config's rank (65536 at most,
-    :data:`~lora_cli.adapters.config.MAX_RANK`) from asking a small layer for gigabytes.
+    :data:`~lora_cli.adapters.checks.MAX_RANK`) from asking a small layer for gigabytes.
     """
     base = module.base_layer if isinstance(module, AdapterLayer) else module
     kind = layer_kind(base)

@@ -1,4 +1,4 @@
-"""LoRA on ``nn.MultiheadAttention`` (lora_cli/adapters/methods/lora_mha.py), against PEFT 0.21.
+"""LoRA on ``nn.MultiheadAttention`` (lora_cli/adapters/methods/lora/mha.py), against PEFT 0.21.
 
 Files both ways, merging and gradients are in test_lora_more_layers.py and the contract;
 this file pins down the behaviour behind them: what PEFT's file means (the out_proj update

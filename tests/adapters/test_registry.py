@@ -142,8 +142,8 @@ from lora_cli.adapters.methods.lora import starts
 from lora_cli.adapters.registry import available_methods, get_method
 
 looked_up = {{name: get_method(name).config_cls for name in available_methods()}}
-assert looked_up["lora"] is get_method("LORA").config_cls and len(looked_up) == 7, looked_up
-assert {{cls.__module__ for cls in looked_up.values()}} <= set({CONFIG_MODULES!r}), looked_up
+assert looked_up["lora"] is get_method("LORA").config_cls and len(looked_up) >= 7, looked_up
+assert all(cls.__module__.endswith(".config") for cls in looked_up.values()), looked_up  # a method's config.py
 config = AdapterConfig.from_dict({{"peft_type": "LOHA", "r": 4}}, source="x.json")
 assert type(config) is looked_up["loha"] and config.r == 4
 assert starts.find("pissa_niter_4").rewrites_base and starts.find("eva").needs_data and starts.DATA_DRIVEN

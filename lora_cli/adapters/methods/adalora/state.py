@@ -1,5 +1,5 @@
 """AdaLoRA's per-model state: the rank allocator, the orthogonality penalty, and the
-``rank_pattern`` written into saved files (see :mod:`lora_cli.adapters.methods.adalora`
+``rank_pattern`` written into saved files (see :mod:`lora_cli.adapters.methods.adalora.layer`
 for the formulas)."""
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     W' = m * (W + s B A) / ||W + s B A||         per output row; m learned, starts at ||W + s B A||
     y  = W x + (g - 1) W x + g s B A x,          g = m / ||W + s B A||  (norm detached, section 4.3)
 
-:class:`~lora_cli.adapters.methods.lora.LoraLayer` owns A, B and the plain LoRA path; a
+:class:`~lora_cli.adapters.methods.lora.layer.LoraLayer` owns A, B and the plain LoRA path; a
 variant changes how one adapter is created (``init``), folded into and out of the base
 weight (``merge_safe``, ``unmerge``) and run (``forward``).
 

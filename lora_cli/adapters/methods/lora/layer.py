@@ -135,7 +135,7 @@ class LoraLayer(AdapterLayer):
 
         With the record, the trained adapter can be saved relative to the original W
         (rank 2r: [A; A0], [B, -B0]) and a resumed run can rebuild W - s B0 A0 bit for bit
-        without the init: see :mod:`lora_cli.adapters.base_rewrites`."""
+        without the init: see :mod:`lora_cli.adapters.methods.lora.base_rewrites`."""
         self.base_rewrites[name] = {"lora_A": lora_a.detach().to("cpu", copy=True),
                                     "lora_B": lora_b.detach().to("cpu", copy=True)}
 

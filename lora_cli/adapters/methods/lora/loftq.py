@@ -21,7 +21,7 @@ Quantizers, chosen by ``loftq_bits`` (their math is in :mod:`lora_cli.adapters.q
 
 The adapter's base weights become the dequantized values (they are what a quantized base
 would compute with): a run records them so that it reloads on the original base (see
-:mod:`lora_cli.adapters.base_rewrites`).
+:mod:`lora_cli.adapters.methods.lora.base_rewrites`).
 """
 
 from __future__ import annotations

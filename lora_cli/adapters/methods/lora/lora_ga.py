@@ -12,7 +12,7 @@ Until :func:`initialize_lora_ga_weights` runs, a ``lora_ga`` adapter is a plain 
 LoRA (A kaiming, B = 0) on an untouched base, which is also what PEFT builds when it loads
 such an adapter without gradients. The rewritten base is recorded on each layer
 (``LoraLayer.record_base_rewrite``) so that the trained adapter is saved relative to the
-original base (:mod:`lora_cli.adapters.base_rewrites`).
+original base (:mod:`lora_cli.adapters.methods.lora.base_rewrites`).
 """
 
 from __future__ import annotations

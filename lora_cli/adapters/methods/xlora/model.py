@@ -11,7 +11,7 @@ the head is the only new module. Both passes happen inside one call of the base 
 checkpointing all see the same scalings.
 
 The per-token weighting is a hook of the LoRA layers, not a fork of their math: each LoRA
-layer gets a gate as its ``batch_adapters`` (see :func:`lora_cli.adapters.mixed.layer_rows`),
+layer gets a gate as its ``batch_adapters`` (see :meth:`lora_cli.adapters.layers.AdapterLayer.rows_forward`),
 which runs the base layer and adds each expert's own ``add_update`` times its weight.
 
 Files (PEFT's layout): ``adapter_config.json`` (peft_type XLORA, ``adapters`` {"0": path,
