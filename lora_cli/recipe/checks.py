@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_cli.adapters import get_method
-from lora_cli.adapters.base_rewrites import rewrites_base
+from lora_cli.adapters.methods.lora.starts import rewrites_base
 from lora_cli.errors import UserInputError, did_you_mean
 from lora_cli.recipe.data import DATA_PATHS, DATA_SOURCES
 from lora_cli.recipe.errors import Reporter
@@ -142,10 +142,6 @@ def check_sharding(training: Any, report: Reporter) -> None:
                    training["deepspeed"], "pip install deepspeed (or remove training.deepspeed)")
 
 
-SCORES_WHOLE_GRADIENTS = ("adalora",)
-"""Methods whose rank allocator scores whole gradients, which FSDP and DeepSpeed shard."""
-
-
 def check_adapter_with_model(adapter: Any, model: Any, task: Any, report: Reporter) -> None:
     """The method fits the task's models, and a quantized base (checked on the raw section, so
     these problems come with the section's own)."""
@@ -175,16 +171,18 @@ def check_adapter_with_model(adapter: Any, model: Any, task: Any, report: Report
 
 def check_adapter_with_training(adapter: tuple[str, dict] | None, training: Any, report: Reporter) -> None:
     """Settings of two sections that cannot go together."""
-    if adapter is None or not isinstance(training, dict) or adapter[0] not in SCORES_WHOLE_GRADIENTS:
+    if adapter is None or not isinstance(training, dict):
+        return
+    config_cls = get_method(adapter[0]).config_cls
+    if config_cls.shard_refusal is None:
         return
     for key in ("fsdp", "deepspeed"):
         if training.get(key):
             report.add(
                 ("training", key),
-                f"cannot shard adapter.method {adapter[0]}: AdaLoRA's rank allocator scores whole gradients, which FSDP "
-                "and DeepSpeed split across processes",
+                f"cannot shard adapter.method {adapter[0]}: {config_cls.shard_refusal}",
                 training[key],
-                "train AdaLoRA with plain DDP (remove training.fsdp / training.deepspeed) or pick method lora",
+                f"train {config_cls.title()} with plain DDP (remove training.fsdp / training.deepspeed) or pick method lora",
             )
 
 

@@ -26,8 +26,9 @@ from transformers import PrinterCallback, TrainingArguments, set_seed
 
 from lora_cli import packaged
 from lora_cli import rundir as rd
-from lora_cli.adapters import base_rewrites, get_adapter_model
-from lora_cli.adapters.state import load_safetensors
+from lora_cli.adapters import get_adapter_model
+from lora_cli.adapters.methods.lora import base_rewrites, starts
+from lora_cli.adapters.tensor_files import load_safetensors
 from lora_cli.atomic import io_errno
 from lora_cli.errors import LoraCliError, TrainingInterrupted, UserInputError
 from lora_cli.evaluation.plots import plot_training_curves
@@ -254,11 +255,11 @@ def _inject(model, adapter_config, run_dir: Path, resume: bool):
     """The adapter, injected. On --resume of a run whose init rewrote base weights without
     calibration data (PiSSA, OLoRA, LoftQ), the init is not run again (``pissa_niter_N`` is
     random, LoftQ costly): the base is rebuilt from the run's init_state.safetensors."""
-    init = getattr(adapter_config, "init_lora_weights", None)
+    start = starts.find(getattr(adapter_config, "init_lora_weights", None))
     record = run_dir / rd.INIT_STATE_FILE
-    if not (resume and record.is_file() and base_rewrites.rewrites_base(init) and init not in calibration.DATA_DRIVEN):
+    if not (resume and record.is_file() and start is not None and start.rewrites_base and not start.needs_data):
         return get_adapter_model(model, adapter_config)
-    model = get_adapter_model(model, adapter_config.replace(init_lora_weights=True, loftq_config={}))
+    model = get_adapter_model(model, starts.plain_config(adapter_config))
     base_rewrites.restore_initial_state(model, load_safetensors(record))
     model.peft_config[model.active_adapter] = adapter_config
     return model

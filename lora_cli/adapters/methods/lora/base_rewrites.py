@@ -36,22 +36,14 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from lora_cli import atomic
 from lora_cli.adapters import functional as fn
-from lora_cli.adapters.tensor_files import load_safetensors
+from lora_cli.adapters.methods.lora import starts
+from lora_cli.adapters.state import KEY_PREFIX
 from lora_cli.errors import LoraCliError, UserInputError
 
-BASE_REWRITES_NAME = "base_rewrites.safetensors"
-"""The rewritten base weights (LoftQ's dequantized ones) saved beside an adapter."""
-
-KEY_PREFIX = "base_model.model."
 _RANK_KEYS = {"lora_A.weight": 0, "lora_B.weight": 1, "lora_embedding_A": 0, "lora_embedding_B": 1}
 """File key suffix -> the dim that holds the rank."""
-_DATA_DRIVEN_FIELDS = {"loftq_config": {}, "lora_ga_config": None, "corda_config": None, "eva_config": None}
-
-
-def rewrites_base(init: Any) -> bool:
-    """Whether ``init_lora_weights`` = ``init`` changes base weights."""
-    return init in ("pissa", "olora", "corda", "lora_ga", "loftq") or fn.parse_pissa_niter(init) is not None
 
 
 def rewritten_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, nn.Module, dict[str, Tensor]]]:
@@ -67,7 +59,7 @@ def rewritten_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, nn.
 def initial_state(model: nn.Module, adapter_name: str = "default") -> dict[str, Tensor]:
     """Everything needed to rebuild the rewritten bases without the init:
     {"<path>.lora_A": A0, "<path>.lora_B": B0} or {"<path>.weight": W'} per layer."""
-    if not rewrites_base(getattr(model.peft_config[adapter_name], "init_lora_weights", None)):
+    if not starts.rewrites_base(getattr(model.peft_config[adapter_name], "init_lora_weights", None)):
         return {}
     return {f"{path}.{key}": tensor.contiguous() for path, _, record in rewritten_layers(model, adapter_name)
             for key, tensor in record.items()}
@@ -79,9 +71,8 @@ def save_initial_state(model: nn.Module, file: str | os.PathLike, adapter_name: 
     if not state:
         return False
     Path(file).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(f"{file}.tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, file)
+    with atomic.atomic_file(file) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
     return True
 
 
@@ -124,7 +115,7 @@ def convert_to_original_base(
     base: see the module docstring. ``state`` is in file-key form; unchanged (with no base
     weights) when the adapter's init rewrote nothing."""
     layers = rewritten_layers(model, adapter_name)
-    if not layers or not rewrites_base(getattr(config, "init_lora_weights", None)):
+    if not layers or not starts.rewrites_base(getattr(config, "init_lora_weights", None)):
         return state, config, {}
     state = dict(state)
     base_weights: dict[str, Tensor] = {}
@@ -136,8 +127,7 @@ def convert_to_original_base(
             base_weights[f"{path}.weight"] = layer.base_weight().detach().to("cpu").contiguous()
         else:
             low_rank[path] = record
-    config = config.replace(init_lora_weights=True, **{k: v for k, v in _DATA_DRIVEN_FIELDS.items()
-                                                       if hasattr(config, k)})
+    config = starts.plain_config(config)
     if not low_rank:
         return state, config, base_weights
     paths = [p for p, layer in model.adapter_layers() if adapter_name in layer.r]
@@ -164,41 +154,3 @@ def convert_to_original_base(
         alpha_pattern={k: v * factor for k, v in (config.alpha_pattern or {}).items()},
     )
     return state, config, base_weights
-
-
-def write_base_weights(directory: Path, weights: Mapping[str, Tensor]) -> None:
-    """``base_rewrites.safetensors`` in ``directory`` (removed when there are none)."""
-    file = directory / BASE_REWRITES_NAME
-    if not weights:
-        file.unlink(missing_ok=True)
-        return
-    tmp = directory / f".{BASE_REWRITES_NAME}.tmp"
-    save_file(dict(weights), str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, file)
-
-
-@torch.no_grad()
-def apply_base_weights(model: nn.Module, directory: str | os.PathLike) -> bool:
-    """Copy ``directory``'s ``base_rewrites.safetensors`` (if any) into ``model``'s weights
-    before an adapter that needs them is loaded. True when there was one."""
-    file = Path(directory) / BASE_REWRITES_NAME
-    if not file.is_file():
-        return False
-    weights = load_safetensors(file)
-    for key, tensor in weights.items():
-        path, _, leaf = key.rpartition(".")
-        try:
-            module = model.get_submodule(path)
-        except AttributeError:
-            module = None
-        module = getattr(module, "base_layer", module)
-        target = getattr(module, leaf, None) if module is not None else None
-        if not isinstance(target, Tensor) or target.shape != tensor.shape:
-            found = "no such weight" if not isinstance(target, Tensor) else f"shape {tuple(target.shape)}"
-            raise UserInputError(
-                f"{file}: {key} {tuple(tensor.shape)} does not fit this model ({found}); these are the rewritten "
-                "base weights of the adapter beside it, saved for the base model it was trained on. Load the "
-                "adapter on that base model"
-            )
-        target.data.copy_(tensor.to(target))
-    return True

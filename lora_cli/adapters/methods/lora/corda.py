@@ -36,45 +36,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lora_cli.adapters.config import check_init_settings
-from lora_cli.adapters.eva import (
+from lora_cli import atomic
+from lora_cli.adapters.methods.lora.passes import (
     Forward,
     calibrated_layers,
     check_adapter,
     forward_batch,
     token_mask,
 )
-from lora_cli.errors import LoraCliError, Problem, UserInputError
-
-CORDA_DEFAULTS: dict[str, Any] = {
-    "cache_file": None,
-    "covariance_file": None,
-    "corda_method": "ipm",
-    "verbose": False,
-    "use_float16_for_covariance": False,
-    "prune_temporary_fields": True,
-}
-_BOOLS = ("verbose", "use_float16_for_covariance", "prune_temporary_fields")
-
-
-def corda_config_problems(init: Any, corda_config: Any) -> list[Problem]:
-    """Problems of ``corda_config`` (a mapping with CordaConfig's fields) for ``init_lora_weights``."""
-    out, known = check_init_settings("corda_config", corda_config, init=init, wanted="corda", known=CORDA_DEFAULTS,
-                                     label="CorDA", example="{corda_method: kpm}")
-    for key, value in known.items():
-        where = f"corda_config.{key}"
-        if key == "corda_method" and value not in ("ipm", "kpm"):
-            out.append(Problem(where, "must be 'ipm' or 'kpm'", value,
-                               hint="ipm adapts the directions the data uses most; kpm keeps them and adapts the least used"))
-        elif key in _BOOLS and not isinstance(value, bool):
-            out.append(Problem(where, "must be true or false", value))
-        elif key in ("cache_file", "covariance_file") and value is not None and not (isinstance(value, str) and value):
-            out.append(Problem(where, "must be a file path or null", value))
-    return out
-
-
-def corda_settings(config: Any) -> dict[str, Any]:
-    return {**CORDA_DEFAULTS, **(getattr(config, "corda_config", None) or {})}
+from lora_cli.adapters.methods.lora.starts import find
+from lora_cli.errors import LoraCliError, UserInputError
 
 
 # --------------------------------------------------------------------- covariances
@@ -176,17 +147,16 @@ def crop(u: Tensor, s: Tensor, v: Tensor, r: int, method: str) -> tuple[Tensor, 
 
 
 @torch.no_grad()
-def apply_factors(layer: nn.Module, adapter_name: str, a: Tensor, b: Tensor, rewrite_base: bool) -> None:
-    """Set A and B of ``adapter_name`` and, with ``rewrite_base``, W <- W - (s B) A (in float32,
-    stored in W's dtype: PEFT's CorDA expression, bit for bit), recorded on the layer."""
+def apply_factors(layer: nn.Module, adapter_name: str, a: Tensor, b: Tensor) -> None:
+    """Set A and B of ``adapter_name`` and W <- W - (s B) A (in float32, stored in W's dtype: PEFT's
+    CorDA expression, bit for bit), recorded on the layer: the start, and its restore on --resume."""
     layer.lora_A[adapter_name].copy_(a)
     layer.lora_B[adapter_name].copy_(b)
-    if rewrite_base:
-        weight = layer.canonical_weight()
-        residual = weight.float() - (layer.scaling[adapter_name] * b.float()) @ a.float()
-        layer.base_weight().data.copy_(layer.to_raw(residual).to(weight.dtype))
-        # recorded: the adapter is saved relative to the original base, see lora_cli.adapters.base_rewrites
-        layer.record_base_rewrite(adapter_name, a, b)
+    weight = layer.canonical_weight()
+    residual = weight.float() - (layer.scaling[adapter_name] * b.float()) @ a.float()
+    layer.base_weight().data.copy_(layer.to_raw(residual).to(weight.dtype))
+    # recorded: the adapter is saved relative to the original base, see lora_cli.adapters.methods.lora.base_rewrites
+    layer.record_base_rewrite(adapter_name, a, b)
 
 
 @torch.no_grad()
@@ -200,7 +170,7 @@ def preprocess_corda(
     covariances from ``batches`` (or ``covariance_file``), the decomposition (or
     ``cache_file``), then A, B and the residual base weights. Returns {module path: rank}."""
     config = check_adapter(model, adapter_name, "corda", "preprocess_corda")
-    settings = corda_settings(config)
+    settings = find("corda").settings_of(config)
     layers = calibrated_layers(model, adapter_name)
     device = next(model.parameters()).device
     eigens = _load_cache(settings["cache_file"], layers, device)
@@ -235,7 +205,7 @@ def preprocess_corda(
         s = s / layer.scaling[adapter_name]
         a = v.T * s.sqrt().view(-1, 1)  # (r, in)
         b = u * s.sqrt()  # (out, r)
-        apply_factors(layer, adapter_name, a.contiguous(), b.contiguous(), rewrite_base=True)
+        apply_factors(layer, adapter_name, a.contiguous(), b.contiguous())
         ranks[path] = r
     return ranks
 
@@ -276,6 +246,5 @@ def _load(path: str | None, device) -> dict[str, Tensor] | None:
 
 def _save(path: str, tensors: dict[str, Tensor]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{path}.tmp"
-    torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)
+    with atomic.atomic_file(path) as tmp:
+        torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)

@@ -30,12 +30,10 @@ from torch import Tensor, nn
 from lora_cli.adapters import functional as fn
 from lora_cli.adapters.combine import CombineError
 from lora_cli.adapters.config import AdapterConfig
+from lora_cli.adapters.kinds import PARAMETER
 from lora_cli.adapters.layers import AdapterLayer
-from lora_cli.adapters.model import AUXILIARY_INJECTORS, AdapterModel, rank_and_alpha
+from lora_cli.adapters.model import AdapterModel, rank_and_alpha
 from lora_cli.errors import TargetingError
-
-PARAMETER = "parameter"
-"""Layer kind of a wrapped ``nn.Parameter``."""
 
 
 class ParamLoraLayer(AdapterLayer):
@@ -227,5 +225,3 @@ def inject_parameter_targets(model: AdapterModel, adapter_name: str, config: Ada
     _check_rank_guidance(found)
     return created
 
-
-AUXILIARY_INJECTORS.append(inject_parameter_targets)

@@ -28,127 +28,27 @@ import hashlib
 import math
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lora_cli.adapters.config import check_init_settings
-from lora_cli.adapters.layers import HF_CONV1D, LINEAR
+from lora_cli.adapters.methods.lora.passes import (
+    Forward,
+    calibrated_layers,
+    check_adapter,
+    forward_batch,
+    layer_rows,
+    resize_adapter,
+    token_mask,
+)
+from lora_cli.adapters.methods.lora.starts import find
 from lora_cli.adapters.model import rank_and_alpha
-from lora_cli.errors import LoraCliError, Problem, UserInputError
+from lora_cli.errors import LoraCliError, UserInputError
 
-EVA_DEFAULTS: dict[str, Any] = {
-    "rho": 2.0,
-    "tau": 0.99,
-    "use_label_mask": True,
-    "label_mask_value": -100,
-    "whiten": False,
-    "adjust_scaling_factors": True,
-}
 MAX_PASSES = 100
 """Passes over the calibration batches before EVA gives up waiting for convergence."""
-
-Forward = Callable[[nn.Module, Any], Any]
-
-
-# ------------------------------------------------------------------ config checks
-def eva_config_problems(init: Any, eva_config: Any) -> list[Problem]:
-    """Problems of ``eva_config`` (a mapping with EvaConfig's fields) for ``init_lora_weights``."""
-    out, known = check_init_settings("eva_config", eva_config, init=init, wanted="eva", known=EVA_DEFAULTS,
-                                     label="EVA", example="{rho: 2.0, tau: 0.99}")
-    for key, value in known.items():
-        where = f"eva_config.{key}"
-        if key in ("use_label_mask", "whiten", "adjust_scaling_factors") and not isinstance(value, bool):
-            out.append(Problem(where, "must be true or false", value))
-        elif key == "label_mask_value" and (isinstance(value, bool) or not isinstance(value, int)):
-            out.append(Problem(where, "must be an integer (the label of ignored tokens)", value))
-        elif key in ("rho", "tau") and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                        or not math.isfinite(value)):
-            out.append(Problem(where, "must be a number", value))
-        elif key == "rho" and value < 1.0:
-            out.append(Problem(where, "must be >= 1.0 (a layer may take up to r * rho ranks)", value,
-                               hint="use 1.0 for no redistribution, 2.0 (the default) to let ranks move"))
-        elif key == "tau" and not 0.0 <= value <= 1.0:
-            out.append(Problem(where, "must be between 0.0 and 1.0 (a cosine similarity)", value))
-    return out
-
-
-def eva_settings(config: Any) -> dict[str, Any]:
-    """EVA's settings of ``config`` with the defaults filled in."""
-    return {**EVA_DEFAULTS, **(getattr(config, "eva_config", None) or {})}
-
-
-# ------------------------------------------------------- shared calibration helpers
-def forward_batch(model: nn.Module, batch: Any) -> Any:
-    """The default forward of a calibration batch: ``model(**batch)`` for a mapping."""
-    return model(**batch) if isinstance(batch, Mapping) else model(batch)
-
-
-def token_mask(batch: Any, label_mask_value: int | None) -> Tensor | None:
-    """(batch, seq) bool of the token positions to use: the attention mask (padding out),
-    and with ``label_mask_value`` token labels equal to it out too. None: use every row."""
-    if not isinstance(batch, Mapping):
-        return None
-    mask = batch.get("attention_mask")
-    ids = batch.get("input_ids")
-    if mask is None and ids is None:
-        return None
-    mask = (torch.ones_like(ids) if mask is None else mask).bool()
-    labels = batch.get("labels")
-    if label_mask_value is not None and isinstance(labels, Tensor) and labels.shape == mask.shape:
-        mask = mask & (labels != label_mask_value)  # sequence-level labels (classification) mask nothing
-    return mask
-
-
-def layer_rows(x: Any, mask: Tensor | None) -> Tensor:
-    """A layer's input as (rows, in): the masked token positions, else every position."""
-    if isinstance(x, (tuple, list)):
-        x = x[0]
-    if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-        return x[mask.to(x.device)]
-    return x.reshape(-1, x.shape[-1])
-
-
-def calibrated_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, nn.Module]]:
-    """(path, layer) of adapter ``adapter_name``'s Linear / GPT-2 Conv1D layers, in model order."""
-
-    out = []
-    for path, layer in model.adapter_layers():
-        if adapter_name in layer.r and layer.kind in (LINEAR, HF_CONV1D) and hasattr(layer, "lora_A"):
-            out.append((path, layer))
-    return out
-
-
-def check_adapter(model: nn.Module, adapter_name: str, init: str, caller: str) -> Any:
-    config = getattr(model, "peft_config", {}).get(adapter_name)
-    if config is None:
-        raise UserInputError(f"{caller}: the model has no adapter {adapter_name!r}; inject one with get_adapter_model first")
-    if getattr(config, "init_lora_weights", None) != init:
-        raise UserInputError(
-            f"{caller} is for adapters created with init_lora_weights={init!r}; adapter {adapter_name!r} has "
-            f"{getattr(config, 'init_lora_weights', None)!r}"
-        )
-    return config
-
-
-@torch.no_grad()
-def resize_adapter(model: nn.Module, path: str, adapter_name: str, r: int, alpha: float) -> None:
-    """Give ``path``'s adapter rank ``r`` and scale numerator ``alpha`` (fresh zero-delta
-    factors); r = 0 removes the adapter from the layer, and the wrapper when it holds no other."""
-    layer = model.base_model.get_submodule(path)
-    config = model.peft_config[adapter_name]
-    active = list(layer.active_adapters)
-    layer.delete(adapter_name)
-    if r == 0:
-        model.targets[adapter_name] = [p for p in model.targets[adapter_name] if p != path]
-        if not layer.r:
-            model.base_model.set_submodule(path, layer.base_layer)
-        return
-    layer.add(adapter_name, config, r, alpha)
-    layer.active_adapters = active
-
 
 # ----------------------------------------------------------------- incremental SVD
 class IncrementalSVD:
@@ -219,7 +119,7 @@ def get_eva_state_dict(
     layer converged); a rank of 0 means the layer loses its adapter. The adapters are off
     while the batches run, so the layers see the base model's activations."""
     config = check_adapter(model, adapter_name, "eva", "get_eva_state_dict")
-    settings = eva_settings(config)
+    settings = find("eva").settings_of(config)
     batches = list(batches)
     if not batches:
         raise UserInputError("EVA needs at least one calibration batch; got none (is the training split empty?)")
@@ -399,7 +299,7 @@ def load_eva_state_dict(model: nn.Module, eva_state: Mapping[str, Tensor], adapt
     {module path: rank} of every layer the adapter had (0: adapter removed)."""
 
     config = model.peft_config[adapter_name]
-    settings = eva_settings(config)
+    settings = find("eva").settings_of(config)
     rank_pattern, alpha_pattern, ranks, skipped = {}, {}, {}, []
     for path in list(model.targets[adapter_name]):
         r, alpha = rank_and_alpha(config, path)

@@ -6,7 +6,7 @@ Virtual tokens come from a small reparameterisation network over a trained table
     MLP:  prompts = W3 relu(W2 relu(W1 e))  # dim -> h -> h -> dim
     LSTM: prompts = W5 relu(W4 biLSTM(e))   # dim -> 2h (both directions) -> 2h -> dim
 
-and are prepended to the input embeddings (:mod:`lora_cli.adapters.prompt_learning`).
+and are prepended to the input embeddings (:mod:`lora_cli.adapters.methods.p_tuning.model`).
 Saved, the network is gone: PEFT stores its output ``prompt_embeddings`` (T, dim), which
 an inference-mode encoder (the table alone) plays back. h = ``encoder_hidden_size``
 (default: dim). As in PEFT the MLP always has three layers and no dropout.
@@ -15,63 +15,12 @@ an inference-mode encoder (the table alone) plays back. h = ``encoder_hidden_siz
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
-from lora_cli.adapters.config import (
-    MAX_DEPTH,
-    MAX_WIDTH,
-    check_choice,
-    check_positive_int,
-    check_rate,
-)
-from lora_cli.adapters.prompt_learning import PromptLearningConfig, PromptLearningModel
-from lora_cli.adapters.registry import register_method
-from lora_cli.errors import Problem
-
-ENCODER_TYPES = ("MLP", "LSTM")
-
-
-@dataclass
-class PromptEncoderConfig(PromptLearningConfig):
-    """PEFT's ``PromptEncoderConfig`` (``P_TUNING``)."""
-
-    peft_type: ClassVar[str] = "P_TUNING"
-    method: ClassVar[str] = "p_tuning"
-
-    encoder_reparameterization_type: str = "MLP"
-    """MLP (recommended) or LSTM."""
-    encoder_hidden_size: int | None = None
-    """Width h of the encoder; None means the token dim."""
-    encoder_num_layers: int = 2
-    """LSTM layers (the MLP always has three Linear layers, as in PEFT)."""
-    encoder_dropout: float = 0.0
-    """Dropout between LSTM layers (the MLP has none, as in PEFT)."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.encoder_reparameterization_type, str):
-            self.encoder_reparameterization_type = self.encoder_reparameterization_type.upper()
-        super().__post_init__()
-
-    def problems(self) -> list[Problem]:
-        out = super().problems()
-        out += check_choice("encoder_reparameterization_type", self.encoder_reparameterization_type, ENCODER_TYPES)
-        if self.encoder_hidden_size is not None:
-            out += check_positive_int("encoder_hidden_size", self.encoder_hidden_size, maximum=MAX_WIDTH)
-        out += check_positive_int("encoder_num_layers", self.encoder_num_layers, maximum=MAX_DEPTH)
-        out += check_rate("encoder_dropout", self.encoder_dropout)
-        return out
-
-    def completed(self, model: nn.Module, token_dim: int) -> PromptEncoderConfig:
-        done = super().completed(model, token_dim)
-        if done.encoder_hidden_size is None:
-            done.encoder_hidden_size = done.token_dim
-        return done
-
-    def build_encoder(self) -> nn.Module:
-        return PromptEncoder(self)
+if TYPE_CHECKING:
+    from lora_cli.adapters.methods.p_tuning.config import PromptEncoderConfig
 
 
 class PromptEncoder(nn.Module):
@@ -113,5 +62,3 @@ class PromptEncoder(nn.Module):
         head = getattr(self, "mlp_head", None)
         return x if head is None else head(x)
 
-
-register_method(PromptEncoderConfig, None, prefix="prompt_", model_cls=PromptLearningModel)

@@ -1,4 +1,4 @@
-"""The base LoHa and LoKr share (the LyCORIS family, arXiv:2309.14859).
+"""The layer base LoHa and LoKr share (the LyCORIS family, arXiv:2309.14859).
 
 Both scale their delta by alpha / r and regularise it two ways in training:
 
@@ -20,27 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from lora_cli.adapters import functional as fn
-from lora_cli.adapters.config import (
-    MAX_RANK,
-    AdapterConfig,
-    check_number,
-    check_patterns,
-    check_positive_int,
-    check_rate,
-)
-from lora_cli.adapters.layers import CONV2D, CONVS, HF_CONV1D, LINEAR, TORCH_CONV1D, AdapterLayer
-from lora_cli.errors import Problem
-
-
-def lycoris_problems(config: AdapterConfig) -> list[Problem]:
-    """Checks of the fields LoHa and LoKr share."""
-    out = check_positive_int("r", config.r, maximum=MAX_RANK)
-    out += check_number("alpha", config.alpha)
-    out += check_rate("rank_dropout", config.rank_dropout)
-    out += check_rate("module_dropout", config.module_dropout)
-    if not isinstance(config.use_effective_conv2d, bool):
-        out.append(Problem("use_effective_conv2d", "must be true or false", config.use_effective_conv2d))
-    return out + check_patterns(config)
+from lora_cli.adapters.kinds import CONV2D, CONVS, HF_CONV1D, LINEAR, TORCH_CONV1D
+from lora_cli.adapters.layers import AdapterLayer
+from lora_cli.adapters.methods.lycoris.config import LycorisConfig
 
 
 class LycorisLayer(AdapterLayer):
@@ -56,7 +38,7 @@ class LycorisLayer(AdapterLayer):
         self.rank_dropout_scale: dict[str, bool] = {}
         self.module_dropout: dict[str, float] = {}
 
-    def add_common(self, name: str, config: AdapterConfig, r: int, alpha: float) -> None:
+    def add_common(self, name: str, config: LycorisConfig, r: int, alpha: float) -> None:
         self.r[name] = r
         self.scaling[name] = alpha / r
         self.rank_dropout[name] = config.rank_dropout
@@ -100,7 +82,7 @@ class LycorisLayer(AdapterLayer):
         """(kh, kw) or (k,) of a convolution, () otherwise."""
         return tuple(self.canonical_weight().shape[2:])
 
-    def tucker_kernel(self, config: AdapterConfig) -> tuple[int, int] | None:
+    def tucker_kernel(self, config: LycorisConfig) -> tuple[int, int] | None:
         """The (kh, kw) of a Tucker core when ``use_effective_conv2d`` applies here, else None.
 
         Only convolutions with a kernel larger than 1 get a core; a Conv1d's is (k, 1), the

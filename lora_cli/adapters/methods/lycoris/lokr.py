@@ -23,57 +23,14 @@ input row, kron(w1, w2) vec(X) = vec(w1 X w2^T), two small matmuls (``kron_apply
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from lora_cli.adapters import functional as fn
-from lora_cli.adapters.config import AdapterConfig
-from lora_cli.adapters.layers import CONVS, TORCH_CONV1D
-from lora_cli.adapters.lycoris import LycorisLayer, lycoris_problems
-from lora_cli.adapters.registry import register_method
-from lora_cli.errors import Problem
-
-
-@dataclass
-class LoKrConfig(AdapterConfig):
-    """LoKr settings, with PEFT's field names and defaults."""
-
-    peft_type: ClassVar[str] = "LOKR"
-    method: ClassVar[str] = "lokr"
-
-    r: int = 8
-    """Rank of the low-rank Kronecker factors (w2, and w1 with decompose_both)."""
-    alpha: float = 8
-    """Scale numerator: the update is multiplied by alpha / r."""
-    rank_dropout: float = 0.0
-    """Probability, in training, of zeroing each output row of the update."""
-    module_dropout: float = 0.0
-    """Probability, in training, of skipping the whole adapter of a layer for one step."""
-    use_effective_conv2d: bool = False
-    """Tucker-decomposed w2 for Conv2d / Conv1d kernels larger than 1 (when w2 is low rank)."""
-    decompose_both: bool = False
-    """Also factor w1 into w1_a @ w1_b when r < max(out_l, in_m) / 2."""
-    decompose_factor: int = -1
-    """Split dims as (factor, dim / factor) when factor divides them; -1: near sqrt(dim)."""
-    rank_dropout_scale: bool = False
-    """Rescale the rows kept by rank_dropout by 1 / (fraction kept)."""
-    init_weights: bool | str = True
-    """True: w1 = 0 (training starts at the base model); "lycoris": w2 = 0; False: all random."""
-
-    def problems(self) -> list[Problem]:
-        out = super().problems() + lycoris_problems(self)
-        if not (isinstance(self.init_weights, bool) or self.init_weights == "lycoris"):
-            out.append(Problem("init_weights", "must be one of true, false, 'lycoris'", self.init_weights))
-        factor = self.decompose_factor
-        if isinstance(factor, bool) or not isinstance(factor, int) or not (factor == -1 or factor >= 1):
-            out.append(Problem("decompose_factor", "must be -1 (automatic) or an integer >= 1", factor))
-        for name in ("decompose_both", "rank_dropout_scale"):
-            if not isinstance(getattr(self, name), bool):
-                out.append(Problem(name, "must be true or false", getattr(self, name)))
-        return out
+from lora_cli.adapters.kinds import CONVS, TORCH_CONV1D
+from lora_cli.adapters.methods.lycoris.config import LoKrConfig
+from lora_cli.adapters.methods.lycoris.layer import LycorisLayer
 
 
 class LoKrLayer(LycorisLayer):
@@ -137,5 +94,3 @@ class LoKrLayer(LycorisLayer):
             result = result + (h if mask is None else h * mask).to(result.dtype)
         return result
 
-
-register_method(LoKrConfig, LoKrLayer, prefix="lokr_")

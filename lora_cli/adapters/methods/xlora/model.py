@@ -11,7 +11,7 @@ the head is the only new module. Both passes happen inside one call of the base 
 checkpointing all see the same scalings.
 
 The per-token weighting is a hook of the LoRA layers, not a fork of their math: each LoRA
-layer gets a gate as its ``batch_adapters`` (see :func:`lora_cli.adapters.mixed.layer_rows`),
+layer gets a gate as its ``batch_adapters`` (see :meth:`lora_cli.adapters.layers.AdapterLayer.rows_forward`),
 which runs the base layer and adds each expert's own ``add_update`` times its weight.
 
 Files (PEFT's layout): ``adapter_config.json`` (peft_type XLORA, ``adapters`` {"0": path,
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,152 +35,28 @@ from torch import Tensor, nn
 
 from lora_cli.adapters.autobase import load_base_model
 from lora_cli.adapters.config import CONFIG_NAME, AdapterConfig
-from lora_cli.adapters.layers import EMBEDDING, HALF_DTYPES, HF_CONV1D, LINEAR
-from lora_cli.adapters.methods.lora import LoraLayer
+from lora_cli.adapters.kinds import EMBEDDING, HF_CONV1D, LINEAR
+from lora_cli.adapters.layers import HALF_DTYPES
+from lora_cli.adapters.methods.lora.layer import LoraLayer
+from lora_cli.adapters.methods.xlora.config import MERGE_REFUSAL
+from lora_cli.adapters.methods.xlora.experts import (
+    RUN_ADAPTER_DIR,
+    read_expert_config,
+    resolve_experts,
+    saved_experts,
+)
+from lora_cli.adapters.methods.xlora.head import XLoraClassifier
 from lora_cli.adapters.model import AdapterModel
 from lora_cli.adapters.registry import get_method
-from lora_cli.adapters.state import AdapterStateMixin, read_adapter_weights, save_adapter_files
+from lora_cli.adapters.state import AdapterStateMixin, save_adapter_files
+from lora_cli.adapters.tensor_files import read_adapter_weights
 from lora_cli.errors import AdapterStateError, LoraCliError, UserInputError
 
 HEAD_KEY = "base_model.internal_xlora_classifier."
 """File-key prefix of the gating head (PEFT's: PeftModel.base_model is its XLoraModel)."""
 EXPERT_KEY = "xlora_experts."
 """Prefix of trainable experts' tensors in checkpoints (``xlora_experts.<name>.<LoRA key>``)."""
-RUN_ADAPTER_DIR = "adapter"
-"""A loracli run keeps its adapter here (``lora_cli.rundir.ADAPTER_DIR``; the engine cannot import rundir)."""
-EXPERT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 GATED_KINDS = (LINEAR, HF_CONV1D, EMBEDDING)
-MERGE_REFUSAL = (
-    "an X-LoRA adapter cannot be merged into the base weights: its gating head weights each expert per token from "
-    "the input's hidden states, so no single weight update equals it (PEFT cannot merge X-LoRA either). Use the "
-    "run as it is (loracli eval RUN, loracli predict --run RUN), or merge one expert run on its own "
-    "(loracli merge <expert run>)"
-)
-
-
-# ------------------------------------------------------------------ experts on disk
-def expert_folder(path: str | os.PathLike) -> Path | str:
-    """The adapter folder of an expert given as an adapter folder or a loracli run
-    directory (its ``adapter/``), or why it is neither (with the fix)."""
-    folder = Path(path).expanduser()
-    if (folder / CONFIG_NAME).is_file():
-        return folder
-    if (folder / RUN_ADAPTER_DIR / CONFIG_NAME).is_file():
-        return folder / RUN_ADAPTER_DIR
-    if not folder.exists():
-        return "does not exist; give a LoRA adapter folder or the run directory `loracli train` wrote"
-    return (f"is not an adapter folder nor a loracli run (no {CONFIG_NAME} in it or in its {RUN_ADAPTER_DIR}/); "
-            "give a LoRA adapter folder or a finished run directory")
-
-
-def read_expert_config(folder: Path) -> AdapterConfig | str:
-    """The expert's LoRA config, or why it cannot be an X-LoRA expert (with the fix)."""
-    try:
-        config = AdapterConfig.from_pretrained(folder)
-    except UserInputError as exc:
-        return f"cannot be read ({str(exc).splitlines()[0][:300]})"
-    if config.peft_type != "LORA":
-        return (f"is a {config.method} adapter ({folder}); X-LoRA mixes LoRA experts only: train the expert with "
-                "method: lora, or convert it (loracli convert)")
-    if getattr(config, "use_dora", False):
-        return f"is a DoRA adapter ({folder}); X-LoRA has no DoRA experts (neither has PEFT): use a plain LoRA expert"
-    if config.modules_to_save:
-        return (f"trains modules_to_save {config.modules_to_save} ({folder}); X-LoRA mixes LoRA layers only, so "
-                "its experts may not carry their own heads: use experts of a causal LM task")
-    return config
-
-
-def resolve_experts(adapters: dict[str, str]) -> dict[str, Path]:
-    """{name: adapter folder} of a config's ``adapters``; every problem at once."""
-    out, problems = {}, []
-    for name, path in adapters.items():
-        folder = expert_folder(path)
-        if isinstance(folder, str):
-            problems.append(f"expert {name!r} ({path}) {folder}")
-        else:
-            out[name] = folder
-    if problems:
-        raise UserInputError("X-LoRA adapters: " + "; ".join(problems))
-    return out
-
-
-def saved_experts(config: AdapterConfig, root: Path) -> dict[str, Path]:
-    """Where a saved X-LoRA folder's experts are: the path recorded in ``adapters`` (relative to
-    the folder, or as given), else a sub-folder named like that path's last part or like the key
-    (a folder moved since it was saved). Names: the key, except PEFT's index keys "0", "1", ...
-    which take the sub-folder's name."""
-    out: dict[str, Path] = {}
-    for i, (key, value) in enumerate(config.adapters.items()):
-        tried = [root / value, Path(value).expanduser(), root / Path(value).name, root / key]
-        found = next((p for p in tried if (p / CONFIG_NAME).is_file()), None)
-        if found is None:
-            shown = ", ".join(str(p) for p in dict.fromkeys(tried))
-            raise UserInputError(
-                f"{root / CONFIG_NAME}: expert {key!r} is not at {value} nor in a sub-folder of {root} (looked in "
-                f"{shown}); copy the expert's adapter folder there, or fix its path under \"adapters\""
-            )
-        name = key
-        if key == str(i) and EXPERT_NAME.fullmatch(found.name) and found.name not in out:
-            name = found.name
-        out[name] = found
-    return out
-
-
-# ------------------------------------------------------------------ gating head
-class XLoraClassifier(nn.Module):
-    """The gating head: hidden state (batch, seq, hidden) -> scalings (batch, seq, layers, experts).
-
-    ``xlora_depth`` Linear layers (ReLU and, with ``xlora_dropout_p`` > 0, dropout between
-    them; ``xlora_size`` wide), the last one giving one logit per expert, or per expert and
-    layer with ``layerwise_scalings``; then a softmax at ``softmax_temperature``.
-    """
-
-    def __init__(self, config: AdapterConfig, hidden_size: int, n_experts: int, n_layers: int,
-                 dtype: torch.dtype, device: torch.device | None) -> None:
-        super().__init__()
-        self.config, self.n_experts, self.n_layers = config, n_experts, n_layers
-        modules: list[nn.Module] = []
-        width = hidden_size
-        for _ in range(config.xlora_depth - 1):
-            modules += [nn.Linear(width, config.xlora_size), nn.ReLU()]
-            if config.xlora_dropout_p > 0:
-                modules.append(nn.Dropout(config.xlora_dropout_p))
-            width = config.xlora_size
-        modules.append(nn.Linear(width, n_experts * (n_layers if config.layerwise_scalings else 1)))
-        self.layers = nn.Sequential(*modules).to(device=device, dtype=dtype)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.layers[-1].weight.dtype
-
-    def forward(self, hidden: Tensor) -> Tensor:
-        batch, seq = hidden.shape[:2]
-        logits = self.layers(hidden.to(self.dtype))
-        if not self.config.layerwise_scalings:
-            logits = logits.unsqueeze(2).expand(-1, -1, self.n_layers, -1)
-        scalings = logits.reshape(batch, seq, self.n_layers, self.n_experts)
-        if self.config.enable_softmax:
-            scalings = torch.softmax(scalings / self.config.softmax_temperature, dim=-1)
-        return scalings
-
-    def dummy(self, batch: int, seq: int, device: torch.device) -> Tensor:
-        """The scaling pass's scalings: every expert at ``scaling_pass_value``."""
-        shape = (batch, seq, self.n_layers, self.n_experts)
-        return torch.full(shape, float(self.config.scaling_pass_value), device=device, dtype=self.dtype)
-
-    def layer_weights(self, scalings: Tensor, layer: int) -> Tensor:
-        """(batch, seq, experts) weights of LoRA layer ``layer``: the top ``top_k_lora`` kept
-        (the rest zero), renormalised by a softmax over those with ``enable_softmax_topk``."""
-        weights = scalings[:, :, layer, :]
-        k = self.config.top_k_lora
-        if k is not None:
-            keep = torch.zeros_like(weights, dtype=torch.bool)
-            keep.scatter_(-1, torch.topk(weights, k=k, dim=-1).indices, True)
-            weights = weights * keep.to(weights.dtype)
-        if self.config.enable_softmax_topk:
-            nonzero = weights != 0
-            weights = torch.softmax(weights.masked_fill(~nonzero, float("-inf")), dim=-1).masked_fill(~nonzero, 0.0)
-        return weights
 
 
 class _ExpertGate:

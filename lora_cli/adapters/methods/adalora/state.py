@@ -1,5 +1,5 @@
 """AdaLoRA's per-model state: the rank allocator, the orthogonality penalty, and the
-``rank_pattern`` written into saved files (see :mod:`lora_cli.adapters.methods.adalora`
+``rank_pattern`` written into saved files (see :mod:`lora_cli.adapters.methods.adalora.layer`
 for the formulas)."""
 
 from __future__ import annotations
@@ -10,13 +10,14 @@ import torch
 from torch import Tensor
 
 from lora_cli.adapters import functional as fn
-from lora_cli.adapters.registry import MethodState
+from lora_cli.adapters.model import MethodState
 from lora_cli.adapters.state import KEY_PREFIX, remap_legacy_key
 from lora_cli.adapters.targeting import module_aliases
 from lora_cli.errors import AdapterStateError, LoraCliError
 
 if TYPE_CHECKING:
-    from lora_cli.adapters.methods.adalora import AdaLoraConfig, AdaLoraLayer
+    from lora_cli.adapters.methods.adalora.config import AdaLoraConfig
+    from lora_cli.adapters.methods.adalora.layer import AdaLoraLayer
 
 MASK_SUFFIX = ".lora_E"
 

@@ -17,44 +17,13 @@ where computing ΔW x separately would take two).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from lora_cli.adapters import functional as fn
-from lora_cli.adapters.config import AdapterConfig
-from lora_cli.adapters.lycoris import LycorisLayer, lycoris_problems
-from lora_cli.adapters.registry import register_method
-from lora_cli.errors import Problem
-
-
-@dataclass
-class LoHaConfig(AdapterConfig):
-    """LoHa settings, with PEFT's field names and defaults."""
-
-    peft_type: ClassVar[str] = "LOHA"
-    method: ClassVar[str] = "loha"
-
-    r: int = 8
-    """Rank of each of the two factors; the update's rank can reach r squared."""
-    alpha: float = 8
-    """Scale numerator: the update is multiplied by alpha / r."""
-    rank_dropout: float = 0.0
-    """Probability, in training, of zeroing each output row of the update (kept rows rescaled)."""
-    module_dropout: float = 0.0
-    """Probability, in training, of skipping the whole adapter of a layer for one step."""
-    use_effective_conv2d: bool = False
-    """Tucker-decomposed kernels for Conv2d / Conv1d kernels larger than 1 (fewer parameters)."""
-    init_weights: bool = True
-    """True: w2_b = 0, so training starts at the base model; False: all random (tests)."""
-
-    def problems(self) -> list[Problem]:
-        out = super().problems() + lycoris_problems(self)
-        if not isinstance(self.init_weights, bool):
-            out.append(Problem("init_weights", "must be true or false", self.init_weights))
-        return out
+from lora_cli.adapters.methods.lycoris.config import LoHaConfig
+from lora_cli.adapters.methods.lycoris.layer import LycorisLayer
 
 
 class LoHaLayer(LycorisLayer):
@@ -87,5 +56,3 @@ class LoHaLayer(LycorisLayer):
             delta = fn.loha_delta(w1_a, w1_b, w2_a, w2_b, self.scaling[name])
         return delta.reshape(self.canonical_weight().shape)
 
-
-register_method(LoHaConfig, LoHaLayer, prefix="hada_")

@@ -3,7 +3,7 @@
     W' = m * (W + s B A) / ||W + s B A||         per output row; m learned, starts at ||W + s B A||
     y  = W x + (g - 1) W x + g s B A x,          g = m / ||W + s B A||  (norm detached, section 4.3)
 
-:class:`~lora_cli.adapters.methods.lora.LoraLayer` owns A, B and the plain LoRA path; a
+:class:`~lora_cli.adapters.methods.lora.layer.LoraLayer` owns A, B and the plain LoRA path; a
 variant changes how one adapter is created (``init``), folded into and out of the base
 weight (``merge_safe``, ``unmerge``) and run (``forward``).
 
@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lora_cli.adapters import functional as fn
-from lora_cli.adapters.layers import CONVS, EMBEDDING
+from lora_cli.adapters.kinds import CONVS, EMBEDDING
 
 if TYPE_CHECKING:
-    from lora_cli.adapters.methods.lora import LoraLayer
+    from lora_cli.adapters.methods.lora.layer import LoraLayer
 
 
 class LoraVariant:

@@ -26,8 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lora_cli.adapters.layers import LINEAR, MHA, layer_kind
-from lora_cli.adapters.methods.lora import LoraConfig, LoraLayer
+from lora_cli.adapters.kinds import LINEAR, MHA
+from lora_cli.adapters.layers import layer_kind
+from lora_cli.adapters.methods.lora.config import LoraConfig
+from lora_cli.adapters.methods.lora.layer import LoraLayer
 from lora_cli.errors import TargetingError
 
 PEFT_OUT_PROJ_FACTOR = 2
@@ -135,5 +137,3 @@ class LoraMhaLayer(LoraLayer):
             return attention(*args, **kwargs)
         return torch.func.functional_call(attention, swapped, args, kwargs)
 
-
-LoraLayer.kind_layers[MHA] = LoraMhaLayer

@@ -5,7 +5,8 @@
 
 The experts are existing LoRA adapters (folders or loracli runs) given by ``adapters``;
 only the gating head trains (``use_trainable_adapters`` trains the experts too). The model
-lives in :mod:`lora_cli.adapters.xlora_model`; this file holds the config and its checks.
+lives in :mod:`lora_cli.adapters.methods.xlora.model`; this file holds the config and its checks
+(no torch).
 """
 
 from __future__ import annotations
@@ -14,24 +15,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from lora_cli.adapters.config import (
+from lora_cli.adapters.checks import (
     MAX_DEPTH,
     MAX_WIDTH,
-    AdapterConfig,
     check_number,
     check_positive_int,
     check_rate,
 )
-from lora_cli.adapters.registry import register_method
-from lora_cli.adapters.xlora_model import (
-    EXPERT_NAME,
-    MERGE_REFUSAL,
-    XLoraModel,
-    expert_folder,
-    read_expert_config,
-)
+from lora_cli.adapters.config import AdapterConfig
+from lora_cli.adapters.methods.xlora.experts import EXPERT_NAME, expert_folder, read_expert_config
 from lora_cli.errors import Problem
 
+MERGE_REFUSAL = (
+    "an X-LoRA adapter cannot be merged into the base weights: its gating head weights each expert per token from "
+    "the input's hidden states, so no single weight update equals it (PEFT cannot merge X-LoRA either). Use the "
+    "run as it is (loracli eval RUN, loracli predict --run RUN), or merge one expert run on its own "
+    "(loracli merge <expert run>)"
+)
 TARGETING = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "rank_pattern",
              "alpha_pattern", "modules_to_save")
 """AdapterConfig fields PEFT's XLoraConfig lacks: the experts already chose their layers."""
@@ -43,6 +43,7 @@ class XLoraConfig(AdapterConfig):
 
     peft_type: ClassVar[str] = "XLORA"
     method: ClassVar[str] = "xlora"
+    display_name: ClassVar[str] = "X-LoRA"
     task_types: ClassVar[tuple[str, ...] | None] = ("CAUSAL_LM",)
     LAYER_FIELDS: ClassVar[tuple[str, ...]] = TARGETING[:-1]
     """Inherited fields the recipe does not offer (modules_to_save stays: a task's head is refused by name)."""
@@ -74,6 +75,12 @@ class XLoraConfig(AdapterConfig):
     """Every expert's weight in the scaling pass that feeds the head (0: the plain base model)."""
     global_scaling_weight: float = 1.0
     """Multiplies every expert's weighted update."""
+
+    @classmethod
+    def size_label(cls, saved: dict[str, Any]) -> str:
+        """The number of LoRA experts it mixes."""
+        experts = saved.get("adapters")
+        return f"{len(experts)} experts" if isinstance(experts, dict) else "-"
 
     def problems(self) -> list[Problem]:
         out = super().problems()
@@ -147,5 +154,3 @@ def _base_id(name: str | None) -> str | None:
     local = Path(name).expanduser()
     return str(local.resolve()) if local.exists() else name.rstrip("/")
 
-
-register_method(XLoraConfig, None, prefix="xlora_", model_cls=XLoraModel)

@@ -18,7 +18,6 @@ again under each tied layer's key for the method alone, and not at all beside Lo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -27,54 +26,12 @@ from torch import Tensor, nn
 
 from lora_cli.adapters.combine import CombineError
 from lora_cli.adapters.config import AdapterConfig
-from lora_cli.adapters.layers import EMBEDDING, LINEAR, AdapterLayer, layer_kind
-from lora_cli.adapters.model import AUXILIARY_INJECTORS, AdapterModel
-from lora_cli.adapters.registry import register_method
+from lora_cli.adapters.kinds import EMBEDDING, LINEAR
+from lora_cli.adapters.layers import AdapterLayer, layer_kind
+from lora_cli.adapters.methods.trainable_tokens.config import INPUT_EMBEDDINGS
+from lora_cli.adapters.model import AdapterModel
 from lora_cli.adapters.targeting import candidate_modules, matches
-from lora_cli.errors import LoraCliError, Problem, TargetingError, close_matches
-
-INPUT_EMBEDDINGS = "input-embeddings"
-"""target_modules keyword (the default): the model's input embedding (``get_input_embeddings()``)."""
-
-
-@dataclass
-class TrainableTokensConfig(AdapterConfig):
-    """Trainable tokens settings, with PEFT's field names and defaults."""
-
-    peft_type: ClassVar[str] = "TRAINABLE_TOKENS"
-    method: ClassVar[str] = "trainable_tokens"
-    peft_fields: ClassVar[frozenset[str]] = frozenset({
-        "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
-        "target_modules", "token_indices", "init_weights"})
-
-    target_modules: list[str] | str | None = INPUT_EMBEDDINGS
-    """The embedding(s) whose rows train; "input-embeddings" (the default) is the model's input embedding."""
-    token_indices: list[int] = None  # type: ignore[assignment]
-    """Token ids whose rows train, e.g. the ids of tokens just added to the tokenizer (required)."""
-    init_weights: bool = True
-    """True: start from the current rows (a no-op until trained). False: random rows (tests only)."""
-
-    def __post_init__(self) -> None:
-        if self.target_modules is None:  # PEFT's files: null means the input embedding
-            self.target_modules = INPUT_EMBEDDINGS
-        super().__post_init__()
-
-    def problems(self) -> list[Problem]:
-        out = super().problems()
-        ids = self.token_indices
-        if not (isinstance(ids, list) and ids and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
-                                                      for i in ids)):
-            out.append(Problem("token_indices", "must be a non-empty list of token ids >= 0", ids,
-                               hint="e.g. token_indices: [32000, 32001] (the ids your tokenizer gives the tokens)"))
-        elif len(set(ids)) != len(ids):
-            out.append(Problem("token_indices", "lists a token id twice", ids, hint="list each id once"))
-        if not isinstance(self.init_weights, bool):
-            out.append(Problem("init_weights", "must be true or false", self.init_weights))
-        for name in ("rank_pattern", "alpha_pattern"):
-            if getattr(self, name):
-                out.append(Problem(name, "has no meaning for trainable tokens (there is no rank)", getattr(self, name),
-                                   hint=f"remove {name}"))
-        return out
+from lora_cli.errors import LoraCliError, TargetingError, close_matches
 
 
 class TrainableTokensLayer(AdapterLayer):
@@ -342,8 +299,6 @@ def inject_lora_tokens(model: AdapterModel, adapter_name: str, config: AdapterCo
     return place_token_layers(model, adapter_name, targets, TokenAdapterLayer, init=True)
 
 
-AUXILIARY_INJECTORS.append(inject_lora_tokens)
-
 
 class TrainableTokensModel(AdapterModel):
     """An :class:`AdapterModel` whose adapters are trainable tokens alone (``TRAINABLE_TOKENS``)."""
@@ -366,5 +321,3 @@ class TrainableTokensModel(AdapterModel):
             layer.active_adapters = [n for n in self.active_adapters if n in layer.r]
         self._set_trainable()
 
-
-register_method(TrainableTokensConfig, TrainableTokensLayer, prefix="trainable_", model_cls=TrainableTokensModel)

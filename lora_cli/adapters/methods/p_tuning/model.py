@@ -6,7 +6,7 @@
     labels   = [-100 ... -100 ; labels]                 # causal LM only: no loss on virtual tokens
 
 No layer of the base model changes; the method supplies only the encoder (p-tuning: an MLP or
-LSTM over a small embedding table, :mod:`lora_cli.adapters.methods.p_tuning`). Per task, as
+LSTM over a small embedding table, :mod:`lora_cli.adapters.methods.p_tuning.encoder`). Per task, as
 PEFT does: sequence classification also pads ``token_type_ids`` with zeros; causal LM and
 seq2seq drop them; ``position_ids`` are dropped (the model numbers the longer sequence
 itself); seq2seq prepends to the encoder only, its decoder and labels stay as they are.
@@ -22,23 +22,23 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lora_cli.adapters.config import MAX_DEPTH, MAX_WIDTH, AdapterConfig, check_positive_int
-from lora_cli.adapters.layers import ModulesToSaveWrapper
+from lora_cli.adapters.config import AdapterConfig
+from lora_cli.adapters.methods.p_tuning.config import TASKS, PromptLearningConfig
+from lora_cli.adapters.methods.p_tuning.encoder import PromptEncoder
 from lora_cli.adapters.model import AdapterModel
+from lora_cli.adapters.modules_to_save import ModulesToSaveWrapper
 from lora_cli.adapters.registry import get_method
 from lora_cli.adapters.state import fit_problems, save_adapter_files
 from lora_cli.adapters.targeting import module_aliases, resolve_modules_to_save
-from lora_cli.errors import AdapterStateError, Problem, UserInputError
+from lora_cli.errors import AdapterStateError, UserInputError
 from lora_cli.hf_names import context_length
 
-TASKS = ("SEQ_CLS", "CAUSAL_LM", "SEQ_2_SEQ_LM")
 FILE_KEY = "prompt_embeddings"
 """PEFT's one key for a prompt-learning adapter: the virtual-token embeddings, (T, dim)."""
 HEAD_PREFIX = "base_model."
@@ -47,91 +47,6 @@ RAW_PREFIX = "prompt_encoder."
 IGNORE_INDEX = -100
 _SEQ_CLS_HEADS = ("classifier", "score")
 """Heads PEFT trains for sequence classification where the model has them."""
-
-
-@dataclass
-class PromptLearningConfig(AdapterConfig):
-    """Fields every prompt-learning method shares (PEFT's names). The model fills the ones
-    left None from the base model: token_dim, num_layers, num_attention_heads, and
-    num_transformer_submodules (2 for seq2seq, else 1)."""
-
-    task_types: ClassVar[tuple[str, ...] | None] = TASKS
-
-    LAYER_FIELDS: ClassVar[tuple[str, ...]] = (
-        "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
-    )
-    """AdapterConfig fields about adapted layers: prompt learning adapts none."""
-    merge_refusal: ClassVar[str | None] = (
-        "has no weights to merge: it prepends learned virtual-token embeddings to every input and changes no "
-        "layer of the base model. The adapter-only run is the deliverable: use it with `loracli predict --run RUN` "
-        "and `loracli eval RUN`, or load RUN/adapter with peft.PeftModel.from_pretrained(base, folder)"
-    )
-
-    num_virtual_tokens: int | None = None
-    """How many virtual tokens are prepended (e.g. 20)."""
-    token_dim: int | None = None
-    """Width of the base model's word embeddings; filled in from the model."""
-    num_transformer_submodules: int | None = None
-    """1, or 2 for seq2seq (PEFT keeps a second block of tokens that p-tuning leaves unused)."""
-    num_attention_heads: int | None = None
-    """The base model's attention heads (recorded, as PEFT does); filled in from the model."""
-    num_layers: int | None = None
-    """The base model's layers (recorded, as PEFT does); filled in from the model."""
-
-    def problems(self) -> list[Problem]:
-        out = super().problems()
-        for name in self.LAYER_FIELDS:
-            value = getattr(self, name)
-            if value not in (None, {}, []):
-                out.append(Problem(name, f"does not apply to {self.method}: it prepends virtual tokens and adapts no "
-                                         "layer", value, hint="remove it"))
-        if self.num_virtual_tokens is None:
-            out.append(Problem("num_virtual_tokens", "is required", None, hint="e.g. num_virtual_tokens: 20"))
-        else:
-            out += check_positive_int("num_virtual_tokens", self.num_virtual_tokens, maximum=MAX_WIDTH)
-        for name, most in (("token_dim", MAX_WIDTH), ("num_attention_heads", MAX_WIDTH), ("num_layers", MAX_DEPTH)):
-            if getattr(self, name) is not None:
-                out += check_positive_int(name, getattr(self, name), maximum=most)
-        if self.num_transformer_submodules not in (None, 1, 2):
-            out.append(Problem("num_transformer_submodules", "must be 1 or 2", self.num_transformer_submodules,
-                               hint="leave it out: loracli picks 2 for seq2seq models, 1 otherwise"))
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        data = super().to_dict()
-        for name in self.LAYER_FIELDS:
-            data.pop(name, None)
-        return data
-
-    @property
-    def total_virtual_tokens(self) -> int:
-        return self.num_virtual_tokens * (self.num_transformer_submodules or 1)
-
-    def completed(self, model: nn.Module, token_dim: int) -> PromptLearningConfig:
-        """This config with the fields left None filled in from ``model`` (PEFT's rules)."""
-        cfg = getattr(model, "config", None)
-        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-
-        def first(*names: str) -> int | None:
-            for name in names:
-                value = getattr(text, name, None)
-                if isinstance(value, int) and not isinstance(value, bool):
-                    return value
-            return None
-
-        changes: dict[str, Any] = {"token_dim": self.token_dim or token_dim}
-        if self.num_transformer_submodules is None:
-            changes["num_transformer_submodules"] = 2 if self.task_type == "SEQ_2_SEQ_LM" else 1
-        if self.num_layers is None:
-            changes["num_layers"] = first("num_hidden_layers", "num_layers", "n_layer")
-        if self.num_attention_heads is None:
-            changes["num_attention_heads"] = first("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")
-        return dataclasses.replace(self, **changes)
-
-    def build_encoder(self) -> nn.Module:
-        """The method's encoder: ``forward(indices (1, T)) -> (1, T, token_dim)``, with an
-        ``embedding`` table of T rows that holds the saved prompt in inference mode."""
-        raise NotImplementedError(f"{type(self).__name__} must build its prompt encoder")
 
 
 def word_embeddings(model: nn.Module) -> nn.Embedding:
@@ -206,7 +121,7 @@ class PromptLearningModel(AdapterModel):
                 if config.task_type != "SEQ_CLS":
                     raise
         config = dataclasses.replace(config, modules_to_save=names or None)
-        encoder = config.build_encoder().to(table.weight.device)
+        encoder = self.build_encoder(config).to(table.weight.device)
         for path in dict.fromkeys(paths):
             module = self.base_model.get_submodule(path)
             if not isinstance(module, ModulesToSaveWrapper):
@@ -217,6 +132,11 @@ class PromptLearningModel(AdapterModel):
         self.peft_config[adapter_name] = config
         self.targets[adapter_name] = []
         self._set_trainable()
+
+    def build_encoder(self, config: PromptLearningConfig) -> nn.Module:
+        """The method's encoder: ``forward(indices (1, T)) -> (1, T, token_dim)``, with an ``embedding``
+        table of T rows that holds the saved prompt in inference mode (p-tuning's :class:`PromptEncoder`)."""
+        return PromptEncoder(config)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         if not isinstance(adapter_name, str) and len(list(dict.fromkeys(adapter_name))) > 1:

@@ -12,43 +12,19 @@ Until :func:`initialize_lora_ga_weights` runs, a ``lora_ga`` adapter is a plain 
 LoRA (A kaiming, B = 0) on an untouched base, which is also what PEFT builds when it loads
 such an adapter without gradients. The rewritten base is recorded on each layer
 (``LoraLayer.record_base_rewrite``) so that the trained adapter is saved relative to the
-original base (:mod:`lora_cli.adapters.base_rewrites`).
+original base (:mod:`lora_cli.adapters.methods.lora.base_rewrites`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lora_cli.adapters import functional as fn
-from lora_cli.adapters.config import check_init_settings
-from lora_cli.errors import Problem, UserInputError
-
-LORA_GA_DEFAULTS = {"direction": "ArB2r", "scale": "stable", "stable_gamma": 16}
-
-
-def lora_ga_config_problems(init: Any, config: Any) -> list[Problem]:
-    """What is wrong with ``lora_ga_config`` (PEFT's LoraGAConfig fields) for init ``init``."""
-    out, known = check_init_settings("lora_ga_config", config, init=init, wanted="lora_ga", known=LORA_GA_DEFAULTS,
-                                     label="LoRA-GA", example="{direction: ArB2r, scale: stable}")
-    if not known:  # absent: PEFT's defaults (direction ArB2r, scale stable, stable_gamma 16)
-        return out
-    config = known
-    for key, choices in (("direction", fn.LORA_GA_DIRECTIONS), ("scale", fn.LORA_GA_SCALES)):
-        if key in config and config[key] not in choices:
-            out.append(Problem("lora_ga_config", f"{key} must be one of {', '.join(choices)}", config[key]))
-    gamma = config.get("stable_gamma", 16)
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma <= 0:
-        out.append(Problem("lora_ga_config", "stable_gamma must be a number > 0", gamma, hint="PEFT's default is 16"))
-    return out
-
-
-def lora_ga_settings(config: Any) -> dict[str, Any]:
-    """direction, scale and stable_gamma of a LoraConfig, PEFT's defaults filled in."""
-    return {**LORA_GA_DEFAULTS, **(getattr(config, "lora_ga_config", None) or {})}
+from lora_cli.adapters.methods.lora.starts import find
+from lora_cli.errors import UserInputError
 
 
 def _ga_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, nn.Module]]:
@@ -113,19 +89,26 @@ def estimate_gradients(model: nn.Module, batches: Iterable[Mapping[str, Tensor]]
 @torch.no_grad()
 def apply_lora_ga(model: nn.Module, grads: Mapping[str, Tensor], adapter_name: str = "default") -> None:
     """Set A, B from the gradients (module path -> G (out, in)) and rewrite every base weight."""
-    settings = lora_ga_settings(model.peft_config[adapter_name])
+    settings = find("lora_ga").settings_of(model.peft_config[adapter_name])
     for path, layer in _ga_layers(model, adapter_name):
         weight = layer.canonical_weight()
-        s = layer.scaling[adapter_name]
         a, b = fn.lora_ga_factors(
-            grads[path].to(weight.device), weight, layer.r[adapter_name], s, settings["direction"], settings["scale"],
-            settings["stable_gamma"], stable_rows=layer.base_weight().shape[0],
+            grads[path].to(weight.device), weight, layer.r[adapter_name], layer.scaling[adapter_name],
+            settings["direction"], settings["scale"], settings["stable_gamma"], stable_rows=layer.base_weight().shape[0],
         )
-        a, b = a.to(weight.dtype), b.to(weight.dtype)  # PEFT rounds them to the base dtype first
-        layer.lora_A[adapter_name].copy_(a)
-        layer.lora_B[adapter_name].copy_(b)
-        layer.base_weight().data.copy_(layer.to_raw(fn.low_rank_residual(weight, a, b, s)))
-        layer.record_base_rewrite(adapter_name, a, b)
+        apply_factors(layer, adapter_name, a.to(weight.dtype), b.to(weight.dtype))  # PEFT rounds them to W's dtype first
+
+
+@torch.no_grad()
+def apply_factors(layer: nn.Module, adapter_name: str, a: Tensor, b: Tensor) -> None:
+    """A, B <- ``a``, ``b`` and W <- W - s B A (:func:`functional.low_rank_residual`), recorded on the
+    layer: LoRA-GA's start of one layer, and its restore on --resume."""
+    weight = layer.canonical_weight()
+    layer.lora_A[adapter_name].copy_(a)
+    layer.lora_B[adapter_name].copy_(b)
+    a, b = a.to(weight.device), b.to(weight.device)
+    layer.base_weight().data.copy_(layer.to_raw(fn.low_rank_residual(weight, a, b, layer.scaling[adapter_name])))
+    layer.record_base_rewrite(adapter_name, a, b)
 
 
 def initialize_lora_ga_weights(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], adapter_name: str = "default") -> None:
