@@ -140,7 +140,7 @@ def generate_texts(model, tokenizer, sources: list[str], max_new_tokens: int = 1
     for start in range(0, len(sources), batch_size):
         chunk = sources[start:start + batch_size]
         enc = tokenizer(chunk, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-        enc = enc.to(model_device(model))
+        enc = tc.model_inputs(model, enc.to(model_device(model)))  # a BERT tokenizer's token_type_ids: not T5's
         with torch.no_grad():
             ids = model.generate(**enc, **kwargs)
         out += tokenizer.batch_decode(ids, skip_special_tokens=True)

@@ -100,6 +100,7 @@ def eval_dataset(data: SeqClsData, seed: int, processor, split: str = "validatio
 def class_probabilities(model, tokenizer, texts: list[str], pairs: list[str] | None = None) -> torch.Tensor:
     """(len(texts), num_labels) softmax probabilities."""
     enc = tokenizer(texts, pairs, truncation=True, padding=True, return_tensors="pt").to(model_device(model))
+    enc = tc.model_inputs(model, enc)
     with torch.no_grad():
         logits = model(**enc).logits
     return logits.float().softmax(dim=-1).cpu()
