@@ -285,12 +285,13 @@ def predict(
     import json
 
     if text or prompt:
-        if paths or run is None:
-            raise UserInputError("--text/--prompt take a --run RUN_DIR of a text task and no image paths")
+        if paths or (run is None) == (model is None):
+            raise UserInputError("--text/--prompt take a --run RUN_DIR of a text task or a merged --model DIR, "
+                                 "and no image paths")
         from lora_cli.inference.runs import predict_text
 
         rows = predict_text(run, list(text or []) + list(prompt or []), top_k, max_new_tokens, temperature, top_p,
-                            scalings=scalings)
+                            scalings=scalings, model_dir=model)
         if json_out:
             typer.echo(json.dumps(rows, indent=2))
         else:

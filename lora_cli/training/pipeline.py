@@ -28,7 +28,7 @@ from lora_cli.adapters import base_rewrites, get_adapter_model
 from lora_cli.adapters.state import load_safetensors
 from lora_cli.errors import LoraCliError, UserInputError
 from lora_cli.evaluation.plots import plot_training_curves
-from lora_cli.evaluation.report import evaluate, write_report
+from lora_cli.evaluation.report import evaluate, write_predictions, write_report
 from lora_cli.recipe import load_recipe, optimizer_steps, resolve_adapter_config
 from lora_cli.safe_text import terminal_text
 from lora_cli.task_kinds import TASK_KINDS
@@ -164,8 +164,10 @@ def _train_and_save(recipe, task, model, args, train_ds, eval_ds, processor, lab
         raise
 
     metrics = trainer.evaluate()
-    if task.generation_metrics is not None:  # e.g. seq2seq BLEU: generation, once at the end
-        scores = task.generation_metrics(model, processor, recipe.data, recipe.seed)
+    predictions: list[dict[str, Any]] | None = None
+    if task.generation_metrics is not None:  # e.g. seq2seq BLEU / chrF: generation, once at the end
+        predictions = []
+        scores = task.generation_metrics(model, processor, recipe.data, recipe.seed, predictions=predictions)
         metrics.update({f"eval_{k}": v for k, v in scores.items()})
     adapter_dir = run_dir / rd.ADAPTER_DIR
     full_state = distributed.sharded_adapter_state(trainer)  # collective: FSDP / ZeRO-3 shards gathered
@@ -182,6 +184,8 @@ def _train_and_save(recipe, task, model, args, train_ds, eval_ds, processor, lab
             write_report(report, run_dir)
         else:
             rd.write_json(run_dir / rd.EVAL_FILE, metrics)
+            if predictions is not None:
+                write_predictions(predictions, run_dir)
         _plot(run_dir)
         rd.write_status(run_dir, "completed", error=None)
         _print_summary(run_dir, metrics)

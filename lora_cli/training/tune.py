@@ -27,6 +27,7 @@ import json
 import math
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,8 +184,9 @@ def _check_out(out: Path, settings: dict[str, Any], recipe_path: Path) -> None:
 
 
 def tune(recipe_path: str | Path, space: list[str], trials: int, metric: str, direction: str = "maximize",
-         out: str | Path | None = None, pruner: Any = None) -> TuneResult:
-    """Run (or continue) the search until ``trials`` trials have finished."""
+         out: str | Path | None = None, pruner: Any = None, overrides: Sequence[str] = ()) -> TuneResult:
+    """Run (or continue) the search until ``trials`` trials have finished. ``overrides`` (``a.b=value``,
+    as ``train`` takes them) hold for every trial; a --space key wins over an override of the same key."""
     if importlib.util.find_spec("optuna") is None:
         raise UserInputError("loracli tune needs Optuna: pip install 'loracli[tune]'")
     import optuna
@@ -200,13 +202,16 @@ def tune(recipe_path: str | Path, space: list[str], trials: int, metric: str, di
         raise UserInputError(f"--direction {direction!r}: choose maximize or minimize")
     if trials < 1:
         raise UserInputError(f"--trials must be at least 1, got {trials}")
-    recipe = load_recipe(recipe_path)
+    fixed = list(overrides)
+    recipe = load_recipe(recipe_path, fixed)
     out = Path(out) if out is not None else Path(f"{recipe.output_path}-tune")
     for param in params:  # every bound must make a valid recipe: fail before the first trial
         for value in (param.choices or (param.low, param.high)):
             v = int(value) if param.kind == "int" else value
-            load_recipe(recipe_path, trial_overrides(recipe, {param.key: v}) + [f"output_dir={out / 'check'}"])
+            load_recipe(recipe_path, fixed + trial_overrides(recipe, {param.key: v}) + [f"output_dir={out / 'check'}"])
     settings = {"recipe": str(recipe_path.resolve()), "space": space, "metric": metric, "direction": direction}
+    if fixed:  # a search continued with other overrides would mix two experiments
+        settings["overrides"] = fixed
     _check_out(out, settings, recipe_path)
     out.mkdir(parents=True, exist_ok=True)
     with rd.RunLock(out):
@@ -227,7 +232,7 @@ def tune(recipe_path: str | Path, space: list[str], trials: int, metric: str, di
             trial.set_user_attr("run_dir", str(run_dir))
             callback = PruningCallback(trial, metric)
             try:
-                run_training(recipe_path, trial_overrides(recipe, values) + [f"output_dir={run_dir}"],
+                run_training(recipe_path, fixed + trial_overrides(recipe, values) + [f"output_dir={run_dir}"],
                              extra_callbacks=[callback])
             except UserInputError:
                 raise
@@ -248,7 +253,7 @@ def tune(recipe_path: str | Path, space: list[str], trials: int, metric: str, di
         if remaining > 0:
             study.optimize(objective, n_trials=remaining, catch=(), gc_after_trial=True)
         written = [write_results(study, params, out), write_importance(study, out),
-                   write_best_recipe(study, recipe, recipe_path, out)]
+                   write_best_recipe(study, recipe, recipe_path, out, fixed)]
     return TuneResult(study, out, [p for p in written if p is not None])
 
 
@@ -291,13 +296,13 @@ def write_importance(study: Any, out: Path) -> Path | None:
     return out / IMPORTANCE_FILE
 
 
-def write_best_recipe(study: Any, recipe: Any, recipe_path: Path, out: Path) -> Path | None:
+def write_best_recipe(study: Any, recipe: Any, recipe_path: Path, out: Path, fixed: Sequence[str] = ()) -> Path | None:
     """The recipe with the best trial's values applied, as YAML ``loracli train`` reads."""
     try:
         best = study.best_trial
     except ValueError:
         return None
-    overrides = trial_overrides(recipe, best.params) + [f"output_dir={recipe.output_path}-best"]
+    overrides = [*fixed, *trial_overrides(recipe, best.params), f"output_dir={recipe.output_path}-best"]
     text = load_recipe(recipe_path, overrides).to_yaml()
     head = f"# Best of {len(study.trials)} trial(s): trial {best.number}, {study.direction.name.lower()}d value {best.value}\n"
     path = write_text(out / BEST_FILE, head + text)
