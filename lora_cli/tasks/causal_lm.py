@@ -181,10 +181,8 @@ def chat_template(processor, data: CausalLMData) -> str | None:
 
 def prepare(splits: data_mod.Splits, processor, data: CausalLMData, seed: int):
     template = chat_template(processor, data)
-    train, splits.notes["train"] = _tokenize(splits.train, processor, data, template, "training",
-                                             splits.sources.get("train"))
-    eval_ds, splits.notes["eval"] = _tokenize(splits.eval, processor, data, template, "validation",
-                                              splits.sources.get("eval"))
+    train, _ = _tokenize(splits.train, processor, data, template, "training", splits.sources.get("train"))
+    eval_ds, _ = _tokenize(splits.eval, processor, data, template, "validation", splits.sources.get("eval"))
     if len(train) == 0:
         raise UserInputError(
             f"data: no training row has a token to learn (data.max_length={data.max_length} "
@@ -193,7 +191,7 @@ def prepare(splits: data_mod.Splits, processor, data: CausalLMData, seed: int):
     if data.packing:
         rows = len(train)
         train = packing.pack(train, data.max_length)
-        splits.notes["train"] += f"; packed into {len(train)} sequences of up to {data.max_length} tokens"
+        splits.notes["train"] = f"{rows} training rows packed into {len(train)} sequences of up to {data.max_length} tokens"
         logger.info("data.packing: %d training rows packed into %d sequences", rows, len(train))
     return train, eval_ds
 

@@ -33,8 +33,8 @@ class Splits:
     sources: dict[str, str] = field(default_factory=dict)
     """``train`` / ``eval`` -> where those rows come from, for messages."""
     notes: dict[str, str] = field(default_factory=dict)
-    """``train`` / ``eval`` -> what preparing them did (rows kept, cut, left out, packed), for
-    ``train --dry-run`` and ``validate --data``; set by the task's ``prepare`` where it has any."""
+    """``train`` / ``eval`` -> what preparing them did beyond the row counts (rows packed), for
+    ``train --dry-run`` and ``validate --data``; rows cut or left out are a warning of their own."""
 
 
 def file_format(path: str) -> str:
