@@ -213,7 +213,7 @@ def check_architecture(model_type: str | None, run_dir: Path) -> str:
 def _adapter_refusal(run_dir: Path) -> str | None:
     """Why the run's adapter cannot be a GGUF LoRA (with the fix), from its files alone; None if it can."""
     from lora_cli.adapters import AdapterConfig
-    from lora_cli.adapters.base_rewrites import BASE_REWRITES_NAME
+    from lora_cli.adapters.base_weights import BASE_REWRITES_NAME
 
     adapter_dir = run_dir / rd.ADAPTER_DIR
     if not (adapter_dir / "adapter_config.json").is_file():

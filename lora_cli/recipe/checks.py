@@ -15,7 +15,7 @@ from typing import Any
 from lora_cli.adapters import get_method
 from lora_cli.adapters.methods.lora.starts import rewrites_base
 from lora_cli.errors import UserInputError, did_you_mean
-from lora_cli.recipe.data import DATA_PATHS, DATA_SOURCES
+from lora_cli.recipe.data import DATA_PATHS, DATA_SOURCES, is_template_text
 from lora_cli.recipe.errors import Reporter
 from lora_cli.task_kinds import IMAGE_CLASSIFICATION, TASK_KINDS, TASKS, TEXT_TASKS, TIMING_METRICS
 
@@ -123,6 +123,13 @@ def check_data(data: Any, task: Any, report: Reporter) -> None:
             report.add(("data", key), "file not found", value, where)
         elif path.suffix.lower() not in (".csv", ".tsv", ".json", ".jsonl"):
             report.add(("data", key), "must be a .csv, .tsv, .json or .jsonl file", value)
+    template = data.get("chat_template")
+    if isinstance(template, str) and not is_template_text(template):
+        path = Path(template).expanduser().absolute()
+        if not template.strip() or not path.is_file():
+            report.add(("data", "chat_template"), "is neither a Jinja template nor a template file", template,
+                       f"looked for {path}; give the template inline (it contains {{% or {{{{) or the path of a "
+                       ".jinja file, relative to the current directory")
 
 
 def check_sharding(training: Any, report: Reporter) -> None:

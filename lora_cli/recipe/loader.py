@@ -23,6 +23,7 @@ from lora_cli.recipe.data import (
     DATA_SECTIONS,
     DataSection,
     data_section_for,
+    is_template_text,
     without_flat_defaults,
 )
 from lora_cli.recipe.errors import Location, RecipeError, RecipeProblem, Reporter
@@ -52,6 +53,7 @@ def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recip
     recipe._source = path.resolve()
     recipe._locations = locations
     recipe.adapter._source, recipe.adapter._locations = shown, locations
+    recipe.data._source, recipe.data._locations = shown, locations
     return recipe
 
 
@@ -176,6 +178,9 @@ def _absolute_paths(plain: dict) -> None:
         for key in DATA_PATHS:
             if isinstance(section.get(key), str) and section[key]:
                 section[key] = str(Path(section[key]).expanduser().absolute())
+        template = section.get("chat_template")
+        if isinstance(template, str) and template.strip() and not is_template_text(template):
+            section["chat_template"] = str(Path(template).expanduser().absolute())
 
 
 _MESSAGES = {
