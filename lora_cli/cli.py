@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import atexit
 import gc
+import importlib.abc
+import importlib.util
 import logging
 import os
 import sys
@@ -113,12 +115,8 @@ def main_options(
     STATE["debug"] = debug
     warnings.showwarning = _show_warning
     if not debug:
-        # transformers' per-file "Loading weights" bars are noise around our own progress
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        # its load reports ("classifier.weight MISSING") describe the head loracli adds itself
-        hf_logging.set_verbosity_error()
+        # transformers' settings wait for transformers' own import: validating a recipe needs none
+        _after_import("transformers.utils.logging", _quiet_transformers)
         # datasets draws a bar for each internal step ("Flattening the indices", "Casting to class
         # labels"), 0% and 100% frames in a log; loracli shows its real phases itself (lora_cli.progress).
         # Read when datasets is imported; a user's own setting of the variable wins.
@@ -126,6 +124,46 @@ def main_options(
         if "datasets" in sys.modules and os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1":
             sys.modules["datasets"].disable_progress_bars()
     _log_to_stderr(debug)
+
+
+def _quiet_transformers(hf_logging) -> None:
+    if STATE["debug"]:  # a later command of the same process asked for everything
+        return
+    # transformers' per-file "Loading weights" bars are noise around our own progress
+    hf_logging.disable_progress_bar()
+    # its load reports ("classifier.weight MISSING") describe the head loracli adds itself
+    hf_logging.set_verbosity_error()
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs ``then(module)`` once, right after the module ``name`` is first imported."""
+
+    def __init__(self, name: str, then) -> None:
+        self.name, self.then = name, then
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)  # the other finders find it; this one only wraps what they found
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module) -> None:
+            run(module)
+            self.then(module)
+
+        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+def _after_import(name: str, then) -> None:
+    """``then(module)`` now if ``name`` is imported already, else right after it is (once)."""
+    if name in sys.modules:
+        then(sys.modules[name])
+    elif not any(isinstance(f, _AfterImport) and f.name == name for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(name, then))
 
 
 def _log_to_stderr(debug: bool) -> None:
@@ -190,10 +228,15 @@ def train(
 
     Sharded models: training.fsdp: true, or training.deepspeed (README, multi-GPU section).
     """
-    from lora_cli.training.pipeline import run_training
+    from lora_cli.recipe import load_recipe
 
+    if resume and overwrite:
+        raise UserInputError("--resume continues the run and --overwrite replaces it; pass only one of them")
     try:
-        run_training(recipe, overrides or [], resume=resume, dry_run=dry_run, overwrite=overwrite)
+        loaded = load_recipe(recipe, overrides or [])  # bad input reported before torch is imported
+        from lora_cli.training.pipeline import run_training
+
+        run_training(recipe, overrides or [], resume=resume, dry_run=dry_run, overwrite=overwrite, loaded=loaded)
     except TrainingInterrupted as exc:  # Ctrl-C once the run directory exists: where it stopped, how to go on
         if str(exc):
             err.print(f"[yellow]{shown(exc)}[/yellow]", highlight=False, soft_wrap=True)

@@ -33,7 +33,7 @@ from lora_cli.atomic import io_errno
 from lora_cli.errors import LoraCliError, TrainingInterrupted, UserInputError
 from lora_cli.evaluation.plots import plot_training_curves
 from lora_cli.evaluation.report import evaluate, write_predictions, write_report
-from lora_cli.recipe import load_recipe, optimizer_steps, resolve_adapter_config
+from lora_cli.recipe import Recipe, load_recipe, optimizer_steps, resolve_adapter_config
 from lora_cli.safe_text import terminal_text
 from lora_cli.task_kinds import TASK_KINDS
 from lora_cli.tasks import get_task, packing
@@ -66,11 +66,15 @@ def run_training(
     dry_run: bool = False,
     overwrite: bool = False,
     extra_callbacks: Sequence[Any] = (),
+    loaded: Recipe | None = None,
 ) -> Path | None:
-    """Train as the recipe says; return the run directory (None for a dry run)."""
+    """Train as the recipe says; return the run directory (None for a dry run).
+
+    ``loaded``: the recipe ``load_recipe(recipe_path, overrides)`` returned already (``loracli
+    train`` checks it before importing this module, so bad input is reported without torch)."""
     if resume and overwrite:
         raise UserInputError("--resume continues the run and --overwrite replaces it; pass only one of them")
-    recipe = load_recipe(recipe_path, overrides)
+    recipe = loaded if loaded is not None else load_recipe(recipe_path, overrides)
     task = get_task(recipe.task)
     run_dir = Path(recipe.output_path)
     replace = preflight.check_run_dir(run_dir, resume=resume, overwrite=overwrite, dry_run=dry_run,
