@@ -420,10 +420,9 @@ def _verify_adapter(path: Path, architecture: str, alpha: float, pairs: list[_Pa
 # ---------------------------------------------------------------------------- merged
 def _export_merged(run_dir: Path, out: Path, recipe: Any, dtype: str, n: int, replace: bool) -> GgufExportReport:
     from lora_cli.inference.loading import load_run
-    from lora_cli.inference.merge import merge_run
-    from lora_cli.inference.runs import _refuse_unmergeable, verification_batch
+    from lora_cli.inference.merge import merge_run, refuse_unmergeable, verification_batch
 
-    _refuse_unmergeable(run_dir / rd.ADAPTER_DIR)
+    refuse_unmergeable(run_dir / rd.ADAPTER_DIR)
     processor_dir = run_dir / rd.PROCESSOR_DIR
     if (processor_dir / "tokenizer.json").is_file():  # told before the slow load; checked again on the merge
         tokenizer_kind(json.loads((processor_dir / "tokenizer.json").read_text(encoding="utf-8")), run_dir)
