@@ -150,13 +150,9 @@ def predictions_table(results: Sequence[FilePrediction], title: str | None = Non
 
     File names, labels and errors are user data: control characters and bidi overrides
     are shown escaped (:func:`lora_cli.safe_text.terminal_text`), rich markup escaped."""
-    from rich.markup import escape as _markup_escape
     from rich.table import Table
 
-    from lora_cli.safe_text import terminal_text
-
-    def escape(value: str) -> str:
-        return _markup_escape(terminal_text(value))
+    from lora_cli.safe_text import rich_text as escape
 
     k = max((len(r.labels) for r in results), default=1)
     names = [r.file for r in results]

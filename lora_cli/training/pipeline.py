@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 from transformers import PrinterCallback, TrainingArguments, set_seed
 
@@ -34,7 +33,7 @@ from lora_cli.errors import LoraCliError, TrainingInterrupted, UserInputError
 from lora_cli.evaluation.plots import plot_training_curves
 from lora_cli.evaluation.report import evaluate, write_predictions, write_report
 from lora_cli.recipe import Recipe, load_recipe, optimizer_steps, resolve_adapter_config
-from lora_cli.safe_text import terminal_text
+from lora_cli.safe_text import rich_text
 from lora_cli.task_kinds import TASK_KINDS
 from lora_cli.tasks import get_task, packing
 from lora_cli.tasks.defaults import default_target_modules
@@ -393,46 +392,43 @@ def _plot(run_dir: Path) -> None:
 
 # --------------------------------------------------------------------- printing
 def _print_dry_run(recipe, model, n_train: int, n_eval: int, labels, notes: dict[str, str] | None = None) -> None:
-    table = Table(title=_shown(f"{recipe.name}: adapted modules ({recipe.adapter.method})"))
+    table = Table(title=rich_text(f"{recipe.name}: adapted modules ({recipe.adapter.method})"))
     table.add_column("module")
     table.add_column("layer")
     table.add_column("adapter")
     for path, layer in model.adapter_layers():
-        table.add_row(_shown(path), type(layer.base_layer).__name__, _shown(layer.extra_repr()))
+        table.add_row(rich_text(path), type(layer.base_layer).__name__, rich_text(layer.extra_repr()))
     for name, encoder in getattr(model, "prompt_encoder", {}).items():  # prompt learning adapts no layer
-        table.add_row(_shown(f"prompt_encoder.{name}"), type(encoder).__name__, _shown(encoder.extra_repr()))
+        table.add_row(rich_text(f"prompt_encoder.{name}"), type(encoder).__name__, rich_text(encoder.extra_repr()))
     console.print(table)
     trainable, total = model.get_nb_trainable_parameters()
     console.print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
     saved = model.peft_config[model.active_adapter].modules_to_save
-    console.print(_shown(f"trained in full (modules_to_save): {', '.join(saved) if saved else 'none'}"))
+    console.print(rich_text(f"trained in full (modules_to_save): {', '.join(saved) if saved else 'none'}"))
     label_text = f", {len(labels)} labels" if labels else ""
     for note in (notes or {}).values():
-        console.print(_shown(f"data: {note}"))
+        console.print(rich_text(f"data: {note}"))
     unit = "sequences" if getattr(recipe.data, "packing", False) else "rows"
     console.print(f"data: {n_train} train {unit} / {n_eval} eval rows{label_text}. Dry run: nothing trained, nothing written.")
 
 
 def _print_calibration(record) -> None:
-    table = Table(title=_shown(f"calibration ({record.init}): {record.batches} batches of {record.batch_size}, "
+    table = Table(title=rich_text(f"calibration ({record.init}): {record.batches} batches of {record.batch_size}, "
                                f"seed {record.seed}, {record.seconds:.1f} s"))
     table.add_column("module")
     table.add_column("rank", justify="right")
     table.add_column("alpha", justify="right")
     for path, rank in record.ranks.items():
-        table.add_row(_shown(path), str(rank), f"{record.alphas.get(path, 0):g}")
+        table.add_row(rich_text(path), str(rank), f"{record.alphas.get(path, 0):g}")
     console.print(table)
 
 
 def _print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:
-    table = Table(title=_shown(f"run {run_dir}"))
+    table = Table(title=rich_text(f"run {run_dir}"))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in sorted(metrics.items()):
-        table.add_row(_shown(key), f"{value:.4f}" if isinstance(value, float) else _shown(value))
+        table.add_row(rich_text(key), f"{value:.4f}" if isinstance(value, float) else rich_text(value))
     console.print(table)
 
 
-def _shown(value: object) -> str:
-    """User-derived text (paths, names) for the terminal: no control characters, no rich markup."""
-    return escape(terminal_text(value))
