@@ -17,7 +17,3 @@ shown = rich_text
 def ok(message: object, note: str = "") -> None:
     """``ok <message>`` on stderr; ``note`` is rich markup of loracli's own."""
     err.print(f"[green]ok[/green] {shown(message)}{note}", highlight=False, soft_wrap=True)
-
-
-def wrote(*paths: object) -> None:
-    err.print(f"wrote {' and '.join(shown(p) for p in paths)}", highlight=False, soft_wrap=True)
