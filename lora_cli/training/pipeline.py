@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.table import Table
 from transformers import PrinterCallback, TrainingArguments, set_seed
 
 from lora_cli import packaged
@@ -33,11 +32,10 @@ from lora_cli.errors import LoraCliError, TrainingInterrupted, UserInputError
 from lora_cli.evaluation.plots import plot_training_curves
 from lora_cli.evaluation.report import evaluate, write_predictions, write_report
 from lora_cli.recipe import Recipe, load_recipe, optimizer_steps, resolve_adapter_config
-from lora_cli.safe_text import rich_text
 from lora_cli.task_kinds import TASK_KINDS
 from lora_cli.tasks import get_task, packing
 from lora_cli.tasks.defaults import default_target_modules
-from lora_cli.training import calibration, distributed, preflight
+from lora_cli.training import calibration, distributed, preflight, printed
 from lora_cli.training.callbacks import (
     AdaLoraCallback,
     MetricsFileCallback,
@@ -115,9 +113,9 @@ def run_training(
     calibrated = _calibrate(recipe, task, model, processor, train_ds, args, run_dir, resume)
 
     if dry_run:
-        _print_dry_run(recipe, model, len(train_ds), len(eval_ds), labels, splits.notes)
+        printed.dry_run(recipe, model, len(train_ds), len(eval_ds), labels, splits.notes)
         if calibrated is not None:
-            _print_calibration(calibrated)
+            printed.calibration(calibrated)
         return None
 
     # ---- from here on we write, holding the run directory's lock (rank 0 writes)
@@ -233,7 +231,7 @@ def _train_and_save(recipe, task, model, args, train_ds, eval_ds, processor, lab
         _plot(run_dir)
         rd.write_status(run_dir, "completed", error=None, step=trainer.state.global_step,
                         max_steps=trainer.state.max_steps)  # --resume: whether anything is left
-        _print_summary(run_dir, metrics)
+        printed.summary(run_dir, metrics)
     distributed.barrier()  # no process returns before the run directory is complete
     return run_dir
 
@@ -388,47 +386,3 @@ def _plot(run_dir: Path) -> None:
     except Exception as exc:  # noqa: BLE001 - a figure must never cost the trained run
         warnings.warn(f"could not draw the training curves in {run_dir / rd.PLOTS_DIR} ({type(exc).__name__}: {exc}); "
                       "the adapter, metrics.jsonl and eval.json are written", stacklevel=2)
-
-
-# --------------------------------------------------------------------- printing
-def _print_dry_run(recipe, model, n_train: int, n_eval: int, labels, notes: dict[str, str] | None = None) -> None:
-    table = Table(title=rich_text(f"{recipe.name}: adapted modules ({recipe.adapter.method})"))
-    table.add_column("module")
-    table.add_column("layer")
-    table.add_column("adapter")
-    for path, layer in model.adapter_layers():
-        table.add_row(rich_text(path), type(layer.base_layer).__name__, rich_text(layer.extra_repr()))
-    for name, encoder in getattr(model, "prompt_encoder", {}).items():  # prompt learning adapts no layer
-        table.add_row(rich_text(f"prompt_encoder.{name}"), type(encoder).__name__, rich_text(encoder.extra_repr()))
-    console.print(table)
-    trainable, total = model.get_nb_trainable_parameters()
-    console.print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
-    saved = model.peft_config[model.active_adapter].modules_to_save
-    console.print(rich_text(f"trained in full (modules_to_save): {', '.join(saved) if saved else 'none'}"))
-    label_text = f", {len(labels)} labels" if labels else ""
-    for note in (notes or {}).values():
-        console.print(rich_text(f"data: {note}"))
-    unit = "sequences" if getattr(recipe.data, "packing", False) else "rows"
-    console.print(f"data: {n_train} train {unit} / {n_eval} eval rows{label_text}. Dry run: nothing trained, nothing written.")
-
-
-def _print_calibration(record) -> None:
-    table = Table(title=rich_text(f"calibration ({record.init}): {record.batches} batches of {record.batch_size}, "
-                               f"seed {record.seed}, {record.seconds:.1f} s"))
-    table.add_column("module")
-    table.add_column("rank", justify="right")
-    table.add_column("alpha", justify="right")
-    for path, rank in record.ranks.items():
-        table.add_row(rich_text(path), str(rank), f"{record.alphas.get(path, 0):g}")
-    console.print(table)
-
-
-def _print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:
-    table = Table(title=rich_text(f"run {run_dir}"))
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in sorted(metrics.items()):
-        table.add_row(rich_text(key), f"{value:.4f}" if isinstance(value, float) else rich_text(value))
-    console.print(table)
-
-
