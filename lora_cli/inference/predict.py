@@ -96,8 +96,9 @@ def load_for_predict(run_dir: str | Path | None = None, model_dir: str | Path | 
     source = run_dir if model_dir is None else model_dir
     if texts and loaded.task.KIND.inputs == "images":
         if model_dir is not None:
-            raise UserInputError(f"{model_dir} holds an image model: image models take image paths instead of "
-                                 "--text / --prompt")
+            architectures = " ".join(getattr(loaded.model.config, "architectures", None) or []) or "model"
+            raise UserInputError(f"{model_dir} holds a {architectures} that is no text model loracli merges (causal-lm, "
+                                 "seq-cls, seq2seq); image models take image paths instead of --text / --prompt")
         raise UserInputError(f"--text/--prompt are for text runs; {source} is a {loaded.task.KIND.name} run: pass "
                              "image paths instead")
     if not texts and loaded.task.KIND.inputs != "images":
