@@ -79,7 +79,6 @@ DELTA_RTOL = {"float32": 1e-5, "float16": 4e-3}
 order; float16 rounds A and B (11-bit mantissa). A wrong layout or scale is off by O(1)."""
 
 @dataclass
-@dataclass
 class GgufExportReport:
     out_dir: str
     kind: str
@@ -229,8 +228,6 @@ def _adapter_refusal(run_dir: Path) -> str | None:
     return None
 
 
-# ---------------------------------------------------------------------------- layout
-@dataclass
 # ---------------------------------------------------------------------------- adapter
 @dataclass
 class _Pair:
