@@ -203,7 +203,8 @@ def compare(run: Path, work: Path, base_gguf: Path | None = None) -> dict:
     """Export ``run`` (adapter and merged float32), score the prompts in llama.cpp and loracli, return the figures."""
     from transformers import AutoTokenizer
 
-    from lora_cli.inference.gguf_export import export_gguf, write_model_gguf
+    from lora_cli.inference.gguf_export import export_gguf
+    from lora_cli.inference.gguf_model import write_model_gguf
     from lora_cli.recipe import load_recipe
 
     base_gguf = base_gguf or smollm2_gguf()

@@ -166,7 +166,7 @@ def bench_kind(kind: str, root: Path, args: argparse.Namespace) -> dict:
              "per-run": ([["bench.serve_naive", "--run", str(r), "--threads", str(per_run_threads)] for r in runs],
                          per_run_threads)}
     if kind != "lm":
-        from lora_cli.inference.runs import merge_from_run
+        from lora_cli.inference.merge import merge_from_run
 
         merged = [root / kind / f"merged-{r.name}" for r in runs]
         for run, out in zip(runs, merged):

@@ -7,7 +7,8 @@ Class names, file names and messages come from users' data. Three places interpr
   bidi overrides (U+202A-U+202E, U+2066-U+2069) reorder what is shown, so ``\\u202eevil``
   reads backwards. :func:`terminal_text` shows each as a visible escape (``\\x1b``,
   ``\\u202e``) so the user sees the text was there without the terminal obeying it. rich
-  markup (``[red]``) is a separate layer: callers still apply ``rich.markup.escape``.
+  markup (``[red]``) is a separate layer: :func:`rich_text` escapes both, for text printed
+  through rich (every table and message of the CLI).
 - a spreadsheet: a CSV cell starting with ``=``, ``+``, ``-``, ``@``, tab or carriage
   return is a formula in Excel / LibreOffice / Sheets (OWASP "CSV injection").
   :func:`csv_cell` prefixes such a cell with ``'`` (and neutralises control characters).
@@ -20,14 +21,15 @@ Class names, file names and messages come from users' data. Three places interpr
   or ``-`` makes a heading or a list, backticks and ``*`` change the text.
   :func:`markdown_text` makes one line that renders as exactly the text given.
 
-Pure Python, no imports beyond the standard library: the CLI imports it at start-up.
+Pure Python, no imports beyond the standard library at import time: the CLI imports it at
+start-up (``rich_text`` imports rich's markup escaping when first called).
 """
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["csv_cell", "markdown_text", "plot_label", "terminal_text"]
+__all__ = ["csv_cell", "markdown_text", "plot_label", "rich_text", "terminal_text"]
 
 _BIDI = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
 # C0 controls, DEL, C1 controls, bidi embeddings/overrides/isolates, and the invisible
@@ -59,6 +61,14 @@ def terminal_text(value: object, keep_newlines: bool = False) -> str:
     text = str(value)
     pattern = _UNSAFE_KEEP_NEWLINES if keep_newlines else _UNSAFE
     return pattern.sub(_visible, text)
+
+
+def rich_text(value: object, keep_newlines: bool = False) -> str:
+    """:func:`terminal_text` with rich markup escaped too (``[red]`` shows as typed): user-derived
+    text for a rich console or table."""
+    from rich.markup import escape
+
+    return escape(terminal_text(value, keep_newlines=keep_newlines))
 
 
 def csv_cell(value: object) -> str:

@@ -57,5 +57,4 @@ TASK_KINDS: dict[str, TaskKind] = {
 TASKS: tuple[str, ...] = tuple(TASK_KINDS)
 TIMING_METRICS = ("runtime", "samples_per_second", "steps_per_second")
 """What the Trainer's every evaluation also reports, about its speed."""
-CLASSIFICATION_TASKS: tuple[str, ...] = tuple(k.name for k in TASK_KINDS.values() if k.labels)
 TEXT_TASKS: tuple[str, ...] = tuple(k.name for k in TASK_KINDS.values() if k.inputs == "text")

@@ -47,11 +47,13 @@ def loracli_as_on_avx512bf16(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_bitsandbytes_kernel_warnings_only_with_debug():
-    done = loracli_as_on_avx512bf16("validate", "recipes/quickstart.yaml")
+    # a quantized base: validate probes bitsandbytes (a recipe without one imports neither it nor torch)
+    quantized = "model.quantization={bits: 4}"
+    done = loracli_as_on_avx512bf16("validate", "recipes/quickstart.yaml", quantized)
     assert done.returncode == 0, done.stderr
     assert "ok recipes/quickstart.yaml" in done.stderr
     assert not any(noise in done.stderr for noise in KERNEL_NOISE), done.stderr
-    debug = loracli_as_on_avx512bf16("--debug", "validate", "recipes/quickstart.yaml")
+    debug = loracli_as_on_avx512bf16("--debug", "validate", "recipes/quickstart.yaml", quantized)
     assert debug.returncode == 0, debug.stderr
     assert "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'" in debug.stderr
     assert "Failed to load CPU gemm_4bit_forward from kernels-community" in debug.stderr

@@ -17,6 +17,7 @@ MAY_IMPORT = {
     "atomic": {"errors"},  # a failed write is a LoraCliError (CONTRIBUTING: the small helpers may import errors)
     "safe_text": set(),
     "progress": set(),
+    "labels": {"errors"},  # a classifier's label map, resolved once (runs, merged models, heads)
     "hf_names": {"errors"},
     "hub": {"errors"},
     "devices": {"errors"},
@@ -24,14 +25,15 @@ MAY_IMPORT = {
     "packaged": {"errors", "atomic", "safe_text"},
     "adapters": {"errors", "atomic", "hf_names"},  # atomic is a ground-floor helper (it imports errors only)
     "recipe": {"errors", "adapters", "task_kinds"},
-    "tasks": {"errors", "safe_text", "progress", "hub", "devices", "adapters", "recipe", "hf_names", "task_kinds", "packaged"},
+    "tasks": {"errors", "safe_text", "progress", "hub", "devices", "adapters", "recipe", "hf_names", "task_kinds", "packaged",
+              "labels"},
     "evaluation": {"errors", "atomic", "safe_text", "devices", "rundir", "adapters"},  # the method facts (torch-free)
     "training": {"errors", "atomic", "safe_text", "progress", "hub", "devices", "rundir", "adapters", "recipe", "tasks", "evaluation",
-                 "hf_names", "task_kinds", "packaged"},
+                 "hf_names", "task_kinds", "packaged", "labels"},
     "inference": {"errors", "atomic", "safe_text", "progress", "hub", "devices", "rundir", "adapters", "recipe", "tasks", "evaluation",
-                  "hf_names", "task_kinds", "packaged"},
+                  "hf_names", "task_kinds", "packaged", "labels"},
     "serve": {"errors", "atomic", "safe_text", "progress", "hub", "devices", "rundir", "adapters", "recipe", "tasks", "evaluation",
-              "inference", "hf_names", "task_kinds", "packaged"},
+              "inference", "hf_names", "task_kinds", "packaged", "labels"},
     "cli": {"*"},
     "commands": {"*"},
     "__main__": {"cli"},

@@ -8,11 +8,10 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
 from lora_cli.atomic import writing
 from lora_cli.errors import UserInputError
-from lora_cli.safe_text import terminal_text
+from lora_cli.safe_text import rich_text
 
 PLOT_NAME = "compare.png"
 
@@ -80,7 +79,7 @@ def write_comparison(runs: list[Path], md: bool = False, csv_out: bool = False, 
     if written is None:
         err.print("no curves in the runs' metrics.jsonl; no figure written", highlight=False)
     else:
-        err.print(f"wrote {escape(terminal_text(written))}", highlight=False, soft_wrap=True)
+        err.print(f"wrote {rich_text(written)}", highlight=False, soft_wrap=True)
 
 
 def default_plot_path(runs: list[Path]) -> Path:

@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.markup import escape
 
-from lora_cli.safe_text import terminal_text
+from lora_cli.safe_text import rich_text
 
 err = Console(stderr=True)
 """Messages (ok / wrote / warnings) go to stderr, so stdout stays the command's data (--json)."""
 
 
-def shown(value: object, keep_newlines: bool = False) -> str:
-    """User-derived text for rich: control characters / bidi overrides shown escaped, markup escaped."""
-    return escape(terminal_text(value, keep_newlines=keep_newlines))
+shown = rich_text
+"""User-derived text for rich: control characters / bidi overrides shown escaped, markup escaped."""
 
 
 def ok(message: object, note: str = "") -> None:
     """``ok <message>`` on stderr; ``note`` is rich markup of loracli's own."""
     err.print(f"[green]ok[/green] {shown(message)}{note}", highlight=False, soft_wrap=True)
-
-
-def wrote(*paths: object) -> None:
-    err.print(f"wrote {' and '.join(shown(p) for p in paths)}", highlight=False, soft_wrap=True)

@@ -10,18 +10,15 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
 from lora_cli.atomic import writing
 from lora_cli.commands.compare import PLOT_NAME, write_comparison
 from lora_cli.errors import LoraCliError, UserInputError
-from lora_cli.safe_text import terminal_text
+from lora_cli.safe_text import rich_text, terminal_text
 
 err = Console(stderr=True)
 
 
-def _safe(value: object) -> str:
-    return escape(terminal_text(value))
 
 
 def sweep(
@@ -65,16 +62,16 @@ def _sweep(recipe: Path, axes: list[str], folder: Path, dry_run: bool, overwrite
     from lora_cli.training.sweep import SWEEP_FILE, plan
 
     sweep_dir, points = plan(recipe, axes, folder)
-    err.print(f"sweep {_safe(sweep_dir)}: {len(points)} point(s)", highlight=False, soft_wrap=True)
+    err.print(f"sweep {rich_text(sweep_dir)}: {len(points)} point(s)", highlight=False, soft_wrap=True)
     for point in points:
         settings = ", ".join(f"{k}={v}" for k, v in point.values.items())
-        err.print(f"  {_safe(point.name)}: {_safe(settings)}", highlight=False, soft_wrap=True)
+        err.print(f"  {rich_text(point.name)}: {rich_text(settings)}", highlight=False, soft_wrap=True)
         for note in point.notes:
-            err.print(f"      {_safe(note)}", highlight=False, soft_wrap=True)
+            err.print(f"      {rich_text(note)}", highlight=False, soft_wrap=True)
         if point.recipe != recipe:
-            err.print(f"      recipe {_safe(point.recipe)}", highlight=False, soft_wrap=True)
+            err.print(f"      recipe {rich_text(point.recipe)}", highlight=False, soft_wrap=True)
         if point.error:
-            shown = escape(terminal_text(point.error, keep_newlines=True)).replace("\n", "\n      ")
+            shown = rich_text(point.error, keep_newlines=True).replace("\n", "\n      ")
             err.print(f"      [red]invalid:[/red] {shown}", highlight=False, soft_wrap=True)
     if dry_run:
         return
@@ -103,10 +100,10 @@ def _run_points(sweep_dir: Path, points, overwrite: bool) -> dict[str, dict]:
         if point.error:
             entry |= {"state": "invalid", "reason": "invalid recipe (see above)", "error": point.error}
         elif not overwrite and is_done(point):
-            err.print(f"[{i}/{len(points)}] {_safe(point.name)}: completed earlier, kept", highlight=False)
+            err.print(f"[{i}/{len(points)}] {rich_text(point.name)}: completed earlier, kept", highlight=False)
             entry |= {"state": "kept"}
         else:
-            err.print(f"[{i}/{len(points)}] [bold]{_safe(point.name)}[/bold]", highlight=False)
+            err.print(f"[{i}/{len(points)}] [bold]{rich_text(point.name)}[/bold]", highlight=False)
             command = [sys.executable, "-m", "lora_cli", "train", str(point.recipe), *point.overrides]
             if overwrite and rd.is_run_dir(point.run_dir):
                 command.append("--overwrite")

@@ -26,7 +26,7 @@ from lora_cli.adapters.registry import get_method
 from lora_cli.errors import UserInputError
 from lora_cli.evaluation.effective_rank import adapter_effective_rank
 from lora_cli.evaluation.plots import read_metrics
-from lora_cli.safe_text import csv_cell, markdown_text, terminal_text
+from lora_cli.safe_text import csv_cell, markdown_text, rich_text, terminal_text
 
 TRAIN_STATS_FILE = "train.json"
 """Training-loop wall time, throughput, peak memory and parameter counts (TrainStatsCallback)."""
@@ -208,7 +208,6 @@ def csv_text(rows: list[dict[str, Any]]) -> str:
 
 
 def rich_table(rows: list[dict[str, Any]], title: str = "Run comparison"):
-    from rich.markup import escape
     from rich.table import Table
 
     headings, cells = text_rows(rows)
@@ -216,5 +215,5 @@ def rich_table(rows: list[dict[str, Any]], title: str = "Run comparison"):
     for i, heading in enumerate(headings):
         table.add_column(heading, justify="left" if i < 3 else "right", no_wrap=i == 0)
     for row in cells:
-        table.add_row(*(escape(terminal_text(v)) for v in row))
+        table.add_row(*(rich_text(v) for v in row))
     return table

@@ -31,7 +31,7 @@ from lora_cli.devices import model_device, model_dtype
 from lora_cli.errors import LoraCliError, UserInputError
 from lora_cli.evaluation import metrics
 from lora_cli.evaluation.plots import plot_confusion_matrix
-from lora_cli.safe_text import terminal_text
+from lora_cli.safe_text import rich_text, terminal_text
 
 TOP_K = 5
 
@@ -202,11 +202,9 @@ def evaluate_lm(model: nn.Module, dataset: Any, collate: Callable[[list], Mappin
 
 def report_tables(report: Mapping[str, Any], worst: int = 10) -> list[Any]:
     """Rich tables: the summary, the weakest classes, the most-confused pairs."""
-    from rich.markup import escape as _markup_escape
     from rich.table import Table
 
-    def escape(value: str) -> str:  # class names are user data: no control characters, no markup
-        return _markup_escape(terminal_text(value))
+    escape = rich_text  # class names are user data: no control characters, no markup
 
     if "per_class" not in report:  # a language-model report: one table of numbers
         table = Table(title="evaluation", show_header=False)

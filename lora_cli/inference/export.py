@@ -38,8 +38,13 @@ from lora_cli import rundir as rd
 from lora_cli.atomic import atomic_dir
 from lora_cli.errors import LoraCliError, UserInputError
 from lora_cli.inference.loading import load_run
-from lora_cli.inference.merge import MERGE_FILE, MergeReport, compare_logits, merge_run
-from lora_cli.inference.runs import verification_batch
+from lora_cli.inference.merge import (
+    MERGE_FILE,
+    MergeReport,
+    compare_logits,
+    merge_run,
+    verification_batch,
+)
 from lora_cli.recipe import load_recipe
 
 logger = logging.getLogger(__name__)

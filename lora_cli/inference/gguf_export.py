@@ -15,16 +15,8 @@ constants and llama.cpp's converters and adapter loader):
   ``<name>.lora_b``. In numpy order they are PyTorch's A (r, in) and B (out, r); GGUF lists
   dimensions the other way round (ne = [in, r] and [r, out]), which is what llama.cpp checks.
   llama.cpp adds ``alpha / r * B (A x)``, r read from each lora_b, one alpha per file.
-- **Merged model** (``model.gguf``): ``general.type = model``, the ``llama.*`` hyperparameters,
-  the tokenizer (``tokenizer.ggml.*``: token list, types, merges, special ids, whether BOS /
-  EOS are added, the pre-tokenizer's name) and the chat template (``tokenizer.chat_template``);
-  every tensor of the merged model under its GGUF name, 2-D weights in ``dtype``, norms in
-  float32; a tied ``lm_head`` is not written (llama.cpp reuses ``token_embd``).
-- **Rotary layout**: llama.cpp's Llama keeps q_proj's and k_proj's output rows in another
-  order than transformers. Within each head of d rows, GGUF row ``2i + j`` is transformers'
-  row ``j * d/2 + i`` (heads: ``num_attention_heads`` for q, ``num_key_value_heads`` for k).
-  The same permutation applies to merged q/k weights and biases and to the rows of a q/k
-  ``lora_b`` (A is untouched).
+- **Merged model** (``model.gguf``) and the **rotary layout** both follow: see
+  :mod:`lora_cli.inference.gguf_model`.
 
 One alpha per file, exact scalings: a layer's LoRA scale s (alpha / r, alpha / sqrt(r) with
 rsLoRA, ``rank_pattern`` / ``alpha_pattern``) becomes the file's alpha = s * r when every layer
@@ -45,7 +37,6 @@ GGUF's tensors, read back and the rotary order undone, must equal the verified w
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -54,19 +45,31 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from lora_cli import rundir as rd
 from lora_cli.atomic import atomic_dir
-from lora_cli.errors import LoraCliError, UserInputError
+from lora_cli.errors import UserInputError
+from lora_cli.inference.gguf_model import (
+    DTYPES,
+    GgufExportError,
+    check_architecture,
+    field_value,
+    finish,
+    name_map,
+    read_tensor,
+    rope_settings,
+    rotary_heads,
+    sha256,
+    to_rotary,
+    tokenizer_kind,
+    torch_dtype,
+    write_model_gguf,
+)
 from lora_cli.recipe import load_recipe
 
 logger = logging.getLogger(__name__)
 
-ARCHITECTURES = {"llama": "llama"}
-"""transformers model_type -> llama.cpp architecture name this export writes."""
-DTYPES = {"float32": np.float32, "float16": np.float16}
 ADAPTER_FILE = "adapter.gguf"
 MODEL_FILE = "model.gguf"
 REPORT_FILE = "export.json"
@@ -74,17 +77,6 @@ INSTALL_HINT = "install the GGUF extra: pip install 'loracli[gguf]' (the gguf pa
 DELTA_RTOL = {"float32": 1e-5, "float16": 4e-3}
 """Tolerance on each layer's update, relative to its largest entry: float32 sums in another
 order; float16 rounds A and B (11-bit mantissa). A wrong layout or scale is off by O(1)."""
-
-LLAMA3_SPLIT = (
-    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
-    "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
-)
-"""The split regex of Llama 3's tokenizer.json, which llama.cpp runs as pre-tokenizer "llama-bpe"."""
-
-
-class GgufExportError(LoraCliError):
-    """The GGUF file does not hold what the run's adapter or merged model is; nothing was written."""
-
 
 @dataclass
 class GgufExportReport:
@@ -199,16 +191,6 @@ def _cheap_model_type(run_dir: Path, recipe: Any) -> str | None:
         return None
 
 
-def check_architecture(model_type: str | None, run_dir: Path) -> str:
-    """The llama.cpp architecture name for a transformers model_type, or exit 2 naming the supported ones."""
-    if model_type not in ARCHITECTURES:
-        raise UserInputError(
-            f"{run_dir}: the base model is a {model_type!r} model; GGUF export supports Llama-architecture "
-            f"bases only (model_type {', '.join(ARCHITECTURES)}: Llama 2/3, SmolLM2, TinyLlama, ...). "
-            "Use `loracli merge RUN --out DIR` for a transformers folder instead"
-        )
-    return ARCHITECTURES[model_type]
-
 
 def _adapter_refusal(run_dir: Path) -> str | None:
     """Why the run's adapter cannot be a GGUF LoRA (with the fix), from its files alone; None if it can."""
@@ -246,49 +228,6 @@ def _adapter_refusal(run_dir: Path) -> str | None:
     return None
 
 
-# ---------------------------------------------------------------------------- layout
-def rotary_rows(rows: int, heads: int) -> torch.Tensor:
-    """Row index that puts transformers' q/k rows into llama.cpp's rotary order: ``gguf = hf[index]``.
-
-    Per head of d rows, GGUF row 2i + j holds transformers' row j * d/2 + i."""
-    d = rows // heads
-    if d * heads != rows or d % 2:
-        raise LoraCliError(f"cannot split {rows} q/k rows into {heads} heads of an even size")
-    p = torch.arange(rows)
-    head, within = p // d, p % d
-    return head * d + (within % 2) * (d // 2) + within // 2
-
-
-def _rotary_heads(config: Any) -> dict[str, int]:
-    """GGUF tensor kind -> head count for the q/k rows that llama.cpp stores in rotary order."""
-    heads = config.num_attention_heads
-    return {"attn_q": heads, "attn_k": getattr(config, "num_key_value_heads", None) or heads}
-
-
-def _gguf_kind(gguf_name: str) -> str:
-    """``blk.3.attn_q.weight`` -> ``attn_q``; ``output.weight`` -> ``output``."""
-    parts = gguf_name.split(".")
-    return parts[2] if parts[0] == "blk" else parts[0]
-
-
-def _to_rotary(tensor: torch.Tensor, gguf_name: str, heads: dict[str, int], inverse: bool = False) -> torch.Tensor:
-    """Rows of a q/k weight, bias or lora_b into llama.cpp's order (or back with ``inverse``)."""
-    count = heads.get(_gguf_kind(gguf_name))
-    if count is None:
-        return tensor
-    index = rotary_rows(tensor.shape[0], count)
-    if inverse:
-        index = torch.argsort(index)
-    return tensor[index]
-
-
-def _name_map(config: Any, architecture: str) -> Any:
-    import gguf
-
-    arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == architecture)
-    return gguf.get_tensor_name_map(arch, config.num_hidden_layers)
-
-
 # ---------------------------------------------------------------------------- adapter
 @dataclass
 class _Pair:
@@ -310,7 +249,7 @@ def _export_adapter(run_dir: Path, out: Path, dtype: str, replace: bool) -> Gguf
     config = model.get_base_model().config
     architecture = check_architecture(getattr(config, "model_type", None), run_dir)
     name = model.active_adapter
-    names, heads = _name_map(config, architecture), _rotary_heads(config)
+    names, heads = name_map(config, architecture), rotary_heads(config)
     layers = []
     with torch.no_grad():
         for path, layer in model.adapter_layers():
@@ -326,7 +265,7 @@ def _export_adapter(run_dir: Path, out: Path, dtype: str, replace: bool) -> Gguf
         pairs = []
         for (_, layer, gname), (s, r) in zip(layers, scales):
             a, b = (t.detach().float().cpu() for t in layer.factors(name))
-            b = _to_rotary(b * (s * r / alpha) if folded else b, gname, heads)
+            b = to_rotary(b * (s * r / alpha) if folded else b, gname, heads)
             pairs.append(_Pair(gname, a.contiguous(), b.contiguous(), layer.get_delta_weight(name).detach().float().cpu()))
 
     with atomic_dir(out, replace=replace) as staging:
@@ -335,7 +274,7 @@ def _export_adapter(run_dir: Path, out: Path, dtype: str, replace: bool) -> Gguf
         worst = _verify_adapter(path, architecture, alpha, pairs, heads, dtype)
         report = GgufExportReport(
             str(out), "adapter", ADAPTER_FILE, architecture, dtype, 2 * len(pairs), path.stat().st_size,
-            _sha256(path), ["read back with gguf.GGUFReader: names, shapes, dtypes, values, alpha, architecture",
+            sha256(path), ["read back with gguf.GGUFReader: names, shapes, dtypes, values, alpha, architecture",
                             "alpha / r * B A (rotary order undone) = the engine's delta of every adapted layer"],
             worst, alpha=alpha, ranks=sorted({r for _, r in scales}), layers=len(pairs), folded_scaling=folded,
         )
@@ -375,7 +314,7 @@ def _write_adapter(path: Path, architecture: str, alpha: float, pairs: list[_Pai
     for pair in pairs:
         writer.add_tensor(f"{pair.name}.lora_a", pair.a.numpy().astype(DTYPES[dtype]))
         writer.add_tensor(f"{pair.name}.lora_b", pair.b.numpy().astype(DTYPES[dtype]))
-    _finish(writer)
+    finish(writer)
 
 
 def _verify_adapter(path: Path, architecture: str, alpha: float, pairs: list[_Pair], heads: dict[str, int],
@@ -389,10 +328,10 @@ def _verify_adapter(path: Path, architecture: str, alpha: float, pairs: list[_Pa
         gguf.Keys.Adapter.TYPE: "lora",
     }
     for key, want in meta.items():
-        got = _field(reader, key)
+        got = field_value(reader, key)
         if got != want:
             raise GgufExportError(f"the GGUF file says {key} = {got!r}, expected {want!r}; nothing written")
-    if abs(_field(reader, gguf.Keys.Adapter.LORA_ALPHA) - alpha) > 1e-6 * abs(alpha):
+    if abs(field_value(reader, gguf.Keys.Adapter.LORA_ALPHA) - alpha) > 1e-6 * abs(alpha):
         raise GgufExportError("the GGUF file's adapter.lora.alpha is not the one written; nothing written")
     tensors = {t.name: t for t in reader.tensors}
     want_names = {f"{p.name}.lora_{x}" for p in pairs for x in "ab"}
@@ -400,12 +339,12 @@ def _verify_adapter(path: Path, architecture: str, alpha: float, pairs: list[_Pa
         raise GgufExportError(f"the GGUF file holds {len(tensors)} tensors, not the {len(want_names)} written")
     worst = 0.0
     for pair in pairs:
-        a, b = (_read(tensors[f"{pair.name}.lora_{x}"], dtype) for x in "ab")
+        a, b = (read_tensor(tensors[f"{pair.name}.lora_{x}"], dtype) for x in "ab")
         for got, want, x in ((a, pair.a, "a"), (b, pair.b, "b")):
-            if got.shape != want.shape or not torch.equal(got, want.to(_torch_dtype(dtype)).float()):
+            if got.shape != want.shape or not torch.equal(got, want.to(torch_dtype(dtype)).float()):
                 raise GgufExportError(f"{pair.name}.lora_{x} reads back different from what was written; nothing written")
         rank = b.shape[1]
-        delta = (alpha / rank) * (_to_rotary(b, pair.name, heads, inverse=True) @ a)
+        delta = (alpha / rank) * (to_rotary(b, pair.name, heads, inverse=True) @ a)
         scale = float(pair.delta.abs().max())
         err = float((delta - pair.delta).abs().max()) / scale if scale > 0 else float(delta.abs().max())
         if err > DELTA_RTOL[dtype]:
@@ -420,17 +359,16 @@ def _verify_adapter(path: Path, architecture: str, alpha: float, pairs: list[_Pa
 # ---------------------------------------------------------------------------- merged
 def _export_merged(run_dir: Path, out: Path, recipe: Any, dtype: str, n: int, replace: bool) -> GgufExportReport:
     from lora_cli.inference.loading import load_run
-    from lora_cli.inference.merge import merge_run
-    from lora_cli.inference.runs import _refuse_unmergeable, verification_batch
+    from lora_cli.inference.merge import merge_run, refuse_unmergeable, verification_batch
 
-    _refuse_unmergeable(run_dir / rd.ADAPTER_DIR)
+    refuse_unmergeable(run_dir / rd.ADAPTER_DIR)
     processor_dir = run_dir / rd.PROCESSOR_DIR
     if (processor_dir / "tokenizer.json").is_file():  # told before the slow load; checked again on the merge
         tokenizer_kind(json.loads((processor_dir / "tokenizer.json").read_text(encoding="utf-8")), run_dir)
     loaded = load_run(run_dir, device="cpu")
     config = loaded.model.get_base_model().config
     architecture = check_architecture(getattr(config, "model_type", None), run_dir)
-    _rope(config, run_dir)  # refused before the merge
+    rope_settings(config, run_dir)  # refused before the merge
     batch, source = verification_batch(loaded, n)
     with atomic_dir(out, replace=replace) as staging:
         merged_dir = staging / ".merged"
@@ -442,7 +380,7 @@ def _export_merged(run_dir: Path, out: Path, recipe: Any, dtype: str, n: int, re
         merge_report.out_dir = str(out)
         report = GgufExportReport(
             str(out), "merged", MODEL_FILE, architecture, dtype, written["tensors"], path.stat().st_size,
-            _sha256(path), ["merge verified on logits as `loracli merge` does",
+            sha256(path), ["merge verified on logits as `loracli merge` does",
                             "read back with gguf.GGUFReader: every tensor (rotary order undone) equals the merged "
                             "weight; the token list is the tokenizer's"],
             written["max_abs_diff"], tokenizer=written["tokenizer"], merge=merge_report.to_dict(),
@@ -450,246 +388,3 @@ def _export_merged(run_dir: Path, out: Path, recipe: Any, dtype: str, n: int, re
         )
         rd.write_json(staging / REPORT_FILE, report.to_dict())
     return report
-
-
-def _rope(config: Any, run_dir: Path) -> dict[str, Any]:
-    """theta and scaling of the rotary embedding; exit 2 for a scaling this export cannot write."""
-    params = dict(getattr(config, "rope_parameters", None) or {})
-    if not params:  # transformers 4 names
-        params = {"rope_theta": getattr(config, "rope_theta", 10000.0), **(getattr(config, "rope_scaling", None) or {})}
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind not in ("default", "linear"):
-        raise UserInputError(
-            f"{run_dir}: the base uses {kind!r} rotary scaling; --merged writes bases with default or linear rope "
-            "scaling only. Export the adapter (without --merged) and use it with the base's own GGUF"
-        )
-    return {"theta": float(params.get("rope_theta", 10000.0)), "linear_factor": params.get("factor") if kind == "linear" else None}
-
-
-def tokenizer_kind(tokenizer_json: dict[str, Any], run_dir: Path) -> str:
-    """llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer.json; exit 2 for any other tokenizer.
-
-    Recognised (each the exact pre-tokenizer llama.cpp runs under that name): GPT-2's ByteLevel
-    regex ("gpt-2"), digits split one by one before it (SmolLM/SmolLM2, "smollm"), and Llama 3's
-    split regex ("llama-bpe", with ignore_merges as Llama 3 has it)."""
-    model = tokenizer_json.get("model") or {}
-    decoder = tokenizer_json.get("decoder") or {}
-    fix = ("export the adapter (without --merged) and use it with the base model's own GGUF, or convert `loracli "
-           "merge` output with llama.cpp's convert_hf_to_gguf.py")
-    if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
-        raise UserInputError(
-            f"{run_dir}: the run's tokenizer is not a byte-level BPE tokenizer (model {model.get('type')}, decoder "
-            f"{decoder.get('type')}); --merged writes byte-level BPE tokenizers (GPT-2 style: SmolLM2, Llama 3). {fix}"
-        )
-    if tokenizer_json.get("normalizer"):
-        raise UserInputError(f"{run_dir}: the run's tokenizer normalises text "
-                             f"({tokenizer_json['normalizer'].get('type')}), which llama.cpp would not do. {fix}")
-    pre = tokenizer_json.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
-    kinds = [s.get("type") for s in steps]
-    byte_level = steps[-1] if kinds and kinds[-1] == "ByteLevel" else {}
-    ignore_merges = bool(model.get("ignore_merges"))
-    name = None
-    if byte_level and not byte_level.get("add_prefix_space"):
-        if kinds == ["ByteLevel"] and byte_level.get("use_regex", True) and not ignore_merges:
-            name = "gpt-2"
-        elif (kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and byte_level.get("use_regex", True)
-              and not ignore_merges):
-            name = "smollm"
-        elif (kinds == ["Split", "ByteLevel"] and not byte_level.get("use_regex", True) and ignore_merges
-              and (steps[0].get("pattern") or {}).get("Regex") == LLAMA3_SPLIT
-              and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert")):
-            name = "llama-bpe"
-    if name is None:
-        raise UserInputError(
-            f"{run_dir}: the run's tokenizer splits text with a pre-tokenizer llama.cpp has no name this export "
-            f"knows for ({' + '.join(map(str, kinds)) or 'none'}); --merged knows GPT-2's, SmolLM2's and Llama 3's. {fix}"
-        )
-    return name
-
-
-def write_model_gguf(model_dir: str | Path, path: str | Path, dtype: str = "float32",
-                     name: str | None = None) -> dict[str, Any]:
-    """A transformers Llama folder (config.json, safetensors, tokenizer) as a GGUF model at ``path``,
-    read back and checked; returns {tensors, max_abs_diff, tokenizer}. The merged export calls it
-    on the verified merged folder; ``bench.gguf`` on an unquantised base."""
-    from transformers import AutoConfig
-
-    model_dir, path = Path(model_dir), Path(path)
-    config = AutoConfig.from_pretrained(model_dir)
-    architecture = check_architecture(getattr(config, "model_type", None), model_dir)
-    rope = _rope(config, model_dir)
-    state = _read_state(model_dir)
-    tokenizer = _write_model(path, model_dir, config, architecture, rope, state, dtype, name or model_dir.name)
-    diff = _verify_model(path, config, architecture, state, dtype)
-    return {"tensors": len(state), "max_abs_diff": diff, "tokenizer": tokenizer}
-
-
-def _read_state(folder: Path) -> dict[str, torch.Tensor]:
-    from lora_cli.adapters.tensor_files import load_safetensors
-
-    state: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        state.update(load_safetensors(file))
-    if not state:
-        raise LoraCliError(f"the merged model in {folder} has no safetensors weights")
-    return state
-
-
-def _tensor_plan(config: Any, architecture: str, state: dict[str, torch.Tensor]) -> list[tuple[str, str]]:
-    """(transformers key, GGUF name) for every tensor of the merged model, in the state dict's order."""
-    names = _name_map(config, architecture)
-    plan = []
-    for key in state:
-        gname = names.get_name(key, try_suffixes=(".weight", ".bias"))
-        if gname is None:
-            raise LoraCliError(f"the merged model's tensor {key} has no llama.cpp name; nothing written")
-        plan.append((key, gname))
-    return plan
-
-
-def _write_model(path: Path, merged_dir: Path, config: Any, architecture: str, rope: dict[str, Any],
-                 state: dict[str, torch.Tensor], dtype: str, run_name: str) -> dict[str, Any]:
-    import gguf
-
-    writer = gguf.GGUFWriter(str(path), architecture)
-    writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(run_name)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(rope["theta"])
-    if rope["linear_factor"] is not None:
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(rope["linear_factor"]))
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "float32" else gguf.LlamaFileType.MOSTLY_F16)
-    tokenizer = _add_tokenizer(writer, merged_dir, config.vocab_size)
-    heads = _rotary_heads(config)
-    for key, gname in _tensor_plan(config, architecture, state):
-        tensor = _to_rotary(state[key].float(), gname, heads)
-        array = tensor.numpy().astype(DTYPES[dtype] if tensor.dim() > 1 else np.float32)
-        writer.add_tensor(gname, array)
-    _finish(writer)
-    return tokenizer
-
-
-def _add_tokenizer(writer: Any, folder: Path, vocab_size: int) -> dict[str, Any]:
-    """The tokenizer of the merged folder as llama.cpp's ``tokenizer.ggml.*`` keys and chat template.
-
-    Tokens by id (ids no token holds become "[PAD<id>]", type UNUSED), added special tokens
-    CONTROL, other added tokens USER_DEFINED, the rest NORMAL; merges, special token ids and the
-    chat template through gguf's SpecialVocab; whether BOS / EOS are added is read from what
-    the tokenizer does to a text."""
-    import gguf
-    from transformers import AutoTokenizer
-
-    tokenizer_json = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8")) \
-        if (folder / "tokenizer.json").is_file() else {}
-    pre = tokenizer_kind(tokenizer_json, folder)
-    tok = AutoTokenizer.from_pretrained(folder)
-    vocab = tok.get_vocab()
-    if max(vocab.values()) >= vocab_size:
-        raise LoraCliError(f"the tokenizer has ids up to {max(vocab.values())}, beyond the model's vocab_size {vocab_size}")
-    by_id = {i: t for t, i in vocab.items()}
-    added = tok.added_tokens_decoder
-    tokens, types = [], []
-    for i in range(vocab_size):
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif i in added:
-            tokens.append(by_id[i])
-            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
-        else:
-            tokens.append(by_id[i])
-            types.append(gguf.TokenType.NORMAL)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
-    if not special.merges:
-        raise LoraCliError(f"{folder / 'tokenizer.json'} holds no BPE merges; nothing written")
-    plain = tok("a", add_special_tokens=False)["input_ids"]
-    full = tok("a")["input_ids"]
-    start = full.index(plain[0]) if plain and plain[0] in full else 0
-    special.add_special_token["bos"] = start > 0 and full[0] == tok.bos_token_id
-    special.add_special_token["eos"] = len(full) > start + len(plain) and full[-1] == tok.eos_token_id
-    if special.chat_template is None and getattr(tok, "chat_template", None):
-        special.chat_template = tok.chat_template
-    special.add_to_gguf(writer, quiet=True)
-    return {"model": "gpt2", "pre": pre, "tokens": len(tokens), "merges": len(special.merges),
-            "special_token_ids": dict(special.special_token_ids), "add_bos": special.add_special_token["bos"],
-            "add_eos": special.add_special_token["eos"], "chat_template": special.chat_template is not None}
-
-
-def _verify_model(path: Path, config: Any, architecture: str, state: dict[str, torch.Tensor], dtype: str) -> float:
-    """Every GGUF tensor, rotary order undone, equals the merged weight (cast to the file's dtype)."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    if _field(reader, gguf.Keys.General.ARCHITECTURE) != architecture:
-        raise GgufExportError("the GGUF file names another architecture than the one written; nothing written")
-    tensors = {t.name: t for t in reader.tensors}
-    plan = _tensor_plan(config, architecture, state)
-    if set(tensors) != {g for _, g in plan}:
-        raise GgufExportError(f"the GGUF file holds {len(tensors)} tensors, not the {len(plan)} written; nothing written")
-    heads = _rotary_heads(config)
-    worst = 0.0
-    for key, gname in plan:
-        want = state[key].float()
-        stored = dtype if want.dim() > 1 else "float32"
-        got = _to_rotary(_read(tensors[gname], stored), gname, heads, inverse=True)
-        if got.shape != want.shape:
-            raise GgufExportError(f"{gname} reads back as {tuple(got.shape)}, expected {tuple(want.shape)}; nothing written")
-        diff = float((got - want.to(_torch_dtype(stored)).float()).abs().max()) if want.numel() else 0.0
-        if diff != 0.0:
-            raise GgufExportError(f"{gname} reads back {diff:.3g} away from the merged weight {key}; nothing written")
-        worst = max(worst, float((got - want).abs().max()) if want.numel() else 0.0)
-    vocab = _field(reader, gguf.Keys.Tokenizer.LIST)
-    if vocab is None or len(vocab) != config.vocab_size:
-        raise GgufExportError("the GGUF file's token list is not the tokenizer's; nothing written")
-    return worst
-
-
-# ---------------------------------------------------------------------------- small helpers
-def _finish(writer: Any) -> None:
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
-def _field(reader: Any, key: str) -> Any:
-    found = reader.get_field(key)
-    return None if found is None else found.contents()
-
-
-def _torch_dtype(dtype: str) -> torch.dtype:
-    return torch.float16 if dtype == "float16" else torch.float32
-
-
-def _read(tensor: Any, dtype: str) -> torch.Tensor:
-    """A GGUF tensor in numpy (PyTorch) order, as float32."""
-    array = np.asarray(tensor.data)
-    want = np.dtype(DTYPES[dtype])
-    if array.dtype != want:
-        raise GgufExportError(f"{tensor.name} is stored as {array.dtype}, expected {want}; nothing written")
-    return torch.from_numpy(array.astype(np.float32).copy())
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

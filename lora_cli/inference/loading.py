@@ -140,3 +140,4 @@ def _damaged(folder: Path | None, what: str):
             f"{folder}: the run's {what} cannot be read ({type(exc).__name__}: {first}); the folder is damaged. "
             "Restore it from a copy of the run, or train again"
         ) from None
+

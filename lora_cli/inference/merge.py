@@ -26,6 +26,7 @@ into place, so a crash never leaves a half-written model where ``--out`` points.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,9 +36,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from lora_cli import rundir as rd
 from lora_cli.adapters.quantized import dequantize_model
 from lora_cli.atomic import atomic_dir
 from lora_cli.errors import LoraCliError, UserInputError
+from lora_cli.labels import label_maps
 
 logger = logging.getLogger(__name__)
 
@@ -228,8 +231,7 @@ def merge_run(
 
     config = getattr(merged, "config", None)
     if config is not None and id2label:
-        config.id2label = {int(k): str(v) for k, v in id2label.items()}
-        config.label2id = {v: k for k, v in config.id2label.items()}
+        config.id2label, config.label2id = label_maps(id2label)
     if generation and getattr(merged, "generation_config", None) is not None:
         for key, value in generation.items():
             setattr(merged.generation_config, key, value)
@@ -256,3 +258,78 @@ def write_model_dir(
         for name, text in (extra_files or {}).items():
             (Path(tmp) / name).write_text(text, encoding="utf-8")
     return out_dir
+
+
+# ------------------------------------------------------------ merge a run (`loracli merge`)
+def verification_batch(loaded: Any, n: int):
+    """(inputs, source): up to ``n`` collated validation rows, or the task's synthetic inputs
+    (source "synthetic") when the data is not reachable."""
+    recipe, task = loaded.recipe, loaded.task
+    try:
+        dataset = task.eval_dataset(recipe.data, recipe.seed, loaded.processor, split="validation", limit=n)
+        rows = [dataset[i] for i in range(min(n, len(dataset)))]
+        if rows:
+            return task.make_collator(loaded.processor, recipe.data)(rows), "validation"
+    except (LoraCliError, OSError, ValueError, KeyError, ImportError) as exc:
+        logger.info("validation data not reachable (%s); using synthetic inputs", exc)
+    return loaded.task.synthetic_batch(loaded.processor, n), "synthetic"
+
+
+def refuse_unmergeable(adapter_dir: Path) -> None:
+    """A method with nothing to merge (p-tuning) says so before the model is loaded."""
+    from lora_cli.adapters import AdapterConfig
+
+    if not (adapter_dir / "adapter_config.json").is_file():
+        return  # load_run explains the missing adapter
+    config = AdapterConfig.from_pretrained(adapter_dir)
+    if getattr(config, "merge_refusal", None):
+        raise UserInputError(f"{adapter_dir.parent}: cannot merge: a {config.method} adapter {config.merge_refusal}")
+
+
+def merge_from_run(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    dtype: str = "float32",
+    n: int = 16,
+    force: bool = False,
+    device: str | None = None,
+):
+    """Merge the run's adapter into its base model and write ``out_dir`` (see merge_run)."""
+    from lora_cli.inference.loading import load_run
+
+    if dtype not in DTYPES:
+        raise UserInputError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    check_out_dir(out_dir, force, run_dir=run_dir)  # fail before the slow model load
+    rd.check_run_links(run_dir)
+    refuse_unmergeable(Path(run_dir) / rd.ADAPTER_DIR)
+    loaded = load_run(run_dir, device=device)
+    batch, source = verification_batch(loaded, n)
+    return merge_run(
+        loaded.model, loaded.processor, out_dir, dtype=dtype, verify_batch=batch, n=n, force=force,
+        id2label=loaded.id2label, source=source, run_dir=run_dir,
+        extra_files={MERGED_RECORD: json.dumps(merged_record(loaded), indent=2) + "\n"},
+        generation=_generation_settings(loaded),
+    )
+
+
+MERGED_RECORD = "loracli.json"
+"""What a merged folder keeps of its run for ``predict --model``: the task and the data settings
+that shape a prompt (chat format, system prompt, source prefix, lengths)."""
+PROMPT_KEYS = ("format", "system_prompt", "source_prefix", "source_lang", "target_lang", "source_column",
+               "target_column", "max_length", "max_target_length", "prompt_column", "completion_column")
+
+
+def merged_record(loaded: Any) -> dict[str, Any]:
+    data = loaded.recipe.data
+    kept = {k: getattr(data, k) for k in PROMPT_KEYS if getattr(data, k, None) is not None}
+    return {"task": loaded.recipe.task, "data": kept}
+
+
+def _generation_settings(loaded: Any) -> dict[str, Any] | None:
+    """Chat runs: the merged model's generation config stops at the template's end of turn too."""
+    if not getattr(loaded.recipe.data, "chat", False):
+        return None
+    from lora_cli.tasks import chat
+
+    stop = chat.stop_ids(loaded.processor, loaded.processor.chat_template)
+    return {"eos_token_id": stop, "pad_token_id": loaded.processor.pad_token_id} if stop else None

@@ -1,151 +1,148 @@
-"""Top-k image classification of files, batch by batch, one error per bad file.
+"""`loracli predict` minus printing: load a run or a merged model, hand the inputs to its task.
 
-    model, processor, id2label = load_merged("merged/")        # or a loaded run's fields
-    results = predict_files(model, processor, ["cake.jpg", "photos/"], id2label, top_k=5)
+    loaded = load_for_predict(run_dir="runs/food101-lora")   # or model_dir="merged/"
+    results = predict(loaded, ["cake.jpg", "photos/"], top_k=5)
     console.print(predictions_table(results))
 
-A file that cannot be read (or that the processor rejects) gets its own error in the
-results; every other file is still predicted. Images are read by the loader training uses
-(:func:`lora_cli.tasks.images.load_image`) and go through the task's eval transforms
-(:func:`lora_cli.tasks.image_classification.eval_pixels`: decoded as the eval cache decodes, resize,
-centre crop, normalise), so ``predict`` gives the model the tensors ``eval`` gives it.
+Every task answers through its ``predict`` (:class:`lora_cli.tasks.Task`): image tasks take
+files (``lora_cli.tasks.image_classification``), text tasks texts. A merged folder (``loracli merge``)
+is loaded as a run is, its task from ``loracli.json`` (else its architecture).
 """
 
 from __future__ import annotations
 
 import csv
-import logging
+import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
 from lora_cli.atomic import atomic_file
-from lora_cli.devices import model_device, model_dtype, resolve_device
-from lora_cli.errors import LoraCliError, UserInputError
-from lora_cli.tasks.image_classification import eval_pixels
-from lora_cli.tasks.images import ImageLoadError, expand_inputs, load_image
-
-logger = logging.getLogger(__name__)
+from lora_cli.errors import UserInputError
+from lora_cli.inference.loading import LoadedRun
+from lora_cli.labels import resolve_labels
+from lora_cli.tasks.image_classification import FilePrediction
 
 
-@dataclass
-class FilePrediction:
-    """The top-k classes of one file, best first, or why it could not be predicted."""
+def load_merged(model_dir: str | Path, device: str | None = None) -> LoadedRun:
+    """A merged model folder (``loracli merge`` output) as a run: its task and prompt settings from
+    ``loracli.json`` (else its architecture), model, processor or tokenizer and labels."""
+    from types import SimpleNamespace
 
-    file: str
-    labels: list[str] = field(default_factory=list)
-    probabilities: list[float] = field(default_factory=list)
-    error: str | None = None
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModelForCausalLM,
+        AutoModelForImageClassification,
+        AutoModelForSeq2SeqLM,
+        AutoModelForSequenceClassification,
+    )
 
-    @property
-    def ok(self) -> bool:
-        return self.error is None
+    from lora_cli.devices import resolve_device
+    from lora_cli.inference.merge import MERGED_RECORD
+    from lora_cli.recipe import ModelSection
+    from lora_cli.recipe.data import data_section_for
+    from lora_cli.task_kinds import CAUSAL_LM, IMAGE_CLASSIFICATION, SEQ2SEQ, SEQ_CLS
+    from lora_cli.tasks import get_task
+    from lora_cli.tasks.text_common import load_tokenizer
 
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["top_k"] = [{"label": lab, "probability": p} for lab, p in zip(self.labels, self.probabilities, strict=True)]
-        del out["labels"], out["probabilities"]
-        return out
-
-
-def load_merged(directory: str | Path, device: str | torch.device | None = None):
-    """Load a merged model directory (plain transformers): ``(model, processor, id2label)``."""
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-    directory = Path(directory)
-    if not (directory / "config.json").is_file():
-        raise UserInputError(
-            f"{directory} is not a model directory (no config.json); pass a folder written by `loracli merge`"
-        )
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise UserInputError(f"{model_dir} is not a model directory (no config.json); pass a folder written by `loracli merge`")
+    record_file = model_dir / MERGED_RECORD
     try:
-        model = AutoModelForImageClassification.from_pretrained(directory)
-        processor = AutoImageProcessor.from_pretrained(directory)
+        record = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else {}
+        config = AutoConfig.from_pretrained(model_dir)
     except (OSError, ValueError) as exc:
-        raise UserInputError(f"cannot load the model in {directory}: {exc}") from None
-    model.to(resolve_device(device)).eval()
-    return model, processor, label_map(model)
-
-
-def label_map(model: nn.Module) -> dict[int, str]:
-    """``config.id2label`` with int keys (it round-trips through JSON as strings)."""
-    config = getattr(model, "config", None)
-    id2label = getattr(config, "id2label", None) or {}
-    return {int(k): str(v) for k, v in id2label.items()}
-
-
-def predict_files(
-    model: nn.Module,
-    processor: Any,
-    paths: Iterable[str | Path],
-    id2label: Mapping[int, str] | None = None,
-    top_k: int = 5,
-    batch_size: int = 16,
-) -> list[FilePrediction]:
-    """Predict every image file (folders and globs expanded), in input order.
-
-    The model runs where its parameters are (move it first, e.g. with
-    :func:`lora_cli.devices.resolve_device`), under ``torch.inference_mode``.
-    """
-    if top_k < 1:
-        raise UserInputError(f"--top-k must be at least 1, got {top_k}")
-    if batch_size < 1:
-        raise UserInputError(f"--batch-size must be at least 1, got {batch_size}")
-    files = expand_inputs(paths)
-    id2label = dict(id2label) if id2label else label_map(model)
-    results = [FilePrediction(file=str(f)) for f in files]
-    model.eval()
-    for start in range(0, len(files), batch_size):
-        chunk = results[start : start + batch_size]
-        images, owners = [], []
-        for result in chunk:
-            try:
-                images.append(load_image(result.file))
-                owners.append(result)
-            except ImageLoadError as exc:
-                result.error = exc.reason
-        if images:
-            _predict_batch(model, processor, images, owners, id2label, top_k)
-    return results
-
-
-def _predict_batch(model, processor, images, owners, id2label, top_k) -> None:
+        raise UserInputError(f"cannot read the model in {model_dir}: {exc}") from None
+    architectures = " ".join(getattr(config, "architectures", None) or [])
+    task = record.get("task") or (
+        IMAGE_CLASSIFICATION if "ImageClassification" in architectures
+        else SEQ_CLS if "SequenceClassification" in architectures
+        else SEQ2SEQ if getattr(config, "is_encoder_decoder", False)
+        else CAUSAL_LM if ("CausalLM" in architectures or "LMHead" in architectures) else None
+    )
+    classes = {CAUSAL_LM: AutoModelForCausalLM, SEQ2SEQ: AutoModelForSeq2SeqLM, SEQ_CLS: AutoModelForSequenceClassification,
+               IMAGE_CLASSIFICATION: AutoModelForImageClassification}
+    if task not in classes:
+        raise UserInputError(f"{model_dir} holds a {architectures or 'model'} that is no model loracli merges "
+                             "(image-classification, causal-lm, seq-cls, seq2seq)")
     try:
-        probs = class_probabilities(model, processor, images)
-    except LoraCliError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - one bad image must not stop the rest
-        if len(images) == 1:
-            owners[0].error = f"could not be processed ({type(exc).__name__}: {exc})"
-            return
-        logger.debug("batch failed (%s); retrying image by image", exc)
-        for image, owner in zip(images, owners, strict=True):
-            _predict_batch(model, processor, [image], [owner], id2label, top_k)
-        return
-    k = min(top_k, probs.shape[-1])
-    values, indices = probs.topk(k, dim=-1)
-    for owner, vals, idxs in zip(owners, values.tolist(), indices.tolist(), strict=True):
-        owner.labels = [id2label.get(i, str(i)) for i in idxs]
-        owner.probabilities = [float(v) for v in vals]
+        model = classes[task].from_pretrained(model_dir)
+        if task == IMAGE_CLASSIFICATION:
+            processor = AutoImageProcessor.from_pretrained(model_dir)
+        else:
+            processor = load_tokenizer(ModelSection(), source=model_dir)
+    except (OSError, ValueError) as exc:
+        raise UserInputError(f"cannot load the model in {model_dir}: {exc}") from None
+    data = data_section_for(task).model_construct(**(record.get("data") or {}))
+    recipe = SimpleNamespace(task=task, data=data, seed=0, adapter=SimpleNamespace(method="merged"))
+    model.to(resolve_device(device)).eval()
+    return LoadedRun(model_dir, recipe, model, processor, get_task(task), resolve_labels(None, model) or None)
 
 
-def pixel_values(processor: Any, images: Sequence[Any]) -> torch.Tensor:
-    """The batch the model sees for RGB PIL images: decoded as the eval cache decodes, as in ``eval``."""
-    return torch.stack([eval_pixels(processor, image) for image in images])
+def load_for_predict(run_dir: str | Path | None = None, model_dir: str | Path | None = None, *, texts: bool = False,
+                     scalings: bool = False, device: str | None = None) -> LoadedRun:
+    """The run (or merged model) ``predict`` asks, refused when its inputs do not fit it: image paths
+    for an image task, texts (``texts``) for a text task."""
+    from lora_cli.inference.loading import load_run
+
+    if (run_dir is None) == (model_dir is None):
+        raise UserInputError("pass exactly one of --run RUN_DIR or --model MERGED_DIR")
+    if model_dir is not None and scalings:
+        raise UserInputError("--scalings needs the --run of an X-LoRA run; a merged model has no experts")
+    loaded = load_run(run_dir, device=device) if model_dir is None else load_merged(model_dir, device=device)
+    source = run_dir if model_dir is None else model_dir
+    if texts and loaded.task.KIND.inputs == "images":
+        if model_dir is not None:
+            architectures = " ".join(getattr(loaded.model.config, "architectures", None) or []) or "model"
+            raise UserInputError(f"{model_dir} holds a {architectures} that is no text model loracli merges (causal-lm, "
+                                 "seq-cls, seq2seq); image models take image paths instead of --text / --prompt")
+        raise UserInputError(f"--text/--prompt are for text runs; {source} is a {loaded.task.KIND.name} run: pass "
+                             "image paths instead")
+    if not texts and loaded.task.KIND.inputs != "images":
+        raise UserInputError(
+            f"{source} is a {loaded.recipe.task} run: give it text with --text (seq-cls, seq2seq) or --prompt "
+            "(causal-lm) instead of image paths"
+        )
+    return loaded
 
 
-def class_probabilities(model: nn.Module, processor: Any, images: Sequence[Any]) -> torch.Tensor:
-    """Softmax over classes (float32, on the CPU) for a list of RGB PIL images."""
-    batch = pixel_values(processor, images)
-    with torch.inference_mode():
-        logits = model(pixel_values=batch.to(model_device(model), model_dtype(model))).logits
-    if not torch.isfinite(logits).all():
-        raise LoraCliError("the model produced NaN/inf logits; the weights are broken (re-train or re-merge)")
-    return logits.float().softmax(dim=-1).cpu()
+def predict(loaded: LoadedRun, inputs: list[Any], *, scalings: bool = False, **options: Any) -> list[Any]:
+    """The task's answer per input (:meth:`lora_cli.tasks.Task.predict`); ``scalings`` (X-LoRA runs)
+    adds each text row's expert weights, see :func:`expert_scalings`."""
+    weights = expert_scalings(loaded, inputs) if scalings else None  # refused before any generation
+    rows = loaded.task.predict(loaded, list(inputs), **options)
+    for row, found in zip(rows, weights or [], strict=False):
+        row["scalings"] = found
+    return rows
+
+
+def expert_scalings(loaded: Any, texts: list[str]) -> list[dict[str, Any]]:
+    """X-LoRA runs: per text, each token's weight of each expert (mean over the LoRA layers,
+    before global_scaling_weight) and the mean over the tokens."""
+    from lora_cli.tasks.text_common import text_positions
+
+    model = loaded.model
+    if not hasattr(model, "token_scalings"):
+        raise UserInputError(f"--scalings is for X-LoRA runs (adapter.method: xlora); {loaded.run_dir} is a "
+                             f"{loaded.recipe.adapter.method} run: leave --scalings out")
+    device = next(model.parameters()).device
+    room = text_positions(model)  # a prompt past the model's positions: its end, as generation reads it
+    out = []
+    for text in texts:
+        side, loaded.processor.truncation_side = loaded.processor.truncation_side, "left"
+        try:
+            encoded = loaded.processor(text, return_tensors="pt", truncation=room is not None, max_length=room)
+        finally:
+            loaded.processor.truncation_side = side
+        batch = {k: encoded[k].to(device) for k in ("input_ids", "attention_mask") if k in encoded}
+        weights = model.token_scalings(batch)[0].mean(1)  # (tokens, experts)
+        tokens = loaded.processor.convert_ids_to_tokens(batch["input_ids"][0].tolist())
+        out.append({"experts": list(model.expert_names), "tokens": tokens, "per_token": weights.tolist(),
+                    "mean": dict(zip(model.expert_names, weights.mean(0).tolist()))})
+    return out
 
 
 # ---------------------------------------------------------------- renderers
@@ -154,13 +151,9 @@ def predictions_table(results: Sequence[FilePrediction], title: str | None = Non
 
     File names, labels and errors are user data: control characters and bidi overrides
     are shown escaped (:func:`lora_cli.safe_text.terminal_text`), rich markup escaped."""
-    from rich.markup import escape as _markup_escape
     from rich.table import Table
 
-    from lora_cli.safe_text import terminal_text
-
-    def escape(value: str) -> str:
-        return _markup_escape(terminal_text(value))
+    from lora_cli.safe_text import rich_text as escape
 
     k = max((len(r.labels) for r in results), default=1)
     names = [r.file for r in results]

@@ -31,9 +31,8 @@ from lora_cli import rundir as rd
 from lora_cli.atomic import atomic_dir, write_text
 from lora_cli.errors import LoraCliError, UserInputError
 from lora_cli.hub import hub_reachable, offline_by_env
-from lora_cli.inference.merge import MERGE_FILE
+from lora_cli.inference.merge import MERGE_FILE, merge_from_run
 from lora_cli.inference.model_card import hub_id, model_card, validate_card
-from lora_cli.inference.runs import merge_from_run
 from lora_cli.recipe import load_recipe
 
 CARD_FILE = "README.md"

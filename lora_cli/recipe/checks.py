@@ -36,9 +36,9 @@ def check_model(model: Any, task: Any, report: Reporter) -> None:
         if not isinstance(model_type, str):
             report.add(("model", "config"), "needs a model_type key", hint="e.g. `model_type: vit`", value=model_type)
         else:
-            from transformers import CONFIG_MAPPING
+            from lora_cli.recipe import transformers_table  # lazily, as in recipe.training
 
-            known = list(CONFIG_MAPPING.keys())
+            known = transformers_table.model_types()
             if model_type not in known:
                 report.add(
                     ("model", "config", "model_type"), "is not a transformers model type", model_type,

@@ -7,9 +7,7 @@ field's annotation instead, plus the few rules that would otherwise fail minutes
 
 from __future__ import annotations
 
-import dataclasses
 import enum
-import functools
 import math
 import types
 import typing
@@ -56,13 +54,13 @@ def takes_bool(annotation: Any) -> bool:
     return False
 
 
-@functools.lru_cache(maxsize=1)
 def training_fields() -> dict[str, Any]:
     """{field name: annotation} of TrainingArguments (settable ones)."""
-    from transformers import TrainingArguments
+    from lora_cli.recipe import (
+        transformers_table,  # not at the top: `python -m` runs it as a script
+    )
 
-    hints = typing.get_type_hints(TrainingArguments)
-    fields = {f.name: hints.get(f.name, Any) for f in dataclasses.fields(TrainingArguments) if f.init}
+    fields = transformers_table.training_arguments()[0]
     return {name: ANNOTATION_FIXES.get(name, hint) for name, hint in fields.items()}
 
 
@@ -71,13 +69,11 @@ def training_fields() -> dict[str, Any]:
 ANNOTATION_FIXES: dict[str, Any] = {"fsdp": bool | str | list[str] | None}
 
 
-@functools.lru_cache(maxsize=1)
 def training_defaults() -> dict[str, Any]:
-    from transformers import TrainingArguments
+    """{field name: default} of TrainingArguments (enum defaults as their values)."""
+    from lora_cli.recipe import transformers_table
 
-    return {
-        f.name: f.default for f in dataclasses.fields(TrainingArguments) if f.default is not dataclasses.MISSING
-    }
+    return dict(transformers_table.training_arguments()[1])
 
 
 def optimizer_steps(training: dict[str, Any], n_train: int, world_size: int = 1) -> int:

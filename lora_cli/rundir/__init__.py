@@ -2,7 +2,7 @@
 
 Both sides import this package (training writes, inference and evaluation read); it
 imports nothing of loracli but :mod:`lora_cli.errors`. Rebuilding a trained model from a
-run is :func:`lora_cli.inference.runs.load_run`.
+run is :func:`lora_cli.inference.loading.load_run`.
 
     runs/<name>/
       recipe.yaml      the fully resolved recipe

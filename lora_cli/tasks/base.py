@@ -41,11 +41,6 @@ class Task(Protocol):
     """``processor -> (batch -> batch)`` that finishes a compact batch on the model's device
     (normalising uint8 pixels on the GPU), or None when batches need no finishing."""
 
-    classify_text: Callable[..., Any] | None
-    """Text classification for ``predict --text``: ``(run, texts, top_k) -> [[{label, score}]]``."""
-
-    generate: Callable[..., Any] | None
-    """Generation for ``predict --text / --prompt``: ``(run, texts, **sampling) -> [text]``."""
 
     def load_raw(self, data: DataSection, seed: int) -> tuple[Splits, list[str] | None]:
         """The train/eval rows as the source has them, and the label names (None without labels)."""
@@ -73,5 +68,24 @@ class Task(Protocol):
                      limit: int | None = None) -> Any:
         """One split prepared for evaluation (`loracli eval`, merge checks), ``limit`` rows at most."""
 
+    def predict(self, run: Any, inputs: list[Any], *, top_k: int = 5, batch_size: int = 16,
+                max_new_tokens: int | None = None, temperature: float | None = None,
+                top_p: float | None = None) -> list[Any]:
+        """`loracli predict`: one result per input, in input order, for a loaded run (or merged model).
+
+        Image tasks take file paths (one ``FilePrediction`` per file, a bad file gets its own
+        error); text tasks take texts (``{"text", "top_k": [{label, score}]}`` for a classifier,
+        ``{"text", "generated"}`` for generation). Options a task has no use for are ignored."""
+
     def synthetic_batch(self, processor: Any, n: int = 4) -> dict[str, torch.Tensor]:
         """Random inputs of the right shape, when no data is reachable."""
+
+
+def generated_rows(generate: Callable[..., list[str]], run: Any, texts: list[str], max_new_tokens: int | None,
+                   temperature: float | None, top_p: float | None) -> list[dict[str, Any]]:
+    """``predict`` of a generative task: ``{"text", "generated"}`` per text (the task's default length
+    unless ``max_new_tokens`` is given)."""
+    kwargs: dict[str, Any] = {"temperature": temperature, "top_p": top_p}
+    if max_new_tokens is not None:
+        kwargs["max_new_tokens"] = max_new_tokens
+    return [{"text": t, "generated": g} for t, g in zip(texts, generate(run, list(texts), **kwargs), strict=True)]

@@ -38,6 +38,7 @@ from lora_cli.task_kinds import CAUSAL_LM, TASK_KINDS
 from lora_cli.tasks import chat, packing
 from lora_cli.tasks import data as data_mod
 from lora_cli.tasks import text_common as tc
+from lora_cli.tasks.base import generated_rows
 from lora_cli.tasks.text_common import load_processor, synthetic_batch  # noqa: F401 - the task interface
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,6 @@ logger = logging.getLogger(__name__)
 KIND = TASK_KINDS[CAUSAL_LM]
 generation_metrics = None
 device_inputs = None
-classify_text = None
 
 KEPT = ("fit", "cut", "prompt_cut")
 """Row fates that train; the others (long, completion_too_long, no_target) are left out."""
@@ -298,3 +298,9 @@ def generate(
         out = model.generate(**enc, pad_token_id=tokenizer.pad_token_id, eos_token_id=stop or None, **kwargs)
     texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     return texts[0] if isinstance(prompt, str) else texts
+
+
+def predict(run, inputs: list[str], *, max_new_tokens: int | None = None, temperature: float | None = None,
+            top_p: float | None = None, **_) -> list[dict]:
+    """``predict --prompt``: the run's continuation per prompt (see :func:`generate`)."""
+    return generated_rows(generate, run, inputs, max_new_tokens, temperature, top_p)

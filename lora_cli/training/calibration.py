@@ -225,9 +225,3 @@ def restore_calibration(model, record: Calibration, adapter_name: str = "default
     if any(rank == 0 for rank in record.ranks.values()):  # as EVA left it: the dropped layers are no target
         config.target_modules = list(model.targets[adapter_name])
     model._set_trainable()
-
-
-def rank_lines(record: Calibration) -> list[str]:
-    """One line per layer for the terminal: path, rank, alpha."""
-    width = max((len(p) for p in record.ranks), default=0)
-    return [f"{p.ljust(width)}  r={r:<3d} alpha={record.alphas.get(p, 0):g}" for p, r in record.ranks.items()]

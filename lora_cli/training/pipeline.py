@@ -20,8 +20,6 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 from transformers import PrinterCallback, TrainingArguments, set_seed
 
 from lora_cli import packaged
@@ -33,12 +31,11 @@ from lora_cli.atomic import io_errno
 from lora_cli.errors import LoraCliError, TrainingInterrupted, UserInputError
 from lora_cli.evaluation.plots import plot_training_curves
 from lora_cli.evaluation.report import evaluate, write_predictions, write_report
-from lora_cli.recipe import load_recipe, optimizer_steps, resolve_adapter_config
-from lora_cli.safe_text import terminal_text
+from lora_cli.recipe import Recipe, load_recipe, optimizer_steps, resolve_adapter_config
 from lora_cli.task_kinds import TASK_KINDS
 from lora_cli.tasks import get_task, packing
 from lora_cli.tasks.defaults import default_target_modules
-from lora_cli.training import calibration, distributed, preflight
+from lora_cli.training import calibration, distributed, preflight, printed
 from lora_cli.training.callbacks import (
     AdaLoraCallback,
     MetricsFileCallback,
@@ -66,11 +63,15 @@ def run_training(
     dry_run: bool = False,
     overwrite: bool = False,
     extra_callbacks: Sequence[Any] = (),
+    loaded: Recipe | None = None,
 ) -> Path | None:
-    """Train as the recipe says; return the run directory (None for a dry run)."""
+    """Train as the recipe says; return the run directory (None for a dry run).
+
+    ``loaded``: the recipe ``load_recipe(recipe_path, overrides)`` returned already (``loracli
+    train`` checks it before importing this module, so bad input is reported without torch)."""
     if resume and overwrite:
         raise UserInputError("--resume continues the run and --overwrite replaces it; pass only one of them")
-    recipe = load_recipe(recipe_path, overrides)
+    recipe = loaded if loaded is not None else load_recipe(recipe_path, overrides)
     task = get_task(recipe.task)
     run_dir = Path(recipe.output_path)
     replace = preflight.check_run_dir(run_dir, resume=resume, overwrite=overwrite, dry_run=dry_run,
@@ -112,9 +113,9 @@ def run_training(
     calibrated = _calibrate(recipe, task, model, processor, train_ds, args, run_dir, resume)
 
     if dry_run:
-        _print_dry_run(recipe, model, len(train_ds), len(eval_ds), labels, splits.notes)
+        printed.dry_run(recipe, model, len(train_ds), len(eval_ds), labels, splits.notes)
         if calibrated is not None:
-            _print_calibration(calibrated)
+            printed.calibration(calibrated)
         return None
 
     # ---- from here on we write, holding the run directory's lock (rank 0 writes)
@@ -230,7 +231,7 @@ def _train_and_save(recipe, task, model, args, train_ds, eval_ds, processor, lab
         _plot(run_dir)
         rd.write_status(run_dir, "completed", error=None, step=trainer.state.global_step,
                         max_steps=trainer.state.max_steps)  # --resume: whether anything is left
-        _print_summary(run_dir, metrics)
+        printed.summary(run_dir, metrics)
     distributed.barrier()  # no process returns before the run directory is complete
     return run_dir
 
@@ -385,50 +386,3 @@ def _plot(run_dir: Path) -> None:
     except Exception as exc:  # noqa: BLE001 - a figure must never cost the trained run
         warnings.warn(f"could not draw the training curves in {run_dir / rd.PLOTS_DIR} ({type(exc).__name__}: {exc}); "
                       "the adapter, metrics.jsonl and eval.json are written", stacklevel=2)
-
-
-# --------------------------------------------------------------------- printing
-def _print_dry_run(recipe, model, n_train: int, n_eval: int, labels, notes: dict[str, str] | None = None) -> None:
-    table = Table(title=_shown(f"{recipe.name}: adapted modules ({recipe.adapter.method})"))
-    table.add_column("module")
-    table.add_column("layer")
-    table.add_column("adapter")
-    for path, layer in model.adapter_layers():
-        table.add_row(_shown(path), type(layer.base_layer).__name__, _shown(layer.extra_repr()))
-    for name, encoder in getattr(model, "prompt_encoder", {}).items():  # prompt learning adapts no layer
-        table.add_row(_shown(f"prompt_encoder.{name}"), type(encoder).__name__, _shown(encoder.extra_repr()))
-    console.print(table)
-    trainable, total = model.get_nb_trainable_parameters()
-    console.print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
-    saved = model.peft_config[model.active_adapter].modules_to_save
-    console.print(_shown(f"trained in full (modules_to_save): {', '.join(saved) if saved else 'none'}"))
-    label_text = f", {len(labels)} labels" if labels else ""
-    for note in (notes or {}).values():
-        console.print(_shown(f"data: {note}"))
-    unit = "sequences" if getattr(recipe.data, "packing", False) else "rows"
-    console.print(f"data: {n_train} train {unit} / {n_eval} eval rows{label_text}. Dry run: nothing trained, nothing written.")
-
-
-def _print_calibration(record) -> None:
-    table = Table(title=_shown(f"calibration ({record.init}): {record.batches} batches of {record.batch_size}, "
-                               f"seed {record.seed}, {record.seconds:.1f} s"))
-    table.add_column("module")
-    table.add_column("rank", justify="right")
-    table.add_column("alpha", justify="right")
-    for path, rank in record.ranks.items():
-        table.add_row(_shown(path), str(rank), f"{record.alphas.get(path, 0):g}")
-    console.print(table)
-
-
-def _print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:
-    table = Table(title=_shown(f"run {run_dir}"))
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in sorted(metrics.items()):
-        table.add_row(_shown(key), f"{value:.4f}" if isinstance(value, float) else _shown(value))
-    console.print(table)
-
-
-def _shown(value: object) -> str:
-    """User-derived text (paths, names) for the terminal: no control characters, no rich markup."""
-    return escape(terminal_text(value))

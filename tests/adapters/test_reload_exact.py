@@ -39,18 +39,18 @@ RELOAD = r"""
 import sys, torch, peft
 from lora_cli.adapters.base_weights import apply_base_weights
 from lora_cli.inference.loading import load_run
-from lora_cli.inference.predict import load_merged
-from lora_cli.inference.runs import load_predictor, merge_from_run
+from lora_cli.inference.merge import merge_from_run
+from lora_cli.inference.predict import load_for_predict, load_merged
 
 run, pixels, out = sys.argv[1], torch.load(sys.argv[2], weights_only=True), sys.argv[3]
 results = {}
 with torch.no_grad():
     loaded = load_run(run, device="cpu")                                   # eval
     results["eval"] = loaded.model(pixel_values=pixels).logits
-    model, _, _ = load_predictor(run_dir=run, device="cpu")                # predict
+    model = load_for_predict(run_dir=run, device="cpu").model              # predict
     results["predict"] = model(pixel_values=pixels).logits
     merge_from_run(run, out + "/merged", device="cpu")                     # merge (verified)
-    results["merge"] = load_merged(out + "/merged", device="cpu")[0](pixel_values=pixels).logits
+    results["merge"] = load_merged(out + "/merged", device="cpu").model(pixel_values=pixels).logits
     labels = [loaded.id2label[i] for i in sorted(loaded.id2label)]
     base = loaded.task.build_model(loaded.recipe.model, labels)            # PEFT on the untouched base
     apply_base_weights(base, run + "/adapter")                             # LoftQ: its dequantized weights

@@ -13,7 +13,7 @@ from lora_cli.errors import UserInputError
 from lora_cli.inference import export as export_mod
 from lora_cli.inference.export import ExportVerificationError, export_run
 from lora_cli.inference.loading import load_run
-from lora_cli.inference.runs import verification_batch
+from lora_cli.inference.merge import verification_batch
 from tests.inference.runs_fixture import folder_bytes, make_run
 from tests.inference.trained_runs import train_quickstart, train_text_classifier
 

@@ -146,10 +146,10 @@ def test_an_empty_prompt_is_refused_naming_it(monkeypatch, capsys, runs):
 
 def test_an_empty_generation_prints_as_empty(monkeypatch, capsys, runs):
     """Before: KeyError 'top_k' while printing a row whose generated text is ''."""
-    from lora_cli.inference import runs as runs_mod
+    from lora_cli.tasks import causal_lm
 
-    monkeypatch.setattr(runs_mod, "_text_rows", lambda loaded, run_dir, texts, *a: [{"text": t, "generated": ""}
-                                                                                    for t in texts])
+    monkeypatch.setattr(causal_lm, "predict", lambda loaded, texts, **options: [{"text": t, "generated": ""}
+                                                                               for t in texts])
     code, out, err = cli(monkeypatch, capsys, "predict", "--run", str(runs["gpt2"]), "--prompt", "the film was")
     assert code == 0, err
     assert out.rstrip("\n").endswith("the film was ->") or out.rstrip("\n").endswith("the film was -> ")

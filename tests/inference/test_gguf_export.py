@@ -22,7 +22,8 @@ import yaml
 from lora_cli import rundir as rd
 from lora_cli.adapters import get_adapter_model, get_method
 from lora_cli.errors import UserInputError
-from lora_cli.inference.gguf_export import export_gguf, rotary_rows, tokenizer_kind
+from lora_cli.inference.gguf_export import export_gguf
+from lora_cli.inference.gguf_model import rotary_rows, tokenizer_kind
 from lora_cli.inference.loading import load_run
 from tests.inference.runs_fixture import folder_bytes
 
@@ -332,7 +333,7 @@ def test_tokenizer_kinds_llama_cpp_names():
     assert tokenizer_kind({**bpe, "pre_tokenizer": byte_level}, Path("r")) == "gpt-2"
     smollm = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
     assert tokenizer_kind({**bpe, "pre_tokenizer": smollm}, Path("r")) == "smollm"
-    from lora_cli.inference.gguf_export import LLAMA3_SPLIT
+    from lora_cli.inference.gguf_model import LLAMA3_SPLIT
 
     llama3 = {"type": "Sequence", "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},

@@ -8,11 +8,11 @@ import torch
 
 from lora_cli.errors import UserInputError
 from lora_cli.inference.predict import (
-    predict_files,
     predictions_json,
     predictions_table,
     write_predictions_csv,
 )
+from lora_cli.tasks.image_classification import predict_files
 from tests.inference.conftest import ID2LABEL
 from tests.inference.images_fixture import make_user_images
 

@@ -94,7 +94,7 @@ def test_text_classifier_card(tmp_path):
 
 
 def test_hostile_labels_and_paths_stay_text(tmp_path, imagefolder):
-    from lora_cli.inference.runs import eval_run
+    from lora_cli.inference.evaluate import eval_run
     from tests.helpers import make_imagefolder
 
     classes = ("<img src=x onerror=alert(1)>", "*bold* [x](y)", "a: b # c | d")

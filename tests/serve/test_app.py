@@ -9,8 +9,8 @@ import logging
 import pytest
 
 from lora_cli.inference.loading import load_run
-from lora_cli.inference.predict import class_probabilities
 from lora_cli.tasks import seq_cls
+from lora_cli.tasks.image_classification import class_probabilities
 from lora_cli.tasks.images import load_image
 from tests.serve.runs import bomb_png, png_bytes
 

@@ -19,7 +19,6 @@ import torch
 from PIL import Image
 
 from lora_cli.errors import UserInputError
-from lora_cli.inference.predict import pixel_values, predict_files
 from lora_cli.recipe import load_recipe
 from lora_cli.tasks import data as data_mod
 from lora_cli.tasks import image_classification as ic
@@ -116,16 +115,16 @@ def test_eval_and_predict_give_the_same_tensors_for_awkward_images(tmp_path):
     rows = [eval_ds[i] for i in range(len(eval_ds))]
     assert len(rows) == len(files) + 1  # the special images + validation/b's one
     from_eval = ic.make_collator(processor)(rows[: len(files)])["pixel_values"]  # the batch eval gives the model
-    from_predict = pixel_values(processor, [load_image(f) for f in files])
+    from_predict = ic.pixel_values(processor, [load_image(f) for f in files])
     assert torch.equal(from_eval, from_predict)
 
     # the old decode (datasets' Image feature + convert("RGB")) differs on these files
-    naive = pixel_values(processor, [Image.open(f).convert("RGB") for f in files[:3]])
+    naive = ic.pixel_values(processor, [Image.open(f).convert("RGB") for f in files[:3]])
     for i in range(3):
         assert not torch.equal(naive[i], from_predict[i]), files[i].name
 
     model = tiny_vit(num_labels=2)
-    results = predict_files(model, processor, files, {0: "a", 1: "b"}, top_k=2)
+    results = ic.predict_files(model, processor, files, {0: "a", 1: "b"}, top_k=2)
     with torch.no_grad():
         probs = model(pixel_values=from_eval).logits.softmax(-1)
     for result, p in zip(results, probs, strict=True):
