@@ -17,6 +17,7 @@ from lora_cli.adapters.base_rewrites import rewrites_base
 from lora_cli.errors import UserInputError, did_you_mean
 from lora_cli.recipe.data import DATA_PATHS, DATA_SOURCES
 from lora_cli.recipe.errors import Reporter
+from lora_cli.recipe.shipped import SHIPPED_PREFIX, data_path, is_shipped_ref, recipes_dir
 from lora_cli.task_kinds import IMAGE_CLASSIFICATION, TASK_KINDS, TASKS, TEXT_TASKS, TIMING_METRICS
 
 
@@ -110,8 +111,12 @@ def check_data(data: Any, task: Any, report: Reporter) -> None:
         value = data.get(key)
         if not isinstance(value, str) or not value:
             continue
-        path = Path(value).expanduser().absolute()
-        where = f"looked for {path}; paths are relative to the current directory"
+        try:
+            path = data_path(value)
+        except ValueError:
+            continue  # a shipped: path outside the shipped folder: the loader reports it
+        where = f"looked for {path}; " + (f"{SHIPPED_PREFIX} paths are inside {recipes_dir()}" if is_shipped_ref(value)
+                                          else "paths are relative to the current directory")
         if key == "imagefolder":
             if not path.is_dir():
                 report.add(("data", key), "folder not found", value,
