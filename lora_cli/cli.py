@@ -204,11 +204,27 @@ def train(
 
 
 @app.command()
-def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+def validate(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    data: Annotated[
+        bool, typer.Option("--data", help="Also read the data as training would (tokenizer, data.too_long, packing) "
+                           "and report the rows each split keeps; the model is not loaded.")
+    ] = False,
+) -> None:
     """Check a recipe (and overrides) without training."""
     from lora_cli.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides or [])
+    if data:
+        from lora_cli.training.pipeline import prepare_data
+
+        _, splits, labels, train_ds, eval_ds = prepare_data(loaded)
+        for note in splits.notes.values():
+            err.print(f"data: {shown(note)}", highlight=False, soft_wrap=True)
+        unit = "sequences" if getattr(loaded.data, "packing", False) else "rows"
+        label_text = f", {len(labels)} labels" if labels else ""
+        err.print(f"data: {len(train_ds)} train {unit} / {len(eval_ds)} eval rows{label_text}", highlight=False)
     err.print(
         f"[green]ok[/green] {shown(recipe)}: {shown(loaded.task)} / {shown(loaded.adapter.method)} / "
         f"{shown(loaded.model_label())} -> {shown(loaded.output_path)}",
@@ -313,12 +329,13 @@ def predict(
         from lora_cli.tasks.text_common import check_sampling
 
         check_sampling(max_new_tokens, temperature, top_p)  # before the run loads
-        if paths or run is None:
-            raise UserInputError("--text/--prompt take a --run RUN_DIR of a text task and no image paths")
+        if paths or (run is None) == (model is None):
+            raise UserInputError("--text/--prompt take a --run RUN_DIR of a text task or a merged --model DIR, "
+                                 "and no image paths")
         from lora_cli.inference.runs import predict_text
 
         rows = predict_text(run, list(text or []) + list(prompt or []), top_k, max_new_tokens, temperature, top_p,
-                            scalings=scalings)
+                            scalings=scalings, model_dir=model)
         if json_out:
             typer.echo(json.dumps(rows, indent=2))
         else:

@@ -211,3 +211,52 @@ def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
         main()
     out = capsys.readouterr()
     return exit_info.value.code, out.out, out.err
+
+
+# ------------------------------------------------------------------ chat
+GPT2_EOS = "<|endoftext|>"
+GPT2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}:{{ ' ' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+"""A chat template for GPT-2, which has none: ``role: content``, the assistant's turn ended by
+GPT-2's <|endoftext|>; the generation prompt ``assistant:`` leaves the space to the answer's
+first token, as GPT-2's byte-level tokens carry it (" Paris")."""
+
+CHAT_FACTS = [("France", "Paris"), ("Spain", "Madrid"), ("Italy", "Rome"), ("Peru", "Lima"),
+              ("Japan", "Tokyo"), ("Egypt", "Cairo"), ("Kenya", "Nairobi"), ("Chile", "Santiago")]
+
+
+def chat_rows(n: int = 24) -> list[dict]:
+    """Conversations in OpenAI's format: one or two exchanges, a system prompt on every third."""
+    rows = []
+    for i in range(n):
+        country, capital = CHAT_FACTS[i % len(CHAT_FACTS)]
+        messages = [{"role": "user", "content": f"capital of {country}?"},
+                    {"role": "assistant", "content": f"{capital}."}]
+        if i % 2:
+            other, town = CHAT_FACTS[(i + 3) % len(CHAT_FACTS)]
+            messages += [{"role": "user", "content": f"and {other}?"}, {"role": "assistant", "content": f"{town}."}]
+        if i % 3 == 0:
+            messages.insert(0, {"role": "system", "content": "be brief."})
+        rows.append({"messages": messages})
+    return rows
+
+
+def make_gpt2_tokenizer(folder: Path) -> Path:
+    """A GPT-2-style tokenizer (byte-level BPE, <|endoftext|> as BOS/EOS/UNK, no pad token, no chat
+    template) trained on the chat rows' words, saved to ``folder``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ["".join(f"{m['role']}: {m['content']}\n" for m in row["messages"]) for row in chat_rows(48)] + corpus()
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, special_tokens=[GPT2_EOS],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=GPT2_EOS, eos_token=GPT2_EOS, unk_token=GPT2_EOS)
+    folder.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(folder)
+    return folder

@@ -22,10 +22,10 @@ MAY_IMPORT = {
     "devices": {"errors"},
     "rundir": {"errors", "atomic"},
     "packaged": {"errors", "atomic", "safe_text"},
-    "adapters": {"errors", "hf_names"},
+    "adapters": {"errors", "atomic", "hf_names"},  # atomic is a ground-floor helper (it imports errors only)
     "recipe": {"errors", "adapters", "task_kinds"},
     "tasks": {"errors", "safe_text", "progress", "hub", "devices", "adapters", "recipe", "hf_names", "task_kinds", "packaged"},
-    "evaluation": {"errors", "atomic", "safe_text", "devices", "rundir"},
+    "evaluation": {"errors", "atomic", "safe_text", "devices", "rundir", "adapters"},  # the method facts (torch-free)
     "training": {"errors", "atomic", "safe_text", "progress", "hub", "devices", "rundir", "adapters", "recipe", "tasks", "evaluation",
                  "hf_names", "task_kinds", "packaged"},
     "inference": {"errors", "atomic", "safe_text", "progress", "hub", "devices", "rundir", "adapters", "recipe", "tasks", "evaluation",

@@ -1,60 +1,51 @@
 """The adapter engine: LoRA-family adapters injected into any torch model.
 
-Reads and writes PEFT's on-disk format. Depends on torch and safetensors only.
-Importing this package registers every built-in method (:mod:`lora_cli.adapters.methods`).
+Reads and writes PEFT's on-disk format. Depends on torch and safetensors only, and imports
+neither until a name that needs them is used: importing this package registers every built-in
+method (:mod:`lora_cli.adapters.methods`, their configs only), and the names below are loaded
+on first use, so ``lora_cli.adapters.config`` and every method's config import no torch.
 """
 
-from lora_cli.adapters.combine import AdapterCombineMixin, CombineError
-from lora_cli.adapters.config import AdapterConfig
-from lora_cli.adapters.convert import ConversionReport, save_as_lora, to_lora
-from lora_cli.adapters.corda import preprocess_corda
-from lora_cli.adapters.eva import get_eva_state_dict, initialize_eva_weights, load_eva_state_dict
-from lora_cli.adapters.layers import AdapterLayer, ModulesToSaveWrapper
-from lora_cli.adapters.lora_ga import initialize_lora_ga_weights
-from lora_cli.adapters.methods.adalora import AdaLoraConfig
-from lora_cli.adapters.methods.loha import LoHaConfig
-from lora_cli.adapters.methods.lokr import LoKrConfig
-from lora_cli.adapters.methods.lora import LoraConfig, LoraLayer
-from lora_cli.adapters.methods.p_tuning import PromptEncoderConfig
-from lora_cli.adapters.methods.trainable_tokens import TrainableTokensConfig
-from lora_cli.adapters.methods.xlora import XLoraConfig
-from lora_cli.adapters.model import AdapterModel, get_adapter_model, load_adapter_model
-from lora_cli.adapters.registry import (
-    AdapterMethod,
-    MethodState,
-    available_methods,
-    get_method,
-    register_method,
-)
+from __future__ import annotations
 
-__all__ = [
-    "AdaLoraConfig",
-    "AdapterCombineMixin",
-    "AdapterConfig",
-    "AdapterLayer",
-    "AdapterMethod",
-    "AdapterModel",
-    "CombineError",
-    "ConversionReport",
-    "LoHaConfig",
-    "LoKrConfig",
-    "LoraConfig",
-    "LoraLayer",
-    "MethodState",
-    "ModulesToSaveWrapper",
-    "PromptEncoderConfig",
-    "TrainableTokensConfig",
-    "XLoraConfig",
-    "available_methods",
-    "get_adapter_model",
-    "get_eva_state_dict",
-    "get_method",
-    "initialize_eva_weights",
-    "initialize_lora_ga_weights",
-    "load_adapter_model",
-    "load_eva_state_dict",
-    "preprocess_corda",
-    "register_method",
-    "save_as_lora",
-    "to_lora",
-]
+import importlib
+from typing import Any
+
+from lora_cli.adapters import methods as _methods  # noqa: F401 - fills the method table
+
+_EXPORTS = {
+    "AdapterCombineMixin": "combine", "CombineError": "combine",
+    "AdapterConfig": "config",
+    "ConversionReport": "convert", "save_as_lora": "convert", "to_lora": "convert",
+    "AdapterLayer": "layers", "ModulesToSaveWrapper": "modules_to_save",
+    "AdaLoraConfig": "methods.adalora.config",
+    "LoHaConfig": "methods.lycoris.config",
+    "LoKrConfig": "methods.lycoris.config",
+    "LoraConfig": "methods.lora.config", "LoraLayer": "methods.lora.layer",
+    "preprocess_corda": "methods.lora.corda",
+    "get_eva_state_dict": "methods.lora.eva", "initialize_eva_weights": "methods.lora.eva",
+    "load_eva_state_dict": "methods.lora.eva",
+    "initialize_lora_ga_weights": "methods.lora.lora_ga",
+    "PromptEncoderConfig": "methods.p_tuning.config",
+    "TrainableTokensConfig": "methods.trainable_tokens.config",
+    "XLoraConfig": "methods.xlora.config",
+    "AdapterModel": "model", "MethodState": "model", "get_adapter_model": "model", "load_adapter_model": "model",
+    "AdapterMethod": "registry", "available_methods": "registry", "get_method": "registry",
+    "register_method": "registry",
+}
+"""Public name -> the module below this package that defines it."""
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from lora_cli.adapters.layers import CONVS, AdapterLayer
+from lora_cli.adapters.kinds import CONVS
+from lora_cli.adapters.layers import AdapterLayer
 from lora_cli.adapters.merge_math import (
     COMBINATION_TYPES,
     LINEAR_KINDS,
@@ -41,7 +42,6 @@ from lora_cli.errors import UserInputError
 
 if TYPE_CHECKING:
     from lora_cli.adapters.config import AdapterConfig
-    from lora_cli.adapters.model import AdapterModel
 
 
 _OVERFLOW = "a float32 overflow: the weights (or the adapters' own values) are too large; use smaller weights"
@@ -56,7 +56,7 @@ class AdapterCombineMixin:
 
     @torch.no_grad()
     def add_weighted_adapter(
-        self: AdapterModel,
+        self,
         adapters: list[str],
         weights: list[float],
         adapter_name: str,
@@ -222,7 +222,7 @@ def _write_padded(target: Tensor, value: Tensor, dim: int) -> None:
     target.narrow(dim, 0, value.shape[dim]).copy_(value.to(target.dtype))
 
 
-def _fill_modules_to_save(model: AdapterModel, new: str, adapters: list[str], weights: list[float]) -> None:
+def _fill_modules_to_save(model: AdapterCombineMixin, new: str, adapters: list[str], weights: list[float]) -> None:
     for path, wrapper in model._wrappers():
         if new not in wrapper.modules_to_save:
             continue

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from lora_cli import atomic
 from lora_cli.adapters import user_regex
 from lora_cli.adapters.registry import available_methods, get_method
 from lora_cli.errors import AdapterConfigError, LoraCliError, Problem, ProblemsError, UserInputError
@@ -64,18 +65,33 @@ def _is_truthy(value: Any) -> bool:
 
 @dataclass
 class AdapterConfig:
-    """Fields every adapter method shares.
+    """Fields every adapter method shares, and the facts about a method that the rest of loracli
+    asks (its name in prose, whether it shards, merges, or runs on a quantized base, how its size
+    is shown, which settings carry over from another method).
 
     Subclasses set ``peft_type`` and ``method`` and add their own fields; they extend
-    :meth:`problems` to validate those fields.
+    :meth:`problems` to validate those fields, and override the facts that differ from the defaults.
     """
 
     peft_type: ClassVar[str] = ""
     method: ClassVar[str] = ""
+    display_name: ClassVar[str] = ""
+    """The method's name in prose ("LoRA", "X-LoRA"): :meth:`title`."""
     task_types: ClassVar[tuple[str, ...] | None] = None
     """The PEFT task types the method works with; None: any model."""
     on_quantized_base: ClassVar[bool] = False
     """Whether the method is tested on a bitsandbytes-quantized base (QLoRA)."""
+    shard_refusal: ClassVar[str | None] = None
+    """Why the method cannot train with FSDP or DeepSpeed (which split parameters and gradients
+    across processes), or None when it can."""
+    merge_refusal: ClassVar[str | None] = None
+    """Why the method cannot be merged into the base weights ("a <method> adapter <why>"), or None."""
+    LAYER_FIELDS: ClassVar[tuple[str, ...]] = ()
+    """Inherited fields the method does not use (prompt learning adapts no layer): not offered in recipes."""
+    carried_names: ClassVar[dict[str, str | None]] = {}
+    """When ``sweep`` or ``tune`` change ``adapter.method``, the settings of the method before that this
+    one takes under another name, {their name: ours}; None for one this method has but does not take
+    (AdaLoRA's unused ``r``). Settings not listed carry over where this method has them."""
     peft_fields: ClassVar[frozenset[str] | None] = None
     """The fields PEFT's config class for the method has, where it lacks some of the shared
     ones here; :meth:`save_pretrained` leaves the others out while they hold their defaults
@@ -160,6 +176,30 @@ class AdapterConfig:
             )
         return out
 
+    # ------------------------------------------------------------------- facts
+    @classmethod
+    def title(cls) -> str:
+        """The method's name in prose: ``display_name``, else the recipe name."""
+        return cls.display_name or cls.method
+
+    @classmethod
+    def shown_method(cls, saved: dict[str, Any]) -> str:
+        """The method of a saved ``adapter_config.json`` as ``loracli compare`` lists it (a variant by its
+        own name: LoRA's "dora")."""
+        return cls.method
+
+    @classmethod
+    def size_label(cls, saved: dict[str, Any]) -> str:
+        """How big a saved ``adapter_config.json`` of this method is, for ``loracli compare``'s rank/alpha
+        column ("16/32" for LoRA); "-" for a method with no rank."""
+        return "-"
+
+    @classmethod
+    def derived_settings(cls, options: dict[str, Any]) -> dict[str, tuple[str, Any]]:
+        """Settings this method works out from another method's ``options`` when ``sweep`` or ``tune``
+        change ``adapter.method``: {ours: (the setting it came from, value)} (AdaLoRA's ranks from ``r``)."""
+        return {}
+
     # ------------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {}
@@ -171,10 +211,8 @@ class AdapterConfig:
         data["peft_type"] = self.peft_type
         return data
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``adapter_config.json`` as PEFT does: sorted keys, indent 2, inference mode."""
-        path = Path(directory) / CONFIG_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def json_text(self) -> str:
+        """``adapter_config.json`` as PEFT writes it: sorted keys, indent 2, inference mode."""
         data = self.to_dict()
         data["inference_mode"] = True
         if self.peft_fields is not None:
@@ -182,8 +220,13 @@ class AdapterConfig:
             for name in [k for k in data if k not in self.peft_fields and k in defaults]:
                 if data[name] == _default_of(defaults[name]):
                     del data[name]
-        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        return path
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write :meth:`json_text` to ``directory``/``adapter_config.json``, whole or not at all."""
+        path = Path(directory) / CONFIG_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return atomic.write_text(path, self.json_text())
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -314,92 +357,3 @@ def _json_kind(value: Any) -> str:
 def _regex_problem(name: str, pattern: str) -> list[Problem]:
     why = user_regex.problem(pattern)  # compiles, and cannot backtrack for hours on a module name
     return [Problem(name, why, pattern)] if why else []
-
-
-def check_rate(name: str, value: Any) -> list[Problem]:
-    """Probabilities such as dropout: a number in [0, 1)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        return [Problem(name, "must be a number in [0, 1)", value, hint="e.g. 0.05; 0 disables it")]
-    return []
-
-
-MAX_RANK = 65536
-"""The largest rank a config takes (``r``, AdaLoRA's ``init_r`` / ``target_r``, ``rank_pattern`` values):
-above the widest layer of today's models. When the adapter is added, each layer also refuses a rank
-larger than itself (:func:`lora_cli.adapters.layers.rank_refusal`)."""
-MAX_WIDTH = 65536
-"""The largest width or token count a config takes (virtual tokens, encoder and head widths)."""
-MAX_DEPTH = 1024
-"""The largest number of layers a config's own encoder or head may stack."""
-_SIZE_HINTS = {
-    MAX_RANK: "ranks are usually 4 to 256, and a rank above the adapted layer's own size adds nothing",
-    MAX_DEPTH: "a few layers are usual",
-}
-
-
-def check_positive_int(name: str, value: Any, allow_zero: bool = False, maximum: int | None = None) -> list[Problem]:
-    """An integer >= 1 (>= 0 with ``allow_zero``) and, for sizes that allocate, at most ``maximum``
-    (:data:`MAX_RANK`, :data:`MAX_WIDTH`, :data:`MAX_DEPTH`): a bound checked before anything is made."""
-    low = 0 if allow_zero else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        return [Problem(name, f"must be an integer >= {low}", value)]
-    if maximum is not None and value > maximum:
-        hint = _SIZE_HINTS.get(maximum, "no model is that wide")
-        return [Problem(name, f"must be an integer between {low} and {maximum}", value, hint=hint)]
-    return []
-
-
-def check_number(name: str, value: Any) -> list[Problem]:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return [Problem(name, "must be a number", value)]
-    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
-        return [Problem(name, "must be a finite number", value, hint="NaN or infinity scales every update to NaN")]
-    return []
-
-
-def check_choice(name: str, value: Any, choices: tuple) -> list[Problem]:
-    if value not in choices:
-        shown = ", ".join(repr(c) for c in choices)
-        return [Problem(name, f"must be one of {shown}", value)]
-    return []
-
-
-def check_patterns(config: AdapterConfig, rank_field: str = "r") -> list[Problem]:
-    """rank_pattern values must be ranks; alpha_pattern values numbers."""
-    out: list[Problem] = []
-    if isinstance(config.rank_pattern, dict):
-        for key, value in config.rank_pattern.items():
-            if isinstance(value, list):  # AdaLoRA masks are lists of booleans
-                continue
-            out += check_positive_int(f"rank_pattern[{key!r}]", value, maximum=MAX_RANK)
-    if isinstance(config.alpha_pattern, dict):
-        for key, value in config.alpha_pattern.items():
-            out += check_number(f"alpha_pattern[{key!r}]", value)
-    return out
-
-
-def check_init_settings(
-    field: str, value: Any, *, init: Any, wanted: str, known: Any, label: str, example: str, required: bool = False
-) -> tuple[list[Problem], dict[str, Any]]:
-    """What every start's settings mapping (``eva_config``, ``corda_config``, ``loftq_config``,
-    ``lora_ga_config``) shares: it is given only with its ``init_lora_weights``, it is a
-    mapping, its keys are known. Returns the problems and the known entries, whose values the
-    caller then checks (so every problem is reported at once)."""
-    keys = ", ".join(known)
-    if init != wanted:
-        if value:
-            shown = "{...}" if isinstance(value, dict) else value
-            hint = f"remove {field}, or set init_lora_weights: {wanted} (it is {init!r})"
-            return [Problem(field, f"is only used with init_lora_weights: {wanted}", shown, hint=hint)], {}
-        return [], {}
-    if value is None or (required and value == {}):
-        problem = Problem(field, f"is required with init_lora_weights: {wanted}", value, hint=f"e.g. {example}")
-        return ([problem] if required else []), {}
-    if not isinstance(value, dict):
-        return [Problem(field, f"must be a mapping of {label} settings", value, hint=f"e.g. {example}; keys: {keys}")], {}
-    problems = [
-        Problem(f"{field}.{key}", f"is not among the {label} settings", item, hint=f"{label} settings are: {keys}")
-        for key, item in value.items()
-        if key not in known
-    ]
-    return problems, {key: item for key, item in value.items() if key in known}

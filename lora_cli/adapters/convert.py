@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from lora_cli.adapters.layers import CONVS
-from lora_cli.adapters.methods.lora import LoraConfig
+from lora_cli.adapters.kinds import CONVS
+from lora_cli.adapters.methods.lora.config import LoraConfig
 from lora_cli.adapters.state import KEY_PREFIX, save_adapter_files
 from lora_cli.adapters.tensor_files import check_finite
 from lora_cli.errors import UserInputError

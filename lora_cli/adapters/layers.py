@@ -15,12 +15,12 @@ Layouts: methods work in the *canonical* layout, (out, in) or (out, in, *kernel)
 ``Conv1D`` and ``nn.Embedding`` store (in, out); :meth:`to_raw` / :meth:`canonical_weight`
 convert, which is all that ``fan_in_fan_out`` means.
 
-:class:`ModulesToSaveWrapper` is the other wrapper a model gets: a module trained in full.
+:class:`~lora_cli.adapters.modules_to_save.ModulesToSaveWrapper` is the other wrapper a model
+gets: a module trained in full.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -28,22 +28,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lora_cli.adapters import mixed, quantized
+from lora_cli.adapters import quantized
+from lora_cli.adapters.kinds import (
+    CONV2D,
+    CONV3D,
+    CONVS,
+    EMBEDDING,
+    HF_CONV1D,
+    LINEAR,
+    MHA,
+    TORCH_CONV1D,
+)
 from lora_cli.errors import LoraCliError
 
 if TYPE_CHECKING:
     from lora_cli.adapters.config import AdapterConfig
 
-LINEAR, CONV2D, CONV3D, EMBEDDING = "linear", "conv2d", "conv3d", "embedding"
-HF_CONV1D = "conv1d"
-"""transformers' ``Conv1D`` (GPT-2): not a convolution but a linear map, weight stored (in, out)."""
-TORCH_CONV1D = "nn_conv1d"
-"""torch's ``nn.Conv1d``: a true convolution over (batch, channels, length)."""
-CONVS = (TORCH_CONV1D, CONV2D, CONV3D)
-"""True convolutions: weight (out, in / groups, *kernel), run by the base's ``_conv_forward``."""
-MHA = "multihead_attention"
-"""``nn.MultiheadAttention`` with one packed ``in_proj_weight`` (3 * dim, dim) and its ``out_proj``."""
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def rows_of(names: list[str], name: str, device: torch.device) -> Tensor:
+    """The indices of the rows that ``names`` (one adapter name per row) gives to ``name``."""
+    return torch.tensor([i for i, n in enumerate(names) if n == name], device=device)
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -76,7 +82,7 @@ def rank_refusal(module: nn.Module, r: int) -> str | None:
     The update of a (out, in) layer has rank at most min(in, out); past max(in, out) an adapter
     would hold more numbers than the layer itself. That bound (never below :data:`FREE_RANK`),
     checked before any tensor is made, keeps a config's rank (65536 at most,
-    :data:`~lora_cli.adapters.config.MAX_RANK`) from asking a small layer for gigabytes.
+    :data:`~lora_cli.adapters.checks.MAX_RANK`) from asking a small layer for gigabytes.
     """
     base = module.base_layer if isinstance(module, AdapterLayer) else module
     kind = layer_kind(base)
@@ -155,6 +161,9 @@ class AdapterLayer(nn.Module):
         return quantized.quant_kind(self.base_layer)
 
     # --------------------------------------------------------------- subclass API
+    kind_of = staticmethod(layer_kind)
+    """The kind of ``module``: :func:`layer_kind` (the method table asks it without importing torch)."""
+
     @classmethod
     def supports(cls, module: nn.Module) -> bool:
         return cls.refusal(module) is None
@@ -176,12 +185,6 @@ class AdapterLayer(nn.Module):
                 "name the Linear / Conv / Embedding layers inside it instead"
             )
         return "this method has no adapter for this layer type; use LoRA for it, or leave it out"
-
-    @classmethod
-    def wrap(cls, module: nn.Module) -> AdapterLayer:
-        """A new layer of this method around ``module``; a method with a special layer for
-        some kind (LoRA's MultiheadAttention) picks it here."""
-        return cls(module)
 
     def merge_targets(self) -> list[Tensor]:
         """The base tensors merging writes (a safe merge that fails restores them)."""
@@ -280,13 +283,35 @@ class AdapterLayer(nn.Module):
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         if self.batch_adapters is not None:
-            return mixed.layer_rows(self, x, self.batch_adapters, *args, **kwargs)
+            return self.rows_forward(x, self.batch_adapters, *args, **kwargs)
         names = [
             n for n in self.active_adapters if n in self.r and n not in self.merged_adapters and not self.skip_in_forward(n)
         ]
         if not names:
             return self.base_layer(x, *args, **kwargs)
         return self.delta_forward(x, names)
+
+    def rows_forward(self, x: Tensor, names: list[str], *args: Any, **kwargs: Any) -> Tensor:
+        """Row ``i`` of ``x`` through the base plus adapter ``names[i]`` (none where this layer lacks
+        that adapter, as for ``__base__``): a mixed batch (:mod:`lora_cli.adapters.mixed`).
+
+        ``names`` may instead be a gate with ``layer_forward(layer, x, *args, **kwargs)``, which then
+        runs the layer: X-LoRA's per-token expert weights (:mod:`lora_cli.adapters.methods.xlora.model`)."""
+        gate = getattr(names, "layer_forward", None)
+        if gate is not None:
+            return gate(self, x, *args, **kwargs)
+        if x.shape[0] != len(names):
+            raise LoraCliError(
+                f"adapter_names has {len(names)} name(s) but {type(self.base_layer).__name__} got a batch of "
+                f"{x.shape[0]} row(s); give one adapter name per input row"
+            )
+        result = self.base_layer(x, *args, **kwargs)
+        for name in dict.fromkeys(names):
+            if name in self.r:
+                idx = rows_of(names, name, x.device)
+                rows = self.add_update(result.index_select(0, idx), x.index_select(0, idx), name)
+                result = result.index_copy(0, idx, rows.to(result.dtype))
+        return result
 
     # ------------------------------------------------------------ merge/unmerge
     @property
@@ -368,36 +393,3 @@ class AdapterLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: {self.extra_repr_for(n)}" for n in self.r)
-
-
-class ModulesToSaveWrapper(nn.Module):
-    """A module trained in full: one trainable copy per adapter, the original kept frozen
-    for when adapters are disabled."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.original_module = module
-        self.modules_to_save = nn.ModuleDict()
-        self.active_adapter: str | None = None
-        self.disabled = False
-        self.batch_adapters: list[str] | None = None
-        """One adapter name per row while a mixed batch runs (set by the model), else None."""
-
-    def add(self, name: str) -> None:
-        self.modules_to_save[name] = copy.deepcopy(self.original_module)
-
-    def active_module(self) -> nn.Module:
-        if self.disabled or self.active_adapter not in self.modules_to_save:
-            return self.original_module
-        return self.modules_to_save[self.active_adapter]
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.batch_adapters is None or self.disabled:
-            return self.active_module()(*args, **kwargs)
-        return mixed.module_rows(self, self.batch_adapters, *args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.active_module(), name)

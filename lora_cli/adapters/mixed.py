@@ -22,60 +22,16 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import torch
 from torch import Tensor
 
-from lora_cli.errors import LoraCliError, UserInputError
-
-if TYPE_CHECKING:
-    from lora_cli.adapters.layers import AdapterLayer, ModulesToSaveWrapper
+from lora_cli.errors import UserInputError
 
 BASE_ADAPTER = "__base__"
 """The name in ``adapter_names`` for a row that gets no adapter (PEFT's)."""
 BATCH_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "x")
 """Keyword inputs whose first dimension is the batch, tried in this order."""
-
-
-def _rows(names: list[str], name: str, device: torch.device) -> Tensor:
-    return torch.tensor([i for i, n in enumerate(names) if n == name], device=device)
-
-
-def layer_rows(layer: AdapterLayer, x: Tensor, names: list[str], *args: Any, **kwargs: Any) -> Tensor:
-    """Row ``i`` of ``x`` through ``layer``'s base plus adapter ``names[i]`` (none where the
-    layer lacks that adapter, as for ``BASE_ADAPTER``).
-
-    ``names`` may instead be a gate with ``layer_forward(layer, x, *args, **kwargs)``, which then
-    runs the layer: X-LoRA's per-token expert weights (:mod:`lora_cli.adapters.xlora_model`)."""
-    gate = getattr(names, "layer_forward", None)
-    if gate is not None:
-        return gate(layer, x, *args, **kwargs)
-    if x.shape[0] != len(names):
-        raise LoraCliError(
-            f"adapter_names has {len(names)} name(s) but {type(layer.base_layer).__name__} got a batch of "
-            f"{x.shape[0]} row(s); give one adapter name per input row"
-        )
-    result = layer.base_layer(x, *args, **kwargs)
-    for name in dict.fromkeys(names):
-        if name in layer.r:
-            idx = _rows(names, name, x.device)
-            rows = layer.add_update(result.index_select(0, idx), x.index_select(0, idx), name)
-            result = result.index_copy(0, idx, rows.to(result.dtype))
-    return result
-
-
-def module_rows(wrapper: ModulesToSaveWrapper, names: list[str], x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-    """Row ``i`` through adapter ``names[i]``'s trained copy, or the original module."""
-    if x.shape[0] != len(names):
-        raise LoraCliError(f"adapter_names has {len(names)} name(s) but a modules_to_save module got {x.shape[0]} row(s)")
-    order, outs, copies = [], [], dict(wrapper.modules_to_save.items())
-    for name in dict.fromkeys(names):
-        module = copies.get(name, wrapper.original_module)
-        idx = _rows(names, name, x.device)
-        outs.append(module(x.index_select(0, idx), *args, **kwargs))
-        order.append(idx)
-    return torch.cat(outs).index_select(0, torch.argsort(torch.cat(order)))
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -26,18 +26,15 @@ from torch import Tensor, nn
 
 from lora_cli.adapters.combine import AdapterCombineMixin
 from lora_cli.adapters.config import AdapterConfig
-from lora_cli.adapters.layers import HF_CONV1D, AdapterLayer, ModulesToSaveWrapper, rank_refusal
+from lora_cli.adapters.kinds import HF_CONV1D
+from lora_cli.adapters.layers import AdapterLayer, rank_refusal
 from lora_cli.adapters.mixed import MultiAdapterMixin
-from lora_cli.adapters.registry import MethodState, get_method
+from lora_cli.adapters.modules_to_save import ModulesToSaveWrapper
+from lora_cli.adapters.registry import get_method
 from lora_cli.adapters.state import AdapterStateMixin
 from lora_cli.adapters.targeting import module_aliases, resolve_modules_to_save, resolve_targets
 from lora_cli.errors import LoraCliError, TargetingError, UserInputError
 
-AUXILIARY_INJECTORS: list[Callable[[AdapterModel, str, AdapterConfig, dict[str, str]], list[str]]] = []
-"""Functions that add adapter layers beside the method's own targets (LoRA's trainable tokens
-and parameter targets: :mod:`.methods.trainable_tokens`, :mod:`.methods.lora_param`). Each is
-called as ``inject(model, adapter_name, config, aliases)`` and returns the paths of the layers
-it gave the adapter (undone if a later step fails)."""
 AUXILIARY_OPTIONS = ("trainable_token_indices", "target_parameters")
 """Config options that adapt something besides target_modules, so target_modules may be []."""
 
@@ -171,7 +168,7 @@ class AdapterModel(MultiAdapterMixin, AdapterStateMixin, AdapterCombineMixin, nn
         if config.target_modules == [] and any(_is_truthy_option(config, k) for k in AUXILIARY_OPTIONS):
             paths = []  # PEFT's way to adapt only parameters / tokens: target_modules=[]
         else:
-            paths = resolve_targets(self.base_model, config, method.layer_cls.refusal, aliases)
+            paths = resolve_targets(self.base_model, config, method.refusal, aliases)
         created: list[str] = []
         try:
             for path in paths:
@@ -182,7 +179,7 @@ class AdapterModel(MultiAdapterMixin, AdapterStateMixin, AdapterCombineMixin, nn
                 if too_large:  # before any tensor is made
                     raise TargetingError(f"target module {path}: {too_large}; nothing was adapted")
                 if not isinstance(module, AdapterLayer):
-                    module = method.layer_cls.wrap(module)
+                    module = method.layer_for(module)(module)
                     self.base_model.set_submodule(path, module)
                 try:
                     module.add(adapter_name, config, r, alpha)
@@ -195,7 +192,7 @@ class AdapterModel(MultiAdapterMixin, AdapterStateMixin, AdapterCombineMixin, nn
                     module = ModulesToSaveWrapper(module)
                     self.base_model.set_submodule(path, module)
                 module.add(adapter_name)
-            for inject in AUXILIARY_INJECTORS:
+            for inject in method.injector_fns():  # layers beside the targets (LoRA's trainable tokens)
                 created += inject(self, adapter_name, config, aliases)
         except Exception:
             for path in created:
@@ -352,3 +349,29 @@ def rank_and_alpha(config: AdapterConfig, path: str, old_path: str | None = None
     r = lookup(config.rank_pattern, getattr(config, "r", 8))
     alpha_default = getattr(config, "lora_alpha", getattr(config, "alpha", r))
     return r, lookup(config.alpha_pattern, alpha_default)
+
+
+class MethodState:
+    """Per-model state a method may keep beside its layers (AdaLoRA's rank allocator).
+
+    One instance per adapter, built as ``state_cls(adapter_model, adapter_name)`` (the method
+    table's ``state_cls``). The defaults do nothing, so a method without such state needs no subclass.
+    """
+
+    def __init__(self, model: AdapterModel, adapter_name: str) -> None:
+        self.model = model
+        self.adapter_name = adapter_name
+
+    def regularizer(self) -> Tensor | None:
+        """A term added to the training loss, or None."""
+        return None
+
+    def export(self, state: dict[str, Tensor], config: AdapterConfig) -> tuple[dict[str, Tensor], AdapterConfig]:
+        """Adjust the state dict and config being saved."""
+        return state, config
+
+    def before_load(self, config: AdapterConfig) -> None:
+        """Reshape the layers to fit a saved adapter before its tensors are copied in."""
+
+    def update_and_allocate(self, global_step: int) -> None:
+        raise LoraCliError(f"{type(self).__name__}: this method has no rank allocation")

@@ -15,6 +15,8 @@ calls them linear; this module tells them apart and reads their weights as float
 * :func:`dequantize_model`: every quantized linear of a model replaced by an ``nn.Linear``
   holding the dequantized weight (adapter wrappers keep their adapters), and transformers'
   quantization marks removed, so that the model merges, casts and saves as a plain one.
+* :func:`nf_dequantized` / :func:`int8_dequantized`: what bitsandbytes' NF4 (and NF2) and
+  LLM.int8() quantizers make of a float weight, computed in torch (LoftQ starts from them).
 
 A quantized weight is never written in place: merging an adapter into it would
 re-quantize ``W + dW``, which loses most of the update and cannot be undone exactly.
@@ -138,6 +140,62 @@ def forget_quantization(model: nn.Module) -> None:
         if getattr(target, "is_quantized", False):
             with contextlib.suppress(AttributeError):  # a read-only property reads hf_quantizer, gone now
                 target.is_quantized = False
+
+
+# ------------------------------------------------------------------ the quantizers' math, in torch
+BLOCK_SIZE = 64
+"""Values per block of bitsandbytes' NormalFloat quantization (its default)."""
+
+NF4_LEVELS = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+)
+"""The 16 NormalFloat-4 levels (QLoRA, appendix E; bitsandbytes' ``nf4`` code table)."""
+
+
+def normal_float_levels(bits: int, offset: float = 0.9677083) -> Tensor:
+    """2**bits NormalFloat levels in [-1, 1]: normal quantiles between 1 - offset and offset,
+    2**(bits-1) negative and 2**(bits-1) - 1 positive ones plus an exact zero, normalised
+    by the largest. NF4 is the table above; NF2 is [-1, 0, 0.3379, 1]."""
+    if bits == 4:
+        return torch.tensor(NF4_LEVELS, dtype=torch.float32)
+    half = 2**bits // 2
+    pos = torch.special.ndtri(torch.linspace(offset, 0.5, half + 1, dtype=torch.float32)[:-1].double())
+    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, half, dtype=torch.float32)[:-1].double())
+    levels = torch.tensor(pos.tolist() + [0.0] + neg.tolist(), dtype=torch.float32).sort().values
+    return levels / levels.max()
+
+
+def nf_dequantized(weight: Tensor, bits: int, block_size: int = BLOCK_SIZE) -> Tensor:
+    """quant-then-dequant of ``weight`` with blockwise NormalFloat: float32, same shape.
+
+    Values are taken in row-major order in blocks of ``block_size``; a short last block is
+    scaled by its own maximum (as bitsandbytes does).
+    """
+    levels = normal_float_levels(bits).to(weight.device)
+    bounds = (levels[1:] + levels[:-1]) / 2  # a value goes to the nearest level
+    flat = weight.reshape(-1).float()
+    n = flat.numel()
+    full = n - n % block_size
+    parts = [flat[:full].reshape(-1, block_size)] + ([flat[full:].reshape(1, -1)] if full < n else [])
+    out = []
+    for blocks in parts:
+        absmax = blocks.abs().max(dim=-1).values
+        scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38)).view(-1, 1), -1, 1)
+        index = torch.bucketize(scaled, bounds)
+        out.append((levels[index] * absmax.view(-1, 1)).reshape(-1))
+    return torch.cat(out).reshape(weight.shape)
+
+
+def int8_dequantized(weight: Tensor) -> Tensor:
+    """Row-wise absmax int8 quant-then-dequant (LLM.int8(), from W in float16): float32."""
+    half = weight.to(torch.float16)
+    absmax = half.abs().max(dim=1).values.float()
+    q = torch.round(half * (127.0 / absmax.unsqueeze(-1))).to(torch.int8)
+    return q * absmax.view(-1, 1) * 7.874015718698502e-3  # 1 / 127, as bitsandbytes writes it
+
 
 
 # ------------------------------------------------------------------ 4-bit layers on the CPU

@@ -24,40 +24,37 @@ them into the base; saving writes them where PEFT's "auto" would.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
-import tempfile
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Self
 
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lora_cli.adapters import base_rewrites, user_regex
+from lora_cli import atomic
+from lora_cli.adapters import user_regex
 from lora_cli.adapters.autobase import load_base_model
-from lora_cli.adapters.config import CONFIG_NAME, WEIGHTS_NAME, AdapterConfig
-from lora_cli.adapters.layers import AdapterLayer, ModulesToSaveWrapper
-from lora_cli.adapters.registry import get_method
-from lora_cli.adapters.targeting import candidate_modules, matches, module_aliases
-from lora_cli.adapters.tensor_files import (  # noqa: F401 - re-exported: the state API reads these
-    LEGACY_WEIGHTS_NAME,
-    AdapterFileError,
-    check_finite,
-    load_safetensors,
-    load_torch_tensors,
-    read_adapter_weights,
+from lora_cli.adapters.base_weights import (
+    BASE_REWRITES_NAME,
+    apply_base_weights,
+    write_base_weights,
 )
+from lora_cli.adapters.config import CONFIG_NAME, WEIGHTS_NAME, AdapterConfig
+from lora_cli.adapters.embeddings import (
+    embedding_base_tensors,
+    embedding_shape_problem,
+    saved_embedding_layers,
+)
+from lora_cli.adapters.layers import AdapterLayer
+from lora_cli.adapters.registry import get_method, load
+from lora_cli.adapters.targeting import candidate_modules, matches, module_aliases
+from lora_cli.adapters.tensor_files import check_finite, read_adapter_weights
 from lora_cli.errors import AdapterStateError, UserInputError
 
-if TYPE_CHECKING:
-    from lora_cli.adapters.model import AdapterModel
-
 KEY_PREFIX = "base_model.model."
-EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
-"""PEFT's names: targeting one of them makes save_embedding_layers="auto" save the embeddings."""
 
 
 def remap_legacy_key(key: str, renamed: Mapping[str, str], wrappers: Collection[str]) -> str | None:
@@ -96,7 +93,7 @@ class AdapterStateMixin:
     ``_set_trainable()``.
     """
 
-    def live_adapter_tensors(self: AdapterModel, adapter_name: str | None = None) -> dict[str, Tensor]:
+    def live_adapter_tensors(self, adapter_name: str | None = None) -> dict[str, Tensor]:
         """File key -> live parameter (not a copy) of one adapter."""
         adapter_name = adapter_name or self.active_adapter
         config = self.peft_config[adapter_name]
@@ -122,7 +119,7 @@ class AdapterStateMixin:
         return {k: v.detach().to("cpu").contiguous() for k, v in self.live_adapter_tensors(adapter_name).items()}
 
     @torch.no_grad()
-    def load_adapter_state_dict(self: AdapterModel, state: dict[str, Tensor], adapter_name: str | None = None) -> None:
+    def load_adapter_state_dict(self, state: dict[str, Tensor], adapter_name: str | None = None) -> None:
         """Copy a PEFT-format state dict into adapter ``adapter_name``; strict about shapes
         and about adapter tensors, tolerant of PEFT's redundant copies."""
         adapter_name = adapter_name or self.active_adapter
@@ -173,7 +170,7 @@ class AdapterStateMixin:
 
     # ----------------------------------------------------------- directories
     def save_pretrained(
-        self: AdapterModel,
+        self,
         save_directory: str | os.PathLike,
         selected_adapters: list[str] | None = None,
         state_dict: dict[str, Tensor] | None = None,
@@ -193,7 +190,7 @@ class AdapterStateMixin:
         ``convert_to_original_base``: an adapter whose init rewrote base weights (PiSSA, OLoRA,
         CorDA, LoRA-GA, LoftQ) is written relative to the original base, as a plain LoRA of
         rank 2r plus, for changes that are not low rank, ``base_rewrites.safetensors``
-        (see :mod:`lora_cli.adapters.base_rewrites`); PEFT's
+        (see :mod:`lora_cli.adapters.methods.lora.base_rewrites`); PEFT's
         ``path_initial_model_for_weight_conversion``. Other adapters are written as they are.
         """
         if save_embedding_layers not in (True, False, "auto"):
@@ -219,11 +216,12 @@ class AdapterStateMixin:
             if method_state is not None:
                 state, config = method_state.export(state, config)
             base_weights: dict[str, Tensor] = {}
-            if convert_to_original_base:
-                state, config, base_weights = base_rewrites.convert_to_original_base(self, name, state, config)
+            to_original_base = get_method(config.peft_type).to_original_base
+            if convert_to_original_base and to_original_base is not None:
+                state, config, base_weights = load(to_original_base)(self, name, state, config)
             state.update({KEY_PREFIX + key: tensor for key, tensor in embedding_state.items()})
             save_adapter_files(target, state, config)
-            base_rewrites.write_base_weights(target, base_weights)
+            write_base_weights(target, base_weights)
 
     @classmethod
     def from_pretrained(
@@ -233,7 +231,7 @@ class AdapterStateMixin:
         adapter_name: str = "default",
         is_trainable: bool = False,
         **base_kwargs: Any,
-    ) -> AdapterModel:
+    ) -> Self:
         """Load a PEFT-format adapter directory onto ``model``, or with no model onto the base it
         names, as PEFT's AutoPeftModel does (:mod:`.autobase`; ``base_kwargs`` go to its loader).
         ``is_trainable=False`` (the default) freezes the adapter, as in PEFT."""
@@ -244,7 +242,7 @@ class AdapterStateMixin:
         config = AdapterConfig.from_pretrained(model_id)
         if model is None:
             model = load_base_model(config, Path(model_id), **base_kwargs)
-        base_rewrites.apply_base_weights(model, model_id)  # an adapter saved for the original base of a LoftQ run
+        apply_base_weights(model, model_id)  # an adapter saved for the original base of a LoftQ run
         config.inference_mode = not is_trainable
         own_cls = get_method(config.peft_type).model_cls  # e.g. trainable tokens' model, which ties
         if isinstance(own_cls, type) and issubclass(own_cls, cls):
@@ -256,9 +254,9 @@ class AdapterStateMixin:
         return instance
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
-        if (Path(model_id) / base_rewrites.BASE_REWRITES_NAME).is_file():
+        if (Path(model_id) / BASE_REWRITES_NAME).is_file():
             raise UserInputError(
-                f"{model_id} holds {base_rewrites.BASE_REWRITES_NAME}: the adapter needs its own rewritten base "
+                f"{model_id} holds {BASE_REWRITES_NAME}: the adapter needs its own rewritten base "
                 "weights (LoftQ), which would change the base under the adapters already loaded; load it alone "
                 "with from_pretrained"
             )
@@ -268,7 +266,7 @@ class AdapterStateMixin:
         self._load_weights(Path(model_id), adapter_name)
         self._set_trainable()
 
-    def _load_weights(self: AdapterModel, directory: Path, adapter_name: str) -> None:
+    def _load_weights(self, directory: Path, adapter_name: str) -> None:
         state = read_adapter_weights(directory)
         method_state = self.method_state.get(adapter_name)
         if method_state is not None:
@@ -286,76 +284,6 @@ def fit_problems(mismatched: list[str], missing: list[str], unexpected: list[str
     if unexpected:
         problems.append(f"{len(unexpected)} tensor(s) fit no module, e.g. {', '.join(unexpected[:3])}")
     return problems
-
-
-def embedding_base_tensors(model: nn.Module) -> dict[str, tuple[Tensor, nn.Module]]:
-    """The base tensors of the model's input and output embeddings under PEFT's file keys (no
-    prefix), each with the module that holds them: ``P.weight`` for a plain module,
-    ``P.base_layer.weight`` (``P.token_adapter.base_layer.weight`` beside LoRA's trainable
-    tokens) for a wrapped one. A ``modules_to_save`` copy is saved as itself and not listed."""
-    out: dict[str, tuple[Tensor, nn.Module]] = {}
-    for getter in ("get_input_embeddings", "get_output_embeddings"):
-        get = getattr(model, getter, None)
-        module = get() if callable(get) else None
-        if module is None or isinstance(module, ModulesToSaveWrapper):
-            continue
-        path = next((p for p, m in model.named_modules() if m is module), None)
-        if path is None:
-            continue
-        base = module.base_layer if isinstance(module, AdapterLayer) else module
-        prefix = f"{path}.{module.base_key}." if isinstance(module, AdapterLayer) else f"{path}."
-        for name, param in base.named_parameters(recurse=False):
-            out[prefix + name] = (param, module)
-    return out
-
-
-def embedding_shape_problem(key: str, file_shape: tuple[int, ...], model_shape: tuple[int, ...]) -> str:
-    return (f"{key}: the file carries this base embedding with {file_shape[0]} rows {file_shape}, the model "
-            f"has {model_shape[0]} {model_shape}; resize the model's token embeddings first "
-            f"(model.resize_token_embeddings({file_shape[0]}), as the tokenizer saved with the adapter does)")
-
-
-def saved_embedding_layers(model: nn.Module, config: AdapterConfig, choice: bool | str) -> dict[str, Tensor]:
-    """The embedding base tensors that ``save_pretrained(save_embedding_layers=choice)`` writes (PEFT's rules)."""
-    targeted = _names_an_embedding_layer(model, config.target_modules)
-    if choice == "auto":
-        tokens = config.peft_type == "TRAINABLE_TOKENS" or getattr(config, "trainable_token_indices", None)
-        choice = (targeted and not tokens) or _vocabulary_resized(model, config.base_model_name_or_path)
-    if not choice:
-        return {}
-    out: dict[str, Tensor] = {}
-    for key, (tensor, module) in embedding_base_tensors(model).items():
-        if targeted and not isinstance(module, AdapterLayer):
-            continue  # PEFT: with an embedding targeted, only the adapted embeddings are written
-        out[key] = tensor.detach().to("cpu").clone()  # a copy: tied embeddings share one tensor
-    return out
-
-
-def _names_an_embedding_layer(model: nn.Module, rule: Any) -> bool:
-    if isinstance(rule, str):
-        if rule == "all-linear":
-            return False
-        return any(matches(path, rule) for path in candidate_modules(model)
-                   if path.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES)
-    return bool(rule) and any(name in rule for name in EMBEDDING_LAYER_NAMES)
-
-
-def _vocabulary_resized(model: nn.Module, base: str | None) -> bool:
-    """Whether the input embedding's rows differ from the vocabulary of the local base folder ``base``."""
-    path = Path(base) / "config.json" if base else None
-    if path is None or not path.is_file():
-        return False
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    vocab = saved.get("vocab_size") or (saved.get("text_config") or {}).get("vocab_size")
-    get = getattr(model, "get_input_embeddings", None)
-    embedding = get() if callable(get) else None
-    if not isinstance(vocab, int) or embedding is None:
-        return False
-    weight = embedding.base_weight() if isinstance(embedding, AdapterLayer) else getattr(embedding, "weight", None)
-    return isinstance(weight, Tensor) and weight.shape[0] != vocab
 
 
 def _portable_patterns(pattern: dict[str, Any], paths: list[str], aliases: dict[str, str]) -> dict[str, Any]:
@@ -399,13 +327,13 @@ def _layer_has(model: nn.Module, param_name: str, adapter_name: str) -> bool:
 
 
 def save_adapter_files(directory: Path, state: dict[str, Tensor], config: AdapterConfig) -> None:
-    """PEFT's two files (weights, config) written into a temp dir beside the target, then moved in; weights
-    holding NaN or inf are never written (a NonFiniteError names the tensor)."""
+    """PEFT's two files (weights, then config), each written whole or not at all (:mod:`lora_cli.atomic`);
+    the config's text is made first, so a config that cannot be written leaves both files as they were.
+    Weights holding NaN or inf are never written (a NonFiniteError names the tensor)."""
     check_finite(state, f"the adapter to be written to {directory}",
                  "its training diverged (lower training.learning_rate) or a computation on it overflowed")
+    text = config.json_text()
     directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-adapter-") as tmp:
-        save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
-        config.save_pretrained(tmp)
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            os.replace(os.path.join(tmp, name), directory / name)
+    with atomic.atomic_file(directory / WEIGHTS_NAME) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    atomic.write_text(directory / CONFIG_NAME, text)

@@ -28,7 +28,8 @@ from torch import nn
 
 from lora_cli.adapters import user_regex
 from lora_cli.adapters.config import AdapterConfig
-from lora_cli.adapters.layers import HF_CONV1D, LINEAR, MHA, AdapterLayer, layer_kind
+from lora_cli.adapters.kinds import HF_CONV1D, LINEAR, MHA
+from lora_cli.adapters.layers import AdapterLayer, layer_kind
 from lora_cli.errors import TargetingError, close_matches
 from lora_cli.hf_names import ALL_LINEAR_SKIPPED_HEADS, legacy_aliases
 

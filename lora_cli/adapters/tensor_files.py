@@ -27,9 +27,6 @@ _RESAVE = (
 )
 
 
-# ------------------------------------------------------------------ key names
-
-
 class AdapterFileError(UserInputError, ValueError):
     """An adapter weights file that cannot be read: truncated, corrupt, or not plain tensors."""
 
@@ -137,6 +134,3 @@ def check_finite(tensors: Mapping[str, Tensor], what: str, fix: str) -> None:
     found = first_non_finite(tensors)
     if found is not None:
         raise NonFiniteError(f"{what} came out non-finite: {found[0]} holds {found[1]}; {fix}; nothing written")
-
-
-# ---------------------------------------------------------- portable names

@@ -19,6 +19,11 @@ def tune(
         typer.Option("--space", help="key=int(low,high[,log]), key=float(low,high[,log]) or key=cat(a,b,...); repeat.",
                      show_default=False),
     ],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="Overrides a.b.c=value (YAML-typed) for every trial, as `train` takes them, e.g. "
+                       "training.max_steps=50; ~a.b.c removes a key.", show_default=False),
+    ] = None,
     trials: Annotated[int, typer.Option("--trials", help="Finished trials the search ends with (a resumed search counts earlier ones).")] = 10,
     metric: Annotated[str, typer.Option("--metric", help="Evaluation metric to optimise, e.g. eval_accuracy "
                                                             "(eval_perplexity for causal-lm, eval_bleu for seq2seq); checked "
@@ -32,13 +37,13 @@ def tune(
 
     Ends with a results table, results.csv, param_importances.png and best_recipe.yaml in the search folder.
 
-    Example: loracli tune recipes/quickstart.yaml --trials 20 --space 'adapter.r=int(4,64,log)' --space 'training.learning_rate=float(1e-4,1e-2,log)' --space 'adapter.method=cat(lora,loha,lokr)' --metric eval_accuracy
+    Example: loracli tune recipes/quickstart.yaml training.max_steps=50 --trials 20 --space 'adapter.r=int(4,64,log)' --space 'training.learning_rate=float(1e-4,1e-2,log)' --space 'adapter.method=cat(lora,loha,lokr)' --metric eval_accuracy
     """
     from lora_cli.training.tune import parse_space
     from lora_cli.training.tune import tune as run_tune
 
     result = run_tune(recipe, space, trials, metric, direction=direction, out=out,
-                      on_trial=_trial_lines(trials, metric))
+                      on_trial=_trial_lines(trials, metric), overrides=overrides or [])
     study = result.study
     keys = [parse_space(s).key for s in space]
     table = Table(title=f"{len(study.trials)} trial(s), {direction} {shown(metric)}", title_justify="left")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_cli import rundir as rd
+from lora_cli.adapters.registry import get_method
 from lora_cli.errors import UserInputError
 from lora_cli.evaluation.effective_rank import adapter_effective_rank
 from lora_cli.evaluation.plots import read_metrics
@@ -82,19 +83,17 @@ def check_runs(run_dirs: list[Path]) -> list[Path]:
 
 
 def method_and_rank(config: dict[str, Any]) -> tuple[str | None, str | None]:
-    """("lora", "16/32") from an adapter_config.json (AdaLoRA: "init_r->target_r/alpha")."""
+    """("lora", "16/32") from an adapter_config.json, as its method's config class shows it (AdaLoRA:
+    "init_r->target_r/alpha"; a method with no rank by its own size, or "-"); (type, None) for a
+    PEFT type loracli does not know."""
     kind = str(config.get("peft_type", "")).lower() or None
-    if kind == "lora" and config.get("use_dora"):
-        kind = "dora"
-    if kind == "adalora":
-        rank = f"{config.get('init_r')}->{config.get('target_r')}/{config.get('lora_alpha')}"
-    elif kind in ("lora", "dora"):
-        rank = f"{config.get('r')}/{config.get('lora_alpha')}"
-    elif kind is not None:
-        rank = f"{config.get('r')}/{config.get('alpha')}"
-    else:
-        rank = None
-    return kind, rank
+    try:
+        config_cls = get_method(kind).config_cls if kind else None
+    except UserInputError:
+        config_cls = None
+    if config_cls is None:
+        return kind, None
+    return config_cls.shown_method(config), config_cls.size_label(config)
 
 
 def summarize_run(run_dir: Path) -> dict[str, Any]:

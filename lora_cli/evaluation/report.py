@@ -117,7 +117,8 @@ def score(logits: np.ndarray, labels: np.ndarray, id2label: Mapping[int, str]) -
 
 
 def write_report(report: Mapping[str, Any], out_dir: str | Path, name: str = "eval") -> dict[str, Path]:
-    """Write ``<out_dir>/<name>.json`` and ``<out_dir>/plots/confusion_matrix[_<suffix>].png``.
+    """Write ``<out_dir>/<name>.json`` and ``<out_dir>/plots/confusion_matrix[_<suffix>].png``
+    (and ``<name>_predictions.jsonl`` from a generative report's ``generations``).
 
     ``name`` "eval" gives ``eval.json`` + ``confusion_matrix.png``; "eval_base" gives
     ``eval_base.json`` + ``confusion_matrix_base.png``, so variants do not overwrite the run's
@@ -131,8 +132,12 @@ def write_report(report: Mapping[str, Any], out_dir: str | Path, name: str = "ev
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = name[len("eval"):] if name.startswith("eval") else f"_{name}"
     path = out_dir / f"{name}.json"
+    generations = report.get("generations")  # generated text per example: a file of its own
+    report = {k: v for k, v in report.items() if k != "generations"}
     write_text(path, json.dumps(report, indent=2) + "\n")
     written: dict[str, Path] = {"json": path}
+    if generations is not None:
+        written["predictions"] = write_predictions(generations, out_dir, name)
     if "confusion_matrix" in report:  # classification reports only
         labels = [c["label"] for c in report["per_class"]]
         png = out_dir / "plots" / f"confusion_matrix{suffix}.png"
@@ -151,6 +156,14 @@ def write_report(report: Mapping[str, Any], out_dir: str | Path, name: str = "ev
             )
             logger.debug("confusion matrix plot failed", exc_info=True)
     return written
+
+
+def write_predictions(rows: list[Mapping[str, Any]], out_dir: str | Path, name: str = "eval") -> Path:
+    """``<out_dir>/<name>_predictions.jsonl``: one generated example per line (input, reference,
+    prediction), for a person to read beside the scores."""
+    path = Path(out_dir) / f"{name}_predictions.jsonl"
+    write_text(path, "".join(json.dumps(dict(row), ensure_ascii=False) + "\n" for row in rows))
+    return path
 
 
 def evaluate_lm(model: nn.Module, dataset: Any, collate: Callable[[list], Mapping[str, Any]], batch_size: int = 8) -> dict[str, Any]:
@@ -199,7 +212,7 @@ def report_tables(report: Mapping[str, Any], worst: int = 10) -> list[Any]:
         table = Table(title="evaluation", show_header=False)
         table.add_column("metric")
         table.add_column("value", justify="right")
-        for key in ("num_samples", "num_tokens", "loss", "perplexity", "bleu"):
+        for key in ("num_samples", "num_tokens", "loss", "perplexity", "bleu", "chrf"):
             if key in report:
                 value = report[key]
                 table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
@@ -239,4 +252,4 @@ def report_tables(report: Mapping[str, Any], worst: int = 10) -> list[Any]:
 
 def summary(report: Mapping[str, Any]) -> dict[str, Any]:
     """The report without the bulky per-sample and matrix parts (for --json output)."""
-    return {k: v for k, v in report.items() if k not in ("predictions", "confusion_matrix")}
+    return {k: v for k, v in report.items() if k not in ("predictions", "generations", "confusion_matrix")}

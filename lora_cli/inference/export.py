@@ -44,7 +44,8 @@ from lora_cli.recipe import load_recipe
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "gguf")
+"""onnx: this module; gguf: :mod:`lora_cli.inference.gguf_export` (llama.cpp)."""
 EXPORTERS = ("auto", "dynamo", "torchscript")
 AUTO_CLASSES = {
     "image-classification": "AutoModelForImageClassification",
@@ -104,11 +105,25 @@ def export_run(
     force: bool = False,
     exporter: str = "auto",
     opset: int | None = None,
-) -> ExportReport:
-    """Merge the run's adapter, export the merged model, verify it in ONNX Runtime, write ``out_dir``."""
+    merged: bool = False,
+    dtype: str | None = None,
+) -> Any:
+    """Merge the run's adapter, export the merged model, verify it in ONNX Runtime, write ``out_dir``.
+
+    ``fmt="gguf"``: the adapter (or with ``merged`` the merged model, ``dtype`` float32 / float16)
+    for llama.cpp, see :func:`lora_cli.inference.gguf_export.export_gguf`."""
     run_dir = Path(run_dir)
     if fmt not in FORMATS:
         raise UserInputError(f"--format {fmt!r} is not supported; choose one of {', '.join(FORMATS)}")
+    if fmt == "gguf":
+        if exporter != "auto" or opset is not None:
+            raise UserInputError("--exporter and --opset are options of --format onnx; drop them for --format gguf")
+        from lora_cli.inference.gguf_export import export_gguf
+
+        return export_gguf(run_dir, out_dir, merged=merged, dtype=dtype or "float32", n=n, force=force)
+    if merged or dtype is not None:
+        raise UserInputError("--merged and --dtype are options of --format gguf (the ONNX export is always a merged "
+                             "float32 model); drop them for --format onnx")
     if exporter not in EXPORTERS:
         raise UserInputError(f"--exporter {exporter!r} is not supported; choose one of {', '.join(EXPORTERS)}")
     if n < 1:

@@ -166,12 +166,16 @@ def merge_run(
     id2label: dict[int, str] | None = None,
     source: str = "validation",
     run_dir: str | Path | None = None,
+    extra_files: dict[str, str] | None = None,
+    generation: dict[str, Any] | None = None,
 ) -> MergeReport:
     """Merge ``model`` (an AdapterModel), verify, and save a transformers model folder.
 
     ``verify_batch``: pixel values of real (validation) images; its first ``n`` rows are
     used. Without it, ``n`` synthetic noise images are used and the report says so. The
-    AdapterModel is consumed: its adapters are merged in place.
+    AdapterModel is consumed: its adapters are merged in place. ``extra_files`` (name -> text) are
+    written into the folder with the model; ``generation`` sets fields of its generation config
+    (the token ids a chat model stops at).
     """
     if dtype not in DTYPES:
         raise UserInputError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
@@ -226,13 +230,18 @@ def merge_run(
     if config is not None and id2label:
         config.id2label = {int(k): str(v) for k, v in id2label.items()}
         config.label2id = {v: k for k, v in config.id2label.items()}
-    write_model_dir(merged, processor, out_dir, force=force, run_dir=run_dir, report=report.to_dict())
+    if generation and getattr(merged, "generation_config", None) is not None:
+        for key, value in generation.items():
+            setattr(merged.generation_config, key, value)
+    write_model_dir(merged, processor, out_dir, force=force, run_dir=run_dir, report=report.to_dict(),
+                    extra_files=extra_files)
     return report
 
 
 def write_model_dir(
     model: nn.Module, processor: Any, out_dir: str | Path, force: bool = False, run_dir: str | Path | None = None,
     report: dict[str, Any] | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """``save_pretrained`` model (safetensors), processor and ``merge.json`` into a temp sibling, then rename."""
     import json
@@ -244,4 +253,6 @@ def write_model_dir(
         if processor is not None:
             processor.save_pretrained(tmp)
         (tmp / MERGE_FILE).write_text(json.dumps(report or {}, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        for name, text in (extra_files or {}).items():
+            (Path(tmp) / name).write_text(text, encoding="utf-8")
     return out_dir

@@ -25,6 +25,7 @@ from urllib.parse import quote
 
 import yaml
 
+from lora_cli.adapters.registry import get_method
 from lora_cli.safe_text import markdown_text, terminal_text
 
 PIPELINE_TAGS = {
@@ -49,7 +50,6 @@ METRICS = {
     "bleu": ("bleu", "BLEU"),
     "loss": ("loss", "Loss"),
 }
-METHOD_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "adalora": "AdaLoRA"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
 
 
@@ -115,7 +115,9 @@ def model_card(recipe: Any, report: dict[str, Any], repo_id: str, plots: Sequenc
     lines = [f"# {md_text(repo_id.split('/')[-1])}", ""]
     what = "merged into its base model" if merged else "adapter"
     base = f"`{base_model}`" if base_model else md_text(_base_label(recipe))
-    lines += [f"A {md_text(METHOD_NAMES.get(method, method))} {what} for {md_text(task)} on {base}, trained with "
+    title = get_method(method).config_cls.title()
+    article = "An" if title[:1].upper() in "AEIOX" else "A"  # "an AdaLoRA", "an X-LoRA" ("ex-LoRA")
+    lines += [f"{article} {md_text(title)} {what} for {md_text(task)} on {base}, trained with "
               f"[loracli](https://pypi.org/project/loracli/) from the recipe in `recipe.yaml`.", ""]
     lines += ["## Evaluation", "", f"On {md_text(_data_label(recipe))} ({md_text(report.get('split') or 'validation')} split):", "",
               "| metric | value |", "|---|---|"]

@@ -8,6 +8,7 @@ verb can be paired with the wrong recipe), loads the trained model with
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -86,8 +87,10 @@ def eval_run(
         else:  # generative tasks: loss, perplexity (and BLEU where the task has it)
             report = evaluate_lm(loaded.model, dataset, collate, size)
             if task.generation_metrics is not None:
+                predictions: list[dict[str, Any]] = []
                 report.update(task.generation_metrics(loaded.model, loaded.processor, recipe.data, recipe.seed,
-                                                      split=split, limit=limit or 100))
+                                                      split=split, limit=limit or 100, predictions=predictions))
+                report["generations"] = predictions  # written beside the report: <name>_predictions.jsonl
     report["split"] = split
     report["limit"] = limit
     report["variant"] = "base" if base else ("adapter" if adapter_dir is None else str(adapter_dir))
@@ -150,7 +153,83 @@ def merge_from_run(
     return merge_run(
         loaded.model, loaded.processor, out_dir, dtype=dtype, verify_batch=batch, n=n, force=force,
         id2label=loaded.id2label, source=source, run_dir=run_dir,
+        extra_files={MERGED_RECORD: json.dumps(merged_record(loaded), indent=2) + "\n"},
+        generation=_generation_settings(loaded),
     )
+
+
+MERGED_RECORD = "loracli.json"
+"""What a merged folder keeps of its run for ``predict --model``: the task and the data settings
+that shape a prompt (chat format, system prompt, source prefix, lengths)."""
+PROMPT_KEYS = ("format", "system_prompt", "source_prefix", "source_lang", "target_lang", "source_column",
+               "target_column", "max_length", "max_target_length", "prompt_column", "completion_column")
+
+
+def merged_record(loaded: Any) -> dict[str, Any]:
+    data = loaded.recipe.data
+    kept = {k: getattr(data, k) for k in PROMPT_KEYS if getattr(data, k, None) is not None}
+    return {"task": loaded.recipe.task, "data": kept}
+
+
+def _generation_settings(loaded: Any) -> dict[str, Any] | None:
+    """Chat runs: the merged model's generation config stops at the template's end of turn too."""
+    if not getattr(loaded.recipe.data, "chat", False):
+        return None
+    from lora_cli.tasks import chat
+
+    stop = chat.stop_ids(loaded.processor, loaded.processor.chat_template)
+    return {"eos_token_id": stop, "pad_token_id": loaded.processor.pad_token_id} if stop else None
+
+
+def load_merged_text(model_dir: str | Path, device: str | None = None) -> Any:
+    """A merged text model (``loracli merge`` output) as a run for ``predict --text / --prompt``: its
+    task and prompt settings from ``loracli.json`` (else its architecture), model and tokenizer."""
+    from types import SimpleNamespace
+
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        AutoModelForSequenceClassification,
+    )
+
+    from lora_cli.devices import resolve_device
+    from lora_cli.inference.loading import LoadedRun
+    from lora_cli.inference.predict import label_map
+    from lora_cli.recipe import ModelSection
+    from lora_cli.recipe.data import data_section_for
+    from lora_cli.task_kinds import CAUSAL_LM, SEQ2SEQ, SEQ_CLS
+    from lora_cli.tasks import get_task
+    from lora_cli.tasks.text_common import load_tokenizer
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise UserInputError(f"{model_dir} is not a model directory (no config.json); pass a folder written by `loracli merge`")
+    record_file = model_dir / MERGED_RECORD
+    try:
+        record = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else {}
+        config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise UserInputError(f"cannot read the model in {model_dir}: {exc}") from None
+    architectures = " ".join(getattr(config, "architectures", None) or [])
+    task = record.get("task") or (
+        SEQ_CLS if "SequenceClassification" in architectures
+        else SEQ2SEQ if getattr(config, "is_encoder_decoder", False)
+        else CAUSAL_LM if ("CausalLM" in architectures or "LMHead" in architectures) else None
+    )
+    classes = {CAUSAL_LM: AutoModelForCausalLM, SEQ2SEQ: AutoModelForSeq2SeqLM, SEQ_CLS: AutoModelForSequenceClassification}
+    if task not in classes:
+        raise UserInputError(f"{model_dir} holds a {architectures or 'model'} that is no text model loracli merges "
+                             "(causal-lm, seq-cls, seq2seq); image models take image paths instead of --text / --prompt")
+    try:
+        model = classes[task].from_pretrained(model_dir)
+        tokenizer = load_tokenizer(ModelSection(), source=model_dir)
+    except (OSError, ValueError) as exc:
+        raise UserInputError(f"cannot load the model in {model_dir}: {exc}") from None
+    data = data_section_for(task).model_construct(**(record.get("data") or {}))
+    recipe = SimpleNamespace(task=task, data=data, seed=0, adapter=SimpleNamespace(method="merged"))
+    model.to(resolve_device(device)).eval()
+    return LoadedRun(model_dir, recipe, model, tokenizer, get_task(task), label_map(model) or None)
 
 
 def load_predictor(run_dir: str | Path | None = None, model_dir: str | Path | None = None, device: str | None = None):
@@ -173,7 +252,7 @@ def load_predictor(run_dir: str | Path | None = None, model_dir: str | Path | No
 
 
 def predict_text(
-    run_dir: str | Path,
+    run_dir: str | Path | None,
     texts: list[str],
     top_k: int = 5,
     max_new_tokens: int | None = None,
@@ -181,11 +260,18 @@ def predict_text(
     top_p: float | None = None,
     device: str | None = None,
     scalings: bool = False,
+    model_dir: str | Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Text runs: labels (seq-cls) or generated text (causal-lm, seq2seq), one row per input;
-    ``scalings`` (X-LoRA runs) adds each row's expert weights, see :func:`expert_scalings`."""
+    """Text runs (or a merged text model, ``model_dir``): labels (seq-cls) or generated text (causal-lm,
+    seq2seq), one row per input; ``scalings`` (X-LoRA runs) adds each row's expert weights, see
+    :func:`expert_scalings`."""
     from lora_cli.inference.loading import load_run
 
+    if model_dir is not None:
+        if scalings:
+            raise UserInputError("--scalings needs the --run of an X-LoRA run; a merged model has no experts")
+        loaded = load_merged_text(model_dir, device=device)
+        return _text_rows(loaded, model_dir, texts, top_k, max_new_tokens, temperature, top_p)
     loaded = load_run(run_dir, device=device)
     weights = expert_scalings(loaded, texts) if scalings else None  # refused before any generation
     rows = _text_rows(loaded, run_dir, texts, top_k, max_new_tokens, temperature, top_p)

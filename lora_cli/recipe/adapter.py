@@ -45,8 +45,7 @@ def resolve_method(name: Any):
 
 
 def allowed_fields(method) -> list[str]:
-    # LAYER_FIELDS: inherited fields a method does not use (prompt learning adapts no layer)
-    unused = set(ADAPTER_BOOKKEEPING) | set(getattr(method.config_cls, "LAYER_FIELDS", ()))
+    unused = set(ADAPTER_BOOKKEEPING) | set(method.config_cls.LAYER_FIELDS)  # inherited fields the method does not use
     return [f for f in method.config_cls.field_names() if f not in unused]
 
 
@@ -239,33 +238,32 @@ def written_options(section: AdapterSection) -> dict[str, Any]:
     return {k: v for k, v in section.options.items() if k in written and k != "method"}
 
 
-SAME_KNOB = {"lora_alpha": "alpha", "alpha": "lora_alpha"}
-"""The same setting under each method's name: LoRA/AdaLoRA's ``lora_alpha``, LoHa/LoKr's ``alpha``."""
-
-
 def carry_options(options: dict[str, Any], method: str, given: set[str]) -> tuple[dict[str, Any], list[str]]:
     """(options for ``method``, notes): another method's ``options`` carried over to ``method``
-    (``sweep`` and ``tune`` changing ``adapter.method``): kept where ``method`` has them,
-    renamed where it names them otherwise, AdaLoRA's ranks from ``r``, the rest dropped.
-    ``given`` are the ``adapter.<key>`` the caller sets itself, never rewritten."""
+    (``sweep`` and ``tune`` changing ``adapter.method``), as the method's config class says
+    (``carried_names``, ``derived_settings``): kept where ``method`` has them, renamed where it
+    names them otherwise (``lora_alpha`` / ``alpha``), worked out from others (AdaLoRA's ranks
+    from ``r``), the rest dropped. ``given`` are the ``adapter.<key>`` the caller sets itself,
+    never rewritten."""
     new, _, _ = resolve_method(method)
     if new is None:
         return dict(options), []  # the point's recipe error names the method
+    config_cls = new.config_cls
     allowed = set(allowed_fields(new))
     kept, notes = {}, []
     for key, value in options.items():
-        twin = SAME_KNOB.get(key) or ("r" if key == "init_r" else None)
-        if (key in allowed or key in RECIPE_ONLY) and not (method == "adalora" and key == "r"):
+        twin = config_cls.carried_names.get(key, key)
+        if twin is None:
+            continue  # a setting this method has but does not take (AdaLoRA's r: see derived_settings)
+        if key in allowed or key in RECIPE_ONLY:
             kept[key] = value
         elif twin in allowed and twin not in options and f"adapter.{twin}" not in given:
             kept[twin] = value
             notes.append(f"{key} {value} -> {twin} {value}")
-        elif not (method == "adalora" and key == "r"):
+        else:
             notes.append(f"dropped {key} {value} ({method} has no such option)")
-    rank = options.get("r")
-    if method == "adalora" and isinstance(rank, int) and not {"init_r", "target_r"} & set(options):
-        for key, value in (("init_r", rank), ("target_r", max(1, round(2 * rank / 3)))):
-            if f"adapter.{key}" not in given:
-                kept[key] = value
-                notes.append(f"r {rank} -> {key} {value}")
+    for key, (source, value) in config_cls.derived_settings(options).items():
+        if f"adapter.{key}" not in given:
+            kept[key] = value
+            notes.append(f"{source} {options[source]} -> {key} {value}")
     return kept, notes

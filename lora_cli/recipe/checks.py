@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from lora_cli.adapters import get_method
-from lora_cli.adapters.base_rewrites import rewrites_base
+from lora_cli.adapters.methods.lora.starts import rewrites_base
 from lora_cli.errors import UserInputError, did_you_mean
-from lora_cli.recipe.data import DATA_PATHS, DATA_SOURCES
+from lora_cli.recipe.data import DATA_PATHS, DATA_SOURCES, is_template_text
 from lora_cli.recipe.errors import Reporter
 from lora_cli.recipe.shipped import SHIPPED_PREFIX, data_path, is_shipped_ref, recipes_dir
 from lora_cli.task_kinds import IMAGE_CLASSIFICATION, TASK_KINDS, TASKS, TEXT_TASKS, TIMING_METRICS
@@ -128,6 +128,13 @@ def check_data(data: Any, task: Any, report: Reporter) -> None:
             report.add(("data", key), "file not found", value, where)
         elif path.suffix.lower() not in (".csv", ".tsv", ".json", ".jsonl"):
             report.add(("data", key), "must be a .csv, .tsv, .json or .jsonl file", value)
+    template = data.get("chat_template")
+    if isinstance(template, str) and not is_template_text(template):
+        path = Path(template).expanduser().absolute()
+        if not template.strip() or not path.is_file():
+            report.add(("data", "chat_template"), "is neither a Jinja template nor a template file", template,
+                       f"looked for {path}; give the template inline (it contains {{% or {{{{) or the path of a "
+                       ".jinja file, relative to the current directory")
 
 
 def check_sharding(training: Any, report: Reporter) -> None:
@@ -145,10 +152,6 @@ def check_sharding(training: Any, report: Reporter) -> None:
     if training.get("deepspeed") and importlib.util.find_spec("deepspeed") is None:
         report.add(("training", "deepspeed"), "needs the deepspeed package, which is not installed",
                    training["deepspeed"], "pip install deepspeed (or remove training.deepspeed)")
-
-
-SCORES_WHOLE_GRADIENTS = ("adalora",)
-"""Methods whose rank allocator scores whole gradients, which FSDP and DeepSpeed shard."""
 
 
 def check_adapter_with_model(adapter: Any, model: Any, task: Any, report: Reporter) -> None:
@@ -180,16 +183,18 @@ def check_adapter_with_model(adapter: Any, model: Any, task: Any, report: Report
 
 def check_adapter_with_training(adapter: tuple[str, dict] | None, training: Any, report: Reporter) -> None:
     """Settings of two sections that cannot go together."""
-    if adapter is None or not isinstance(training, dict) or adapter[0] not in SCORES_WHOLE_GRADIENTS:
+    if adapter is None or not isinstance(training, dict):
+        return
+    config_cls = get_method(adapter[0]).config_cls
+    if config_cls.shard_refusal is None:
         return
     for key in ("fsdp", "deepspeed"):
         if training.get(key):
             report.add(
                 ("training", key),
-                f"cannot shard adapter.method {adapter[0]}: AdaLoRA's rank allocator scores whole gradients, which FSDP "
-                "and DeepSpeed split across processes",
+                f"cannot shard adapter.method {adapter[0]}: {config_cls.shard_refusal}",
                 training[key],
-                "train AdaLoRA with plain DDP (remove training.fsdp / training.deepspeed) or pick method lora",
+                f"train {config_cls.title()} with plain DDP (remove training.fsdp / training.deepspeed) or pick method lora",
             )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from lora_cli.task_kinds import CAUSAL_LM, IMAGE_CLASSIFICATION, SEQ2SEQ, SEQ_CLS
 
@@ -55,9 +55,26 @@ class DataSection(BaseModel):
     max_train_samples: int | None = Field(None, gt=0)
     max_eval_samples: int | None = Field(None, gt=0)
 
+    _locations: dict = PrivateAttr(default_factory=dict)
+    _source: str | None = PrivateAttr(default=None)
+
     def local_paths(self) -> list[str]:
         """The files and folders this data is read from (``imagefolder``, ``train_file``, ``validation_file``)."""
         return [value for key in DATA_PATHS if (value := getattr(self, key, None))]
+
+    def text_columns(self) -> dict[str, str | None]:
+        """{recipe key: column} of the columns that must hold one text per row."""
+        return {}
+
+    def where(self, key: str) -> str:
+        """``file:line: data.<key>`` of a setting, for problems the data shows later (the line of the
+        nearest written parent when the key holds its default)."""
+        path: tuple = ("data", key)
+        while path and path not in self._locations:
+            path = path[:-1]
+        location = self._locations.get(path)
+        place = location.render() if location is not None else (self._source or "the recipe")
+        return f"{place}: data.{key}"
 
 
 def _policy(value: str, other: str) -> str:
@@ -123,18 +140,97 @@ class SeqClsData(_Labelled):
     """A second text per row (NLI, paraphrase): the tokenizer joins the two."""
     max_length: int = Field(512, gt=0)
 
+    def text_columns(self) -> dict[str, str | None]:
+        return {"data.text_column": self.text_column, "data.text_pair_column": self.text_pair_column}
+
+
+CAUSAL_FORMATS = ("text", "prompt_completion", "messages", "alpaca")
+TOO_LONG_POLICIES = ("truncate", "drop", "error")
+TRAIN_ON = ("assistant", "all")
+DEFAULT_ROLE_NAMES = {"human": "user", "gpt": "assistant"}
+"""ShareGPT's speaker names, mapped to the chat-template roles; ``data.role_names`` adds to them."""
+CHAT_KEYS = ("messages_column", "role_key", "content_key", "role_names")
+ALPACA_KEYS = ("instruction_column", "input_column", "output_column")
+TEMPLATE_KEYS = ("chat_template", "train_on", "system_prompt")
+
+
+def _choice(value: str, choices: tuple[str, ...], hint: str) -> str:
+    if value not in choices:
+        raise RuleError(f"must be one of {', '.join(repr(c) for c in choices)}", hint)
+    return value
+
+
+def is_template_text(value: str) -> bool:
+    """A ``data.chat_template`` given inline (Jinja), rather than the path of a template file."""
+    return "{{" in value or "{%" in value
+
 
 class CausalLMData(DataSection):
-    """``causal-lm``: plain text, or prompt/completion pairs."""
+    """``causal-lm``: plain text, prompt/completion pairs, or conversations (``messages``, ``alpaca``)
+    rendered with the tokenizer's chat template."""
 
     TASK: ClassVar[str | None] = CAUSAL_LM
 
+    format: str | None = None
+    """``text`` (data.text_column), ``prompt_completion`` (data.prompt_column + completion_column;
+    implied by them), ``messages`` (a column of chat messages, OpenAI or ShareGPT style) or
+    ``alpaca`` (instruction / input / output columns); the last two go through the chat template."""
     text_column: str = "text"
     prompt_column: str | None = None
     completion_column: str | None = None
     completion_only_loss: bool = False
     """Train on the completion tokens only (the prompt's labels are masked)."""
+    messages_column: str | None = None
+    """``messages``: the column holding each conversation, a list of messages (default ``messages``;
+    ShareGPT data: ``conversations``)."""
+    role_key: str | None = None
+    """``messages``: the key of a message's speaker (default ``role``; ShareGPT: ``from``)."""
+    content_key: str | None = None
+    """``messages``: the key of a message's text (default ``content``; ShareGPT: ``value``)."""
+    role_names: dict[str, str] | None = None
+    """``messages``: speaker names -> template roles (system, user, assistant), added to
+    ShareGPT's ``human: user`` and ``gpt: assistant``."""
+    instruction_column: str | None = None
+    """``alpaca``: the instruction (default ``instruction``); with the input column's text it is the user turn."""
+    input_column: str | None = None
+    """``alpaca``: optional context put after the instruction (default ``input``; empty cells are fine)."""
+    output_column: str | None = None
+    """``alpaca``: the answer, the assistant turn (default ``output``)."""
+    system_prompt: str | None = None
+    """``messages`` / ``alpaca``: a system message put first in every conversation that has none."""
+    chat_template: str | None = None
+    """``messages`` / ``alpaca``: a Jinja chat template (inline, or the path of a file) used instead of the
+    tokenizer's own; the run's saved tokenizer keeps it, so ``predict`` renders prompts the same way."""
+    train_on: str = "assistant"
+    """``messages`` / ``alpaca``: ``assistant`` learns the assistant turns only (their text and their
+    end-of-turn token), ``all`` learns every token of the rendered conversation."""
+    too_long: str = "truncate"
+    """Rows longer than data.max_length tokens: ``truncate`` (prompts lose their start and keep the
+    completion; conversations and texts lose their end), ``drop`` (left out), ``error`` (stop and name
+    them). Each split's counts are one warning line."""
+    packing: bool = False
+    """Pack several training rows into each data.max_length sequence; attention never crosses rows
+    (position ids restart per row) and each row keeps its own loss mask."""
     max_length: int = Field(512, gt=0)
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        return _choice(value, CAUSAL_FORMATS, "messages: chat rows rendered with the chat template; "
+                       "alpaca: instruction/input/output rows; text or prompt_completion: plain text")
+
+    @field_validator("too_long")
+    @classmethod
+    def _too_long(cls, value: str) -> str:
+        return _choice(value, TOO_LONG_POLICIES, "truncate (the default) cuts rows to data.max_length; "
+                       "drop leaves them out; error stops and names them; each counted in a warning")
+
+    @field_validator("train_on")
+    @classmethod
+    def _train_on(cls, value: str) -> str:
+        return _choice(value, TRAIN_ON, "assistant: learn the assistant turns only; all: every token")
 
     @model_validator(mode="after")
     def _pairs(self) -> CausalLMData:
@@ -145,19 +241,69 @@ class CausalLMData(DataSection):
                 "set both (prompt/completion pairs) or neither (plain text from data.text_column)",
                 field=given,
             )
-        if self.completion_only_loss and self.prompt_column is None:
+        fmt = self.data_format
+        if self.prompt_column is not None and fmt != "prompt_completion":
+            raise RuleError(f"is for prompt/completion data, not data.format {fmt}",
+                            "remove data.prompt_column and data.completion_column", field="prompt_column")
+        if fmt == "prompt_completion" and self.prompt_column is None:
+            raise RuleError("prompt_completion needs data.prompt_column and data.completion_column",
+                            "set both columns", field="format")
+        if self.completion_only_loss and fmt != "prompt_completion":
             raise RuleError(
                 "needs prompt/completion data",
-                "set data.prompt_column and data.completion_column, or remove completion_only_loss",
+                "set data.prompt_column and data.completion_column, or remove completion_only_loss"
+                + ("; chat data learns the assistant turns only by default (data.train_on)" if self.chat else ""),
                 field="completion_only_loss",
             )
+        for keys, owner in ((CHAT_KEYS, ("messages",)), (ALPACA_KEYS, ("alpaca",)),
+                            (TEMPLATE_KEYS, ("messages", "alpaca"))):
+            for key in keys:
+                default = type(self).model_fields[key].default
+                if getattr(self, key) != default and fmt not in owner:
+                    raise RuleError(f"is for data.format {' / '.join(owner)}, and this data is {fmt}",
+                                    f"set data.format: {owner[0]}, or remove data.{key}", field=key)
+        for name, role in (self.role_names or {}).items():
+            if role not in ("system", "user", "assistant", "tool"):
+                raise RuleError(f"maps {name!r} to {role!r}, which no chat template knows",
+                                "map speaker names to system, user, assistant (or tool)", field="role_names")
         return self
+
+    @property
+    def data_format(self) -> str:
+        """The format this data is read in (``format``, or what the columns imply)."""
+        if self.format is not None:
+            return self.format
+        return "prompt_completion" if self.prompt_column is not None else "text"
+
+    @property
+    def chat(self) -> bool:
+        """Rows are conversations rendered with a chat template."""
+        return self.data_format in ("messages", "alpaca")
+
+    def chat_columns(self) -> dict[str, str]:
+        """{setting: value} of the conversation columns and keys, defaults filled in."""
+        return {
+            "messages_column": self.messages_column or "messages", "role_key": self.role_key or "role",
+            "content_key": self.content_key or "content", "instruction_column": self.instruction_column or "instruction",
+            "input_column": self.input_column or "input", "output_column": self.output_column or "output",
+        }
 
     def columns(self) -> dict[str, str | None]:
         """{recipe key: column} of the columns each row must have."""
-        if self.prompt_column:
+        fmt, cols = self.data_format, self.chat_columns()
+        if fmt == "messages":
+            return {"data.messages_column": cols["messages_column"]}
+        if fmt == "alpaca":
+            return {"data.instruction_column": cols["instruction_column"], "data.output_column": cols["output_column"]}
+        if fmt == "prompt_completion":
             return {"data.prompt_column": self.prompt_column, "data.completion_column": self.completion_column}
         return {"data.text_column": self.text_column}
+
+    def text_columns(self) -> dict[str, str | None]:
+        """{recipe key: column} of the columns that must hold text (one string per row)."""
+        if self.data_format == "messages":
+            return {}
+        return self.columns()
 
 
 class Seq2SeqData(DataSection):
@@ -196,6 +342,9 @@ class Seq2SeqData(DataSection):
         if self.mode == "columns":
             return {"data.source_column": self.source_column, "data.target_column": self.target_column}
         return {"data.source_lang (needs a translation column)": TRANSLATION_COLUMN}
+
+    def text_columns(self) -> dict[str, str | None]:
+        return self.columns() if self.mode == "columns" else {}
 
 
 FLAT_DEFAULTS: dict[str, Any] = {

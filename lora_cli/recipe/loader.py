@@ -23,6 +23,7 @@ from lora_cli.recipe.data import (
     DATA_SECTIONS,
     DataSection,
     data_section_for,
+    is_template_text,
     without_flat_defaults,
 )
 from lora_cli.recipe.errors import Location, RecipeError, RecipeProblem, Reporter
@@ -62,6 +63,7 @@ def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recip
     recipe._source = path.resolve()
     recipe._locations = locations
     recipe.adapter._source, recipe.adapter._locations = shown, locations
+    recipe.data._source, recipe.data._locations = shown, locations
     return recipe
 
 
@@ -228,6 +230,9 @@ def _absolute_paths(plain: dict, report: Reporter) -> None:
                     section[key] = str(data_path(value))
                 except ValueError as exc:
                     report.settle(("data", key), exc.args[0], value, exc.args[1])
+        template = section.get("chat_template")
+        if isinstance(template, str) and template.strip() and not is_template_text(template):
+            section["chat_template"] = str(Path(template).expanduser().absolute())
 
 
 _MESSAGES = {

@@ -37,7 +37,7 @@ import torch
 
 from lora_cli import rundir as rd
 from lora_cli.adapters import AdapterConfig, get_method
-from lora_cli.adapters.base_rewrites import BASE_REWRITES_NAME
+from lora_cli.adapters.base_weights import BASE_REWRITES_NAME
 from lora_cli.adapters.mixed import BASE_ADAPTER
 from lora_cli.devices import model_device, model_dtype
 from lora_cli.errors import UserInputError

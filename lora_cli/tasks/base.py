@@ -32,8 +32,9 @@ class Task(Protocol):
     """Shrinks eval logits before the Trainer gathers them (None: keep them)."""
 
     generation_metrics: Callable[..., dict[str, float]] | None
-    """``(model, processor, data, seed, split, limit) -> metrics`` that need generation (BLEU):
-    too slow for every evaluation, so ``train`` runs it once at the end and ``eval`` once. None
+    """``(model, processor, data, seed, split, limit, predictions=None) -> metrics`` that need
+    generation (BLEU, chrF): too slow for every evaluation, so ``train`` runs it once at the end and
+    ``eval`` once; a ``predictions`` list receives each row's input, reference and prediction. None
     when the task has none."""
 
     device_inputs: Callable[[Any], Callable[[dict[str, Any]], dict[str, Any]]] | None

@@ -32,6 +32,9 @@ class Splits:
     """The recipe's data section (its label policies), when :func:`choose_splits` made these."""
     sources: dict[str, str] = field(default_factory=dict)
     """``train`` / ``eval`` -> where those rows come from, for messages."""
+    notes: dict[str, str] = field(default_factory=dict)
+    """``train`` / ``eval`` -> what preparing them did beyond the row counts (rows packed), for
+    ``train --dry-run`` and ``validate --data``; rows cut or left out are a warning of their own."""
 
 
 def file_format(path: str) -> str:
@@ -286,6 +289,35 @@ def require_columns(ds, columns: dict[str, str | None]) -> None:
                 f"{key}: the data has no column {column!r}; its columns are {', '.join(have)}. "
                 f"Set {key} to one of them."
             )
+
+
+def require_text(ds, columns: dict[str, str | None], source: str, where) -> None:
+    """Each of ``columns`` (recipe key -> column) holds one text per row, not lists or records.
+
+    ``where(key)`` gives the recipe's ``file:line: data.<key>`` for the message. A column of
+    chat messages named as text would otherwise train on the Python form of the list.
+    """
+    import datasets
+
+    for key, column in columns.items():
+        if column is None or column not in ds.column_names:
+            continue
+        feature = ds.features[column]
+        if isinstance(feature, datasets.Value) and feature.dtype not in ("binary", "large_binary"):
+            continue
+        values = ds[column]
+        index = next((i for i, v in enumerate(values) if v is not None), 0)
+        value = values[index] if values else None
+        chat = isinstance(value, list) and bool(value) and all(isinstance(m, dict) for m in value)
+        kind = "lists of messages" if chat else (f"{type(value).__name__} values" if value is not None else "no text")
+        fix = (
+            f"for chat data set data.format: messages (with data.messages_column: {column}) instead of {key}"
+            if chat else f"point {key} at a column holding one text per row"
+        )
+        raise UserInputError(
+            f"{where(key.split('.', 1)[-1])}: column {column!r} of {source} holds {kind}, not text "
+            f"({row_ref(source, index)}: {str(value)[:60]!r}); {fix}"
+        )
 
 
 def encode_labels(splits: Splits, column: str) -> list[str]:

@@ -7,9 +7,10 @@ and are truncated to ``data.max_length``; targets to ``data.max_target_length``.
 padded with -100; the model derives its decoder inputs from them.
 
 Metrics. The Trainer's evaluation reports eval_loss and teacher-forced token accuracy,
-which cost one forward pass. BLEU needs generation, which is slow, so it is computed once
-at the end of training on a few validation rows (:func:`generation_metrics`, ``eval_bleu`` in
-eval.json) and once by `loracli eval`, not at every evaluation step.
+which cost one forward pass. BLEU and chrF need generation, which is slow, so they are
+computed once at the end of training on a few validation rows (:func:`generation_metrics`,
+``eval_bleu`` / ``eval_chrf`` in eval.json, each row's input, reference and prediction in
+eval_predictions.jsonl) and once by `loracli eval`, not at every evaluation step.
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ def generate_texts(model, tokenizer, sources: list[str], max_new_tokens: int = 1
     for start in range(0, len(sources), batch_size):
         chunk = sources[start:start + batch_size]
         enc = tokenizer(chunk, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-        enc = enc.to(model_device(model))
+        enc = tc.model_inputs(model, enc.to(model_device(model)))  # a BERT tokenizer's token_type_ids: not T5's
         with torch.no_grad():
             ids = model.generate(**enc, **kwargs)
         out += tokenizer.batch_decode(ids, skip_special_tokens=True)
@@ -181,8 +182,10 @@ def generate(run, text: str | list[str], max_new_tokens: int | None = None,
     return out[0] if isinstance(text, str) else out
 
 
-def bleu(model, tokenizer, data: Seq2SeqData, rows, max_new_tokens: int | None = None) -> dict[str, float]:
-    """sacreBLEU of greedy outputs for raw ``rows`` against their targets."""
+def bleu(model, tokenizer, data: Seq2SeqData, rows, max_new_tokens: int | None = None,
+         predictions: list[dict[str, str]] | None = None) -> dict[str, float]:
+    """sacreBLEU's BLEU and chrF of greedy outputs for raw ``rows`` against their targets;
+    ``predictions`` (a list) receives each row's input, reference and prediction."""
     import sacrebleu
 
     prefix = source_prefix(data)
@@ -191,7 +194,10 @@ def bleu(model, tokenizer, data: Seq2SeqData, rows, max_new_tokens: int | None =
         return {}
     hyps = generate_texts(model, tokenizer, [prefix + s for s in sources],
                           max_new_tokens or data.max_target_length, max_length=data.max_length)
-    return {"bleu": float(sacrebleu.corpus_bleu(hyps, [list(refs)]).score), "bleu_rows": len(hyps)}
+    if predictions is not None:
+        predictions += [{"input": s, "reference": r, "prediction": h} for s, r, h in zip(sources, refs, hyps)]
+    return {"bleu": float(sacrebleu.corpus_bleu(hyps, [list(refs)]).score),
+            "chrf": float(sacrebleu.corpus_chrf(hyps, [list(refs)]).score), "bleu_rows": len(hyps)}
 
 
 def _raw_rows(data: Seq2SeqData, seed: int, split: str, limit: int | None):
@@ -202,12 +208,13 @@ def _raw_rows(data: Seq2SeqData, seed: int, split: str, limit: int | None):
 
 
 def generation_metrics(model, processor, data: Seq2SeqData, seed: int, split: str = "validation",
-                       limit: int | None = BLEU_ROWS) -> dict[str, float]:
-    """BLEU of greedy outputs on ``limit`` rows of ``split`` (``train`` runs it once at the end)."""
+                       limit: int | None = BLEU_ROWS, predictions: list[dict[str, str]] | None = None) -> dict[str, float]:
+    """BLEU and chrF of greedy outputs on ``limit`` rows of ``split`` (``train`` runs it once at the end);
+    ``predictions`` receives the rows (see :func:`bleu`)."""
     was_training = model.training
     model.eval()
     try:
-        return bleu(model, processor, data, _raw_rows(data, seed, split, limit))
+        return bleu(model, processor, data, _raw_rows(data, seed, split, limit), predictions=predictions)
     finally:
         model.train(was_training)
 

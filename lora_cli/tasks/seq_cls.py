@@ -112,6 +112,7 @@ def class_probabilities(model, tokenizer, texts: list[str], pairs: list[str] | N
                 tc.note_cut(note_option, i, len(ids), limit, why, "last")
     enc = tokenizer(texts, pairs, truncation=True, max_length=limit, padding=True,
                     return_tensors="pt").to(model_device(model))
+    enc = tc.model_inputs(model, enc)
     with torch.no_grad():
         logits = model(**enc).logits
     return logits.float().softmax(dim=-1).cpu()

@@ -13,10 +13,11 @@ to repeat them and cannot get them out of step.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -172,17 +173,30 @@ def _sync_pad_token(model, model_cfg: ModelSection) -> None:
 
 
 # --------------------------------------------------------------------- data
+ROW_COLUMN = "__loracli_row__"
+"""The row's index in its source, kept through splitting and sampling so messages name the file line."""
+
+
 def load_splits(data: DataSection, seed: int, columns: dict[str, str | None],
-                stratify: str | None = None) -> data_mod.Splits:
-    """Train/eval splits from data.train_file (CSV/JSON/JSONL) or data.dataset, columns checked."""
+                stratify: str | None = None, check_rows: Callable[[Any, str], None] | None = None,
+                row_ids: bool = False) -> data_mod.Splits:
+    """Train/eval splits from data.train_file (CSV/JSON/JSONL) or data.dataset, columns checked:
+    present, text where the recipe reads text, and ``check_rows(ds, source)`` on each source split.
+    ``row_ids`` adds :data:`ROW_COLUMN`."""
     if data.train_file:
         available = data_mod.load_file_splits(data)
     elif data.dataset:
         available = data_mod.load_hub_splits(data)
     else:
         raise UserInputError(f"data: task {data.TASK} reads text; set data.train_file (CSV/JSON/JSONL) or data.dataset")
-    for ds in available.values():
+    for name, ds in available.items():
         data_mod.require_columns(ds, columns)
+        source = data_mod.source_name(data, name)
+        data_mod.require_text(ds, data.text_columns(), source, data.where)
+        if check_rows is not None:
+            check_rows(ds, source)
+        if row_ids:
+            available[name] = ds.add_column(ROW_COLUMN, list(range(len(ds))))
     return data_mod.choose_splits(available, data, seed, stratify=stratify)
 
 
@@ -250,6 +264,16 @@ def note_cut(option: str, index: int, tokens: int, kept: int, why: str, end: str
     """The warning predict gives for an input cut to fit: which one, how long, what was left out."""
     warnings.warn(f"{option} {index + 1} has {tokens} tokens; {why}, so its {end} {tokens - kept} were left out",
                   stacklevel=3)
+def model_inputs(model, batch: Any) -> dict[str, Any]:
+    """The entries of a tokenizer's output (or a batch) that ``model``'s forward names as inputs.
+
+    Tokenizers return what their own model family takes: a BERT tokenizer's ``token_type_ids``
+    reach a T5 built beside it, and ``generate`` refuses inputs the model does not name. Models
+    whose forward takes ``**kwargs`` still get only named inputs and ``labels``.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(inspect.signature(base.forward).parameters)
+    return {k: v for k, v in dict(batch).items() if k in names}
 
 
 def sampling_kwargs(max_new_tokens: int, temperature: float | None, top_p: float | None) -> dict[str, Any]:

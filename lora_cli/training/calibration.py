@@ -13,7 +13,7 @@ What was computed is written into the run directory, so `--resume` never recompu
 On --resume the layers get the recorded ranks and starts back, and an init that rewrites
 the base (CorDA, LoRA-GA) rewrites it again from those factors (W <- W - s B0 A0, with the
 init's own expression, so the base is the same bit for bit). The delivered adapter is
-saved relative to the original base (:mod:`lora_cli.adapters.base_rewrites`).
+saved relative to the original base (:mod:`lora_cli.adapters.methods.lora.base_rewrites`).
 """
 
 from __future__ import annotations
@@ -38,13 +38,13 @@ from rich.progress import (
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from lora_cli.adapters import base_rewrites
-from lora_cli.adapters.corda import apply_factors
-from lora_cli.adapters.eva import forward_batch, resize_adapter
+from lora_cli import atomic
+from lora_cli.adapters.methods.lora import starts
+from lora_cli.adapters.methods.lora.passes import forward_batch, resize_adapter
+from lora_cli.adapters.model import rank_and_alpha
 from lora_cli.errors import LoraCliError, UserInputError
 
-DATA_DRIVEN = ("eva", "corda", "lora_ga")
-REWRITES_BASE = ("corda", "lora_ga")
+DATA_DRIVEN = starts.DATA_DRIVEN
 DEFAULT_BATCHES = 16
 BATCHES_KEY = "calibration_batches"
 """The recipe key (adapter section) for the number of calibration batches."""
@@ -71,7 +71,8 @@ class Calibration:
 def init_of(model, adapter_name: str = "default") -> str | None:
     """The data-driven init of the adapter, or None when it needs no calibration."""
     init = getattr(model.peft_config[adapter_name], "init_lora_weights", None)
-    return init if isinstance(init, str) and init in DATA_DRIVEN else None
+    start = starts.find(init) if isinstance(init, str) else None
+    return init if start is not None and start.needs_data else None
 
 
 def calibration_batches(dataset, collate, batch_size: int, n: int, seed: int) -> list[Any]:
@@ -121,13 +122,15 @@ def run_calibration(model, batches: list[Any], *, seed: int, batch_size: int, co
     if init is None:
         raise LoraCliError("run_calibration: the adapter's init needs no calibration")
     device = next(model.parameters()).device
-    engine = _engine(init)
+    start = starts.find(init)
+    engine = start.calibration()
+    repeats = start.repeats_batches  # EVA reads the batches until it converges: its forward passes are counted
     console = console or Console(stderr=True)
     progress = Progress(
-        SpinnerColumn() if init == "eva" else TextColumn(""),
+        SpinnerColumn() if repeats else TextColumn(""),
         TextColumn(f"[bold]calibrate[/bold] {init}"),
         BarColumn(bar_width=16),
-        MofNCompleteColumn() if init != "eva" else TextColumn("{task.completed:.0f} forward passes"),
+        MofNCompleteColumn() if not repeats else TextColumn("{task.completed:.0f} forward passes"),
         TimeElapsedColumn(),
         console=console,
         transient=False,
@@ -135,10 +138,10 @@ def run_calibration(model, batches: list[Any], *, seed: int, batch_size: int, co
     start = time.perf_counter()
     torch.manual_seed(seed)  # LoRA-GA's and any randomised step: the same under the same seed
     with progress:
-        task = progress.add_task("calibrate", total=None if init == "eva" else len(batches))
-        if init == "lora_ga":  # its engine reads each batch once: counted as it is read
+        task = progress.add_task("calibrate", total=None if repeats else len(batches))
+        if not repeats:  # each batch is read once: counted as it is read
             ranks = engine(model, _Progress(batches, device, progress, task), adapter_name=adapter_name)
-        else:  # EVA cycles the batches until it converges: every forward pass is counted
+        else:  # every forward pass is counted
 
             def forward(m, batch):
                 out = forward_batch(m, batch)
@@ -153,29 +156,13 @@ def run_calibration(model, batches: list[Any], *, seed: int, batch_size: int, co
     return record
 
 
-def _engine(init: str):
-    if init == "eva":
-        from lora_cli.adapters.eva import initialize_eva_weights
-
-        return initialize_eva_weights
-    if init == "corda":
-        from lora_cli.adapters.corda import preprocess_corda
-
-        return preprocess_corda
-    try:
-        from lora_cli.adapters.lora_ga import initialize_lora_ga_weights
-    except ImportError as exc:
-        raise LoraCliError(f"init_lora_weights: lora_ga is not available in this build ({exc})") from None
-    return initialize_lora_ga_weights
-
-
 def _record(model, init, batches, batch_size, seed, seconds, adapter_name) -> Calibration:
     ranks, alphas, factors = {}, {}, {}
     for path, layer in model.adapter_layers():
         if adapter_name not in layer.r or not hasattr(layer, "lora_A") or adapter_name not in layer.lora_A:
             continue
         ranks[path] = layer.r[adapter_name]
-        alphas[path] = _alpha(model, path, layer, adapter_name)
+        alphas[path] = _alpha(model, path, adapter_name)
         factors[f"{path}.lora_A"] = layer.lora_A[adapter_name].detach().cpu().contiguous().clone()
         factors[f"{path}.lora_B"] = layer.lora_B[adapter_name].detach().cpu().contiguous().clone()
     config = model.peft_config[adapter_name]
@@ -184,9 +171,7 @@ def _record(model, init, batches, batch_size, seed, seconds, adapter_name) -> Ca
                        alpha_pattern=dict(config.alpha_pattern), factors=factors)
 
 
-def _alpha(model, path, layer, adapter_name) -> float:
-    from lora_cli.adapters.model import rank_and_alpha
-
+def _alpha(model, path, adapter_name) -> float:
     return float(rank_and_alpha(model.peft_config[adapter_name], path)[1])
 
 
@@ -194,10 +179,9 @@ def _alpha(model, path, layer, adapter_name) -> float:
 def save_calibration(run_dir: Path, record: Calibration) -> None:
     data = asdict(record)
     data.pop("factors")
-    save_file(record.factors, str(run_dir / FACTORS_FILE), metadata={"format": "pt"})
-    tmp = run_dir / f".{CALIBRATION_FILE}.tmp"
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(run_dir / CALIBRATION_FILE)
+    with atomic.atomic_file(run_dir / FACTORS_FILE) as tmp:
+        save_file(record.factors, str(tmp), metadata={"format": "pt"})
+    atomic.write_text(run_dir / CALIBRATION_FILE, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def load_calibration(run_dir: Path) -> Calibration | None:
@@ -223,10 +207,7 @@ def restore_calibration(model, record: Calibration, adapter_name: str = "default
     if init != record.init:
         raise UserInputError(f"--resume: the run was calibrated for init_lora_weights {record.init!r}, the recipe asks "
                              f"for {init!r}; train again with --overwrite")
-    if init == "lora_ga":  # ranks unchanged; LoRA-GA's own residual expression, bit for bit
-        base_rewrites.restore_initial_state(model, record.factors, adapter_name)
-        model._set_trainable()
-        return
+    apply = starts.find(init).apply_function()  # the start's own expression for the base, bit for bit
     for path in list(model.targets[adapter_name]):
         rank = record.ranks.get(path, 0)
         layer = model.base_model.get_submodule(path)
@@ -238,8 +219,7 @@ def restore_calibration(model, record: Calibration, adapter_name: str = "default
         if a is None or b is None:
             raise UserInputError(f"--resume: {FACTORS_FILE} has no start for {path}; train again with --overwrite")
         layer = model.base_model.get_submodule(path)
-        apply_factors(layer, adapter_name, a.to(layer.lora_A[adapter_name].device),
-                      b.to(layer.lora_B[adapter_name].device), rewrite_base=init in REWRITES_BASE)
+        apply(layer, adapter_name, a.to(layer.lora_A[adapter_name].device), b.to(layer.lora_B[adapter_name].device))
     config = model.peft_config[adapter_name]
     config.rank_pattern, config.alpha_pattern = dict(record.rank_pattern), dict(record.alpha_pattern)
     if any(rank == 0 for rank in record.ranks.values()):  # as EVA left it: the dropped layers are no target

@@ -26,16 +26,17 @@ from transformers import PrinterCallback, TrainingArguments, set_seed
 
 from lora_cli import packaged
 from lora_cli import rundir as rd
-from lora_cli.adapters import base_rewrites, get_adapter_model
-from lora_cli.adapters.state import load_safetensors
+from lora_cli.adapters import get_adapter_model
+from lora_cli.adapters.methods.lora import base_rewrites, starts
+from lora_cli.adapters.tensor_files import load_safetensors
 from lora_cli.atomic import io_errno
 from lora_cli.errors import LoraCliError, TrainingInterrupted, UserInputError
 from lora_cli.evaluation.plots import plot_training_curves
-from lora_cli.evaluation.report import evaluate, write_report
+from lora_cli.evaluation.report import evaluate, write_predictions, write_report
 from lora_cli.recipe import load_recipe, optimizer_steps, resolve_adapter_config
 from lora_cli.safe_text import terminal_text
 from lora_cli.task_kinds import TASK_KINDS
-from lora_cli.tasks import get_task
+from lora_cli.tasks import get_task, packing
 from lora_cli.tasks.defaults import default_target_modules
 from lora_cli.training import calibration, distributed, preflight
 from lora_cli.training.callbacks import (
@@ -82,14 +83,15 @@ def run_training(
             raise UserInputError(f"--resume: no checkpoint in {run_dir / rd.CHECKPOINTS_DIR}; train without --resume")
     set_seed(recipe.seed)
 
-    processor = task.load_processor(recipe.model)
-    splits, labels = task.load_raw(recipe.data, recipe.seed)
+    processor, splits, labels, train_ds, eval_ds = prepare_data(recipe, task)
     set_seed(recipe.seed)
     model = task.build_model(recipe.model, labels)
+    if getattr(recipe.data, "packing", False):
+        packing.require_position_ids(model)
     base_state = _snapshot_if_random(recipe, model)
 
     # optimizer steps -> adapter config -> training arguments: each needs the one before
-    total_step = optimizer_steps(recipe.training, len(splits.train), distributed.world_size())
+    total_step = optimizer_steps(recipe.training, len(train_ds), distributed.world_size())
     if resume:
         preflight.check_left_to_train(run_dir, total_step, checkpoint)
         if checkpoint is None:
@@ -104,11 +106,13 @@ def run_training(
     )
     args = training_arguments(recipe, run_dir, adapter_config, model)
     model = _inject(model, adapter_config, run_dir, resume)
-    train_ds, eval_ds = task.prepare(splits, processor, recipe.data, recipe.seed)
+    if getattr(recipe.data, "packing", False) and getattr(model, "prompt_encoder", None):
+        raise UserInputError("data.packing: a prompt-learning adapter puts virtual tokens before each sequence, "
+                             "not before each packed row; set data.packing: false")
     calibrated = _calibrate(recipe, task, model, processor, train_ds, args, run_dir, resume)
 
     if dry_run:
-        _print_dry_run(recipe, model, len(splits.train), len(splits.eval), labels)
+        _print_dry_run(recipe, model, len(train_ds), len(eval_ds), labels, splits.notes)
         if calibrated is not None:
             _print_calibration(calibrated)
         return None
@@ -201,8 +205,10 @@ def _train_and_save(recipe, task, model, args, train_ds, eval_ds, processor, lab
                 callback.close()
 
     metrics = trainer.evaluate()
-    if task.generation_metrics is not None:  # e.g. seq2seq BLEU: generation, once at the end
-        scores = task.generation_metrics(model, processor, recipe.data, recipe.seed)
+    predictions: list[dict[str, Any]] | None = None
+    if task.generation_metrics is not None:  # e.g. seq2seq BLEU / chrF: generation, once at the end
+        predictions = []
+        scores = task.generation_metrics(model, processor, recipe.data, recipe.seed, predictions=predictions)
         metrics.update({f"eval_{k}": v for k, v in scores.items()})
     adapter_dir = run_dir / rd.ADAPTER_DIR
     full_state = distributed.sharded_adapter_state(trainer)  # collective: FSDP / ZeRO-3 shards gathered
@@ -219,6 +225,8 @@ def _train_and_save(recipe, task, model, args, train_ds, eval_ds, processor, lab
             write_report(report, run_dir)
         else:
             rd.write_json(run_dir / rd.EVAL_FILE, metrics)
+            if predictions is not None:
+                write_predictions(predictions, run_dir)
         _plot(run_dir)
         rd.write_status(run_dir, "completed", error=None, step=trainer.state.global_step,
                         max_steps=trainer.state.max_steps)  # --resume: whether anything is left
@@ -228,6 +236,16 @@ def _train_and_save(recipe, task, model, args, train_ds, eval_ds, processor, lab
 
 
 # ------------------------------------------------------------------------ steps
+def prepare_data(recipe, task=None):
+    """The recipe's data as the Trainer reads it, no model needed: ``(processor, splits, labels, train,
+    eval)``; ``splits.notes`` says what preparing did (rows cut, left out, packed)."""
+    task = task or get_task(recipe.task)
+    processor = task.load_processor(recipe.model)
+    splits, labels = task.load_raw(recipe.data, recipe.seed)
+    train_ds, eval_ds = task.prepare(splits, processor, recipe.data, recipe.seed)
+    return processor, splits, labels, train_ds, eval_ds
+
+
 def _calibrate(recipe, task, model, processor, train_ds, args, run_dir: Path, resume: bool):
     """The calibration pass of a data-driven init (EVA, CorDA, LoRA-GA) on the training data,
     or on --resume the run's record of it; None for the other inits."""
@@ -254,11 +272,11 @@ def _inject(model, adapter_config, run_dir: Path, resume: bool):
     """The adapter, injected. On --resume of a run whose init rewrote base weights without
     calibration data (PiSSA, OLoRA, LoftQ), the init is not run again (``pissa_niter_N`` is
     random, LoftQ costly): the base is rebuilt from the run's init_state.safetensors."""
-    init = getattr(adapter_config, "init_lora_weights", None)
+    start = starts.find(getattr(adapter_config, "init_lora_weights", None))
     record = run_dir / rd.INIT_STATE_FILE
-    if not (resume and record.is_file() and base_rewrites.rewrites_base(init) and init not in calibration.DATA_DRIVEN):
+    if not (resume and record.is_file() and start is not None and start.rewrites_base and not start.needs_data):
         return get_adapter_model(model, adapter_config)
-    model = get_adapter_model(model, adapter_config.replace(init_lora_weights=True, loftq_config={}))
+    model = get_adapter_model(model, starts.plain_config(adapter_config))
     base_rewrites.restore_initial_state(model, load_safetensors(record))
     model.peft_config[model.active_adapter] = adapter_config
     return model
@@ -327,7 +345,7 @@ def build_trainer(recipe, task, model, args, train_ds, eval_ds, processor, run_d
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        data_collator=task.make_collator(processor, recipe.data, compact=compact),
+        data_collator=_collator(task, processor, recipe, model, compact),
         compute_metrics=task.compute_metrics,
         preprocess_logits_for_metrics=task.preprocess_logits_for_metrics,
         callbacks=callbacks,
@@ -337,6 +355,13 @@ def build_trainer(recipe, task, model, args, train_ds, eval_ds, processor, run_d
     configure_trackers(trainer, recipe, run_dir)  # tracker files into run_dir/logs, the recipe logged to them
     trainer.model_accepts_loss_kwargs = _accepts_loss_kwargs(model.get_base_model())
     return trainer
+
+
+def _collator(task, processor, recipe, model, compact: bool):
+    collate = task.make_collator(processor, recipe.data, compact=compact)
+    if getattr(recipe.data, "packing", False) and packing.uses_flash_attention(model):
+        collate = packing.flattening(collate)  # flash attention sees packed rows apart only in one flat row
+    return collate
 
 
 def _accepts_loss_kwargs(base) -> bool:
@@ -363,7 +388,7 @@ def _plot(run_dir: Path) -> None:
 
 
 # --------------------------------------------------------------------- printing
-def _print_dry_run(recipe, model, n_train: int, n_eval: int, labels) -> None:
+def _print_dry_run(recipe, model, n_train: int, n_eval: int, labels, notes: dict[str, str] | None = None) -> None:
     table = Table(title=_shown(f"{recipe.name}: adapted modules ({recipe.adapter.method})"))
     table.add_column("module")
     table.add_column("layer")
@@ -378,7 +403,10 @@ def _print_dry_run(recipe, model, n_train: int, n_eval: int, labels) -> None:
     saved = model.peft_config[model.active_adapter].modules_to_save
     console.print(_shown(f"trained in full (modules_to_save): {', '.join(saved) if saved else 'none'}"))
     label_text = f", {len(labels)} labels" if labels else ""
-    console.print(f"data: {n_train} train / {n_eval} eval rows{label_text}. Dry run: nothing trained, nothing written.")
+    for note in (notes or {}).values():
+        console.print(_shown(f"data: {note}"))
+    unit = "sequences" if getattr(recipe.data, "packing", False) else "rows"
+    console.print(f"data: {n_train} train {unit} / {n_eval} eval rows{label_text}. Dry run: nothing trained, nothing written.")
 
 
 def _print_calibration(record) -> None:

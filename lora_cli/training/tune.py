@@ -27,6 +27,7 @@ import json
 import math
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,14 +157,17 @@ def _whole(text: str) -> int:
         return int(value)
 
 
-def check_bounds(recipe_path: Path, recipe: Any, space: list[str], params: list[Param], out: Path) -> None:
+def check_bounds(recipe_path: Path, recipe: Any, space: list[str], params: list[Param], out: Path,
+                 overrides: Sequence[str] = ()) -> None:
     """Every bound and choice of the space must make a valid recipe (ranks and sizes within the
-    engine's limits included): a UserInputError naming the --space item, before the first trial."""
+    engine's limits included) with the search's fixed ``overrides``: a UserInputError naming the
+    --space item, before the first trial."""
     for item, param in zip(space, params, strict=True):
         for value in (param.choices or (param.low, param.high)):
             v = int(value) if param.kind == "int" else value
             try:
-                load_recipe(recipe_path, trial_overrides(recipe, {param.key: v}) + [f"output_dir={out / 'check'}"])
+                load_recipe(recipe_path, list(overrides) + trial_overrides(recipe, {param.key: v})
+                            + [f"output_dir={out / 'check'}"])
             except RecipeError as exc:
                 problems = "; ".join(p.render().split(": ", 1)[-1] for p in exc.problems)
                 raise UserInputError(f"--space {item!r}: the value {v!r} makes an invalid recipe ({problems}); "
@@ -246,10 +250,12 @@ def _check_out(out: Path, settings: dict[str, Any], recipe: Any, recipe_path: Pa
 
 
 def tune(recipe_path: str | Path, space: list[str], trials: int, metric: str, direction: str = "maximize",
-         out: str | Path | None = None, pruner: Any = None, on_trial: Any = None) -> TuneResult:
+         out: str | Path | None = None, pruner: Any = None, on_trial: Any = None,
+         overrides: Sequence[str] = ()) -> TuneResult:
     """Run (or continue) the search until ``trials`` trials have finished. ``on_trial(event,
     trial, values)`` hears "start" (an optuna Trial, its sampled values) and "end" (the finished
-    FrozenTrial), for a caller that says how the search goes."""
+    FrozenTrial), for a caller that says how the search goes. ``overrides`` (``a.b=value``, as
+    ``train`` takes them) hold for every trial; a --space key wins over an override of the same key."""
     if importlib.util.find_spec("optuna") is None:
         raise UserInputError("loracli tune needs Optuna: pip install 'loracli[tune]'")
     import optuna
@@ -265,11 +271,15 @@ def tune(recipe_path: str | Path, space: list[str], trials: int, metric: str, di
         raise UserInputError(f"--direction {direction!r}: choose maximize or minimize")
     if trials < 1:
         raise UserInputError(f"--trials must be at least 1, got {trials}")
-    recipe = load_recipe(recipe_path)
+    fixed = list(overrides)
+    recipe = load_recipe(recipe_path, fixed)
     check_metric(recipe.task, metric)  # before anything trains
     out = Path(out) if out is not None else Path(f"{recipe.output_path}-tune")
-    check_bounds(recipe_path, recipe, space, params, out)  # every bound must make a valid recipe: before the first trial
+    # every bound must make a valid recipe: before the first trial
+    check_bounds(recipe_path, recipe, space, params, out, fixed)
     settings = {"recipe": str(recipe_path.resolve()), "space": space, "metric": metric, "direction": direction}
+    if fixed:  # a search continued with other overrides would mix two experiments
+        settings["overrides"] = fixed
     _check_out(out, settings, recipe, recipe_path)
     _check_search(recipe, metric, direction, pruner)
     out.mkdir(parents=True, exist_ok=True)
@@ -293,7 +303,7 @@ def tune(recipe_path: str | Path, space: list[str], trials: int, metric: str, di
                 on_trial("start", trial, values)
             callback = PruningCallback(trial, metric)
             try:
-                run_training(recipe_path, trial_overrides(recipe, values) + [f"output_dir={run_dir}"],
+                run_training(recipe_path, fixed + trial_overrides(recipe, values) + [f"output_dir={run_dir}"],
                              extra_callbacks=[callback])
             except UserInputError:
                 raise
@@ -315,7 +325,7 @@ def tune(recipe_path: str | Path, space: list[str], trials: int, metric: str, di
             ended = [lambda _, frozen: on_trial("end", frozen, frozen.params)] if on_trial is not None else None
             study.optimize(objective, n_trials=remaining, catch=(), gc_after_trial=True, callbacks=ended)
         written = [write_results(study, params, out), write_importance(study, out),
-                   write_best_recipe(study, recipe, recipe_path, out)]
+                   write_best_recipe(study, recipe, recipe_path, out, fixed)]
     return TuneResult(study, out, [p for p in written if p is not None])
 
 
@@ -360,13 +370,13 @@ def write_importance(study: Any, out: Path) -> Path | None:
     return out / IMPORTANCE_FILE
 
 
-def write_best_recipe(study: Any, recipe: Any, recipe_path: Path, out: Path) -> Path | None:
+def write_best_recipe(study: Any, recipe: Any, recipe_path: Path, out: Path, fixed: Sequence[str] = ()) -> Path | None:
     """The recipe with the best trial's values applied, as YAML ``loracli train`` reads."""
     try:
         best = study.best_trial
     except ValueError:
         return None
-    overrides = trial_overrides(recipe, best.params) + [f"output_dir={recipe.output_path}-best"]
+    overrides = [*fixed, *trial_overrides(recipe, best.params), f"output_dir={recipe.output_path}-best"]
     text = load_recipe(recipe_path, overrides).to_yaml()
     head = f"# Best of {len(study.trials)} trial(s): trial {best.number}, {study.direction.name.lower()}d value {best.value}\n"
     path = write_text(out / BEST_FILE, head + text)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lora_cli.adapters import AdapterModel, get_adapter_model
-from lora_cli.adapters.methods.adalora import AdaLoraConfig
+from lora_cli.adapters.methods.adalora.config import AdaLoraConfig
 from lora_cli.errors import AdapterConfigError, LoraCliError
 from tests.helpers import tiny_bert, tiny_gpt2, tiny_vit
 

@@ -16,7 +16,7 @@ from peft.utils import get_peft_model_state_dict
 from torch import nn
 
 from lora_cli.adapters import AdapterModel, get_adapter_model
-from lora_cli.adapters.methods.adalora import AdaLoraConfig
+from lora_cli.adapters.methods.adalora.config import AdaLoraConfig
 from lora_cli.errors import TargetingError
 from tests.adapters import _layers
 

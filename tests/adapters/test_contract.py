@@ -150,7 +150,7 @@ def _config(method: str, targets: list[str], init: Any, options: dict[str, Any])
             init_r=4, target_r=2, total_step=10, init_lora_weights=init, target_modules=targets, **options
         )
     if method == "trainable_tokens":
-        from lora_cli.adapters.methods.trainable_tokens import TrainableTokensConfig
+        from lora_cli.adapters.methods.trainable_tokens.config import TrainableTokensConfig
 
         # its default target: the input embedding (and the output layer tied to it)
         return TrainableTokensConfig(token_indices=TOKEN_IDS, init_weights=init, **options)

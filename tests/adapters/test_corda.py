@@ -16,7 +16,7 @@ from peft.tuners.lora.config import CordaConfig
 from peft.tuners.lora.corda import preprocess_corda as peft_preprocess_corda
 
 from lora_cli.adapters import AdapterModel, LoraConfig, get_adapter_model
-from lora_cli.adapters.corda import collect_covariances, preprocess_corda
+from lora_cli.adapters.methods.lora.corda import collect_covariances, preprocess_corda
 from lora_cli.errors import AdapterConfigError, TargetingError, UserInputError
 from tests.adapters.test_eva import tiny_llama
 from tests.helpers import tiny_gpt2, tiny_vit

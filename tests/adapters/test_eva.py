@@ -17,7 +17,7 @@ from peft.tuners.lora.config import EvaConfig
 from peft.tuners.lora.eva import initialize_lora_eva_weights
 
 from lora_cli.adapters import AdapterModel, LoraConfig, get_adapter_model
-from lora_cli.adapters.eva import (
+from lora_cli.adapters.methods.lora.eva import (
     IncrementalSVD,
     get_eva_state_dict,
     initialize_eva_weights,

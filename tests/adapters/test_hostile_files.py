@@ -13,7 +13,7 @@ import torch
 
 from lora_cli.adapters import AdapterModel, LoraConfig, get_adapter_model
 from lora_cli.adapters.config import CONFIG_NAME, WEIGHTS_NAME, AdapterConfig
-from lora_cli.adapters.state import AdapterFileError, read_adapter_weights
+from lora_cli.adapters.tensor_files import AdapterFileError, read_adapter_weights
 from lora_cli.errors import AdapterConfigError, NonFiniteError, UserInputError
 from tests.helpers import tiny_opt
 
@@ -230,3 +230,35 @@ def test_non_finite_weights_are_never_written(tmp_path):
     with pytest.raises(NonFiniteError, match=r"came out non-finite: base_model\.model\..* holds .* inf"):
         model.save_pretrained(tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
+
+
+# ------------------------------------------------------------------ writes cut short
+def test_a_write_cut_short_leaves_the_earlier_file_and_no_partial_one(tmp_path, monkeypatch):
+    """The engine's own files (a rewritten start for --resume, the base weights beside an adapter,
+    the adapter itself) are written whole or not at all: a disk that fills up mid-write leaves the
+    earlier file as it was and no temporary file beside it."""
+    from lora_cli.adapters import base_weights, state
+    from lora_cli.adapters.methods.lora import base_rewrites
+
+    torch.manual_seed(0)
+    model = get_adapter_model(tiny_opt(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa_niter_2"))
+    start = tmp_path / "start.safetensors"
+    assert base_rewrites.save_initial_state(model, start)
+    model.save_pretrained(tmp_path / "adapter")
+    before = {p.name: p.read_bytes() for p in [start, *(tmp_path / "adapter").iterdir()]}
+
+    def full_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    for module in (base_rewrites, base_weights, state):
+        monkeypatch.setattr(module, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        base_rewrites.save_initial_state(model, start)
+    with pytest.raises(OSError, match="No space"):
+        base_weights.write_base_weights(tmp_path / "adapter", {"w": torch.ones(2)})
+    with pytest.raises(OSError, match="No space"):
+        model.save_pretrained(tmp_path / "adapter")
+    after = {p.name: p.read_bytes() for p in [*tmp_path.iterdir(), *(tmp_path / "adapter").iterdir()] if p.is_file()}
+    assert after == before

@@ -19,9 +19,10 @@ from peft.utils import loftq_utils
 from safetensors.torch import load_file
 
 from lora_cli.adapters import AdapterModel, LoraConfig, get_adapter_model
-from lora_cli.adapters import loftq as lq
-from lora_cli.adapters.base_rewrites import BASE_REWRITES_NAME
+from lora_cli.adapters import quantized as nf
+from lora_cli.adapters.base_weights import BASE_REWRITES_NAME
 from lora_cli.adapters.config import AdapterConfig
+from lora_cli.adapters.methods.lora import loftq as lq
 from lora_cli.errors import AdapterConfigError
 from tests.helpers import tiny_gpt2, tiny_opt
 
@@ -77,18 +78,18 @@ def test_factors_match_peft_loftq_init(bits, iters):
 def test_quantizers_match_bitsandbytes():
     weight = torch.randn(40, 36, generator=torch.Generator().manual_seed(0))  # 1440 values: a short last block
     packed, state = bnbf.quantize_4bit(weight, quant_type="nf4", blocksize=64)
-    torch.testing.assert_close(lq.nf_dequantized(weight, 4), bnbf.dequantize_4bit(packed, state), atol=0, rtol=0)
+    torch.testing.assert_close(nf.nf_dequantized(weight, 4), bnbf.dequantize_4bit(packed, state), atol=0, rtol=0)
     rows, stats, _ = bnbf.int8_vectorwise_quant(weight.half())
-    torch.testing.assert_close(lq.int8_dequantized(weight), bnbf.int8_vectorwise_dequant(rows, stats), atol=0, rtol=0)
-    torch.testing.assert_close(lq.normal_float_levels(4), bnbf.get_4bit_type("nf4", device="cpu"), atol=0, rtol=0)
+    torch.testing.assert_close(nf.int8_dequantized(weight), bnbf.int8_vectorwise_dequant(rows, stats), atol=0, rtol=0)
+    torch.testing.assert_close(nf.normal_float_levels(4), bnbf.get_4bit_type("nf4", device="cpu"), atol=0, rtol=0)
 
 
 def test_nf2_levels_and_the_alternating_fit_reduces_the_error():
-    torch.testing.assert_close(lq.normal_float_levels(2), torch.tensor([-1.0, 0.0, 0.33791524171829224, 1.0]))
+    torch.testing.assert_close(nf.normal_float_levels(2), torch.tensor([-1.0, 0.0, 0.33791524171829224, 1.0]))
     weight = torch.randn(64, 64, generator=torch.Generator().manual_seed(3))
-    q2 = lq.nf_dequantized(weight, 2)
+    q2 = nf.nf_dequantized(weight, 2)
     normed = (q2.reshape(-1, 64) / weight.reshape(-1, 64).abs().amax(1, keepdim=True)).reshape(-1, 1)
-    assert (normed - lq.normal_float_levels(2)).abs().amin(dim=1).max() < 1e-6  # every value is one of 4 levels
+    assert (normed - nf.normal_float_levels(2)).abs().amin(dim=1).max() < 1e-6  # every value is one of 4 levels
     errors = []
     for iters in (1, 2, 4):
         q, a, b = lq.loftq_factors(weight, 2, 8, iters)

@@ -14,7 +14,7 @@ import torch
 from peft.tuners.lora.loraga import preprocess_loraga
 
 from lora_cli.adapters import AdapterModel, LoraConfig, get_adapter_model
-from lora_cli.adapters.lora_ga import estimate_gradients, initialize_lora_ga_weights
+from lora_cli.adapters.methods.lora.lora_ga import estimate_gradients, initialize_lora_ga_weights
 from lora_cli.errors import AdapterConfigError, UserInputError
 from tests.helpers import tiny_vit
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from lora_cli.adapters import AdapterModel, LoKrConfig, get_adapter_model
 from lora_cli.adapters import functional as fn
-from lora_cli.adapters.methods.lokr import LoKrLayer
+from lora_cli.adapters.methods.lycoris.lokr import LoKrLayer
 from lora_cli.errors import AdapterConfigError
 from tests.adapters import _layers
 from tests.helpers import tiny_gpt2, tiny_vit

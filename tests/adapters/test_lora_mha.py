@@ -1,4 +1,4 @@
-"""LoRA on ``nn.MultiheadAttention`` (lora_cli/adapters/methods/lora_mha.py), against PEFT 0.21.
+"""LoRA on ``nn.MultiheadAttention`` (lora_cli/adapters/methods/lora/mha.py), against PEFT 0.21.
 
 Files both ways, merging and gradients are in test_lora_more_layers.py and the contract;
 this file pins down the behaviour behind them: what PEFT's file means (the out_proj update
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lora_cli.adapters import LoraConfig, get_adapter_model
-from lora_cli.adapters.methods.lora_mha import PEFT_OUT_PROJ_FACTOR
+from lora_cli.adapters.methods.lora.mha import PEFT_OUT_PROJ_FACTOR
 from lora_cli.errors import TargetingError
 from tests.adapters._layers import AttentionNet
 

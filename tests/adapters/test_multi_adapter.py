@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lora_cli.adapters import LoHaConfig, LoraConfig, get_adapter_model
-from lora_cli.adapters.methods.adalora import AdaLoraConfig
+from lora_cli.adapters.methods.adalora.config import AdaLoraConfig
 from lora_cli.errors import UserInputError
 from tests.adapters import _layers
 from tests.helpers import tiny_bert

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from lora_cli.adapters import get_adapter_model, load_adapter_model
-from lora_cli.adapters.methods.p_tuning import PromptEncoderConfig
-from lora_cli.adapters.prompt_learning import PromptLearningModel
+from lora_cli.adapters.methods.p_tuning.config import PromptEncoderConfig
+from lora_cli.adapters.methods.p_tuning.model import PromptLearningModel
 from lora_cli.errors import AdapterConfigError, UserInputError
 from tests.helpers import tiny_bert, tiny_gpt2, tiny_opt, tiny_t5, tiny_vit
 

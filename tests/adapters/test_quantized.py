@@ -143,7 +143,7 @@ def _row_blocking_kernel(monkeypatch):
 def test_the_cpu_check_reads_the_real_layers_and_agrees_with_the_nf4_reference(narrow_dir, quant_type, double_quant):
     """The verdict is taken on the layer's own weight and shape, so it says on any CPU whether the
     layer computes what was stored; for NF4 that is the blockwise NormalFloat reference."""
-    from lora_cli.adapters.loftq import nf_dequantized
+    from lora_cli.adapters.quantized import nf_dequantized
 
     original = LlamaForCausalLM.from_pretrained(narrow_dir).model.layers[0].self_attn.q_proj.weight.detach()
     model = load_quantized(narrow_dir, 4, quant_type=quant_type, double_quant=double_quant)

@@ -128,3 +128,70 @@ def test_engine_modules_import_each_other_without_a_cycle():
 
     for name in imports:
         visit(name, ())
+
+
+CONFIG_MODULES = ("lora_cli.adapters.config", "lora_cli.adapters.methods.lora.config", "lora_cli.adapters.methods.lora.starts",
+                  "lora_cli.adapters.methods.adalora.config", "lora_cli.adapters.methods.lycoris.config",
+                  "lora_cli.adapters.methods.trainable_tokens.config", "lora_cli.adapters.methods.p_tuning.config",
+                  "lora_cli.adapters.methods.xlora.config")
+TORCH_FREE = f"""
+import sys
+import {", ".join(CONFIG_MODULES)}
+from lora_cli.adapters.config import AdapterConfig
+from lora_cli.adapters.methods.lora import starts
+from lora_cli.adapters.registry import available_methods, get_method
+
+looked_up = {{name: get_method(name).config_cls for name in available_methods()}}
+assert looked_up["lora"] is get_method("LORA").config_cls and len(looked_up) >= 7, looked_up
+assert all(cls.__module__.endswith(".config") for cls in looked_up.values()), looked_up  # a method's config.py
+config = AdapterConfig.from_dict({{"peft_type": "LOHA", "r": 4}}, source="x.json")
+assert type(config) is looked_up["loha"] and config.r == 4
+assert starts.find("pissa_niter_4").rewrites_base and starts.find("eva").needs_data and starts.DATA_DRIVEN
+loaded = [name for name in sys.modules if name.split(".")[0] in ("torch", "transformers", "safetensors", "datasets")]
+assert not loaded, loaded
+"""
+
+
+def test_configs_and_the_method_table_import_no_torch():
+    """Validating a recipe needs the configs, the start table and the method table: none imports torch."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ENGINE.parent.parent)}
+    done = subprocess.run([sys.executable, "-c", TORCH_FREE], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_configs_check_their_values_without_torch():
+    """A config read and checked in a process without torch: the same problems as here."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, json\nfrom lora_cli.adapters.config import AdapterConfig\nfrom lora_cli.errors import AdapterConfigError\n"
+            "try:\n    AdapterConfig.from_dict({'peft_type': 'LORA', 'r': 0, 'init_lora_weights': 'eva', "
+            "'eva_config': {'rho': 0.5}}, source='x.json')\nexcept AdapterConfigError as exc:\n"
+            "    print(json.dumps(sorted(str(p.key) for p in exc.problems)))\n"
+            "assert 'torch' not in sys.modules\n")
+    env = {**os.environ, "PYTHONPATH": str(ENGINE.parent.parent)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == '["eva_config.rho", "r"]'
+
+
+def test_every_reference_in_the_tables_loads():
+    """The method table's and the start table's "module:attribute" references name what is there."""
+    from lora_cli.adapters.methods.lora import starts
+
+    for name in available_methods():
+        method = get_method(name)
+        for ref in (method.layer, method.state, method.model, method.to_original_base, *method.injectors,
+                    *method.kind_layers.values()):
+            assert ref is None or callable(registry.load(ref)), (name, ref)
+        assert method.layer is not None or method.model is not None
+    for start in starts.STARTS:
+        for kind in (*start.kinds, *start.plain_on):
+            assert callable(start.layer_function(kind)), start.name
+        if start.needs_data:
+            assert callable(start.calibration()) and callable(start.apply_function()), start.name

@@ -4,7 +4,7 @@ the trained in-memory model, and --resume rebuilds the start without running the
 
 The delivered adapter is converted to the original base (rank 2r, init_lora_weights true)
 and LoftQ's rewritten weights travel as base_rewrites.safetensors (see
-lora_cli.adapters.base_rewrites).
+lora_cli.adapters.methods.lora.base_rewrites).
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ import yaml
 from safetensors.torch import load_file
 from transformers import TrainerCallback, ViTForImageClassification
 
-from lora_cli.adapters import LoraConfig, base_rewrites, get_adapter_model
+from lora_cli.adapters import LoraConfig, get_adapter_model
 from lora_cli.adapters import functional as fn
+from lora_cli.adapters.base_weights import BASE_REWRITES_NAME
+from lora_cli.adapters.methods.lora import base_rewrites
 from lora_cli.training.pipeline import run_training
 from tests.helpers import TINY_VIT, tiny_opt
 from tests.training._util import recipe_dict
@@ -35,7 +37,7 @@ INITS = {
 
 RELOAD = r"""
 import sys, torch, peft
-from lora_cli.adapters.base_rewrites import apply_base_weights
+from lora_cli.adapters.base_weights import apply_base_weights
 from lora_cli.inference.loading import load_run
 from lora_cli.inference.predict import load_merged
 from lora_cli.inference.runs import load_predictor, merge_from_run
@@ -107,7 +109,7 @@ def test_fresh_process_reload_gives_the_trained_logits(tmp_path, imagefolder, vi
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert config["init_lora_weights"] is True
     assert config["r"] == (4 if init == "loftq" else 8)  # PiSSA, LoRA-GA: [B, -B0][A; A0]
-    assert (run / "adapter" / base_rewrites.BASE_REWRITES_NAME).is_file() == (init == "loftq")
+    assert (run / "adapter" / BASE_REWRITES_NAME).is_file() == (init == "loftq")
     # the start, for --resume, is written once: LoRA-GA's in its calibration record, the others' in init_state
     assert (run / "init_state.safetensors").is_file() == (init != "lora_ga")
     assert (run / "calibration.safetensors").is_file() == (init == "lora_ga")
@@ -199,7 +201,7 @@ def test_dora_with_pissa_saves_the_rewritten_weights(tmp_path):
                 p.add_(0.05 * torch.randn_like(p))
         expected = model(**inputs).logits
     model.save_pretrained(tmp_path, convert_to_original_base=True)
-    rewrites = load_file(tmp_path / base_rewrites.BASE_REWRITES_NAME)
+    rewrites = load_file(tmp_path / BASE_REWRITES_NAME)
     assert len(rewrites) == len(model.targets["default"])
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["init_lora_weights"] is True

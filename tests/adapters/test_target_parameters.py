@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from lora_cli.adapters import AdapterModel, LoraConfig, get_adapter_model
-from lora_cli.adapters.methods.lora_param import ParamLoraLayer
+from lora_cli.adapters.methods.lora.param import ParamLoraLayer
 from lora_cli.errors import TargetingError, UserInputError
 
 peft = pytest.importorskip("peft")

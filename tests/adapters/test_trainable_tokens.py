@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from lora_cli.adapters import AdapterModel, LoraConfig, get_adapter_model
-from lora_cli.adapters.methods.trainable_tokens import TrainableTokensConfig, TrainableTokensLayer
+from lora_cli.adapters.methods.trainable_tokens.config import TrainableTokensConfig
+from lora_cli.adapters.methods.trainable_tokens.layer import TrainableTokensLayer
 from lora_cli.errors import TargetingError, UserInputError
 from tests.helpers import tiny_bert, tiny_t5
 

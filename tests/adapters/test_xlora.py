@@ -23,8 +23,8 @@ from lora_cli.adapters import (
     get_adapter_model,
     load_adapter_model,
 )
-from lora_cli.adapters.methods.xlora import XLoraConfig
-from lora_cli.adapters.xlora_model import HEAD_KEY, XLoraModel
+from lora_cli.adapters.methods.xlora.config import XLoraConfig
+from lora_cli.adapters.methods.xlora.model import HEAD_KEY, XLoraModel
 from lora_cli.errors import AdapterConfigError, AdapterStateError, UserInputError
 from tests.helpers import tiny_gpt2, tiny_opt, tiny_t5
 

@@ -158,6 +158,37 @@ def test_plot_without_curves_writes_nothing(old_runs, tmp_path):
     assert not (tmp_path / "c.png").exists()
 
 
+# -------------------------------------------------------------- the rank column
+SAVED_CONFIGS = {  # method -> (adapter_config.json as saved, the method and rank/alpha columns)
+    "lora": ({"peft_type": "LORA", "r": 16, "lora_alpha": 32}, ("lora", "16/32")),
+    "dora": ({"peft_type": "LORA", "r": 8, "lora_alpha": 8, "use_dora": True}, ("dora", "8/8")),
+    "adalora": ({"peft_type": "ADALORA", "r": 8, "init_r": 12, "target_r": 8, "lora_alpha": 8}, ("adalora", "12->8/8")),
+    "loha": ({"peft_type": "LOHA", "r": 4, "alpha": 8}, ("loha", "4/8")),
+    "lokr": ({"peft_type": "LOKR", "r": 4, "alpha": 4}, ("lokr", "4/4")),
+    "trainable_tokens": ({"peft_type": "TRAINABLE_TOKENS", "token_indices": [5, 6, 7]},
+                         ("trainable_tokens", "3 tokens")),
+    "p_tuning": ({"peft_type": "P_TUNING", "num_virtual_tokens": 20, "encoder_hidden_size": 64},
+                 ("p_tuning", "20 virtual tokens")),
+    "xlora": ({"peft_type": "XLORA", "adapters": {"0": "/runs/a/adapter", "1": "/runs/b/adapter"}},
+              ("xlora", "2 experts")),
+}
+
+
+def test_every_method_has_a_meaningful_rank_column(tmp_path):
+    """The rank/alpha column comes from each method's config class: a method without a rank shows its
+    own size (was None/None for trainable tokens, p-tuning and X-LoRA)."""
+    from lora_cli.adapters import available_methods
+
+    assert set(available_methods()) <= set(SAVED_CONFIGS)
+    for name, (saved, columns) in SAVED_CONFIGS.items():
+        (tmp_path / name / rd.ADAPTER_DIR).mkdir(parents=True)
+        (tmp_path / name / rd.ADAPTER_DIR / "adapter_config.json").write_text(json.dumps(saved))
+        row = summarize_run(tmp_path / name)
+        assert (row["method"], row["rank_alpha"]) == columns, name
+    table = markdown_table([summarize_run(tmp_path / name) for name in SAVED_CONFIGS])
+    assert "None" not in table and "| 2 experts |" in table
+
+
 # ------------------------------------------------------------ a real (tiny) run
 @pytest.mark.slow
 def test_trained_run_records_train_stats(tmp_path, imagefolder, monkeypatch, capsys):

@@ -176,7 +176,7 @@ def test_merge_is_bad_input_that_names_the_deliverable(monkeypatch, capsys, runs
 def test_merge_refuses_before_loading_the_model(monkeypatch, capsys, tmp_path):
     """Only the adapter's config is read: the refusal needs no base model or data."""
     from lora_cli.adapters import get_adapter_model
-    from lora_cli.adapters.methods.p_tuning import PromptEncoderConfig
+    from lora_cli.adapters.methods.p_tuning.config import PromptEncoderConfig
     from lora_cli.errors import UserInputError
     from lora_cli.inference.merge import merge_run
     from tests.helpers import tiny_gpt2
@@ -196,7 +196,7 @@ def test_the_trainer_normalises_a_causal_loss_by_every_label(tmp_path):
     from transformers import TrainingArguments
 
     from lora_cli.adapters import get_adapter_model
-    from lora_cli.adapters.methods.p_tuning import PromptEncoderConfig
+    from lora_cli.adapters.methods.p_tuning.config import PromptEncoderConfig
     from lora_cli.training.trainer import AdapterTrainer
     from tests.helpers import tiny_gpt2
 

@@ -207,3 +207,15 @@ def test_scalings_of_a_prompt_longer_than_the_context_cover_its_end(monkeypatch,
     assert "--prompt 1 has 160 tokens" in err and "its first 98 were left out" in err
     assert json.loads(out)[0]["scalings"]["tokens"][-4:] == ["the", "film", "was", "good"]
     assert len(json.loads(out)[0]["scalings"]["tokens"]) == 64
+
+
+def test_the_pushed_card_names_the_method_x_lora(runs, tmp_path):
+    """The card's prose takes the method's display name from its config class (was "A xlora adapter")."""
+    from huggingface_hub import ModelCard
+
+    from lora_cli.inference.push import push_run
+
+    push_run(runs["mix"], "me/mix-xlora", dry_run=tmp_path / "to-push")
+    card = ModelCard.load(tmp_path / "to-push" / "README.md")
+    assert "An X-LoRA adapter for causal-lm" in card.text and "xlora adapter" not in card.text
+    assert card.data.to_dict()["loracli"]["method"] == "xlora"

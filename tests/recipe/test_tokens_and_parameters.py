@@ -7,7 +7,10 @@ import re
 
 import pytest
 
-from lora_cli.adapters.methods.trainable_tokens import INPUT_EMBEDDINGS, TrainableTokensConfig
+from lora_cli.adapters.methods.trainable_tokens.config import (
+    INPUT_EMBEDDINGS,
+    TrainableTokensConfig,
+)
 from lora_cli.recipe import load_recipe, resolve_adapter_config
 from tests.recipe._util import VALID, problems_of
 

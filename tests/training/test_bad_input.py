@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import message_lines
 from tests.training._util import loracli, recipe_dict, write_recipe
 
 
@@ -156,6 +157,7 @@ def _assert_rejected(monkeypatch, capsys, argv, fragment: str, run_dir: Path) ->
     out, err = capsys.readouterr()
     assert code == 2, f"exit code {code}\n{err}"
     assert fragment in err, err
-    assert err.startswith("error:") and err.count("\nerror:") == 0 and "Traceback" not in err, err
+    shown = "\n".join(message_lines(err))  # the data phases' progress lines may come first
+    assert shown.startswith("error:") and shown.count("\nerror:") == 0 and "Traceback" not in err, err
     assert not run_dir.exists(), f"{run_dir} was written"
     return err

@@ -24,6 +24,7 @@ from tests.training._util import loracli, write_recipe
 INITS = {
     "eva": {"init_lora_weights": "eva", "eva_config": {"rho": 2.0, "tau": 0.9}, "calibration_batches": 3},
     "corda": {"init_lora_weights": "corda", "corda_config": {"corda_method": "ipm"}, "calibration_batches": 3},
+    "lora_ga": {"init_lora_weights": "lora_ga", "calibration_batches": 3},
 }
 
 
@@ -87,7 +88,7 @@ class StopAfterCheckpoint(TrainerCallback):
         control.should_training_stop = True
 
 
-@pytest.mark.parametrize("init", ["eva", "corda"])
+@pytest.mark.parametrize("init", ["eva", "corda", "lora_ga"])
 def test_resume_restores_the_calibration_instead_of_recomputing_it(tmp_path, imagefolder, monkeypatch, init):
     """A resumed run ends exactly where an uninterrupted one does, and the engine never runs again."""
     steps = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2}
@@ -99,8 +100,9 @@ def test_resume_restores_the_calibration_instead_of_recomputing_it(tmp_path, ima
     def never(*args, **kwargs):
         raise AssertionError("the calibration ran again on --resume")
 
-    monkeypatch.setattr("lora_cli.adapters.eva.initialize_eva_weights", never)
-    monkeypatch.setattr("lora_cli.adapters.corda.preprocess_corda", never)
+    monkeypatch.setattr("lora_cli.adapters.methods.lora.eva.initialize_eva_weights", never)
+    monkeypatch.setattr("lora_cli.adapters.methods.lora.corda.preprocess_corda", never)
+    monkeypatch.setattr("lora_cli.adapters.methods.lora.lora_ga.initialize_lora_ga_weights", never)
     resumed = run_training(recipe, resume=True)
     assert json.loads((resumed / calibration.CALIBRATION_FILE).read_text()) == first
     expected = load_file(straight / "adapter" / "adapter_model.safetensors")
@@ -146,7 +148,7 @@ def test_calibration_batches_round_trip_through_the_resolved_recipe(tmp_path, im
 
 def test_lora_ga_runs_through_the_same_calibration_pass(tmp_path, imagefolder, monkeypatch, capsys):
     """LoRA-GA's engine function gets the calibration batches, with labels, on the model's device."""
-    from lora_cli.adapters import lora_ga
+    from lora_cli.adapters.methods.lora import lora_ga
 
     seen = []
     real = lora_ga.initialize_lora_ga_weights
@@ -166,7 +168,7 @@ def test_lora_ga_runs_through_the_same_calibration_pass(tmp_path, imagefolder, m
 
 def test_causal_lm_eva_leaves_prompt_and_padding_out(tmp_path, monkeypatch):
     """Text through the task's collator: EVA's SVD sees only completion tokens (labels != -100)."""
-    from lora_cli.adapters import eva
+    from lora_cli.adapters.methods.lora import eva
     from tests.helpers_text import TINY_CONFIGS, make_tokenizer, prompt_rows, write_jsonl
     from tests.helpers_text import write_recipe as write_text_recipe
 

@@ -24,7 +24,7 @@ def test_dry_run_prints_modules_and_parameters_and_writes_nothing(tmp_path, imag
         assert path in err, err
     # r=4 on 4 (32 x 32) matrices: 4 * (4*32 + 32*4) = 1024; the head 32*3 + 3 = 99 trains in full
     assert "trainable params: 1,123 || all params:" in err, err
-    assert "classifier" in err and "24 train / 12 eval" in err
+    assert "classifier" in err and "24 train rows / 12 eval rows" in err
     assert sorted(tmp_path.rglob("*")) == before
     assert not (tmp_path / "run").exists()
 

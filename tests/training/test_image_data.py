@@ -81,7 +81,7 @@ def test_builtin_digits_dry_run(monkeypatch, capsys, tmp_path, imagefolder):
     recipe = write_recipe(tmp_path / "r.yaml", imagefolder, tmp_path / "run",
                           data={"imagefolder": None, "builtin": "digits", "val_split": 0.2})
     assert loracli(monkeypatch, "train", recipe, "--dry-run") == 0
-    assert "1437 train / 360 eval rows, 10 labels" in capsys.readouterr().err.replace("\n", " ")
+    assert "1437 train rows / 360 eval rows, 10 labels" in capsys.readouterr().err.replace("\n", " ")
 
 
 def test_a_missing_image_far_down_the_csv_is_found_before_training(monkeypatch, capsys, tmp_path, imagefolder):
