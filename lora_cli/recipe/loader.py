@@ -218,8 +218,8 @@ def _check_finite(value: Any, path: tuple, report: Reporter) -> None:
 
 
 def _absolute_paths(plain: dict, report: Reporter) -> None:
-    """Data paths made absolute: relative to the current directory, ``shipped:`` ones to the
-    shipped recipes folder (:mod:`lora_cli.recipe.shipped`)."""
+    """Data paths and a chat template file made absolute: relative to the current directory,
+    ``shipped:`` ones to the shipped recipes folder (:mod:`lora_cli.recipe.shipped`)."""
     section = plain.get("data")
     if isinstance(section, dict):
         section = plain["data"] = dict(section)
@@ -232,7 +232,10 @@ def _absolute_paths(plain: dict, report: Reporter) -> None:
                     report.settle(("data", key), exc.args[0], value, exc.args[1])
         template = section.get("chat_template")
         if isinstance(template, str) and template.strip() and not is_template_text(template):
-            section["chat_template"] = str(Path(template).expanduser().absolute())
+            try:
+                section["chat_template"] = str(data_path(template))
+            except ValueError as exc:
+                report.settle(("data", "chat_template"), exc.args[0], template, exc.args[1])
 
 
 _MESSAGES = {

@@ -11,6 +11,7 @@ import lora_cli
 from lora_cli.adapters import available_methods
 from lora_cli.recipe import load_recipe, recipes_dir, resolve_adapter_config, shipped_recipes
 from lora_cli.recipe.data import DATA_PATHS
+from lora_cli.recipe.errors import RecipeError
 from lora_cli.recipe.shipped import shipped_path
 from lora_cli.recipe.yamlio import RecipeLoader
 from lora_cli.task_kinds import TASKS
@@ -99,7 +100,17 @@ def test_resolved_recipe_is_what_it_was_before_the_rewrite(name, tmp_path, monke
     """The recipes issue 24 rewrote (near-copies now extend their base; shipped: data and
     extends) resolve to the very dict they did before, from any current directory."""
     monkeypatch.chdir(tmp_path)
-    assert _resolved(name) == RECORD["recipes"][name]
+    recorded = RECORD["recipes"][name]
+    assert _as_recorded(_resolved(name), recorded) == recorded
+
+
+def _as_recorded(value, recorded):
+    """``value`` without the keys the schema gained after the record was made (the chat-data
+    fields, at their defaults): every key the record holds is still compared."""
+    if isinstance(value, dict) and isinstance(recorded, dict):
+        return {k: _as_recorded(v, recorded[k]) if k in recorded else v
+                for k, v in value.items() if k in recorded}
+    return value
 
 
 @pytest.mark.parametrize(("name", "base"), sorted(NEAR_COPIES.items()))
@@ -144,3 +155,33 @@ def test_installed_package_data_is_preferred_to_the_checkout(tmp_path, monkeypat
 def test_a_shipped_reference_stays_inside_the_folder(ref):
     with pytest.raises(ValueError, match="must name a file inside the shipped recipes folder"):
         shipped_path(ref)
+
+
+CHAT_RECIPE = """name: chat
+task: causal-lm
+model: {config: {model_type: gpt2, n_layer: 1, n_embd: 8, n_head: 2, vocab_size: 50}}
+data: {train_file: shipped:data/rows.jsonl, format: messages, chat_template: TEMPLATE}
+adapter: {method: lora, target_modules: [c_attn]}
+"""
+
+
+def test_a_chat_template_file_is_found_in_the_shipped_folder_from_anywhere(tmp_path, monkeypatch):
+    """data.chat_template: shipped:<file> resolves like the data paths (installed package data
+    here), and a reference leaving the folder is a recipe problem, not a read elsewhere."""
+    package = tmp_path / "site" / "lora_cli"
+    (package / "shipped_recipes" / "data").mkdir(parents=True)
+    (package / "shipped_recipes" / "data" / "rows.jsonl").write_text('{"messages": []}\n')
+    (package / "shipped_recipes" / "chat.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    monkeypatch.setattr(lora_cli, "__file__", str(package / "__init__.py"))
+    monkeypatch.chdir(tmp_path)
+    recipe_file = tmp_path / "chat.yaml"
+    recipe_file.write_text(CHAT_RECIPE.replace("TEMPLATE", "shipped:chat.jinja"))
+    recipe = load_recipe(recipe_file)
+    assert recipe.data.chat_template == str(package / "shipped_recipes" / "chat.jinja")
+    assert recipe.data.train_file == str(package / "shipped_recipes" / "data" / "rows.jsonl")
+    for ref, message in [("shipped:../chat.jinja", "must name a file inside the shipped recipes folder"),
+                         ("shipped:nope.jinja", "is neither a Jinja template nor a template file")]:
+        recipe_file.write_text(CHAT_RECIPE.replace("TEMPLATE", ref))
+        with pytest.raises(RecipeError, match=message) as caught:
+            load_recipe(recipe_file)
+        assert "data.chat_template" in str(caught.value) and len(caught.value.problems) == 1
