@@ -66,16 +66,30 @@ def recipes_copy(
         raise UserInputError(f"{target} already exists; choose another destination or delete it first") from None
     err.print(f"copied {shown(source.name)} to {shown(target)}", highlight=False, soft_wrap=True)
     if parent is not None:
-        err.print(f"it extends the shipped {shown(parent)}; copy that one too to edit what it sets",
-                  highlight=False, soft_wrap=True)
+        err.print(f"it extends the shipped {shown(parent)}; to edit what that one sets, copy it too and "
+                  "point extends: at your copy", highlight=False, soft_wrap=True)
 
 
-def _anchored_extends(text: str, folder: Path) -> tuple[str, Path | None]:
-    """A shipped recipe's relative ``extends:`` made absolute, so that the copy still finds
-    its parent wherever it is written."""
+def _anchored_extends(text: str, folder: Path) -> tuple[str, str | None]:
+    """(text, the shipped recipe it extends): a relative ``extends:`` rewritten as a
+    ``shipped:`` reference, so that the copy still finds its parent wherever it is written
+    (and after loracli is reinstalled elsewhere)."""
+    from lora_cli.recipe.shipped import SHIPPED_PREFIX, is_shipped_ref
+
     match = re.search(r"^extends:[ \t]*(\S[^#\n]*?)[ \t]*(#.*)?$", text, flags=re.MULTILINE)
-    if match is None or Path(match.group(1).strip("'\"")).is_absolute():
+    if match is None:
         return text, None
-    parent = (folder / match.group(1).strip("'\"")).resolve()
-    line = f"extends: {json.dumps(str(parent))}" + (f"  {match.group(2)}" if match.group(2) else "")
-    return text[: match.start()] + line + text[match.end():], parent
+    ref = match.group(1).strip("'\"")
+    if is_shipped_ref(ref):
+        return text, ref[len(SHIPPED_PREFIX):]
+    if Path(ref).is_absolute():
+        return text, None
+    parent = (folder / ref).resolve()
+    try:
+        inside = parent.relative_to(folder.resolve()).as_posix()
+    except ValueError:  # outside the shipped folder: anchor the path itself
+        anchored, name = json.dumps(str(parent)), str(parent)
+    else:
+        anchored, name = json.dumps(SHIPPED_PREFIX + inside), inside
+    line = f"extends: {anchored}" + (f"  {match.group(2)}" if match.group(2) else "")
+    return text[: match.start()] + line + text[match.end():], name

@@ -62,7 +62,7 @@ REPORT_FILE = "export.json"
 SINGLE_FILE_LIMIT = 1_800_000_000
 """Bytes of weights up to which model.onnx holds them itself (protobuf's limit is 2 GiB);
 larger models keep them in ``model.onnx.data`` beside it."""
-INSTALL_HINT = "install the ONNX extra: pip install 'loracli[onnx]' (onnx, onnxruntime, onnxscript)"
+INSTALL_HINT = "install the export extra: pip install 'loracli[export]' (onnx, onnxruntime, onnxscript)"
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
 """A full disk, a read-only or forbidden folder: write failures that no other exporter avoids."""
 
@@ -133,7 +133,7 @@ def export_run(
         raise UserInputError(f"--exporter {exporter!r} is not supported; choose one of {', '.join(EXPORTERS)}")
     if n < 1:
         raise UserInputError(f"--n must be at least 1 (validation inputs that verify the export), got {n}")
-    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
     if missing:
         raise UserInputError(f"loracli export needs {', '.join(missing)}: {INSTALL_HINT}")
     out = Path(out_dir) if out_dir is not None else default_out_dir(run_dir)

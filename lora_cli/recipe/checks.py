@@ -17,6 +17,7 @@ from lora_cli.adapters.methods.lora.starts import rewrites_base
 from lora_cli.errors import UserInputError, did_you_mean
 from lora_cli.recipe.data import DATA_PATHS, DATA_SOURCES, is_template_text
 from lora_cli.recipe.errors import Reporter
+from lora_cli.recipe.shipped import SHIPPED_PREFIX, data_path, is_shipped_ref, recipes_dir
 from lora_cli.task_kinds import IMAGE_CLASSIFICATION, TASK_KINDS, TASKS, TEXT_TASKS, TIMING_METRICS
 
 
@@ -110,8 +111,12 @@ def check_data(data: Any, task: Any, report: Reporter) -> None:
         value = data.get(key)
         if not isinstance(value, str) or not value:
             continue
-        path = Path(value).expanduser().absolute()
-        where = f"looked for {path}; paths are relative to the current directory"
+        try:
+            path = data_path(value)
+        except ValueError:
+            continue  # a shipped: path outside the shipped folder: the loader reports it
+        where = f"looked for {path}; " + (f"{SHIPPED_PREFIX} paths are inside {recipes_dir()}" if is_shipped_ref(value)
+                                          else "paths are relative to the current directory")
         if key == "imagefolder":
             if not path.is_dir():
                 report.add(("data", key), "folder not found", value,
@@ -125,11 +130,15 @@ def check_data(data: Any, task: Any, report: Reporter) -> None:
             report.add(("data", key), "must be a .csv, .tsv, .json or .jsonl file", value)
     template = data.get("chat_template")
     if isinstance(template, str) and not is_template_text(template):
-        path = Path(template).expanduser().absolute()
-        if not template.strip() or not path.is_file():
+        try:
+            path = data_path(template) if template.strip() else None
+        except ValueError:
+            return  # a shipped: path outside the shipped folder: the loader reports it
+        if path is None or not path.is_file():
+            looked = "" if path is None else f"looked for {path}; "
             report.add(("data", "chat_template"), "is neither a Jinja template nor a template file", template,
-                       f"looked for {path}; give the template inline (it contains {{% or {{{{) or the path of a "
-                       ".jinja file, relative to the current directory")
+                       f"{looked}give the template inline (it contains {{% or {{{{) or the path of a .jinja "
+                       f"file, relative to the current directory ({SHIPPED_PREFIX}<path>: inside {recipes_dir()})")
 
 
 def check_sharding(training: Any, report: Reporter) -> None:
@@ -146,7 +155,7 @@ def check_sharding(training: Any, report: Reporter) -> None:
                        f"looked for {path}; paths are relative to the current directory (or give the settings as a mapping)")
     if training.get("deepspeed") and importlib.util.find_spec("deepspeed") is None:
         report.add(("training", "deepspeed"), "needs the deepspeed package, which is not installed",
-                   training["deepspeed"], "pip install deepspeed (or remove training.deepspeed)")
+                   training["deepspeed"], "pip install 'loracli[deepspeed]' (or remove training.deepspeed)")
 
 
 def check_adapter_with_model(adapter: Any, model: Any, task: Any, report: Reporter) -> None:

@@ -29,12 +29,22 @@ from lora_cli.recipe.data import (
 from lora_cli.recipe.errors import Location, RecipeError, RecipeProblem, Reporter
 from lora_cli.recipe.overrides import apply_overrides
 from lora_cli.recipe.schema import ModelSection, Recipe
+from lora_cli.recipe.shipped import (
+    SHIPPED_PREFIX,
+    data_path,
+    is_shipped_ref,
+    shipped_path,
+    shipped_recipes,
+)
 from lora_cli.recipe.training import check_training
 from lora_cli.recipe.yamlfile import read_recipe_file
 from lora_cli.task_kinds import TASK_KINDS, TASKS
 
 MAX_EXTENDS = 16
 """Longest chain of ``extends:`` files (each file is also held to yamlio's limits)."""
+
+DEFAULT_METHOD = "lora"
+"""``adapter.method`` when a recipe leaves it out (as :func:`check_adapter` reads it)."""
 
 
 def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recipe:
@@ -73,7 +83,11 @@ def _resolve(path: Path, shown: str, stack: tuple, where: Location | None = None
                            "a path relative to this recipe's folder", where=ext_loc)],
             source=shown,
         )
-    parent = path.parent / parent_ref
+    if is_shipped_ref(parent_ref):
+        parent, parent_shown = _shipped_parent(parent_ref, ext_loc, shown), parent_ref
+    else:
+        parent = path.parent / parent_ref
+        parent_shown = os.path.normpath(str(Path(shown).parent / parent_ref))
     chain = (*stack, key)
     if len(chain) >= MAX_EXTENDS:
         raise RecipeError(
@@ -87,9 +101,41 @@ def _resolve(path: Path, shown: str, stack: tuple, where: Location | None = None
             [RecipeProblem("extends", "makes a cycle of recipes", parent_ref, f"cycle: {cycle}", where=ext_loc)],
             source=shown,
         )
-    parent_shown = os.path.normpath(str(Path(shown).parent / parent_ref))
     base, base_locations = _resolve(parent, parent_shown, chain, where=ext_loc)
+    base, base_locations = _without_other_method(base, base_locations, data)
     return _merge(base, base_locations, data, locations)
+
+
+def _shipped_parent(ref: str, where: Location, shown: str) -> Path:
+    """The shipped recipe ``extends: shipped:<name>.yaml`` names."""
+    try:
+        parent = shipped_path(ref)
+    except ValueError as exc:
+        message, hint = exc.args
+    else:
+        if parent.is_file():
+            return parent
+        names = [f"{name}.yaml" for name in shipped_recipes()]
+        message = "names no shipped recipe"
+        hint = did_you_mean(parent.name, names) or f"shipped recipes: {', '.join(names) or 'none'}"
+        hint = hint.replace("did you mean ", f"did you mean {SHIPPED_PREFIX}", 1)
+    raise RecipeError([RecipeProblem("extends", message, ref, hint, where=where)], source=shown)
+
+
+def _without_other_method(base: dict, base_loc: dict, child: dict) -> tuple[dict, dict]:
+    """The parent's adapter section left out when the child names another method.
+
+    Adapter settings belong to their method (LoRA's ``lora_alpha`` is not a LoHa setting),
+    so a child that switches method writes its whole adapter section; the parent's model,
+    data and training still apply.
+    """
+    mine, theirs = child.get("adapter"), base.get("adapter")
+    if not (isinstance(mine, dict) and "method" in mine and isinstance(theirs, dict)):
+        return base, base_loc
+    if mine["method"] == theirs.get("method", DEFAULT_METHOD):
+        return base, base_loc
+    return ({k: v for k, v in base.items() if k != "adapter"},
+            {p: loc for p, loc in base_loc.items() if p[:1] != ("adapter",)})
 
 
 def _merge(base: dict, base_loc: dict, child: dict, child_loc: dict) -> tuple[dict, dict]:
@@ -119,7 +165,7 @@ def _validate(data: dict, report: Reporter) -> Recipe:
     adapter = check_adapter(data.get("adapter"), report)
     training = check_training(data.get("training"), report)
     plain = {k: v for k, v in data.items() if k not in ("adapter", "training")}
-    _absolute_paths(plain)
+    _absolute_paths(plain, report)
     section = _validate_data(plain.get("data"), data.get("task"), report)
     try:
         Recipe.model_validate({**plain, "data": section or DataSection.model_construct()} if "data" in plain else plain)
@@ -171,16 +217,25 @@ def _check_finite(value: Any, path: tuple, report: Reporter) -> None:
             _check_finite(sub, path, report)
 
 
-def _absolute_paths(plain: dict) -> None:
+def _absolute_paths(plain: dict, report: Reporter) -> None:
+    """Data paths and a chat template file made absolute: relative to the current directory,
+    ``shipped:`` ones to the shipped recipes folder (:mod:`lora_cli.recipe.shipped`)."""
     section = plain.get("data")
     if isinstance(section, dict):
         section = plain["data"] = dict(section)
         for key in DATA_PATHS:
-            if isinstance(section.get(key), str) and section[key]:
-                section[key] = str(Path(section[key]).expanduser().absolute())
+            value = section.get(key)
+            if isinstance(value, str) and value:
+                try:
+                    section[key] = str(data_path(value))
+                except ValueError as exc:
+                    report.settle(("data", key), exc.args[0], value, exc.args[1])
         template = section.get("chat_template")
         if isinstance(template, str) and template.strip() and not is_template_text(template):
-            section["chat_template"] = str(Path(template).expanduser().absolute())
+            try:
+                section["chat_template"] = str(data_path(template))
+            except ValueError as exc:
+                report.settle(("data", "chat_template"), exc.args[0], template, exc.args[1])
 
 
 _MESSAGES = {

@@ -187,3 +187,83 @@ class AttentionNet(nn.Module):
         logits = self.classifier(h.mean(dim=1))
         loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
         return Output(logits, loss)
+
+
+# ------------------------------------------- small plain models, by name: (build, targets, input)
+
+
+def _seeded_sequential(layers_of) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(*layers_of())
+
+
+def conv2d_net() -> nn.Sequential:
+    return _seeded_sequential(lambda: (nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3, stride=2, padding=1)))
+
+
+def conv1d_net() -> nn.Sequential:
+    """``torch.nn.Conv1d`` (channels first), not GPT-2's Conv1D."""
+    return _seeded_sequential(lambda: (nn.Conv1d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv1d(6, 4, 1)))
+
+
+def embedding_net() -> nn.Sequential:
+    return _seeded_sequential(lambda: (nn.Embedding(12, 6, padding_idx=0), nn.Linear(6, 3)))
+
+
+def grouped2d_net() -> nn.Sequential:
+    return _seeded_sequential(lambda: (nn.Conv2d(4, 6, 3, padding=1, groups=2), nn.ReLU(), nn.Conv2d(6, 4, 1)))
+
+
+def grouped1d_net() -> nn.Sequential:
+    return _seeded_sequential(lambda: (nn.Conv1d(4, 6, 3, padding=1, groups=2), nn.ReLU(), nn.Conv1d(6, 4, 1)))
+
+
+def conv3d_net() -> nn.Sequential:
+    return _seeded_sequential(lambda: (nn.Conv3d(3, 6, 3, padding=1), nn.ReLU(),
+                                       nn.Conv3d(6, 4, (1, 3, 3), stride=(1, 2, 2))))
+
+
+def conv1d_taps_net() -> nn.Sequential:
+    """A padded k=3 conv, a strided grouped k=3 conv and a k=1 conv (``torch.nn.Conv1d``): every
+    factor layout LoHa and LoKr have on Conv1d."""
+    return _seeded_sequential(lambda: (nn.Conv1d(64, 16, 3, padding=1), nn.ReLU(),
+                                       nn.Conv1d(16, 32, 3, stride=2, padding=1, groups=2), nn.ReLU(),
+                                       nn.Conv1d(32, 6, 1)))
+
+
+def dilated_conv2d_net() -> nn.Sequential:
+    return _seeded_sequential(lambda: (nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(),
+                                       nn.Conv2d(6, 4, 3, stride=2, dilation=2, padding=2)))
+
+
+class SelfAttention(nn.Module):
+    """``nn.MultiheadAttention`` (batch first) over a sequence, then a linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(self.attn(x, x, x, need_weights=False)[0])
+
+
+def seeded_randn(*shape) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+
+
+NETS = {
+    "conv2d": (conv2d_net, ["0", "2"], lambda: seeded_randn(2, 3, 8, 8)),
+    "conv1d": (conv1d_net, ["0", "2"], lambda: seeded_randn(2, 3, 10)),
+    "embedding": (embedding_net, ["0"], lambda: torch.randint(0, 12, (2, 5), generator=torch.Generator().manual_seed(1))),
+    "grouped2d": (grouped2d_net, ["0"], lambda: seeded_randn(2, 4, 6, 6)),
+    "grouped1d": (grouped1d_net, ["0"], lambda: seeded_randn(2, 4, 10)),
+    "conv3d": (conv3d_net, ["0", "2"], lambda: seeded_randn(2, 3, 4, 6, 6)),
+    "attention": (SelfAttention, ["attn"], lambda: seeded_randn(2, 5, 8)),
+    "conv1d-taps": (conv1d_taps_net, ["0", "2", "4"], lambda: seeded_randn(2, 64, 10)),
+    "conv2d-dilated": (dilated_conv2d_net, ["0", "2"], lambda: seeded_randn(2, 3, 8, 8)),
+    "plain": (Plain, ["conv", "grouped", "point", "lin"], lambda: seeded_randn(2, 4, 6, 6)),
+}
+"""Models transformers knows nothing about, called as ``model(x)``: name -> (build, the
+modules to target, build the input)."""

@@ -1,4 +1,4 @@
-"""LoHa: config, parameter shapes and init, dropout, folding forward, PEFT interop both ways."""
+"""LoHa: config, parameter shapes and init, dropout, folding forward (PEFT interop both ways: test_interop_table.py)."""
 
 from __future__ import annotations
 
@@ -185,41 +185,3 @@ def test_conv1d_save_load_is_exact(tmp_path):
     assert all(torch.equal(saved[k], back[k]) for k in saved)
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
-
-
-# --------------------------------------------------------------------------- PEFT interop
-
-CASES = [
-    pytest.param(tiny_vit, VIT_TARGETS, {"r": 4, "alpha": 12}, id="vit"),
-    pytest.param(tiny_vit, VIT_TARGETS, {"r": 2, "alpha": 6, "use_effective_conv2d": True}, id="vit-effective-conv"),
-    pytest.param(Plain, ["conv", "grouped", "point", "lin"], {"r": 3, "alpha": 5}, id="plain"),
-    pytest.param(Plain, ["conv", "grouped", "point", "lin"], {"r": 2, "use_effective_conv2d": True}, id="plain-effective"),
-]
-
-
-def _run(model, build):
-    with torch.no_grad():
-        if build is Plain:
-            return model(torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(2)))
-        return model(pixel_values=PIXELS).logits
-
-
-@pytest.mark.parametrize(("build", "targets", "kw"), CASES)
-def test_peft_loads_what_we_save(tmp_path, build, targets, kw):
-    ours = get_adapter_model(build(), LoHaConfig(target_modules=targets, init_weights=False, **kw)).eval()
-    ours.save_pretrained(tmp_path)
-    theirs = peft.PeftModel.from_pretrained(build(), tmp_path).eval()
-    expected = _run(ours, build)
-    assert (expected - _run(build(), build)).abs().max() > 1e-3
-    torch.testing.assert_close(_run(theirs, build), expected, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize(("build", "targets", "kw"), CASES)
-def test_we_load_what_peft_saves(tmp_path, build, targets, kw):
-    theirs = peft.get_peft_model(build(), peft.LoHaConfig(target_modules=targets, init_weights=False, **kw)).eval()
-    theirs.save_pretrained(tmp_path)
-    ours = AdapterModel.from_pretrained(build(), tmp_path)
-    assert isinstance(ours.peft_config["default"], LoHaConfig)
-    expected = _run(theirs, build)
-    assert (expected - _run(build(), build)).abs().max() > 1e-3
-    torch.testing.assert_close(_run(ours, build), expected, atol=1e-5, rtol=1e-5)

@@ -1,4 +1,4 @@
-"""LoKr: factorisation cases, init modes, kron_apply forward, dropout, PEFT interop both ways."""
+"""LoKr: factorisation cases, init modes, kron_apply forward, dropout (PEFT interop both ways: test_interop_table.py)."""
 
 from __future__ import annotations
 
@@ -221,52 +221,3 @@ def test_conv1d_save_load_is_exact(tmp_path):
     assert all(torch.equal(saved[k], back[k]) for k in saved)
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
-
-
-# --------------------------------------------------------------------------- PEFT interop
-
-PLAIN_TARGETS = ["conv", "grouped", "point", "lin"]
-CASES = [
-    pytest.param(tiny_vit, {"r": 8, "alpha": 3}, id="full-w1-w2"),
-    pytest.param(tiny_vit, {"r": 2}, id="low-rank-w2"),
-    pytest.param(tiny_vit, {"r": 1, "decompose_both": True}, id="low-rank-w1-w2"),
-    pytest.param(tiny_vit, {"r": 1, "decompose_factor": 8}, id="factor-8"),
-    pytest.param(tiny_vit, {"r": 4, "decompose_factor": 2}, id="factor-2"),
-    pytest.param(tiny_vit, {"r": 2, "decompose_factor": 3}, id="factor-3"),
-    pytest.param(tiny_vit, {"r": 2, "use_effective_conv2d": True}, id="effective-conv"),
-    pytest.param(Plain, {"r": 1, "alpha": 3, "use_effective_conv2d": True}, id="plain-effective"),
-    pytest.param(Plain, {"r": 6, "alpha": 3}, id="plain-full"),
-]
-
-
-def _run(model, build):
-    with torch.no_grad():
-        if build is Plain:
-            return model(torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(2)))
-        return model(pixel_values=PIXELS).logits
-
-
-def _targets(build):
-    return PLAIN_TARGETS if build is Plain else VIT_TARGETS
-
-
-@pytest.mark.parametrize(("build", "kw"), CASES)
-def test_peft_loads_what_we_save(tmp_path, build, kw):
-    ours = get_adapter_model(build(), LoKrConfig(target_modules=_targets(build), init_weights=False, **kw)).eval()
-    ours.save_pretrained(tmp_path)
-    theirs = peft.PeftModel.from_pretrained(build(), tmp_path).eval()
-    expected = _run(ours, build)
-    assert (expected - _run(build(), build)).abs().max() > 1e-3
-    torch.testing.assert_close(_run(theirs, build), expected, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize(("build", "kw"), CASES)
-def test_we_load_what_peft_saves(tmp_path, build, kw):
-    config = peft.LoKrConfig(target_modules=_targets(build), init_weights=False, **kw)
-    theirs = peft.get_peft_model(build(), config).eval()
-    theirs.save_pretrained(tmp_path)
-    ours = AdapterModel.from_pretrained(build(), tmp_path)
-    assert isinstance(ours.peft_config["default"], LoKrConfig)
-    expected = _run(theirs, build)
-    assert (expected - _run(build(), build)).abs().max() > 1e-3
-    torch.testing.assert_close(_run(ours, build), expected, atol=1e-5, rtol=1e-5)

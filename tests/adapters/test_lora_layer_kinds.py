@@ -25,60 +25,8 @@ ATOL = 1e-5
 pytestmark = pytest.mark.filterwarnings("ignore:LoRA adapter added to ConvNd layer with groups")
 
 
-def _conv2d():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3, stride=2, padding=1))
-
-
-def _conv1d():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv1d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv1d(6, 4, 1))
-
-
-def _embedding():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Embedding(12, 6, padding_idx=0), nn.Linear(6, 3))
-
-
-def _grouped2d():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, groups=2), nn.ReLU(), nn.Conv2d(6, 4, 1))
-
-
-def _grouped1d():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv1d(4, 6, 3, padding=1, groups=2), nn.ReLU(), nn.Conv1d(6, 4, 1))
-
-
-def _conv3d():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv3d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv3d(6, 4, (1, 3, 3), stride=(1, 2, 2)))
-
-
-class _Attention(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-        self.out = nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.out(self.attn(x, x, x, need_weights=False)[0])
-
-
-def _randn(*shape):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(1))
-
-
-MODELS = {
-    "conv2d": (_conv2d, ["0", "2"], lambda: _randn(2, 3, 8, 8)),
-    "conv1d": (_conv1d, ["0", "2"], lambda: _randn(2, 3, 10)),
-    "embedding": (_embedding, ["0"], lambda: torch.randint(0, 12, (2, 5), generator=torch.Generator().manual_seed(1))),
-    "grouped2d": (_grouped2d, ["0"], lambda: _randn(2, 4, 6, 6)),
-    "grouped1d": (_grouped1d, ["0"], lambda: _randn(2, 4, 10)),
-    "conv3d": (_conv3d, ["0", "2"], lambda: _randn(2, 3, 4, 6, 6)),
-    "attention": (_Attention, ["attn"], lambda: _randn(2, 5, 8)),
-}
+MODELS = {name: _layers.NETS[name] for name in
+          ("conv2d", "conv1d", "embedding", "grouped2d", "grouped1d", "conv3d", "attention")}
 GROUPED = ("grouped2d", "grouped1d")
 
 CASES = [
@@ -148,32 +96,6 @@ def test_saved_tensors_are_peft_keys_and_shapes(case):
         assert ours["base_model.model.0.lora_magnitude_vector"][:2] == (1, 6)
 
 
-@pytest.mark.parametrize("case", CASES, ids=_id)
-def test_ours_loads_in_peft(case, tmp_path):
-    name, kw = case
-    build, _, make_input = MODELS[name]
-    x = make_input()
-    ours = _ours(name, kw)
-    expected = _out(ours, x)
-    assert (expected - _out(build(), x)).abs().max() > 20 * ATOL, "the adapter has no effect"
-    ours.save_pretrained(tmp_path)
-    theirs = peft.PeftModel.from_pretrained(build(), tmp_path).eval()
-    torch.testing.assert_close(_out(theirs, x), expected, atol=ATOL, rtol=0)
-
-
-@pytest.mark.parametrize("case", CASES, ids=_id)
-def test_peft_saved_loads_in_ours(case, tmp_path):
-    name, kw = case
-    build, _, make_input = MODELS[name]
-    x = make_input()
-    theirs = _theirs(name, kw)
-    expected = _out(theirs, x)
-    assert (expected - _out(build(), x)).abs().max() > 20 * ATOL, "the adapter has no effect"
-    theirs.save_pretrained(tmp_path)
-    ours = AdapterModel.from_pretrained(build(), tmp_path)
-    torch.testing.assert_close(_out(ours, x), expected, atol=ATOL, rtol=0)
-
-
 # ------------------------------------------------------------------------------- merging
 
 
@@ -238,24 +160,24 @@ def test_training_gradients_match_peft(case, tmp_path):
 def test_grouped_conv_rank_must_be_a_multiple_of_groups():
     kw = {"r": 3, "target_modules": ["0"]}
     with pytest.raises(TargetingError, match=r"needs r divisible by groups, got r=3; use a multiple of 2"):
-        get_adapter_model(_grouped2d(), LoraConfig(**kw))
+        get_adapter_model(_layers.grouped2d_net(), LoraConfig(**kw))
     with pytest.raises(ValueError, match="rank is divisible by groups"):
-        peft.get_peft_model(_grouped2d(), peft.LoraConfig(**kw))
+        peft.get_peft_model(_layers.grouped2d_net(), peft.LoraConfig(**kw))
 
 
 @pytest.mark.parametrize("config_cls", [LoHaConfig, LoKrConfig], ids=["loha", "lokr"])
 def test_lycoris_methods_adapt_torch_conv1d(config_cls):
     """LoHa and LoKr wrap nn.Conv1d too (PEFT parity: tests/adapters/test_lycoris.py)."""
-    model = get_adapter_model(_conv1d(), config_cls(r=2, target_modules=["0", "2"]))
+    model = get_adapter_model(_layers.conv1d_net(), config_cls(r=2, target_modules=["0", "2"]))
     assert sorted(model.targets["default"]) == ["0", "2"]
 
 
 def test_base_rewriting_inits_refuse_torch_conv1d():
     with pytest.raises(TargetingError, match="init_lora_weights='pissa' supports Linear and GPT-2 Conv1D .* not Conv1d"):
-        get_adapter_model(_conv1d(), LoraConfig(r=2, target_modules=["0"], init_lora_weights="pissa"))
+        get_adapter_model(_layers.conv1d_net(), LoraConfig(r=2, target_modules=["0"], init_lora_weights="pissa"))
     # PEFT raises "Unknown initialization" for orthogonal on convolutions; loracli names the layer
     with pytest.raises(TargetingError, match="init_lora_weights='orthogonal' supports Linear .* not Conv1d"):
-        get_adapter_model(_conv1d(), LoraConfig(r=2, target_modules=["0"], init_lora_weights="orthogonal"))
+        get_adapter_model(_layers.conv1d_net(), LoraConfig(r=2, target_modules=["0"], init_lora_weights="orthogonal"))
     with pytest.raises(TargetingError, match="'orthogonal' .* not Conv2d"):
         get_adapter_model(nn.Sequential(nn.Conv2d(3, 4, 3)), LoraConfig(r=2, target_modules=["0"], init_lora_weights="orthogonal"))
 
@@ -266,7 +188,7 @@ def test_dilated_or_padded_conv_warns_of_peft_difference_and_merges_exactly(kw):
     disagrees with its forward); loracli follows the base, so merging stays exact, and says so."""
     torch.manual_seed(0)
     base = nn.Sequential(nn.Conv1d(3, 4, 3, **kw))
-    x = _randn(2, 3, 9)
+    x = _layers.seeded_randn(2, 3, 9)
     with pytest.warns(UserWarning, match="different outputs in PEFT"):
         ours = get_adapter_model(base, LoraConfig(r=2, target_modules=["0"], init_lora_weights=False)).eval()
     unmerged = _out(ours, x)

@@ -106,29 +106,6 @@ def test_saved_tensors_are_peft_keys_and_shapes(case):
     assert {k: short.get(k) for k in expected} == expected
 
 
-@pytest.mark.parametrize("case", IDS)
-def test_ours_loads_in_peft(case, tmp_path):
-    x = _x()
-    ours = _ours(case)
-    expected = _out(ours, x)
-    assert (expected - _out(_net(), x)).abs().max() > 20 * ATOL, "the adapter has no effect"
-    ours.save_pretrained(tmp_path)
-    theirs = peft.PeftModel.from_pretrained(_net(), tmp_path).eval()
-    torch.testing.assert_close(_out(theirs, x), expected, atol=ATOL, rtol=0)
-
-
-@pytest.mark.parametrize("case", IDS)
-def test_peft_saved_loads_in_ours(case, tmp_path):
-    x = _x()
-    theirs = _theirs(case)
-    expected = _out(theirs, x)
-    assert (expected - _out(_net(), x)).abs().max() > 20 * ATOL, "the adapter has no effect"
-    theirs.save_pretrained(tmp_path)
-    ours = AdapterModel.from_pretrained(_net(), tmp_path)
-    assert isinstance(ours.peft_config["default"], OURS[CASES[case][0]])
-    torch.testing.assert_close(_out(ours, x), expected, atol=ATOL, rtol=0)
-
-
 def test_lokr_full_w2_uses_peft_layout_not_per_tap_kron():
     """PEFT combines a full (out_k, in_n, k) w2 as kron(w1[None], w2) read as (out, in, k);
     loracli must do the same to mean the same file. The per-tap Kronecker product differs."""

@@ -106,9 +106,21 @@ def test_recipes_copy_into_a_folder(tmp_path, monkeypatch, capsys):
 def test_a_copied_recipe_that_extends_another_still_finds_it(tmp_path, monkeypatch, capsys):
     dest = tmp_path / "mine.yaml"
     code, _, err = run(monkeypatch, capsys, "recipes", "copy", "quickstart_mica", str(dest))
-    parent = shipped_recipes()["quickstart"]
-    assert code == 0 and f"it extends the shipped {parent}" in err
-    text = dest.read_text()
-    assert f'extends: "{parent}"' in text and text.count("\n") == shipped_recipes()["quickstart_mica"].read_text().count("\n")
+    assert code == 0 and "it extends the shipped quickstart.yaml; to edit what that one sets, copy it too" in err
+    # shipped recipes name their parent as shipped:NAME, so the copy is the file as shipped
+    assert dest.read_text() == shipped_recipes()["quickstart_mica"].read_text()
+    monkeypatch.chdir(tmp_path)
     recipe = load_recipe(dest)
     assert recipe.adapter.options["init_lora_weights"] == "mica" and recipe.model.config["model_type"] == "vit"
+    assert recipe == load_recipe(shipped_recipes()["quickstart_mica"])
+
+
+def test_copy_turns_a_relative_extends_into_a_shipped_reference():
+    from lora_cli.commands.recipes import _anchored_extends
+
+    folder = shipped_recipes()["quickstart"].parent
+    text, parent = _anchored_extends("# x\nextends: 'quickstart.yaml'   # the base\nname: y\n", folder)
+    assert text == '# x\nextends: "shipped:quickstart.yaml"  # the base\nname: y\n' and parent == "quickstart.yaml"
+    text, parent = _anchored_extends("extends: ../elsewhere.yaml\n", folder)
+    assert text == f'extends: "{folder.parent / "elsewhere.yaml"}"\n' and parent == str(folder.parent / "elsewhere.yaml")
+    assert _anchored_extends("name: z\n", folder) == ("name: z\n", None)

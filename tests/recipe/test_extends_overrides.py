@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lora_cli.recipe import RecipeError, load_recipe
+from lora_cli.recipe import RecipeError, load_recipe, recipes_dir
 from tests.recipe._util import VALID, problems_of
 
 
@@ -78,6 +78,53 @@ def test_self_extension_is_a_cycle(write):
 
 
 # --------------------------------------------------------------------- overrides
+def test_a_child_that_switches_method_writes_its_own_adapter_section(write):
+    """LoRA's lora_alpha is no LoHa setting: the parent's adapter section is left out when the
+    child names another method; model, data and training still come from the parent."""
+    write(VALID.replace("  lora_alpha: 8\n", "  lora_alpha: 8\n  lora_dropout: 0.1\n"), "base.yaml")
+    recipe = load_recipe(write("extends: base.yaml\nname: c\nadapter:\n  method: loha\n  alpha: 4\n", "c.yaml"))
+    assert recipe.adapter.method == "loha"
+    assert recipe.adapter.options["alpha"] == 4 and recipe.adapter.options["r"] == 8  # LoHa's default r
+    assert recipe.adapter.options["target_modules"] is None  # not the parent's [query, value]
+    assert recipe.model.config["hidden_size"] == 32 and recipe.training["learning_rate"] == 0.005
+    # the same method merges key by key, as before (method written or left to its default)
+    same = load_recipe(write("extends: base.yaml\nname: d\nadapter:\n  method: lora\n  r: 2\n", "d.yaml"))
+    assert (same.adapter.options["r"], same.adapter.options["lora_dropout"]) == (2, 0.1)
+    write(VALID.replace("  method: lora\n", ""), "implicit.yaml")
+    same = load_recipe(write("extends: implicit.yaml\nname: e\nadapter:\n  method: lora\n  r: 2\n", "e.yaml"))
+    assert same.adapter.options["target_modules"] == ["query", "value"]
+
+
+def test_extends_a_shipped_recipe_from_anywhere(write):
+    recipe = load_recipe(write("extends: shipped:quickstart.yaml\nname: mine\nadapter:\n  r: 4\n", "deep/mine.yaml"))
+    assert (recipe.name, recipe.adapter.options["r"]) == ("mine", 4)
+    assert recipe.model.config["model_type"] == "vit" and recipe.data.builtin == "digits"
+
+
+def test_extends_an_unknown_shipped_recipe(write):
+    (line,) = problems_of(write("extends: shipped:quickstrat.yaml\nname: mine\n"))
+    assert line == ("recipe.yaml:1: extends: names no shipped recipe (got 'shipped:quickstrat.yaml'; "
+                    "did you mean shipped:quickstart.yaml?)")
+    (line,) = problems_of(write("extends: shipped:../pyproject.toml\nname: mine\n"))
+    assert line.startswith("recipe.yaml:1: extends: must name a file inside the shipped recipes folder "
+                           "(got 'shipped:../pyproject.toml'; write shipped:<path relative to that folder>")
+
+
+def test_shipped_data_paths(write):
+    text = VALID.replace("task: image-classification", "task: seq-cls").replace(
+        "model:\n  config:\n    model_type: vit", "model:\n  config:\n    model_type: bert").replace(
+        "  builtin: digits\n", "  train_file: shipped:data/sentiment.csv\n  text_column: text\n  label_column: label\n")
+    text = text.replace("    image_size: 32\n    patch_size: 8\n", "")
+    recipe = load_recipe(write(text))
+    assert recipe.data.train_file == str(recipes_dir() / "data" / "sentiment.csv")
+    lines = problems_of(write(text.replace("data/sentiment.csv", "data/nope.csv")))
+    assert lines == [f"recipe.yaml:11: data.train_file: file not found (got 'shipped:data/nope.csv'; looked for "
+                     f"{recipes_dir() / 'data' / 'nope.csv'}; shipped: paths are inside {recipes_dir()})"]
+    lines = problems_of(write(text.replace("data/sentiment.csv", "../../etc/passwd")))
+    assert len(lines) == 1 and lines[0].startswith(
+        "recipe.yaml:11: data.train_file: must name a file inside the shipped recipes folder (got 'shipped:../../etc/passwd'")
+
+
 def test_overrides_are_yaml_typed(write):
     recipe = load_recipe(
         write(VALID),

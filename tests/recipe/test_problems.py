@@ -289,7 +289,7 @@ def test_sharding_settings(write, monkeypatch, tmp_path):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
     got = bad(write, "  num_train_epochs: 1", "  num_train_epochs: 1\n  deepspeed: {zero_optimization: {stage: 3}}")
-    assert any("needs the deepspeed package" in p and "pip install deepspeed" in p for p in got), got
+    assert any("needs the deepspeed package" in p and "pip install 'loracli[deepspeed]'" in p for p in got), got
 
 
 def test_a_key_of_another_tasks_data_is_named_with_its_task(write):
