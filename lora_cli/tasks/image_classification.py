@@ -28,7 +28,14 @@ from lora_cli.hub import require_hub
 from lora_cli.recipe import ImageData, ModelSection
 from lora_cli.task_kinds import IMAGE_CLASSIFICATION, TASK_KINDS
 from lora_cli.tasks import data as data_mod
-from lora_cli.tasks import image_batches, image_cache, image_data, image_settings, images, quantization
+from lora_cli.tasks import (
+    image_batches,
+    image_cache,
+    image_data,
+    image_settings,
+    images,
+    quantization,
+)
 
 logger = logging.getLogger(__name__)
 
