@@ -33,11 +33,11 @@ from lora_cli.atomic import io_errno
 from lora_cli.errors import LoraCliError, TrainingInterrupted, UserInputError
 from lora_cli.evaluation.plots import plot_training_curves
 from lora_cli.evaluation.report import evaluate, write_predictions, write_report
+from lora_cli.hf_names import default_target_modules
 from lora_cli.recipe import load_recipe, optimizer_steps, resolve_adapter_config
 from lora_cli.safe_text import terminal_text
 from lora_cli.task_kinds import TASK_KINDS
-from lora_cli.tasks import get_task, packing
-from lora_cli.tasks.defaults import default_target_modules
+from lora_cli.tasks import get_task, packing, quantization
 from lora_cli.training import calibration, distributed, preflight
 from lora_cli.training.callbacks import (
     AdaLoraCallback,
@@ -86,6 +86,9 @@ def run_training(
     processor, splits, labels, train_ds, eval_ds = prepare_data(recipe, task)
     set_seed(recipe.seed)
     model = task.build_model(recipe.model, labels)
+    note = getattr(model, quantization.NEW_HEADS_NOTE, None)
+    if note and distributed.is_main_process():  # "new head: classifier (768 -> 10 classes), initialised from scratch"
+        console.print(_shown(note))
     if getattr(recipe.data, "packing", False):
         packing.require_position_ids(model)
     base_state = _snapshot_if_random(recipe, model)
@@ -400,7 +403,12 @@ def _print_dry_run(recipe, model, n_train: int, n_eval: int, labels, notes: dict
     console.print(table)
     trainable, total = model.get_nb_trainable_parameters()
     console.print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
-    saved = model.peft_config[model.active_adapter].modules_to_save
+    config = model.peft_config[model.active_adapter]
+    targets = getattr(config, "target_modules", None)
+    if targets is not None and not isinstance(targets, str):
+        chosen = "the recipe's" if recipe.adapter.options.get("target_modules") is not None else "loracli's default"
+        console.print(_shown(f"target_modules ({chosen}): {', '.join(sorted(targets)) if targets else 'none'}"))
+    saved = config.modules_to_save
     console.print(_shown(f"trained in full (modules_to_save): {', '.join(saved) if saved else 'none'}"))
     label_text = f", {len(labels)} labels" if labels else ""
     for note in (notes or {}).values():
