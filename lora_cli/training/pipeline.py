@@ -53,7 +53,7 @@ from lora_cli.training.tracking import (
     configure_trackers,
     tracking_arguments,
 )
-from lora_cli.training.trainer import AdapterTrainer
+from lora_cli.training.trainer import AdapterTrainer, freeze_norm_statistics
 
 logger = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -109,6 +109,7 @@ def run_training(
     )
     args = training_arguments(recipe, run_dir, adapter_config, model)
     model = _inject(model, adapter_config, run_dir, resume)
+    freeze_norm_statistics(model)  # a frozen base keeps its BatchNorm statistics: the adapter reproduces the run
     if getattr(recipe.data, "packing", False) and getattr(model, "prompt_encoder", None):
         raise UserInputError("data.packing: a prompt-learning adapter puts virtual tokens before each sequence, "
                              "not before each packed row; set data.packing: false")
