@@ -113,7 +113,7 @@ def build_model(model: ModelSection, labels: list[str], source: str | Path | Non
     path = source or packaged.resolve(model.name_or_path or "", "model.name_or_path")
     if path:
         require_hub(str(path), "model.name_or_path", local_hint=MODEL_HINT)
-        return quantization.from_pretrained(  # model.quantization: bitsandbytes 4 / 8 bit
+        built = quantization.from_pretrained(  # model.quantization: bitsandbytes 4 / 8 bit
             AutoModelForImageClassification, str(path), model, source,
             num_labels=len(labels),
             id2label=id2label,
@@ -122,6 +122,9 @@ def build_model(model: ModelSection, labels: list[str], source: str | Path | Non
             revision=model.revision,
             trust_remote_code=model.trust_remote_code,
         )
+        if getattr(built.config, "model_type", None) == "timm_wrapper":
+            _timm_config(built.config, labels, model.processor if source is None else None)
+        return built
     cfg = dict(model.config)
     model_type = cfg.pop("model_type", None)
     if not model_type:
@@ -131,6 +134,18 @@ def build_model(model: ModelSection, labels: list[str], source: str | Path | Non
         return quantization.from_config(AutoModelForImageClassification, config, model)
     except (ValueError, TypeError) as exc:
         raise UserInputError(f"model.config: cannot build a {model_type} image classifier: {exc}") from exc
+
+
+def _timm_config(config, labels: list[str], recipe_settings: dict | None) -> None:
+    """A timm model's config as a saved (merged) folder needs it: the recipe's class names (timm's
+    ``label_names``, which transformers writes instead of ``id2label`` and would keep from the
+    checkpoint, ImageNet's 1000) and, when the recipe sets ``model.processor``, the image settings
+    in ``pretrained_cfg``, which timm reads its data config from."""
+    config.label_names = list(labels)
+    pretrained = dict(getattr(config, "pretrained_cfg", None) or {})
+    if recipe_settings and "input_size" in pretrained:
+        value = image_settings.with_recipe(image_settings.from_timm_config(pretrained), recipe_settings)
+        config.pretrained_cfg = image_settings.timm_config_with(pretrained, value)
 
 
 def heads(model) -> list[str]:

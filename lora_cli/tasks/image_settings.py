@@ -77,7 +77,7 @@ def from_processor(processor: Any) -> ImageSettings:
     """The settings a checkpoint's image processor applies (transformers' or timm's)."""
     data_config = getattr(processor, "data_config", None)
     if isinstance(data_config, dict) and "input_size" in data_config:  # TimmWrapperImageProcessor
-        return _from_timm(data_config)
+        return from_timm_config(data_config)
     size = _size_dict(getattr(processor, "size", None))
     if size.get("shortest_edge"):
         short = int(size["shortest_edge"])
@@ -114,8 +114,9 @@ def _size_dict(size: Any) -> dict[str, Any]:
     return {k: getattr(size, k) for k in ("height", "width", "shortest_edge") if getattr(size, k, None) is not None}
 
 
-def _from_timm(data_config: dict[str, Any]) -> ImageSettings:
-    """timm's eval transform: short side ``floor(input / crop_pct)`` (exact when not square), center crop."""
+def from_timm_config(data_config: dict[str, Any]) -> ImageSettings:
+    """timm's eval transform from its data config (or a ``pretrained_cfg``, which holds the same
+    keys): short side ``floor(input / crop_pct)`` (exact when not square), center crop."""
     height, width = (int(x) for x in data_config["input_size"][-2:])
     crop_pct = float(data_config.get("crop_pct") or 1.0)
     if data_config.get("crop_mode", "center") not in ("center", None):
@@ -128,6 +129,16 @@ def _from_timm(data_config: dict[str, Any]) -> ImageSettings:
     interpolation = interpolation if interpolation in INTERPOLATIONS else "bicubic"  # timm's "random" etc.
     return ImageSettings((height, width), resize, interpolation,
                          _three(data_config.get("mean") or DEFAULT_MEAN), _three(data_config.get("std") or DEFAULT_STD))
+
+
+def timm_config_with(pretrained_cfg: dict[str, Any], settings: ImageSettings) -> dict[str, Any]:
+    """``pretrained_cfg`` with ``settings`` in timm's keys, so timm itself transforms the same way."""
+    resize = settings.resize if isinstance(settings.resize, int) else min(settings.resize)
+    # timm resizes to floor(input / crop_pct): a hair over the ratio keeps float error from flooring one short
+    crop_pct = 1.0 if settings.crop is None else min(settings.input_size) / (resize + 1e-4)
+    return {**pretrained_cfg, "input_size": [3, *settings.input_size], "interpolation": settings.interpolation,
+            "crop_pct": crop_pct, "crop_mode": "center",
+            "mean": list(settings.mean), "std": list(settings.std)}
 
 
 def _three(values: Any) -> tuple[float, float, float]:

@@ -115,3 +115,17 @@ def test_bicubic_settings_decode_bicubic(tmp_path):
     bicubic = ic.image_cache.decode_one(image, (20, 20), draft=False, interpolation="bicubic")
     expected = np.asarray(image.resize((20, 20), Image.BICUBIC), dtype=int)
     assert np.abs(bicubic.astype(int) - expected).mean() < np.abs(bilinear.astype(int) - expected).mean()
+
+
+@pytest.mark.parametrize("settings", [
+    st.ImageSettings((32, 32), 36, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    st.ImageSettings((56, 56), 64, "bilinear", (0.1, 0.2, 0.3), (0.4, 0.5, 0.6)),
+    st.ImageSettings((224, 224), 256, "bicubic"),
+    st.ImageSettings((40, 40), (40, 40), "bicubic"),
+])
+def test_a_timm_pretrained_cfg_carries_the_settings(settings):
+    """Written into a timm model's config, timm's own data config gives the same transform back."""
+    import timm.data
+
+    cfg = st.timm_config_with({"input_size": [3, 224, 224], "crop_pct": 0.875, "num_classes": 1000}, settings)
+    assert st.from_timm_config(timm.data.resolve_data_config(cfg)) == settings
