@@ -99,9 +99,9 @@ def initial_adapter(recipe, out: Path) -> None:
     from transformers import set_seed
 
     from lora_cli.adapters import get_adapter_model
+    from lora_cli.hf_names import default_target_modules
     from lora_cli.recipe import resolve_adapter_config
     from lora_cli.tasks import get_task
-    from lora_cli.tasks.defaults import default_target_modules
 
     task = get_task(recipe.task)
     set_seed(recipe.seed)

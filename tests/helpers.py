@@ -100,13 +100,14 @@ def guide_transforms(processor, train: bool):
     reference the cached uint8 pipeline is measured against."""
     from torchvision import transforms as T
 
-    from lora_cli.tasks.image_classification import _sizes
+    from lora_cli.tasks.image_settings import from_processor
 
-    resize, crop = _sizes(processor)
-    normalize = T.Normalize(mean=processor.image_mean, std=processor.image_std)
+    settings = from_processor(processor)
+    crop = settings.input_size
+    normalize = T.Normalize(mean=settings.mean, std=settings.std)
     if train:
         return T.Compose([T.RandomResizedCrop(crop), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
-    return T.Compose([T.Resize(resize), T.CenterCrop(crop), T.ToTensor(), normalize])
+    return T.Compose([T.Resize(settings.resize), T.CenterCrop(crop), T.ToTensor(), normalize])
 
 
 _PHASE_LINE = re.compile(r"^[^:]+: ([\d,]+ \w+ \.\.\.|done, [\d,]+ of [\d,]+ \w+ in [\d.]+ s|stopped after .*)$")

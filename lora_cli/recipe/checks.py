@@ -18,6 +18,7 @@ from lora_cli.errors import UserInputError, did_you_mean
 from lora_cli.recipe.data import DATA_PATHS, DATA_SOURCES, is_template_text
 from lora_cli.recipe.errors import Reporter
 from lora_cli.recipe.shipped import SHIPPED_PREFIX, data_path, is_shipped_ref, recipes_dir
+from lora_cli.recipe.schema import PROCESSOR_KEYS
 from lora_cli.task_kinds import IMAGE_CLASSIFICATION, TASK_KINDS, TASKS, TEXT_TASKS, TIMING_METRICS
 
 
@@ -49,6 +50,11 @@ def check_model(model: Any, task: Any, report: Reporter) -> None:
     if processor and task in TEXT_TASKS:
         report.add(("model", "processor"), f"is for image models; task {task} uses a tokenizer", processor,
                    "remove it, or set model.tokenizer")
+    elif isinstance(processor, dict):
+        for key in processor:
+            if key not in PROCESSOR_KEYS:
+                hint = did_you_mean(str(key), list(PROCESSOR_KEYS)) or f"the keys are {', '.join(PROCESSOR_KEYS)}"
+                report.add(("model", "processor", key), "is not an image setting", hint=hint)
     check_quantization(model.get("quantization"), report)
     check_gguf_file(model, task, report)
 

@@ -104,6 +104,10 @@ class QuantizationSection(_Section):
         return {"bits": 8} if self.bits == 8 else data
 
 
+PROCESSOR_KEYS = ("size", "crop_pct", "image_mean", "image_std", "interpolation")
+"""The keys of ``model.processor`` (what they mean: :mod:`lora_cli.tasks.image_settings`)."""
+
+
 class ModelSection(_Section):
     """Which model to adapt: a hub id / local folder, or a config for a random-init model."""
 
@@ -114,7 +118,8 @@ class ModelSection(_Section):
     revision: str | None = None
     trust_remote_code: bool = False
     processor: dict[str, Any] = Field(default_factory=dict)
-    """Image-processor keyword arguments (size, image_mean, image_std) for models built from config."""
+    """Image settings over the checkpoint's processor (pretrained or built from config): size, crop_pct,
+    image_mean, image_std, interpolation (lora_cli.tasks.image_settings)."""
     tokenizer: str | None = None
     """Text tasks: tokenizer path or hub id; defaults to name_or_path."""
     quantization: QuantizationSection | None = None

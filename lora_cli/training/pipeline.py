@@ -31,10 +31,11 @@ from lora_cli.atomic import io_errno
 from lora_cli.errors import LoraCliError, TrainingInterrupted, UserInputError
 from lora_cli.evaluation.plots import plot_training_curves
 from lora_cli.evaluation.report import evaluate, write_predictions, write_report
+from lora_cli.hf_names import default_target_modules
+from lora_cli.safe_text import rich_text
 from lora_cli.recipe import Recipe, load_recipe, optimizer_steps, resolve_adapter_config
 from lora_cli.task_kinds import TASK_KINDS
-from lora_cli.tasks import get_task, packing
-from lora_cli.tasks.defaults import default_target_modules
+from lora_cli.tasks import get_task, packing, quantization
 from lora_cli.training import calibration, distributed, preflight, printed
 from lora_cli.training.callbacks import (
     AdaLoraCallback,
@@ -50,7 +51,7 @@ from lora_cli.training.tracking import (
     configure_trackers,
     tracking_arguments,
 )
-from lora_cli.training.trainer import AdapterTrainer
+from lora_cli.training.trainer import AdapterTrainer, freeze_norm_statistics
 
 logger = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -87,6 +88,9 @@ def run_training(
     processor, splits, labels, train_ds, eval_ds = prepare_data(recipe, task)
     set_seed(recipe.seed)
     model = task.build_model(recipe.model, labels)
+    note = getattr(model, quantization.NEW_HEADS_NOTE, None)
+    if note and distributed.is_main_process():  # "new head: classifier (768 -> 10 classes), initialised from scratch"
+        console.print(rich_text(note))
     if getattr(recipe.data, "packing", False):
         packing.require_position_ids(model)
     base_state = _snapshot_if_random(recipe, model)
@@ -107,6 +111,7 @@ def run_training(
     )
     args = training_arguments(recipe, run_dir, adapter_config, model)
     model = _inject(model, adapter_config, run_dir, resume)
+    freeze_norm_statistics(model)  # a frozen base keeps its BatchNorm statistics: the adapter reproduces the run
     if getattr(recipe.data, "packing", False) and getattr(model, "prompt_encoder", None):
         raise UserInputError("data.packing: a prompt-learning adapter puts virtual tokens before each sequence, "
                              "not before each packed row; set data.packing: false")

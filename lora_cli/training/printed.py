@@ -27,7 +27,12 @@ def dry_run(recipe, model, n_train: int, n_eval: int, labels, notes: dict[str, s
     console.print(table)
     trainable, total = model.get_nb_trainable_parameters()
     console.print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
-    saved = model.peft_config[model.active_adapter].modules_to_save
+    config = model.peft_config[model.active_adapter]
+    targets = getattr(config, "target_modules", None)
+    if targets is not None and not isinstance(targets, str):
+        chosen = "the recipe's" if recipe.adapter.options.get("target_modules") is not None else "loracli's default"
+        console.print(rich_text(f"target_modules ({chosen}): {', '.join(sorted(targets)) if targets else 'none'}"))
+    saved = config.modules_to_save
     console.print(rich_text(f"trained in full (modules_to_save): {', '.join(saved) if saved else 'none'}"))
     label_text = f", {len(labels)} labels" if labels else ""
     for note in (notes or {}).values():

@@ -56,6 +56,29 @@ def _load_method_state(model: AdapterModel, checkpoint: Path) -> None:
             model.method_state[name].load_state_dict(state)
 
 
+def freeze_norm_statistics(model: torch.nn.Module) -> int:
+    """Keep the frozen base's BatchNorm layers in eval mode during training; returns how many.
+
+    A BatchNorm layer in train mode normalises with the batch's statistics and moves its running
+    statistics towards them, although its weights are frozen. Those statistics are base buffers,
+    not adapter tensors: the saved adapter could not reproduce the trained model (``eval``, merge
+    and PEFT would see the base's original statistics). A frozen base keeps its statistics, so
+    these layers run in eval mode at every forward; a BatchNorm that trains (``modules_to_save``)
+    is left alone.
+    """
+    count = 0
+    for module in model.modules():
+        if (isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+                and not any(p.requires_grad for p in module.parameters())):
+            module.register_forward_pre_hook(_in_eval_mode)
+            count += 1
+    return count
+
+
+def _in_eval_mode(module: torch.nn.Module, args: Any) -> None:
+    module.training = False
+
+
 class AdapterTrainer(Trainer):
     input_transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     """Finishes each batch once it is on the model's device (uint8 pixels -> normalised floats)."""

@@ -11,10 +11,10 @@ import torch
 
 from lora_cli.adapters import get_adapter_model
 from lora_cli.errors import UserInputError
+from lora_cli.hf_names import default_target_modules
 from lora_cli.inference.loading import load_run
 from lora_cli.recipe import RecipeError, load_recipe, resolve_adapter_config
 from lora_cli.tasks import causal_lm
-from lora_cli.tasks.defaults import default_target_modules
 from lora_cli.training.pipeline import run_training
 from tests.helpers_text import (
     TINY_CONFIGS,

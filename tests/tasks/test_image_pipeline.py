@@ -188,7 +188,7 @@ PROCESSORS = {
     "short side + centre crop": (SimpleNamespace(size={"shortest_edge": 256}, do_center_crop=True,
                                                  crop_size={"height": 224, "width": 224},
                                                  image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]),
-                                 (256, 256), (224, 224)),
+                                 256, (224, 224)),
 }
 
 
