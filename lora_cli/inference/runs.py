@@ -10,11 +10,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
 from lora_cli import rundir as rd
 from lora_cli.errors import LoraCliError, UserInputError
+from lora_cli.evaluation import learning
+from lora_cli.recipe.shipped import known_rate
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +97,8 @@ def eval_run(
     report["split"] = split
     report["limit"] = limit
     report["variant"] = "base" if base else ("adapter" if adapter_dir is None else str(adapter_dir))
+    if not base and loaded.id2label:
+        _warn_if_at_chance(report, recipe)
     if not write:
         return report, {}
     name = "eval"
@@ -104,6 +109,23 @@ def eval_run(
     if split != "validation":
         name += f"_{split}"
     return report, write_report(report, loaded.run_dir, name=name)
+
+
+def _warn_if_at_chance(report: dict[str, Any], recipe: Any) -> None:
+    """The not-learning line of `train` for a finished run whose accuracy is at chance (the best
+    constant guess on this split): a warning, and ``not_learning`` in the report."""
+    supports = [row["support"] for row in report.get("per_class", [])]
+    if "accuracy" not in report or len(supports) < 2 or not sum(supports):
+        return
+    majority = max(supports) / sum(supports)
+    evidence = learning.accuracy_evidence(report["accuracy"], len(supports), majority)
+    if evidence is None:
+        return
+    rate = (recipe.training or {}).get("learning_rate")
+    line = learning.not_learning_line(evidence, float(rate) if rate is not None else None,
+                                      known_rate(recipe.model.name_or_path, recipe.adapter.method))
+    report["not_learning"] = line
+    warnings.warn(line, stacklevel=2)
 
 
 def verification_batch(loaded: Any, n: int):
