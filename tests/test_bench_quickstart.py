@@ -48,3 +48,17 @@ def test_readme_quotes_the_quickstart_once_from_the_script():
     assert [row for row in rows if row in quickstart], "the quickstart section holds no row of the script"
     prose = [line for line in quickstart.splitlines() if not line.startswith("|")]
     assert not [line for line in prose if re.search(r"\b0\.9\d{2,4}\b", line)], "accuracy quoted outside the table"
+
+
+def test_compare_table_reads_trainable_params_from_train_json(tmp_path):
+    from bench.quickstart import compare_table
+
+    run = tmp_path / "lora"
+    run.mkdir()
+    (run / "eval.json").write_text(json.dumps({"accuracy": 0.9611}))
+    (run / "train.json").write_text(json.dumps({"wall_time_s": 101.2, "samples_per_second": 28.4,
+                                                "trainable_params": 155146}))
+    lora = read_run(run, "DINOv2-S, LoRA", 150.0, {})
+    lora.cpu_s = 230.4
+    assert lora.trainable == 155146
+    assert "| DINOv2-S, LoRA | 0.9611 | 155,146 | 101 s | 230 s |" in compare_table([lora])

@@ -35,8 +35,10 @@ from lora_cli.adapters.state import AdapterStateMixin
 from lora_cli.adapters.targeting import module_aliases, resolve_modules_to_save, resolve_targets
 from lora_cli.errors import LoraCliError, TargetingError, UserInputError
 
-AUXILIARY_OPTIONS = ("trainable_token_indices", "target_parameters")
-"""Config options that adapt something besides target_modules, so target_modules may be []."""
+AUXILIARY_OPTIONS = ("trainable_token_indices", "target_parameters", "modules_to_save")
+"""Config options that adapt something besides target_modules, so target_modules may be []
+(``modules_to_save`` alone: the head trained, the rest frozen, a linear probe; list the
+backbone too and it is full fine-tuning)."""
 
 
 def _is_truthy_option(config: AdapterConfig, name: str) -> bool:
@@ -166,7 +168,7 @@ class AdapterModel(MultiAdapterMixin, AdapterStateMixin, AdapterCombineMixin, nn
             # as [] so that PEFT, which fills in defaults for a null on some model types, adds none
             config = config.replace(target_modules=[])
         if config.target_modules == [] and any(_is_truthy_option(config, k) for k in AUXILIARY_OPTIONS):
-            paths = []  # PEFT's way to adapt only parameters / tokens: target_modules=[]
+            paths = []  # PEFT's way to adapt only parameters / tokens / whole modules: target_modules=[]
         else:
             paths = resolve_targets(self.base_model, config, method.refusal, aliases)
         created: list[str] = []

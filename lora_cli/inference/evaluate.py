@@ -7,12 +7,15 @@ data; the model is rebuilt by :func:`lora_cli.inference.loading.load_run`.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 from typing import Any
 
 from lora_cli import rundir as rd
 from lora_cli.errors import UserInputError
+from lora_cli.evaluation import learning
 from lora_cli.labels import require_labels
+from lora_cli.recipe.shipped import known_rate
 
 DEFAULT_EVAL_BATCH = 32
 SPLITS = ("validation", "train")
@@ -81,6 +84,8 @@ def eval_run(
     report["split"] = split
     report["limit"] = limit
     report["variant"] = "base" if base else ("adapter" if adapter_dir is None else str(adapter_dir))
+    if not base and loaded.id2label:
+        _warn_if_at_chance(report, recipe)
     if not write:
         return report, {}
     name = "eval"
@@ -91,3 +96,20 @@ def eval_run(
     if split != "validation":
         name += f"_{split}"
     return report, write_report(report, loaded.run_dir, name=name)
+
+
+def _warn_if_at_chance(report: dict[str, Any], recipe: Any) -> None:
+    """The not-learning line of `train` for a finished run whose accuracy is at chance (the best
+    constant guess on this split): a warning, and ``not_learning`` in the report."""
+    supports = [row["support"] for row in report.get("per_class", [])]
+    if "accuracy" not in report or len(supports) < 2 or not sum(supports):
+        return
+    majority = max(supports) / sum(supports)
+    evidence = learning.accuracy_evidence(report["accuracy"], len(supports), majority)
+    if evidence is None:
+        return
+    rate = (recipe.training or {}).get("learning_rate")
+    line = learning.not_learning_line(evidence, float(rate) if rate is not None else None,
+                                      known_rate(recipe.model.name_or_path, recipe.adapter.method))
+    report["not_learning"] = line
+    warnings.warn(line, stacklevel=2)

@@ -18,6 +18,8 @@ from pathlib import Path, PurePosixPath
 
 import lora_cli
 from lora_cli.errors import UserInputError, did_you_mean
+from lora_cli.recipe.errors import RecipeError
+from lora_cli.recipe.yamlfile import read_recipe_file
 
 SHIPPED_PREFIX = "shipped:"
 """Prefix of a path inside the shipped recipes folder (``shipped:data/sentiment.csv``)."""
@@ -89,3 +91,30 @@ def find_shipped(name: str) -> Path:
         return recipes[key]
     hint = did_you_mean(key, recipes) or f"shipped recipes: {', '.join(recipes) or 'none'}"
     raise UserInputError(f"no shipped recipe named {name!r} ({hint})")
+
+
+def known_rate(name_or_path: str | None, method: str | None) -> str | None:
+    """The learning rate a shipped recipe trains ``name_or_path`` with (the same adapter method
+    preferred), as a phrase for the not-learning warning: ``"recipes/x.yaml uses 5e-4"``; None
+    when no shipped recipe names this model (or one cannot be read: a hint is never worth an error)."""
+    if not name_or_path:
+        return None
+    found: list[tuple[bool, str, float]] = []
+    for name, path in shipped_recipes().items():
+        try:
+            data, _ = read_recipe_file(path, path.name)
+        except RecipeError:
+            continue
+        model, adapter, training = (data.get(k) or {} for k in ("model", "adapter", "training"))
+        rate = training.get("learning_rate") if isinstance(training, dict) else None
+        if not isinstance(model, dict) or model.get("name_or_path") != name_or_path or rate is None:
+            continue
+        same = isinstance(adapter, dict) and adapter.get("method", "lora") == (method or "lora")
+        try:
+            found.append((same, name, float(rate)))
+        except (TypeError, ValueError):
+            continue
+    if not found:
+        return None
+    same, name, rate = max(found, key=lambda item: item[0])  # first of the same method, else the first
+    return f"the shipped recipe recipes/{name}.yaml uses {rate:g} for this model"

@@ -1,5 +1,5 @@
 """Trainer callbacks: AdaLoRA's budget step, the metrics file, rich progress, NaN guard,
-and the training loop's time, throughput and peak memory (train.json)."""
+the not-learning check, and the training loop's time, throughput and peak memory (train.json)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import math
 import resource
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -15,9 +16,10 @@ from rich.console import Console
 from transformers import TrainerCallback
 
 from lora_cli.errors import LoraCliError
+from lora_cli.evaluation import learning
 from lora_cli.evaluation.compare import TRAIN_STATS_FILE
 from lora_cli.progress import Field, LiveLine, clock
-from lora_cli.rundir import write_json
+from lora_cli.rundir import STATUS_FILE, write_json, write_status
 
 
 class AdaLoraCallback(TrainerCallback):
@@ -59,6 +61,57 @@ class NanGuardCallback(TrainerCallback):
                 f"the training loss became {loss} at step {state.global_step}; "
                 "lower training.learning_rate or enable gradient clipping (training.max_grad_norm)"
             )
+
+
+class LearningCheckCallback(TrainerCallback):
+    """One warning when a classification run is not learning (:mod:`lora_cli.evaluation.learning`):
+    after the first epoch (which still carries the start), an epoch whose training loss is at or
+    above ``ln(num_classes)`` or has risen since the epoch before, or an evaluation at chance
+    accuracy; and a final evaluation at chance however short the run. The line goes to the
+    terminal (``warnings``) and into status.json's ``not_learning``; the run goes on."""
+
+    def __init__(self, num_classes: int, learning_rate: float | None, run_dir: Path | None = None,
+                 hint: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.learning_rate = learning_rate
+        self.run_dir = run_dir
+        self.hint = hint
+        self.losses: list[tuple[float, float]] = []  # (epoch, logged loss)
+        self.previous: float | None = None
+        self.line: str | None = None
+        self.ended = False
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and math.isfinite(loss):
+            self.losses.append((state.epoch or 0.0, float(loss)))
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        epoch = round(state.epoch or 0.0)
+        loss = learning.epoch_loss([v for e, v in self.losses if epoch - 1 < e <= epoch])
+        if loss is None:
+            return
+        if epoch >= 2:
+            self._report(state, learning.loss_evidence(epoch, loss, self.previous, self.num_classes))
+        self.previous = loss
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.ended = True  # the evaluation after training is the run's result: checked whatever its epoch
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        accuracy = (metrics or {}).get("eval_accuracy")
+        if accuracy is None or not (self.ended or (state.epoch or 0.0) >= 2 - 1e-6):
+            return
+        self._report(state, learning.accuracy_evidence(float(accuracy), self.num_classes,
+                                                       when=f"at epoch {state.epoch:.3g}"))
+
+    def _report(self, state, evidence: str | None) -> None:
+        if evidence is None or self.line is not None or not state.is_world_process_zero:
+            return
+        self.line = learning.not_learning_line(evidence, self.learning_rate, self.hint)
+        warnings.warn(self.line, stacklevel=2)
+        if self.run_dir is not None and (Path(self.run_dir) / STATUS_FILE).is_file():
+            write_status(self.run_dir, "running", not_learning=self.line)
 
 
 class RichProgressCallback(TrainerCallback):

@@ -32,13 +32,15 @@ from lora_cli.errors import LoraCliError, TrainingInterrupted, UserInputError
 from lora_cli.evaluation.plots import plot_training_curves
 from lora_cli.evaluation.report import evaluate, write_predictions, write_report
 from lora_cli.hf_names import default_target_modules
-from lora_cli.safe_text import rich_text
 from lora_cli.recipe import Recipe, load_recipe, optimizer_steps, resolve_adapter_config
+from lora_cli.recipe.shipped import known_rate
+from lora_cli.safe_text import rich_text
 from lora_cli.task_kinds import TASK_KINDS
 from lora_cli.tasks import get_task, packing, quantization
 from lora_cli.training import calibration, distributed, preflight, printed
 from lora_cli.training.callbacks import (
     AdaLoraCallback,
+    LearningCheckCallback,
     MetricsFileCallback,
     NanGuardCallback,
     RichProgressCallback,
@@ -183,7 +185,7 @@ def _train_and_save(recipe, task, model, args, train_ds, eval_ds, processor, lab
             (run_dir / sub).mkdir(parents=True, exist_ok=True)
         (run_dir / rd.RECIPE_FILE).write_text(recipe.to_yaml(), encoding="utf-8")
         rd.write_json(run_dir / rd.ENV_FILE, rd.environment(recipe.seed))
-        rd.write_status(run_dir, "running", pid=os.getpid(), error=None,
+        rd.write_status(run_dir, "running", pid=os.getpid(), error=None, not_learning=None,
                         resumed_from=checkpoint.name if checkpoint else None)
         processor.save_pretrained(run_dir / rd.PROCESSOR_DIR)
         if base_state is not None:
@@ -197,7 +199,8 @@ def _train_and_save(recipe, task, model, args, train_ds, eval_ds, processor, lab
             calibration.save_calibration(run_dir, calibrated)  # --resume restores it instead of recomputing
     distributed.barrier()  # the others go on once the run directory is there
 
-    trainer = build_trainer(recipe, task, model, args, train_ds, eval_ds, processor, run_dir, extra_callbacks)
+    trainer = build_trainer(recipe, task, model, args, train_ds, eval_ds, processor, run_dir, extra_callbacks,
+                            labels=labels)
     if live is not None:
         live["trainer"] = trainer  # its state's step when a Ctrl-C comes (train() makes a new state)
     try:
@@ -336,8 +339,11 @@ def training_arguments(recipe, run_dir: Path, adapter_config, model: torch.nn.Mo
         raise UserInputError(f"training: {exc}") from exc
 
 
-def build_trainer(recipe, task, model, args, train_ds, eval_ds, processor, run_dir, extra_callbacks=()):
+def build_trainer(recipe, task, model, args, train_ds, eval_ds, processor, run_dir, extra_callbacks=(), labels=None):
     callbacks = [MetricsFileCallback(run_dir / rd.METRICS_FILE), NanGuardCallback()]
+    if labels and len(labels) > 1:  # classification: a chance level to compare the loss with
+        hint = known_rate(recipe.model.name_or_path, recipe.adapter.method)
+        callbacks.append(LearningCheckCallback(len(labels), args.learning_rate, run_dir, hint))
     if model.method_state:
         callbacks.append(AdaLoraCallback(model))
     world = int(os.environ.get("WORLD_SIZE", "1"))
