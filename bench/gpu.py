@@ -129,7 +129,7 @@ def build_cases(config, device: torch.device, precision: str) -> dict:
 
 
 def train_step(case: dict, pixels_u8: torch.Tensor, labels: torch.Tensor, device: torch.device) -> None:
-    from lora_cli.tasks.image_batches import normalize_pixels
+    from lora_cli.tasks.data.image_batches import normalize_pixels
 
     pixel_values = normalize_pixels(pixels_u8, MEAN, STD)
     with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -175,7 +175,7 @@ def step_bench(config, device, args, peak: float) -> dict:
 
 def normalize_check(device: torch.device) -> float:
     """normalize_pixels on ``device`` against the CPU path (max abs difference)."""
-    from lora_cli.tasks.image_batches import normalize_pixels
+    from lora_cli.tasks.data.image_batches import normalize_pixels
 
     x = torch.randint(0, 256, (4, 224, 224, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
     here = normalize_pixels(x.to(device), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]).cpu()
@@ -186,8 +186,8 @@ def normalize_check(device: torch.device) -> float:
 def loader_bench(config, device, args, work: Path) -> dict:
     import datasets
 
-    from lora_cli.tasks.image_batches import ImageBatches, collate, loader_defaults
-    from lora_cli.tasks.image_cache import decode_cache, train_short_side
+    from lora_cli.tasks.data.image_batches import ImageBatches, collate, loader_defaults
+    from lora_cli.tasks.data.image_cache import decode_cache, train_short_side
 
     datasets.disable_progress_bars()
     files = make_photo_folder(work / "photos", args.images, long_side=args.photo_side)

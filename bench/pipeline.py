@@ -74,7 +74,7 @@ def guide_loader(root: Path, hf_cache: Path, batch: int, workers: int = 0):
 
 
 def run_epoch(loader, normalize: bool = False) -> int:
-    from lora_cli.tasks.image_batches import normalize_pixels
+    from lora_cli.tasks.data.image_batches import normalize_pixels
 
     n = 0
     for b in loader:
@@ -95,7 +95,7 @@ def loracli_dataset(files: list[tuple[str, int]]):
 
 
 def loracli_loader(cached, batch: int, workers: int = 0, seed: int = 0):
-    from lora_cli.tasks.image_batches import ImageBatches, collate
+    from lora_cli.tasks.data.image_batches import ImageBatches, collate
 
     rows = ImageBatches(cached, CROP, train=True, seed=seed)
     loader = torch.utils.data.DataLoader(rows, batch_size=batch, shuffle=True, collate_fn=collate,
@@ -104,7 +104,7 @@ def loracli_loader(cached, batch: int, workers: int = 0, seed: int = 0):
 
 
 def build_cache(ds, cache_dir: Path, storage: str):
-    from lora_cli.tasks.image_cache import decode_cache, train_short_side
+    from lora_cli.tasks.data.image_cache import decode_cache, train_short_side
 
     return decode_cache(ds, "image", size=train_short_side(CROP), storage=storage, cache_dir=cache_dir)
 
@@ -117,7 +117,7 @@ def summarize(values: list[float]) -> dict[str, float]:
 def loader_bench(root: Path, files, work: Path, args) -> dict:
     import datasets
 
-    from lora_cli.tasks.image_cache import cache_bytes
+    from lora_cli.tasks.data.image_cache import cache_bytes
 
     datasets.disable_progress_bars()
     guide = guide_loader(root, work / "hf", args.batch)
@@ -177,7 +177,7 @@ def workers_bench(files, work: Path, args) -> dict:
     from transformers import ViTConfig, ViTForImageClassification
 
     from lora_cli.adapters import LoraConfig, get_adapter_model
-    from lora_cli.tasks.image_batches import normalize_pixels
+    from lora_cli.tasks.data.image_batches import normalize_pixels
 
     torch.manual_seed(0)
     config = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,

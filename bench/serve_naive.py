@@ -54,8 +54,8 @@ def load(run: str | None, merged: str | None):
 
 
 def build(model, processor, id2label, kind) -> Starlette:
+    from lora_cli.tasks.data.images import load_image
     from lora_cli.tasks.image_classification import eval_pixels
-    from lora_cli.tasks.images import load_image
 
     lock = threading.Lock()
 

@@ -112,7 +112,7 @@ def initial_adapter(recipe, out: Path) -> None:
 
 
 def run_loracli(recipe_path: Path, overrides: list[str], out: Path) -> Recorder:
-    from lora_cli.tasks import packing
+    from lora_cli.tasks.data import packing
     from lora_cli.training.pipeline import run_training
 
     recorder = Recorder()

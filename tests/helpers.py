@@ -100,7 +100,7 @@ def guide_transforms(processor, train: bool):
     reference the cached uint8 pipeline is measured against."""
     from torchvision import transforms as T
 
-    from lora_cli.tasks.image_settings import from_processor
+    from lora_cli.tasks.data.image_settings import from_processor
 
     settings = from_processor(processor)
     crop = settings.input_size

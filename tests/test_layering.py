@@ -75,3 +75,42 @@ def test_no_module_imports_a_higher_layer():
 def test_every_layer_is_in_the_map():
     layers = {_layer(p) for p in PACKAGE.rglob("*.py")}
     assert layers <= set(MAY_IMPORT), sorted(layers - set(MAY_IMPORT))
+
+
+def _tasks_modules(path: Path) -> set[str]:
+    """The ``lora_cli.tasks`` modules one file imports (``base``, ``causal_lm``, ``data``, ...)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+            if node.module == "lora_cli.tasks":
+                names += [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[:2] == ["lora_cli", "tasks"] and len(parts) > 2:
+                found.add(parts[2])
+    return found
+
+
+def test_task_data_imports_no_task_module():
+    """tasks/data/ is what the task modules share: it imports none of them (nor ``tasks.base``,
+    which imports it), only its own modules and the quantized-base loader."""
+    data = PACKAGE / "tasks" / "data"
+    assert (data / "__init__.py").is_file()
+    wrong = []
+    for path in sorted(data.rglob("*.py")):
+        for other in _tasks_modules(path) - {"data", "quantization"}:
+            wrong.append(f"{path.relative_to(PACKAGE)} imports lora_cli.tasks.{other}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_tasks_folder_holds_the_tasks():
+    """tasks/ shows its four tasks: the task modules, the interface, the quantized base, and data/."""
+    from lora_cli.task_kinds import TASK_KINDS
+
+    modules = {p.stem for p in (PACKAGE / "tasks").glob("*.py")}
+    assert modules == {"__init__", "base", "quantization"} | {kind.module for kind in TASK_KINDS.values()}

@@ -61,7 +61,7 @@ def predict(
 
     texts = list(text or []) + list(prompt or [])
     if texts:
-        from lora_cli.tasks.text_common import check_sampling
+        from lora_cli.tasks.data.text_common import check_sampling
 
         check_sampling(max_new_tokens, temperature, top_p)  # before the run loads
         if paths or (run is None) == (model is None):

@@ -329,7 +329,7 @@ def _generation_settings(loaded: Any) -> dict[str, Any] | None:
     """Chat runs: the merged model's generation config stops at the template's end of turn too."""
     if not getattr(loaded.recipe.data, "chat", False):
         return None
-    from lora_cli.tasks import chat
+    from lora_cli.tasks.data import chat
 
     stop = chat.stop_ids(loaded.processor, loaded.processor.chat_template)
     return {"eos_token_id": stop, "pad_token_id": loaded.processor.pad_token_id} if stop else None

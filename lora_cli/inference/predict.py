@@ -45,7 +45,7 @@ def load_merged(model_dir: str | Path, device: str | None = None) -> LoadedRun:
     from lora_cli.recipe.data import data_section_for
     from lora_cli.task_kinds import CAUSAL_LM, IMAGE_CLASSIFICATION, SEQ2SEQ, SEQ_CLS
     from lora_cli.tasks import get_task
-    from lora_cli.tasks.text_common import load_tokenizer
+    from lora_cli.tasks.data.text_common import load_tokenizer
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -122,7 +122,7 @@ def predict(loaded: LoadedRun, inputs: list[Any], *, scalings: bool = False, **o
 def expert_scalings(loaded: Any, texts: list[str]) -> list[dict[str, Any]]:
     """X-LoRA runs: per text, each token's weight of each expert (mean over the LoRA layers,
     before global_scaling_weight) and the mean over the tokens."""
-    from lora_cli.tasks.text_common import text_positions
+    from lora_cli.tasks.data.text_common import text_positions
 
     model = loaded.model
     if not hasattr(model, "token_scalings"):

@@ -105,7 +105,7 @@ class QuantizationSection(_Section):
 
 
 PROCESSOR_KEYS = ("size", "crop_pct", "image_mean", "image_std", "interpolation")
-"""The keys of ``model.processor`` (what they mean: :mod:`lora_cli.tasks.image_settings`)."""
+"""The keys of ``model.processor`` (what they mean: :mod:`lora_cli.tasks.data.image_settings`)."""
 
 
 class ModelSection(_Section):
@@ -119,7 +119,7 @@ class ModelSection(_Section):
     trust_remote_code: bool = False
     processor: dict[str, Any] = Field(default_factory=dict)
     """Image settings over the checkpoint's processor (pretrained or built from config): size, crop_pct,
-    image_mean, image_std, interpolation (lora_cli.tasks.image_settings)."""
+    image_mean, image_std, interpolation (lora_cli.tasks.data.image_settings)."""
     tokenizer: str | None = None
     """Text tasks: tokenizer path or hub id; defaults to name_or_path."""
     quantization: QuantizationSection | None = None

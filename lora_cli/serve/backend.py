@@ -46,8 +46,8 @@ from lora_cli.recipe import load_recipe
 from lora_cli.serve.errors import RequestError, bad_request
 from lora_cli.serve.streams import Row
 from lora_cli.task_kinds import CAUSAL_LM, IMAGE_CLASSIFICATION, SEQ_CLS
+from lora_cli.tasks.data.images import ImageLoadError, load_image
 from lora_cli.tasks.image_classification import eval_pixels
-from lora_cli.tasks.images import ImageLoadError, load_image
 
 logger = logging.getLogger(__name__)
 

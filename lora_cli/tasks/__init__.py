@@ -2,6 +2,8 @@
 
 ``image_classification``, ``causal_lm``, ``seq_cls`` and ``seq2seq`` implement the same
 interface; their functions take the recipe sections they use, never the whole recipe.
+``quantization`` loads a ``model.quantization`` base; the data machinery the tasks share
+(sources and splits, image decoding and batches, text, chat and packing) is :mod:`lora_cli.tasks.data`.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import torch
 
 from lora_cli.recipe import DataSection, ModelSection
 from lora_cli.task_kinds import TaskKind
-from lora_cli.tasks.data import Splits
+from lora_cli.tasks.data.common import Splits
 
 Collate = Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
 

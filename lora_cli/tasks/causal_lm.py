@@ -4,7 +4,7 @@ text rows -> tokens + EOS -> labels = input_ids
 prompt/completion rows -> prompt tokens + completion tokens + EOS; with
 data.completion_only_loss the prompt's labels are -100, so only the completion is learnt.
 messages / alpaca rows -> the chat template's rendering, the loss on the assistant turns
-(:mod:`lora_cli.tasks.chat`).
+(:mod:`lora_cli.tasks.data.chat`).
 
 Rows longer than data.max_length follow data.too_long, and no row is left out unseen: each
 split's counts are one warning line (and ``train --dry-run`` / ``validate --data`` show them).
@@ -14,7 +14,7 @@ turns that later ones build on (as TRL and LLaMA-Factory do). A row left with no
 (its completion alone longer than max_length, no assistant token within it) is left out and
 counted. ``drop`` leaves every long row out, ``error`` stops and names them.
 
-With data.packing the training rows are packed into max_length sequences (:mod:`lora_cli.tasks.packing`).
+With data.packing the training rows are packed into max_length sequences (:mod:`lora_cli.tasks.data.packing`).
 
 The collator right-pads: input_ids with the pad token, labels with -100 (padding never
 counts in the loss, even when the pad token is the EOS token, as for GPT-2). Metrics:
@@ -35,11 +35,11 @@ from lora_cli.devices import model_device
 from lora_cli.errors import UserInputError
 from lora_cli.recipe import CausalLMData, ModelSection
 from lora_cli.task_kinds import CAUSAL_LM, TASK_KINDS
-from lora_cli.tasks import chat, packing
-from lora_cli.tasks import data as data_mod
-from lora_cli.tasks import text_common as tc
 from lora_cli.tasks.base import generated_rows
-from lora_cli.tasks.text_common import load_processor, synthetic_batch  # noqa: F401 - the task interface
+from lora_cli.tasks.data import chat, packing
+from lora_cli.tasks.data import common as data_mod
+from lora_cli.tasks.data import text_common as tc
+from lora_cli.tasks.data.text_common import load_processor, synthetic_batch  # noqa: F401 - the task interface
 
 logger = logging.getLogger(__name__)
 

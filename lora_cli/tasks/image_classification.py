@@ -7,7 +7,7 @@ with RandomResizedCrop + flip keyed by (seed, epoch, row) (``image_batches``) ->
 
 The augmentation is the Food-101 LoRA guide's (torchvision's RandomResizedCrop defaults and
 a horizontal flip; eval Resize + CenterCrop), with size, interpolation, mean and std from one
-:class:`~lora_cli.tasks.image_settings.ImageSettings`: the checkpoint's processor with the
+:class:`~lora_cli.tasks.data.image_settings.ImageSettings`: the checkpoint's processor with the
 recipe's ``model.processor`` on top. ``predict`` decodes each image the way the eval cache does
 (:func:`eval_pixels`): the same file gives the same tensor in every verb.
 """
@@ -31,14 +31,14 @@ from lora_cli.hub import require_hub
 from lora_cli.labels import label_maps, require_labels, resolve_labels
 from lora_cli.recipe import ImageData, ModelSection
 from lora_cli.task_kinds import IMAGE_CLASSIFICATION, TASK_KINDS
-from lora_cli.tasks import data as data_mod
-from lora_cli.tasks import (
+from lora_cli.tasks import quantization
+from lora_cli.tasks.data import common as data_mod
+from lora_cli.tasks.data import (
     image_batches,
     image_cache,
     image_data,
     image_settings,
     images,
-    quantization,
 )
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def load_raw(data: ImageData, seed: int) -> tuple[data_mod.Splits, list[str]]:
     image path of a CSV/JSONL file, the labels (``data.missing_labels``,
     ``data.unknown_eval_labels``), and a decode check of every image of both splits
     (``data.bad_images``). The image column stays undecoded (``{"bytes", "path"}``);
-    the transforms decode each image with :func:`lora_cli.tasks.images.load_image`.
+    the transforms decode each image with :func:`lora_cli.tasks.data.images.load_image`.
     """
     splits, labels = image_data.load_splits(data, seed)
     for attr, what in (("train", "training"), ("eval", "validation")):

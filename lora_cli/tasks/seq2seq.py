@@ -26,10 +26,10 @@ from lora_cli.errors import UserInputError
 from lora_cli.recipe import ModelSection, Seq2SeqData
 from lora_cli.recipe.data import TRANSLATION_COLUMN
 from lora_cli.task_kinds import SEQ2SEQ, TASK_KINDS
-from lora_cli.tasks import data as data_mod
-from lora_cli.tasks import text_common as tc
 from lora_cli.tasks.base import generated_rows
-from lora_cli.tasks.text_common import load_processor, make_collator  # noqa: F401 - the task interface
+from lora_cli.tasks.data import common as data_mod
+from lora_cli.tasks.data import text_common as tc
+from lora_cli.tasks.data.text_common import load_processor, make_collator  # noqa: F401 - the task interface
 
 logger = logging.getLogger(__name__)
 

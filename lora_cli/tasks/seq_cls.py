@@ -22,9 +22,9 @@ from lora_cli.hf_names import classification_heads
 from lora_cli.labels import label_maps, resolve_labels
 from lora_cli.recipe import ModelSection, SeqClsData
 from lora_cli.task_kinds import SEQ_CLS, TASK_KINDS
-from lora_cli.tasks import data as data_mod
-from lora_cli.tasks import text_common as tc
-from lora_cli.tasks.text_common import load_processor, make_collator, synthetic_batch  # noqa: F401 - the task interface
+from lora_cli.tasks.data import common as data_mod
+from lora_cli.tasks.data import text_common as tc
+from lora_cli.tasks.data.text_common import load_processor, make_collator, synthetic_batch  # noqa: F401 - the task interface
 
 KIND = TASK_KINDS[SEQ_CLS]
 generation_metrics = None

@@ -2,7 +2,7 @@
 
 - Image tasks: DataLoader workers from the CPU count (none below 3 cores per process,
   else cores - 1, at most 16), persistent workers, prefetch, pinned memory on CUDA
-  (:func:`lora_cli.tasks.image_batches.loader_defaults`).
+  (:func:`lora_cli.tasks.data.image_batches.loader_defaults`).
 - CUDA with TF32 tensor cores (compute capability 8.0+, Ampere and later): ``tf32: true``,
   float32 matmuls on TF32 tensor cores, as the fast recipes of the field do.
 
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from lora_cli.task_kinds import TaskKind
-from lora_cli.tasks.image_batches import loader_defaults
+from lora_cli.tasks.data.image_batches import loader_defaults
 
 
 def tf32_capable() -> bool:

@@ -36,7 +36,8 @@ from lora_cli.recipe import Recipe, load_recipe, optimizer_steps, resolve_adapte
 from lora_cli.recipe.shipped import known_rate
 from lora_cli.safe_text import rich_text
 from lora_cli.task_kinds import TASK_KINDS
-from lora_cli.tasks import get_task, packing, quantization
+from lora_cli.tasks import get_task, quantization
+from lora_cli.tasks.data import packing
 from lora_cli.training import calibration, distributed, preflight, printed
 from lora_cli.training.callbacks import (
     AdaLoraCallback,

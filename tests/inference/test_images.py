@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from lora_cli.errors import UserInputError
-from lora_cli.tasks.images import ImageLoadError, expand_inputs, load_image
+from lora_cli.tasks.data.images import ImageLoadError, expand_inputs, load_image
 from tests.inference.images_fixture import make_user_images
 
 

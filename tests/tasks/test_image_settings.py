@@ -11,7 +11,7 @@ from PIL import Image
 from lora_cli.errors import UserInputError
 from lora_cli.recipe import ModelSection
 from lora_cli.tasks import image_classification as ic
-from lora_cli.tasks import image_settings as st
+from lora_cli.tasks.data import image_settings as st
 
 DINOV2 = {"size": {"shortest_edge": 256}, "resample": 3, "do_center_crop": True,
           "crop_size": {"height": 224, "width": 224},

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from lora_cli.errors import UserInputError
-from lora_cli.tasks import packing
-from lora_cli.tasks.text_common import pad_batch
+from lora_cli.tasks.data import packing
+from lora_cli.tasks.data.text_common import pad_batch
 
 PAD = 0
 

@@ -12,7 +12,7 @@ import pytest
 from lora_cli.errors import UserInputError
 from lora_cli.recipe import load_recipe, recipes_dir, resolve_adapter_config
 from lora_cli.tasks import seq_cls
-from lora_cli.tasks import text_common as tc
+from lora_cli.tasks.data import text_common as tc
 
 REPO = recipes_dir().parent
 TEXT_RECIPES = {
@@ -108,7 +108,7 @@ def test_minilm_recipe_learns_offline(in_repo, tmp_path):
 def test_shipped_chat_data_reads_as_conversations_and_regenerates_identically(in_repo, tmp_path):
     import importlib.util
 
-    from lora_cli.tasks import chat
+    from lora_cli.tasks.data import chat
 
     recipe = load_recipe(REPO / "recipes/smollm2_chat_lora.yaml")
     assert (recipe.data.data_format, recipe.data.train_on, recipe.adapter.options["r"]) == ("messages", "assistant", 16)

@@ -3,7 +3,7 @@ train/eval splits with a ClassLabel column and an undecoded image column.
 
 The checks here run before ``train`` writes anything: the folder layout, every image path
 of a CSV/JSONL file, the labels (``data.missing_labels``, ``data.unknown_eval_labels``).
-The image column stays ``{"bytes", "path"}``: decoding is :mod:`lora_cli.tasks.images`' job.
+The image column stays ``{"bytes", "path"}``: decoding is :mod:`lora_cli.tasks.data.images`' job.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import numpy as np
 
 from lora_cli.errors import UserInputError
 from lora_cli.recipe import ImageData
-from lora_cli.tasks import data as data_mod
-from lora_cli.tasks import images
+from lora_cli.tasks.data import common as data_mod
+from lora_cli.tasks.data import images
 
 logger = logging.getLogger(__name__)
 

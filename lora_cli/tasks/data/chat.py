@@ -79,7 +79,7 @@ def to_messages(row: dict[str, Any], data: CausalLMData) -> list[dict[str, str]]
 
 def check_rows(ds: Any, data: CausalLMData, source: str) -> None:
     """Every row of ``ds`` reads as a conversation, or bad input naming the first row that does not."""
-    from lora_cli.tasks.data import row_ref
+    from lora_cli.tasks.data.common import row_ref
 
     for index, row in enumerate(ds):
         try:

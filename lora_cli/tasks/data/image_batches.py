@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lora_cli.tasks import image_cache
+from lora_cli.tasks.data import image_cache
 
 SCALE = (0.08, 1.0)
 RATIO = (3 / 4, 4 / 3)

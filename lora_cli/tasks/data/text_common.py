@@ -30,8 +30,8 @@ from lora_cli.hf_names import context_length
 from lora_cli.hub import require_hub
 from lora_cli.progress import Phase, counted
 from lora_cli.recipe import DataSection, ModelSection
-from lora_cli.tasks import data as data_mod
 from lora_cli.tasks import quantization
+from lora_cli.tasks.data import common as data_mod
 
 logger = logging.getLogger(__name__)
 

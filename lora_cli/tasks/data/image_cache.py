@@ -17,7 +17,7 @@ eval`` reuse it, and an edited folder never serves stale pixels:
 
 Pixels are stored **HWC** (rows of RGB triples, as decoders produce them), viewed as
 ``(3, H, W)`` tensors in ``torch.channels_last`` memory format by
-:mod:`lora_cli.tasks.image_batches`; that layout is also the one torch's uint8 bilinear
+:mod:`lora_cli.tasks.data.image_batches`; that layout is also the one torch's uint8 bilinear
 antialiased resize runs fastest on. Two storages:
 
 - ``"raw"`` (default): the uint8 array itself. No decode at read time; 3 bytes per pixel
@@ -27,7 +27,7 @@ antialiased resize runs fastest on. Two storages:
   tenth of the disk (20.7 KiB per image), and a small JPEG decode per image per epoch
   (about 0.3 ms; see bench/README.md).
 
-Decoding follows :func:`lora_cli.tasks.images.load_image` (size limit, EXIF orientation,
+Decoding follows :func:`lora_cli.tasks.data.images.load_image` (size limit, EXIF orientation,
 modes to RGB), plus JPEG *draft* mode: a JPEG at least twice the target size in both
 dimensions is decoded by libjpeg at 1/2, 1/4 or 1/8 scale (never below the target), then
 resized. Resizing is torchvision's bilinear with antialias on uint8 tensors, within one
@@ -47,7 +47,7 @@ import torch
 from PIL import Image, ImageOps
 
 from lora_cli.progress import Phase, counted
-from lora_cli.tasks import images
+from lora_cli.tasks.data import images
 
 Storage = Literal["raw", "jpeg"]
 Size = int | tuple[int, int]
@@ -83,7 +83,7 @@ def decode_one(source: Any, size: Size, center_crop: tuple[int, int] | None = No
     ``(height, width)`` (zero-padded if the image is smaller, as torchvision does).
     ``draft=False`` decodes every JPEG in full (what the eval split uses to equal the
     per-image path within one grey level). ``interpolation``: ``bilinear`` (default), ``bicubic``
-    or ``nearest`` (the model's :class:`~lora_cli.tasks.image_settings.ImageSettings`).
+    or ``nearest`` (the model's :class:`~lora_cli.tasks.data.image_settings.ImageSettings`).
     """
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as F

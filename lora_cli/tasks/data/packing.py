@@ -78,7 +78,7 @@ def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
 def collator(pad_token_id: int):
     """Rows -> a right-padded batch. Packed rows (with position_ids) get their position ids, padded
     with 0 so that each padding token is a sequence of its own, and no attention mask."""
-    from lora_cli.tasks.text_common import pad_batch
+    from lora_cli.tasks.data.text_common import pad_batch
 
     def collate(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if "position_ids" not in batch[0]:
