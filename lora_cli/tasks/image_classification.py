@@ -98,8 +98,8 @@ def load_processor(model: ModelSection, source: str | Path | None = None):
     else:
         size = int(model.config.get("image_size", 224))
         base = ViTImageProcessor(size={"height": size, "width": size})
-    settings = image_settings.resolve(base, model.processor)
-    return image_settings.to_processor(settings, like=base)
+    resolved = image_settings.resolve(base, model.processor)
+    return image_settings.to_processor(resolved, like=base)
 
 
 def settings(processor) -> image_settings.ImageSettings:
