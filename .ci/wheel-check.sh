@@ -16,6 +16,7 @@ cd "$(dirname "$0")/.."
 root=$PWD
 PYTHON=${PYTHON:-python3}
 BUILD_PYTHON=${BUILD_PYTHON:-$root/.venv/bin/python}
+case $BUILD_PYTHON in /*) ;; *) BUILD_PYTHON=$root/$BUILD_PYTHON ;; esac  # the build runs in another folder
 TORCH=$(sed -n 's/^TORCH *= *//p' Makefile)  # the Makefile's torch pin: the release on the build machines' disk
 export PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MPLBACKEND=Agg
 unset PYTHONPATH PYTHONHOME  # the installed package only
@@ -122,7 +123,8 @@ expect 0 "digit.png" loracli predict "$work/user/digit.png" --run "$run" --top-k
 expect 0 "quick-run" loracli compare "$run" --no-plot
 expect 0 "" loracli push "$run" someone/quick --dry-run "$work/user/push"  # huggingface_hub: no extra
 [ -f "$work/user/push/adapter_model.safetensors" ] || fail "push --dry-run wrote no adapter"
-expect 0 "" loracli combine "$run" "$run" --how linear --out "$work/user/combined"
+cp -r "$run" "$run-copy"  # combine takes two runs (the same folder twice is refused)
+expect 0 "" loracli combine "$run" "$run-copy" --how linear --out "$work/user/combined"
 [ -f "$work/user/combined/adapter/adapter_model.safetensors" ] || fail "combine wrote no adapter"
 expect 0 "adapter.r=2" loracli sweep quick.yaml adapter.r=2,4 --dry-run
 
