@@ -121,7 +121,8 @@ def apply_overrides(data: dict, locations: dict, items, report: Reporter) -> dic
     parsed.sort(key=lambda p: p[1] != ("adapter", "method"))
     for item, parts, value in parsed:
         where = Location(override=item)
-        hint = check_key(parts, data)
+        # removing a key the recipe sets is always well-formed, even one the (overridden) method does not take
+        hint = None if value is REMOVE and _is_set(data, parts) else check_key(parts, data)
         if hint is not None:
             report.problems.append(_override_problem(item, "names a key that is not in the recipe schema", where, hint))
             continue
@@ -146,6 +147,15 @@ def apply_overrides(data: dict, locations: dict, items, report: Reporter) -> dic
             for i in range(1, len(parts)):
                 locations.setdefault(parts[:i], where)
     return data
+
+
+def _is_set(data: dict, parts: tuple[str, ...]) -> bool:
+    node: Any = data
+    for part in parts:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def _remove(data: dict, locations: dict, parts: tuple[str, ...], item: str, where: Location, report: Reporter) -> None:

@@ -210,3 +210,16 @@ def test_tilde_removes_a_key(write):
 def test_bad_removals(write, item, message):
     (problem,) = problems_of(write(VALID), [item])
     assert message in problem and problem.startswith(f"override '{item}'"), problem
+
+
+def test_switching_method_on_the_command_line_removes_the_old_methods_keys(write):
+    """`adapter.method=loha '~adapter.lora_alpha'`: the key is the recipe's, though LoHa has no such
+    setting; removing it was refused as 'not in the recipe schema', so the switch needed an edit."""
+    path = write(VALID)  # its adapter section sets lora_alpha
+    assert any("lora_alpha: is not a loha setting" in p for p in problems_of(path, ["adapter.method=loha"]))
+    recipe = load_recipe(path, ["adapter.method=loha", "~adapter.lora_alpha"])
+    assert recipe.adapter.method == "loha" and "lora_alpha" not in recipe.adapter.options
+    # a misspelt removal (a key the recipe does not set) is still checked against the schema
+    problems = problems_of(path, ["~adapter.lora_alpah"])
+    assert problems == ["override '~adapter.lora_alpah': adapter.lora_alpah: names a key that is not in the recipe "
+                        "schema (did you mean adapter.lora_alpha?)"], problems
