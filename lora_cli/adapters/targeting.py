@@ -225,8 +225,8 @@ def resolve_modules_to_save(model: nn.Module, names: Iterable[str], aliases: Map
             close = close_matches(name, sorted({p.rsplit(".", 1)[-1] for p in modules}), n=3)
             hint = f" (closest: {', '.join(close)})" if close else ""
             raise TargetingError(f"modules_to_save entry {name!r} matched no module of the model{hint}")
-        # the outermost match wins: a wrapped head is saved whole, not its children twice
-        for hit in hits:
-            if not any(hit.startswith(o + ".") for o in out + hits if o != hit):
-                out.append(hit)
-    return list(dict.fromkeys(out))
+        out += hits
+    # the outermost match wins, whichever entry named it first: a module inside another trained
+    # copy is saved with it, not wrapped twice (two copies of one tensor: the checkpoint refuses them)
+    out = list(dict.fromkeys(out))
+    return [p for p in out if not any(p.startswith(o + ".") for o in out)]

@@ -35,3 +35,18 @@ def test_listing_the_backbone_trains_everything_and_saves_it(tmp_path):
 
     again = load_adapter_model(tiny_vit(num_labels=3), tmp_path).eval()
     torch.testing.assert_close(again(pixel_values=pixels).logits, expected)
+
+
+def test_a_module_inside_another_listed_one_is_saved_with_it_whichever_comes_first(tmp_path):
+    """timm's wrapper: the head (found by get_classifier) sits inside the body (`timm_model`) that
+    full fine-tuning lists; the inner one named first was wrapped as well, two copies of one tensor
+    that the checkpoint's safetensors refused after training (bench.real, EfficientNet, 'full')."""
+    from safetensors.torch import load_file
+
+    for order in (["query", "vit"], ["vit", "query"]):
+        model = get_adapter_model(tiny_vit(num_labels=3), LoraConfig(target_modules=[], modules_to_save=order))
+        wrapped = [name for name, _ in model._wrappers()]
+        assert wrapped == ["vit"], wrapped  # not also vit's query (q_proj) layers inside it
+        model.save_pretrained(tmp_path / order[0])
+        saved = load_file(tmp_path / order[0] / "adapter_model.safetensors")
+        assert any("attention.q_proj" in k for k in saved) and not any("q_proj.modules_to_save" in k for k in saved)
