@@ -67,7 +67,8 @@ class LearningCheckCallback(TrainerCallback):
     """One warning when a classification run is not learning (:mod:`lora_cli.evaluation.learning`):
     after the first epoch (which still carries the start), an epoch whose training loss is at or
     above ``ln(num_classes)`` or has risen since the epoch before, or an evaluation at chance
-    accuracy; and a final evaluation at chance however short the run. The line goes to the
+    accuracy; and a final evaluation at chance once the run has trained at least one epoch (a
+shorter one, e.g. a few ``max_steps``, is not judged). The line goes to the
     terminal (``warnings``) and into status.json's ``not_learning``; the run goes on."""
 
     def __init__(self, num_classes: int, learning_rate: float | None, run_dir: Path | None = None,
@@ -100,7 +101,10 @@ class LearningCheckCallback(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         accuracy = (metrics or {}).get("eval_accuracy")
-        if accuracy is None or not (self.ended or (state.epoch or 0.0) >= 2 - 1e-6):
+        epoch = state.epoch or 0.0
+        # a run judged at its end must have seen its data once: a few-step smoke run (max_steps) at
+        # chance says nothing about its learning rate
+        if accuracy is None or epoch < 1 - 1e-6 or not (self.ended or epoch >= 2 - 1e-6):
             return
         self._report(state, learning.accuracy_evidence(float(accuracy), self.num_classes,
                                                        when=f"at epoch {state.epoch:.3g}"))

@@ -85,3 +85,9 @@ def test_learning_check_is_quiet_while_learning_and_in_the_first_epoch(recwarn):
     one_epoch.on_train_end(None, state, None)
     one_epoch.on_evaluate(None, state, None, metrics={"eval_accuracy": 0.1})
     assert "evaluation accuracy 0.100 at epoch 1" in str(recwarn.pop(UserWarning).message)
+
+    smoke = LearningCheckCallback(10, 1e-2)  # max_steps=6 of a 45-step epoch: too short to judge
+    state.epoch = 0.133
+    smoke.on_train_end(None, state, None)
+    smoke.on_evaluate(None, state, None, metrics={"eval_accuracy": 0.1})
+    assert not [w for w in recwarn.list if "not learning" in str(w.message)]
