@@ -12,9 +12,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-# a later epoch's loss above the one before by this fraction (and by RISE_MIN) counts as rising
+# a later epoch's loss above the one before by this fraction (and by RISE_MIN) counts as rising,
+# while it is still at least RISE_FLOOR of chance: a blip of a run already well below chance (a
+# quickstart at 0.755 -> 0.909 that ends at eval loss 0.16) is noise, not a collapse
 RISE_FRACTION = 0.10
 RISE_MIN = 0.05
+RISE_FLOOR = 0.5
 
 
 def chance_loss(num_classes: int) -> float:
@@ -46,12 +49,13 @@ def epoch_loss(losses: Sequence[float]) -> float | None:
 
 def loss_evidence(epoch: int, loss: float, previous: float | None, num_classes: int) -> str | None:
     """Why the training loss of ``epoch`` (1-based, its :func:`epoch_loss`) says the run is not
-    learning, or None: at or above chance, or risen since the epoch before."""
+    learning, or None: at or above chance, or risen since the epoch before to at least half of it."""
     chance = chance_loss(num_classes)
     if loss >= chance:
         return (f"training loss {loss:.3f} after epoch {epoch} is at or above chance level "
                 f"(ln {num_classes} = {chance:.3f})")
-    if previous is not None and loss > previous * (1 + RISE_FRACTION) and loss - previous > RISE_MIN:
+    rose = previous is not None and loss > previous * (1 + RISE_FRACTION) and loss - previous > RISE_MIN
+    if rose and loss >= RISE_FLOOR * chance:
         return f"training loss rose from {previous:.3f} to {loss:.3f} in epoch {epoch}"
     return None
 

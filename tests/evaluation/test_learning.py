@@ -30,5 +30,6 @@ def test_loss_evidence():
     assert learning.loss_evidence(3, 1.6, 1.2, 10) == "training loss rose from 1.200 to 1.600 in epoch 3"
     assert learning.loss_evidence(3, 1.21, 1.2, 10) is None  # noise, not a rise
     assert learning.loss_evidence(2, 0.9, 1.5, 10) is None
+    assert learning.loss_evidence(4, 0.909, 0.755, 10) is None  # risen, but far below chance (ln 10 / 2)
     assert learning.epoch_loss([3.0, 2.0, 1.0, 1.0]) == pytest.approx(1.0)
     assert learning.epoch_loss([]) is None
