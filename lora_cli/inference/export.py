@@ -98,8 +98,7 @@ class ExportReport:
 
 def default_out_dir(run_dir: str | Path) -> Path:
     """``runs/NAME`` -> ``runs/NAME-onnx``, beside the run (never inside it)."""
-    run_dir = Path(run_dir)
-    return run_dir.parent / f"{run_dir.resolve().name}-onnx"
+    return rd.beside_run(run_dir, "onnx")
 
 
 def export_run(

@@ -129,8 +129,7 @@ class GgufExportReport:
 
 def default_out_dir(run_dir: str | Path) -> Path:
     """``runs/NAME`` -> ``runs/NAME-gguf``, beside the run (never inside it)."""
-    run_dir = Path(run_dir)
-    return run_dir.parent / f"{run_dir.resolve().name}-gguf"
+    return rd.beside_run(run_dir, "gguf")
 
 
 def export_gguf(

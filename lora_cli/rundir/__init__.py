@@ -33,6 +33,7 @@ from lora_cli.rundir.guard import (
     Output,
     RunInUseError,
     RunLock,
+    beside_run,
     check_output_dir,
     check_output_file,
     check_replaceable,
@@ -71,7 +72,7 @@ __all__ = [
     "ADAPTER_DIR", "BASE_MODEL_DIR", "CHECKPOINTS_DIR", "CHECKPOINT_PREFIX", "ENV_FILE",
     "EVAL_FILE", "INIT_STATE_FILE", "LABEL_MAP_FILE", "LOCK_FILE", "METRICS_FILE", "PLOTS_DIR", "PROCESSOR_DIR", "RECIPE_FILE",
     "MODEL_PARTS", "RUN_ENTRIES", "STAGING_DIR", "STATUS_FILE", "Output", "RunInUseError", "RunLock",
-    "check_output_dir", "check_output_file", "check_replaceable", "check_run_links", "checkpoint_problem",
+    "beside_run", "check_output_dir", "check_output_file", "check_replaceable", "check_run_links", "checkpoint_problem",
     "checkpoints", "clear_run_dir", "environment", "find_run_below", "holds_protected", "is_run_dir",
     "latest_checkpoint", "read_label_map", "read_status", "save_label_map", "write_json", "write_status",
 ]

@@ -38,6 +38,13 @@ from lora_cli.rundir.layout import (
 )
 
 
+def beside_run(run_dir: str | Path, suffix: str) -> Path:
+    """A verb's default output folder for ``run_dir``: ``runs/NAME`` -> ``runs/NAME-<suffix>``,
+    beside the run (never inside it)."""
+    run_dir = Path(run_dir)
+    return run_dir.parent / f"{run_dir.resolve().name}-{suffix}"
+
+
 def is_run_dir(path: Path) -> bool:
     """A folder `loracli train` wrote: it holds the recipe and the environment file."""
     return path.is_dir() and (path / RECIPE_FILE).is_file() and (path / ENV_FILE).is_file()
