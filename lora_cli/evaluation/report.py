@@ -48,8 +48,6 @@ def evaluate(
     """Run ``model`` over ``dataset`` (items with ``pixel_values`` and ``labels``) and score it."""
     if len(dataset) == 0:
         raise UserInputError("the evaluation split is empty; check data paths and --limit")
-    id2label = {int(k): str(v) for k, v in id2label.items()}
-    num_classes = len(id2label)
     device, dtype = model_device(model), model_dtype(model)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     all_logits, all_labels = [], []
@@ -66,11 +64,19 @@ def evaluate(
             logits = model(**inputs).logits.float().cpu()
             all_logits.append(logits)
             all_labels.append(torch.as_tensor(labels).reshape(-1).cpu())
-    logits = torch.cat(all_logits).numpy()
-    labels = torch.cat(all_labels).numpy().astype(np.int64)
-    if logits.shape[1] != num_classes:
+    return checked_score(torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy(), id2label)
+
+
+def checked_score(logits: np.ndarray, labels: np.ndarray, id2label: Mapping[int, str]) -> dict[str, Any]:
+    """:func:`score` of logits a model produced (here or in the Trainer's evaluation loop), after
+    checking that they fit the label map and are finite and that the labels are class indices."""
+    id2label = {int(k): str(v) for k, v in id2label.items()}
+    num_classes = len(id2label)
+    logits = np.asarray(logits, dtype=np.float32)
+    labels = np.asarray(labels).reshape(-1).astype(np.int64)
+    if logits.ndim != 2 or logits.shape[1] != num_classes:
         raise LoraCliError(
-            f"the model outputs {logits.shape[1]} classes but the label map has {num_classes}; "
+            f"the model outputs {logits.shape[-1]} classes but the label map has {num_classes}; "
             "the adapter's head does not match this run's labels"
         )
     if labels.min() < 0 or labels.max() >= num_classes:

@@ -30,7 +30,7 @@ from lora_cli.adapters.tensor_files import load_safetensors
 from lora_cli.atomic import io_errno
 from lora_cli.errors import LoraCliError, TrainingInterrupted, UserInputError
 from lora_cli.evaluation.plots import plot_training_curves
-from lora_cli.evaluation.report import evaluate, write_predictions, write_report
+from lora_cli.evaluation.report import checked_score, evaluate, write_predictions, write_report
 from lora_cli.hf_names import default_target_modules
 from lora_cli.recipe import Recipe, load_recipe, optimizer_steps, resolve_adapter_config
 from lora_cli.recipe.shipped import known_rate
@@ -214,7 +214,12 @@ def _train_and_save(recipe, task, model, args, train_ds, eval_ds, processor, lab
             if isinstance(callback, RichProgressCallback):
                 callback.close()
 
-    metrics = trainer.evaluate()
+    kept = _KeptLogits(trainer) if labels else None  # the report reads the logits of this one evaluation pass
+    try:
+        metrics = trainer.evaluate()
+    finally:
+        if kept is not None:
+            kept.detach()
     predictions: list[dict[str, Any]] | None = None
     if task.generation_metrics is not None:  # e.g. seq2seq BLEU / chrF: generation, once at the end
         predictions = []
@@ -223,8 +228,11 @@ def _train_and_save(recipe, task, model, args, train_ds, eval_ds, processor, lab
     adapter_dir = run_dir / rd.ADAPTER_DIR
     full_state = distributed.sharded_adapter_state(trainer)  # collective: FSDP / ZeRO-3 shards gathered
     report = None
-    if labels and (trainer.is_world_process_zero() or distributed.is_sharded(trainer)):
-        # a sharded model's forward is collective: every process runs it, rank 0 writes
+    if kept is not None and kept.logits is not None:  # every process holds the gathered logits; rank 0 writes
+        report = _report(checked_score(kept.logits, kept.labels, dict(enumerate(labels))), metrics)
+    elif labels and (trainer.is_world_process_zero() or distributed.is_sharded(trainer)):
+        # the Trainer kept no logits (prediction_loss_only, batch_eval_metrics): a pass of our own.
+        # A sharded model's forward is collective: every process runs it, rank 0 writes
         report = _full_evaluation(model, eval_ds, task.make_collator(processor, recipe.data), labels, args, metrics)
     if trainer.is_world_process_zero():
         # relative to the untouched base: eval / merge / predict and PEFT load it without re-running the init
@@ -384,12 +392,36 @@ def _accepts_loss_kwargs(base) -> bool:
     return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
 
 
+class _KeptLogits:
+    """Keeps the logits and labels the Trainer's evaluation loop hands ``compute_metrics``, so that the
+    run's eval.json (the same report as `loracli eval`) comes from the final evaluation's one pass over
+    the eval split rather than a second one. ``detach()`` gives the Trainer its own function back."""
+
+    def __init__(self, trainer):
+        self.trainer, self.compute = trainer, trainer.compute_metrics
+        self.logits = self.labels = None
+        if not (trainer.args.batch_eval_metrics or trainer.args.prediction_loss_only):  # whole-split arrays only
+            trainer.compute_metrics = self
+
+    def __call__(self, eval_pred):
+        logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
+        self.logits, self.labels = logits, eval_pred.label_ids
+        return self.compute(eval_pred) if self.compute is not None else {}
+
+    def detach(self) -> None:
+        self.trainer.compute_metrics = self.compute
+
+
+def _report(report: dict[str, Any], trainer_metrics) -> dict[str, Any]:
+    report["split"], report["variant"], report["trainer"] = "validation", "adapter", trainer_metrics
+    return report
+
+
 def _full_evaluation(model, eval_ds, collate, labels, args, trainer_metrics) -> dict[str, Any]:
     """Classification runs get the same eval.json + confusion matrix as `loracli eval`."""
     model.eval()
-    report = evaluate(model, eval_ds, collate, dict(enumerate(labels)), args.per_device_eval_batch_size)
-    report["split"], report["variant"], report["trainer"] = "validation", "adapter", trainer_metrics
-    return report
+    return _report(evaluate(model, eval_ds, collate, dict(enumerate(labels)), args.per_device_eval_batch_size),
+                   trainer_metrics)
 
 
 def _plot(run_dir: Path) -> None:

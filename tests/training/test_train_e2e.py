@@ -109,3 +109,43 @@ def test_adalora_schedule_from_fractional_epochs_reaches_the_final_phase(tmp_pat
     config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert config["total_step"] == 5
     assert sum(sum(mask) for mask in config["rank_pattern"].values()) == options["target_r"] * 4
+
+
+def test_the_run_report_is_the_final_evaluation_pass_and_equals_loracli_eval(tmp_path, imagefolder, monkeypatch):
+    """eval.json comes from the logits of the Trainer's final evaluation (one pass over the eval split,
+    not a second forward pass of its own) and is the report `loracli eval` writes for the run."""
+    from lora_cli.inference.evaluate import eval_run
+    from lora_cli.training import pipeline
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("the run's report ran its own pass over the eval split")
+
+    monkeypatch.setattr(pipeline, "evaluate", no_second_pass)
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "recipe.yaml", imagefolder, run, training={"max_steps": STEPS})
+    assert loracli(monkeypatch, "train", recipe) == 0
+    written = json.loads((run / "eval.json").read_text())
+    assert written["accuracy"] == written["trainer"]["eval_accuracy"]
+    assert written["num_samples"] == len(written["predictions"]) > 0
+    monkeypatch.undo()
+
+    again, _ = eval_run(run, write=False)
+    assert [p["predicted"] for p in written["predictions"]] == [p["predicted"] for p in again["predictions"]]
+    assert [p["label"] for p in written["predictions"]] == [p["label"] for p in again["predictions"]]
+    assert written["accuracy"] == again["accuracy"]
+    assert written["loss"] == pytest.approx(again["loss"], rel=1e-5)
+    confidences = [p["confidence"] for p in written["predictions"]]
+    assert confidences == pytest.approx([p["confidence"] for p in again["predictions"]], abs=1e-5)
+    assert written["trainer"]["eval_loss"] == pytest.approx(written["loss"], rel=1e-5)
+
+
+def test_the_run_report_falls_back_to_its_own_pass_when_the_trainer_keeps_no_logits(tmp_path, imagefolder,
+                                                                                    monkeypatch):
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "recipe.yaml", imagefolder, run,
+                          training={"max_steps": 2, "prediction_loss_only": True})
+    assert loracli(monkeypatch, "train", recipe) == 0
+    written = json.loads((run / "eval.json").read_text())
+    assert "eval_accuracy" not in written["trainer"] and "eval_loss" in written["trainer"]
+    assert written["num_samples"] == len(written["predictions"]) > 0
+    assert written["loss"] == pytest.approx(written["trainer"]["eval_loss"], rel=1e-5)
