@@ -84,7 +84,7 @@ def eval_run(
     report["split"] = split
     report["limit"] = limit
     report["variant"] = "base" if base else ("adapter" if adapter_dir is None else str(adapter_dir))
-    if not base and loaded.id2label:
+    if not base and loaded.id2label and (adapter_dir is not None or _trained_an_epoch(loaded.run_dir)):
         _warn_if_at_chance(report, recipe)
     if not write:
         return report, {}
@@ -96,6 +96,19 @@ def eval_run(
     if split != "validation":
         name += f"_{split}"
     return report, write_report(report, loaded.run_dir, name=name)
+
+
+def _trained_an_epoch(run_dir: Path) -> bool:
+    """Whether the run trained at least one epoch, as its metrics.jsonl records: `train` judges a final
+    accuracy at chance only then (a smoke run of a few steps is not a collapse), and `eval` does the same.
+    A run without the record (an adapter trained elsewhere) is judged."""
+    from lora_cli.evaluation.plots import read_metrics
+
+    path = Path(run_dir) / rd.METRICS_FILE
+    if not path.is_file():
+        return True
+    epochs = [e["epoch"] for e in read_metrics(path) if isinstance(e.get("epoch"), (int, float))]
+    return not epochs or max(epochs) >= 1 - 1e-6
 
 
 def _warn_if_at_chance(report: dict[str, Any], recipe: Any) -> None:

@@ -64,3 +64,17 @@ def test_a_learning_run_gets_no_warning(tmp_path, monkeypatch, capsys):
     assert json.loads((run / "eval.json").read_text())["accuracy"] > 0.3
     assert loracli(monkeypatch, "eval", run) == 0
     assert "not learning" not in capsys.readouterr().err
+
+
+def test_eval_does_not_judge_a_run_shorter_than_one_epoch(tmp_path, monkeypatch, capsys):
+    """As `train`: a smoke run of a few steps that ends at chance is not called a collapse by `eval`."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    run = tmp_path / "run"
+    assert loracli(monkeypatch, "train", recipe, f"output_dir={run}", "training.learning_rate=1.0",
+                   "training.max_steps=3") == 0
+    assert "not learning" not in capsys.readouterr().err
+    assert json.loads((run / "eval.json").read_text())["accuracy"] < 0.2  # at chance: the case the rule is for
+    assert loracli(monkeypatch, "eval", run) == 0
+    assert "not learning" not in capsys.readouterr().err
+    assert "not_learning" not in json.loads((run / "eval.json").read_text())
