@@ -211,6 +211,27 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def guide_summary(pairs: list[dict[str, Result]]) -> str:
+    """Per-round ratios loracli / guide (CPU seconds, wall seconds; < 1: loracli cheaper) and training
+    images/s (> 1: loracli faster), their medians and ranges; accuracies' means over the seeds."""
+    def line(name: str, ratios: list[float]) -> str:
+        ratios = [r for r in ratios if np.isfinite(r)]
+        if not ratios:
+            return f"{name}: n/a"
+        listed = ", ".join(f"{r:.2f}" for r in ratios)
+        return f"{name}: median {float(np.median(ratios)):.2f}x (rounds {listed})"
+
+    def mean(side: str) -> float:
+        return float(np.mean([p[side].accuracy for p in pairs]))
+
+    rows = [line("loracli / guide CPU s", [p["loracli"].cpu_s / p["guide"].cpu_s for p in pairs]),
+            line("loracli / guide wall s", [p["loracli"].wall_s / p["guide"].wall_s for p in pairs]),
+            line("loracli / guide training images/s",
+                 [(p["loracli"].images_per_s or np.nan) / (p["guide"].images_per_s or np.nan) for p in pairs]),
+            f"accuracy over {len(pairs)} seeds: loracli mean {mean('loracli'):.4f}, guide mean {mean('guide'):.4f}"]
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.real", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -239,22 +260,30 @@ def main(argv: list[str] | None = None) -> None:
     results: list[Result] = []
     for backbone in args.backbones.split(","):
         model_dir = sized_folder(BACKBONES[backbone], args.size, work / "models" / f"{backbone}-{args.size}")
-        for method in args.methods.split(","):
+        for method in [m for m in args.methods.split(",") if m]:  # --methods '': the guide comparison only
             results.append(train_loracli(backbone, method, model_dir, data, work, args.seed, args.epochs, args.batch))
             r = results[-1]
             print(f"  {backbone} {method}: accuracy {r.accuracy:.4f}, {r.cpu_s:.0f} CPU s, {r.wall_s:.0f} s", flush=True)
     if args.guide:
         model_dir = sized_folder(BACKBONES["dinov2"], args.size, work / "models" / f"dinov2-{args.size}")
         rate = METHODS["lora"]["rate"]["dinov2"]
+        sides = {"loracli": lambda s: train_loracli("dinov2", "lora", model_dir, data, work, s, args.epochs, args.batch),
+                 "guide": lambda s: train_guide(model_dir, data, work, s, args.epochs, args.batch, args.size, rate)}
+        pairs = []
         for seed in range(args.seeds):
-            for label, fn in (("loracli", lambda s: train_loracli("dinov2", "lora", model_dir, data, work, s,
-                                                                  args.epochs, args.batch)),
-                              ("guide", lambda s: train_guide(model_dir, data, work, s, args.epochs, args.batch,
-                                                              args.size, rate))):
-                results.append(fn(seed))
-                r = results[-1]
+            # each round runs both sides; who goes first alternates, so a drift in the machine's load
+            # between the first and second run of a round does not favour one side
+            order = ("loracli", "guide") if seed % 2 == 0 else ("guide", "loracli")
+            pair = {}
+            for label in order:
+                pair[label] = sides[label](seed)
+                r = pair[label]
                 print(f"  {label} seed {seed}: accuracy {r.accuracy:.4f}, {r.cpu_s:.0f} CPU s, {r.wall_s:.0f} s",
                       flush=True)
+            results += [pair["loracli"], pair["guide"]]
+            pairs.append(pair)
+        print()
+        print(guide_summary(pairs))
     print()
     print(table(results))
     if args.json:
