@@ -105,11 +105,13 @@ def balanced(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(rng.permutation(picks)[:n])
 
 
-def write_imagefolder(root: Path, n_train: int, n_eval: int, seed: int) -> Path:
-    """train/<class>/*.png from the training file, validation/<class>/*.png from the test file."""
+def write_imagefolder(root: Path, n_train: int, n_eval: int, seed: int, source_px: int = 28) -> Path:
+    """train/<class>/*.png from the training file, validation/<class>/*.png from the test file; with
+    ``source_px`` above 28, each image upscaled (bicubic) to that side and stored as a JPEG of quality 90,
+    so that reading one costs what reading a photo of that size does (Food-101's are 512 px)."""
     from PIL import Image
 
-    folder = root / f"fashion-{n_train}-{n_eval}-{seed}"
+    folder = root / (f"fashion-{n_train}-{n_eval}-{seed}" + (f"-{source_px}jpg" if source_px > 28 else ""))
     if (folder / "done").is_file():
         return folder
     for split, n, name in (("train", n_train, "train"), ("test", n_eval, "validation")):
@@ -117,7 +119,12 @@ def write_imagefolder(root: Path, n_train: int, n_eval: int, seed: int) -> Path:
         for i in balanced(labels, n, seed):
             target = folder / name / CLASSES[labels[i]]
             target.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(images[i]).save(target / f"{i:05d}.png")
+            image = Image.fromarray(images[i])
+            if source_px > 28:
+                image.convert("RGB").resize((source_px, source_px), Image.BICUBIC).save(target / f"{i:05d}.jpg",
+                                                                                         quality=90)
+            else:
+                image.save(target / f"{i:05d}.png")
     (folder / "done").write_text("")
     return folder
 
@@ -158,20 +165,22 @@ def timed(command: list[str], env: dict[str, str]) -> tuple[subprocess.Completed
     return done, wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def env_for(work: Path) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "HF_DATASETS_CACHE": str(work / "datasets-cache"),
+def env_for(work: Path, cache: Path | None = None) -> dict[str, str]:
+    """The run's environment: offline, and ``cache`` (default: the work folder's shared one) as the
+    datasets cache, which holds datasets' own tables and loracli's decoded images."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "HF_DATASETS_CACHE": str(cache or work / "datasets-cache"),
             "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MPLBACKEND": "Agg"}
 
 
 def train_loracli(backbone: str, method: str, model_dir: Path, data: Path, work: Path, seed: int, epochs: float,
-                  batch: int) -> Result:
+                  batch: int, cache: Path | None = None) -> Result:
     from lora_cli.recipe import yamlio
 
     out = work / "runs" / f"{backbone}-{method}-{seed}"
     path = work / "recipes" / f"{backbone}-{method}-{seed}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yamlio.dump(recipe(backbone, method, model_dir, data, out, seed, epochs, batch)))
-    done, wall, cpu = timed([sys.executable, "-m", "lora_cli", "train", str(path), "--overwrite"], env_for(work))
+    done, wall, cpu = timed([sys.executable, "-m", "lora_cli", "train", str(path), "--overwrite"], env_for(work, cache))
     if done.returncode != 0:
         print(f"  {backbone} {method}: loracli train failed (exit {done.returncode}): {done.stderr[-1500:]}", flush=True)
         return Result(backbone, method, seed, float("nan"), None, None, None, cpu, wall)
@@ -185,12 +194,12 @@ def train_loracli(backbone: str, method: str, model_dir: Path, data: Path, work:
 
 
 def train_guide(model_dir: Path, data: Path, work: Path, seed: int, epochs: float, batch: int, size: int,
-                rate: float) -> Result:
+                rate: float, cache: Path | None = None) -> Result:
     """bench.real_guide in its own process (its imports and data pipeline count, as loracli's do)."""
     out = work / "guide" / f"seed-{seed}"
     command = [sys.executable, "-m", "bench.real_guide", str(model_dir), str(data), str(out), "--seed", str(seed),
                "--epochs", str(epochs), "--batch", str(batch), "--size", str(size), "--rate", str(rate)]
-    done, wall, cpu = timed(command, env_for(work))
+    done, wall, cpu = timed(command, env_for(work, cache))
     if done.returncode != 0:
         print(f"  guide pipeline failed (exit {done.returncode}): {done.stderr[-1500:]}", flush=True)
         return Result("dinov2", "guide lora", seed, float("nan"), None, None, None, cpu, wall)
@@ -245,6 +254,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="the methods' seed (default 0)")
     parser.add_argument("--guide", action="store_true", help="also the guide's pipeline vs loracli LoRA on DINOv2")
     parser.add_argument("--seeds", type=int, default=3, help="--guide: seeds for both pipelines (default 3)")
+    parser.add_argument("--cold", action="store_true",
+                        help="--guide: each run with an empty datasets cache (a first run: loracli builds its "
+                             "decoded-image cache, datasets its table); default: one cache shared by the runs")
+    parser.add_argument("--source-px", type=int, default=28,
+                        help="images stored at this side (above 28: upscaled, as JPEG quality 90, read like photos)")
     parser.add_argument("--work", default="/tmp/loracli-bench-real", help="data, recipes and runs (kept)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
@@ -253,10 +267,12 @@ def main(argv: list[str] | None = None) -> None:
 
     ensure_fashion_mnist()
     work = Path(args.work)
-    data = write_imagefolder(work / "data", args.train, args.eval, seed=0)
+    data = write_imagefolder(work / "data", args.train, args.eval, seed=0, source_px=args.source_px)
     day = datetime.date.today().isoformat()
     print(f"{day}: Fashion-MNIST, {args.train} train / {args.eval} held-out images (test file), {args.size} px, "
-          f"{args.epochs:g} epochs, batch {args.batch}, seed {args.seed}", flush=True)
+          f"{args.epochs:g} epochs, batch {args.batch}, seed {args.seed}"
+          + (f", stored as {args.source_px}-px JPEGs" if args.source_px > 28 else "")
+          + (", every comparison run on an empty datasets cache" if args.cold else ""), flush=True)
     results: list[Result] = []
     for backbone in args.backbones.split(","):
         model_dir = sized_folder(BACKBONES[backbone], args.size, work / "models" / f"{backbone}-{args.size}")
@@ -267,8 +283,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.guide:
         model_dir = sized_folder(BACKBONES["dinov2"], args.size, work / "models" / f"dinov2-{args.size}")
         rate = METHODS["lora"]["rate"]["dinov2"]
-        sides = {"loracli": lambda s: train_loracli("dinov2", "lora", model_dir, data, work, s, args.epochs, args.batch),
-                 "guide": lambda s: train_guide(model_dir, data, work, s, args.epochs, args.batch, args.size, rate)}
+        sides = {"loracli": lambda s, c: train_loracli("dinov2", "lora", model_dir, data, work, s, args.epochs,
+                                                       args.batch, c),
+                 "guide": lambda s, c: train_guide(model_dir, data, work, s, args.epochs, args.batch, args.size, rate, c)}
         pairs = []
         for seed in range(args.seeds):
             # each round runs both sides; who goes first alternates, so a drift in the machine's load
@@ -276,7 +293,10 @@ def main(argv: list[str] | None = None) -> None:
             order = ("loracli", "guide") if seed % 2 == 0 else ("guide", "loracli")
             pair = {}
             for label in order:
-                pair[label] = sides[label](seed)
+                cache = work / "cold-cache" if args.cold else None  # --cold: every run reads and decodes anew
+                if cache is not None:
+                    shutil.rmtree(cache, ignore_errors=True)
+                pair[label] = sides[label](seed, cache)
                 r = pair[label]
                 print(f"  {label} seed {seed}: accuracy {r.accuracy:.4f}, {r.cpu_s:.0f} CPU s, {r.wall_s:.0f} s",
                       flush=True)
