@@ -61,8 +61,11 @@ def test_packed_loss_and_gradients_equal_unpacked(kind, attn):
     packed_loss, packed_grads = _loss_and_grads(model, packed)
     torch.testing.assert_close(packed_loss, loss, rtol=1e-10, atol=1e-12)
     assert grads.keys() == packed_grads.keys()
+    # float64: equal to the last bits with torch's AVX2 and plain kernels; its AVX-512 kernels leave the eager
+    # Llama's embedding gradients up to 1.2e-8 apart (of values up to 0.26). Attention leaking across packed
+    # rows moves them by orders of magnitude more.
     for name, grad in grads.items():
-        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-8, atol=1e-10, msg=name)
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-6, atol=1e-7, msg=name)
 
     flat = packing.flattening(packing.collator(PAD))([packed_ds[i] for i in range(len(packed_ds))])
     assert flat["input_ids"].shape == (1, 34)
