@@ -48,9 +48,12 @@ DEFAULT_METHOD = "lora"
 
 
 def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recipe:
-    """Read, resolve and validate a recipe file; raise one RecipeError listing every problem."""
-    path = Path(path)
-    shown = str(path)
+    """Read, resolve and validate a recipe file; raise one RecipeError listing every problem.
+
+    ``path`` may be ``shipped:<name>.yaml``, a shipped recipe (as in ``extends:``), unless a file
+    of that name exists."""
+    shown = os.fspath(path)
+    path = _shipped_recipe(shown) if is_shipped_ref(shown) and not Path(shown).exists() else Path(path)
     try:
         data, locations = _resolve(path, shown, stack=())
     except RecipeError as exc:
@@ -106,6 +109,26 @@ def _resolve(path: Path, shown: str, stack: tuple, where: Location | None = None
     return _merge(base, base_locations, data, locations)
 
 
+def _shipped_recipe(ref: str) -> Path:
+    """The shipped recipe a command line's ``shipped:<name>.yaml`` names."""
+    try:
+        found = shipped_path(ref)
+    except ValueError as exc:
+        message, hint = exc.args
+    else:
+        if found.is_file():
+            return found
+        message, hint = "names no shipped recipe", _shipped_hint(found.name)
+    raise RecipeError([RecipeProblem("", message, None, hint, where=Location(ref, None), has_value=False)],
+                      source=ref)
+
+
+def _shipped_hint(name: str) -> str:
+    names = [f"{n}.yaml" for n in shipped_recipes()]
+    hint = did_you_mean(name, names) or f"shipped recipes: {', '.join(names) or 'none'}"
+    return hint.replace("did you mean ", f"did you mean {SHIPPED_PREFIX}", 1)
+
+
 def _shipped_parent(ref: str, where: Location, shown: str) -> Path:
     """The shipped recipe ``extends: shipped:<name>.yaml`` names."""
     try:
@@ -115,10 +138,7 @@ def _shipped_parent(ref: str, where: Location, shown: str) -> Path:
     else:
         if parent.is_file():
             return parent
-        names = [f"{name}.yaml" for name in shipped_recipes()]
-        message = "names no shipped recipe"
-        hint = did_you_mean(parent.name, names) or f"shipped recipes: {', '.join(names) or 'none'}"
-        hint = hint.replace("did you mean ", f"did you mean {SHIPPED_PREFIX}", 1)
+        message, hint = "names no shipped recipe", _shipped_hint(parent.name)
     raise RecipeError([RecipeProblem("extends", message, ref, hint, where=where)], source=shown)
 
 

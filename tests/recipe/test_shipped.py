@@ -185,3 +185,21 @@ def test_a_chat_template_file_is_found_in_the_shipped_folder_from_anywhere(tmp_p
         with pytest.raises(RecipeError, match=message) as caught:
             load_recipe(recipe_file)
         assert "data.chat_template" in str(caught.value) and len(caught.value.problems) == 1
+
+
+def test_the_command_line_takes_a_shipped_recipe_by_reference(tmp_path, monkeypatch):
+    """`loracli train shipped:quickstart.yaml` as `extends: shipped:quickstart.yaml`, from any folder;
+    a file of that very name wins; a wrong name says which ones ship."""
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe("shipped:quickstart.yaml", ["adapter.r=4"])
+    assert recipe.source == (recipes_dir() / "quickstart.yaml").resolve()
+    assert recipe.name == "quickstart" and recipe.adapter.options["r"] == 4
+    with pytest.raises(RecipeError) as err:
+        load_recipe("shipped:quickstrat.yaml")
+    assert "names no shipped recipe" in str(err.value) and "did you mean shipped:quickstart.yaml" in str(err.value)
+    with pytest.raises(RecipeError) as err:
+        load_recipe("shipped:../pyproject.toml")
+    assert "must name a file inside the shipped recipes folder" in str(err.value)
+    own = tmp_path / "shipped:quickstart.yaml"
+    own.write_text((recipes_dir() / "quickstart.yaml").read_text().replace("name: quickstart", "name: mine"))
+    assert load_recipe("shipped:quickstart.yaml").name == "mine"
