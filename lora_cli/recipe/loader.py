@@ -109,36 +109,32 @@ def _resolve(path: Path, shown: str, stack: tuple, where: Location | None = None
     return _merge(base, base_locations, data, locations)
 
 
+def _shipped_recipe_file(ref: str) -> Path:
+    """The shipped recipe ``shipped:<name>.yaml`` names; ValueError (message, fix) when none does."""
+    found = shipped_path(ref)  # ValueError for a path leaving the folder
+    if not found.is_file():
+        names = [f"{n}.yaml" for n in shipped_recipes()]
+        hint = did_you_mean(found.name, names) or f"shipped recipes: {', '.join(names) or 'none'}"
+        raise ValueError("names no shipped recipe", hint.replace("did you mean ", f"did you mean {SHIPPED_PREFIX}", 1))
+    return found
+
+
 def _shipped_recipe(ref: str) -> Path:
     """The shipped recipe a command line's ``shipped:<name>.yaml`` names."""
     try:
-        found = shipped_path(ref)
+        return _shipped_recipe_file(ref)
     except ValueError as exc:
         message, hint = exc.args
-    else:
-        if found.is_file():
-            return found
-        message, hint = "names no shipped recipe", _shipped_hint(found.name)
     raise RecipeError([RecipeProblem("", message, None, hint, where=Location(ref, None), has_value=False)],
                       source=ref)
-
-
-def _shipped_hint(name: str) -> str:
-    names = [f"{n}.yaml" for n in shipped_recipes()]
-    hint = did_you_mean(name, names) or f"shipped recipes: {', '.join(names) or 'none'}"
-    return hint.replace("did you mean ", f"did you mean {SHIPPED_PREFIX}", 1)
 
 
 def _shipped_parent(ref: str, where: Location, shown: str) -> Path:
     """The shipped recipe ``extends: shipped:<name>.yaml`` names."""
     try:
-        parent = shipped_path(ref)
+        return _shipped_recipe_file(ref)
     except ValueError as exc:
         message, hint = exc.args
-    else:
-        if parent.is_file():
-            return parent
-        message, hint = "names no shipped recipe", _shipped_hint(parent.name)
     raise RecipeError([RecipeProblem("extends", message, ref, hint, where=where)], source=shown)
 
 
