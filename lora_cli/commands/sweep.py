@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from lora_cli.atomic import writing
+from lora_cli.commands.args import RecipeArg
 from lora_cli.commands.compare import PLOT_NAME, write_comparison
 from lora_cli.errors import LoraCliError, UserInputError
 from lora_cli.safe_text import rich_text, terminal_text
@@ -22,7 +23,7 @@ err = Console(stderr=True)
 
 
 def sweep(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)],
+    recipe: RecipeArg,
     axes: Annotated[
         list[str], typer.Argument(help="Axes key=v1,v2,... (and fixed overrides key=value).", show_default=False)
     ],

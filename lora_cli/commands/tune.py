@@ -9,11 +9,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from lora_cli.commands.args import RecipeArg
 from lora_cli.commands.output import err, shown
 
 
 def tune(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)],
+    recipe: RecipeArg,
     space: Annotated[
         list[str],
         typer.Option("--space", help="key=int(low,high[,log]), key=float(low,high[,log]) or key=cat(a,b,...); repeat.",
